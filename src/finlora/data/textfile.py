@@ -1,0 +1,53 @@
+"""Read a data file as text, choosing UTF-8 or Latin-1 per file.
+
+Financial PhraseBank ships some files in Latin-1 and one in UTF-8, so the encoding cannot be a
+setting: it is decided per file, and binary files are refused rather than decoded into noise.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from finlora.errors import FinloraError
+
+_BOM = b"\xef\xbb\xbf"
+# Real text never holds NUL, C0 controls other than tab/newline/carriage return, or C1 controls
+# (U+0080..U+009F): in Latin-1 those bytes mean the file is binary or in another encoding
+# (e.g. cp1252), so accepting them would silently corrupt the text.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x80-\x9f]")
+
+
+def read_text(path: Path) -> str:
+    """Return the text of `path`, decoded as UTF-8 (BOM stripped) or else Latin-1.
+
+    Raises FinloraError if the file is missing, a directory, empty or whitespace-only, or
+    holds control characters / bytes that are neither UTF-8 nor Latin-1 text.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise FinloraError(f"{path}: is a directory, expected a data file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FinloraError(f"{path}: no such file") from None
+    except OSError as err:
+        raise FinloraError(f"{path}: cannot read ({err.strerror})") from None
+    offset = len(_BOM) if data.startswith(_BOM) else 0
+    try:
+        text = data[offset:].decode("utf-8")
+        encoding = "utf-8"
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+        encoding = "latin-1"
+        offset = 0
+    bad = _CONTROL.search(text)
+    if bad:
+        byte_offset = offset + len(text[: bad.start()].encode(encoding))
+        raise FinloraError(
+            f"{path}: undecodable bytes at byte offset {byte_offset} "
+            f"(control character U+{ord(bad.group()):04X}; neither UTF-8 nor Latin-1 text)"
+        )
+    if not text.strip():
+        raise FinloraError(f"{path}: file is empty")
+    return text

@@ -1,0 +1,17 @@
+"""Where a base model comes from (embedded, local directory, .gguf), and how it is loaded."""
+
+from finlora.models.device import pick_autocast_dtype, pick_device, set_threads
+from finlora.models.loading import BaseModel, finlora_home, load_base_model, sha256_file
+from finlora.models.registry import DEFAULT_MODEL, EMBEDDED
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "EMBEDDED",
+    "BaseModel",
+    "finlora_home",
+    "load_base_model",
+    "pick_autocast_dtype",
+    "pick_device",
+    "set_threads",
+    "sha256_file",
+]

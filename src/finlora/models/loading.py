@@ -1,0 +1,189 @@
+"""Loading a base model and its tokenizer from a registered name, a local directory or a GGUF file.
+
+Everything is offline: nothing is fetched from a hub. GGUF files are dequantized once and cached
+as a Hugging Face safetensors checkpoint under $FINLORA_HOME (default ~/.cache/finlora), because
+dequantizing takes ~20 s and a GGUF-loaded model cannot `save_pretrained` itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+
+from finlora.errors import FinloraError
+from finlora.models.registry import EMBEDDED
+
+log = logging.getLogger(__name__)
+
+MODEL_CLASSES: dict[str, Any] = {"causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model with what a run must record about it."""
+
+    model: PreTrainedModel
+    tokenizer: Any
+    kind: str  # "causal" | "seq2seq"
+    name: str  # as the user gave it
+    checkpoint_dir: Path  # the Hugging Face directory it was loaded from (a cache dir for GGUF)
+    weights_sha256: dict[str, str] = field(default_factory=dict)  # original weights file -> sha256
+
+
+def finlora_home() -> Path:
+    return Path(os.environ.get("FINLORA_HOME") or Path.home() / ".cache" / "finlora")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _hub_hint(name: str) -> str:
+    return (
+        f"model '{name}' is not a registered name (see `finlora models`), a local model "
+        "directory or a .gguf file; finlora works offline: copy the model to this machine "
+        "(e.g. `huggingface-cli download ORG/NAME --local-dir DIR` where a hub is reachable) "
+        "and set model.name=DIR"
+    )
+
+
+def _gguf_cache_dir(gguf: Path, digest: str) -> Path:
+    stem = gguf.stem.lower().replace(".", "-")
+    return finlora_home() / "models" / f"{stem}-{digest[:16]}"
+
+
+def convert_gguf(gguf: Path, digest: str) -> Path:
+    """Dequantize `gguf` into a cached Hugging Face checkpoint and return its directory.
+
+    The checkpoint is built in a temporary directory beside the cache entry and renamed into
+    place, so a killed conversion never leaves a half-written cache behind.
+    """
+    target = _gguf_cache_dir(gguf, digest)
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s to a Hugging Face checkpoint (once) ...", gguf.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        try:
+            loaded = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (ValueError, OSError, KeyError, RuntimeError) as exc:
+            raise FinloraError(f"{gguf}: not a GGUF model transformers can read ({exc})") from None
+        config = loaded.config
+        # The GGUF loader marks the model quantized, which blocks save_pretrained; the
+        # tensors are already dequantized, so rebuild a plain model from config + state dict.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(loaded.state_dict())
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"{gguf}\nsha256 {digest}\n", encoding="utf-8")
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent conversion winning
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _model_kind(config: Any, where: Path) -> str:
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") for a in architectures) or not architectures:
+        return "causal"
+    raise FinloraError(
+        f"{where}: architecture {architectures[0]} is not a causal or seq2seq language model"
+    )
+
+
+def _check_model_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise FinloraError(f"{path}: not a model directory (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+            raise FinloraError(
+                f"{path}: only pickle weights (.bin/.pt) found; finlora loads safetensors only "
+                "(convert with `model.save_pretrained(dir, safe_serialization=True)`)"
+            )
+        raise FinloraError(f"{path}: no *.safetensors weights in the model directory")
+
+
+def resolve(name: str) -> tuple[Path, dict[str, str]]:
+    """Map a model name to a Hugging Face directory, converting GGUF where needed.
+
+    Returns the directory and the sha256 of the original weights files.
+    """
+    if name in EMBEDDED:
+        gguf = EMBEDDED[name].locate()
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise FinloraError(_hub_hint(name))
+        if path.is_dir():
+            _check_model_dir(path)
+            shas = {str(p): sha256_file(p) for p in sorted(path.glob("*.safetensors"))}
+            return path, shas
+        if path.suffix.lower() != ".gguf":
+            raise FinloraError(f"{path}: not a model (expected a model directory or a .gguf file)")
+        gguf = path
+    digest = sha256_file(gguf)
+    return convert_gguf(gguf, digest), {str(gguf): digest}
+
+
+def load_tokenizer(directory: Path, trust_remote_code: bool = False) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(
+        directory, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    if tokenizer.pad_token_id is None:
+        # Causal LMs often ship without a pad token; padding is masked out, so eos serves.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(name: str, trust_remote_code: bool = False) -> BaseModel:
+    """Load base model and tokenizer, fp32, on the CPU. Raises FinloraError for a non-model."""
+    directory, shas = resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(
+            directory, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (ValueError, OSError) as exc:
+        raise FinloraError(f"{directory}: not a model transformers can read ({exc})") from None
+    kind = _model_kind(config, directory)
+    transformers.logging.set_verbosity_error()
+    model = MODEL_CLASSES[kind].from_pretrained(
+        directory,
+        dtype=torch.float32,
+        local_files_only=True,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+    )
+    tokenizer = load_tokenizer(directory, trust_remote_code)
+    return BaseModel(model, tokenizer, kind, name, directory, shas)

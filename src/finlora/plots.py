@@ -1,0 +1,272 @@
+"""PNG plots for a run: confusion matrix, loss curve, reliability diagram.
+
+Every function writes its file atomically and closes its figure, so it is safe to call from a
+long training loop without leaking memory or leaving half-written images behind.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+
+# Headless by design: runs happen on servers and in CI where no display exists.
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from finlora.atomic import atomic_path  # noqa: E402
+from finlora.errors import FinloraError  # noqa: E402
+from finlora.metrics import calibration_bins, expected_calibration_error  # noqa: E402
+
+_DPI = 120
+_STEP_COLOR = "tab:blue"
+_VAL_COLOR = "tab:orange"
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Write `fig` as PNG through a temporary file and always close it."""
+    target = Path(path)
+    try:
+        with atomic_path(target) as tmp:
+            # The temp name ends in .tmp, so the format must be given explicitly.
+            fig.savefig(tmp, format="png", dpi=_DPI, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return target
+
+
+def plot_confusion_matrix(
+    cm: Sequence[Sequence[int]],
+    labels: Sequence[str],
+    path: Path,
+    title: str = "Confusion matrix",
+) -> Path:
+    """Heatmap of a confusion matrix (rows true, columns predicted) with counts and row %.
+
+    Colour is the row-normalised share, so a rare class is as visible as a common one.
+    Raises ValueError when `cm` is not square with one row per label.
+    """
+    counts = np.asarray(cm, dtype=np.int64)  # (C, C)
+    n = len(labels)
+    if counts.shape != (n, n):
+        raise ValueError(f"confusion matrix must be {n}x{n} for {n} labels, got {counts.shape}")
+    row_sum = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, row_sum, out=np.zeros(counts.shape), where=row_sum > 0) * 100
+
+    side = 2.2 + 1.1 * n
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=100)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("% of true class")
+    for i in range(n):
+        for j in range(n):
+            ink = "white" if share[i, j] > 55 else "black"
+            # A class absent from the data has no meaningful share; show only its zero count.
+            text = f"{counts[i, j]}\n{share[i, j]:.1f}%" if row_sum[i, 0] else f"{counts[i, j]}"
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                color=ink,
+                fontsize=10,
+            )
+    ax.set_xticks(
+        range(n),
+        labels=list(labels),
+        rotation=30 if n > 4 else 0,
+        ha="right" if n > 4 else "center",
+    )
+    ax.set_yticks(range(n), labels=list(labels))
+    ax.set_xlabel("predicted label")
+    ax.set_ylabel("true label")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def _number(row: dict[str, Any], key: str) -> float | None:
+    """`row[key]` as a finite float, or None when missing, null or not finite."""
+    value = row.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _points(rows: Sequence[dict[str, Any]], kind: str, key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of `key` over records of `kind` that have both a step and that key."""
+    xs, ys = [], []
+    for row in rows:
+        step, value = _number(row, "step"), _number(row, key)
+        if row.get("kind") == kind and step is not None and value is not None:
+            xs.append(step)
+            ys.append(value)
+    return xs, ys
+
+
+def _ema(values: Sequence[float], weight: float) -> np.ndarray:
+    """Exponential moving average with the start-up bias removed (as TensorBoard does)."""
+    out, avg = np.empty(len(values)), 0.0
+    for i, v in enumerate(values):
+        avg = weight * avg + (1 - weight) * v
+        out[i] = avg / (1 - weight ** (i + 1))
+    return out
+
+
+def plot_loss_curve(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Training loss per step (raw and smoothed), epoch train/val loss, and val accuracy.
+
+    `rows` are metrics.jsonl records: `{"kind": "step", "step", "loss", ...}` and
+    `{"kind": "epoch", "step", "train_loss", "val_loss", "val_accuracy", ...}`; either kind may
+    be absent. Validation accuracy, when present, gets its own panel below the losses.
+    Raises FinloraError when no record has anything to plot.
+    """
+    step_x, step_loss = _points(rows, "step", "loss")
+    train_x, train_loss = _points(rows, "epoch", "train_loss")
+    val_x, val_loss = _points(rows, "epoch", "val_loss")
+    acc_x, val_acc = _points(rows, "epoch", "val_accuracy")
+    if not (step_x or train_x or val_x or acc_x):
+        raise FinloraError("nothing to plot: no step loss and no epoch train/val loss or accuracy")
+
+    has_loss = bool(step_x or train_x or val_x)
+    panels = int(has_loss) + int(bool(acc_x))
+    heights = [3, 1.6][:panels] if has_loss else [1.6]
+    fig, grid = plt.subplots(
+        panels,
+        1,
+        sharex=True,
+        squeeze=False,
+        figsize=(8, 2.2 + 1.3 * sum(heights)),
+        gridspec_kw={"height_ratios": heights},
+    )
+    axes: list[Axes] = list(grid[:, 0])
+    epoch_steps = sorted(set(train_x + val_x + acc_x))
+
+    if has_loss:
+        ax = axes[0]
+        _draw_losses(ax, (step_x, step_loss), (train_x, train_loss), (val_x, val_loss))
+        ax.set_title("Training loss")
+    if acc_x:
+        ax = axes[-1]
+        ax.plot(acc_x, val_acc, "D-", color=_VAL_COLOR, label="val accuracy")
+        for x, y in zip(acc_x, val_acc, strict=True):
+            ax.annotate(
+                f"{y:.3f}",
+                (x, y),
+                textcoords="offset points",
+                xytext=(0, 6),
+                ha="center",
+                fontsize=8,
+            )
+        ax.set_ylabel("accuracy")
+        low = min(val_acc)
+        ax.set_ylim(max(0.0, low - 0.1), 1.05)
+        ax.legend(loc="lower right")
+        if not has_loss:
+            ax.set_title("Validation accuracy")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        for x in epoch_steps:
+            ax.axvline(x, color="grey", linestyle=":", linewidth=0.8)
+    axes[-1].set_xlabel("step (dotted lines: end of epoch)" if epoch_steps else "step")
+    return _save(fig, path)
+
+
+def _draw_losses(
+    ax: Axes,
+    step: tuple[list[float], list[float]],
+    train: tuple[list[float], list[float]],
+    val: tuple[list[float], list[float]],
+) -> None:
+    step_x, step_loss = step
+    if step_x:
+        many = len(step_x) >= 10
+        ax.plot(
+            step_x,
+            step_loss,
+            color=_STEP_COLOR,
+            alpha=0.3 if many else 0.8,
+            linewidth=1,
+            label="train loss (step)",
+        )
+        if many:
+            # Heavier smoothing for longer runs; ~the last 10% of steps dominate the average.
+            weight = min(0.95, 1 - 10 / len(step_x))
+            ax.plot(
+                step_x,
+                _ema(step_loss, weight),
+                color=_STEP_COLOR,
+                linewidth=2,
+                label="train loss (smoothed)",
+            )
+    if train[0]:
+        ax.plot(*train, "o--", color="tab:green", markersize=7, label="train loss (epoch)")
+    if val[0]:
+        ax.plot(*val, "s--", color=_VAL_COLOR, markersize=7, label="val loss (epoch)")
+    ax.set_ylabel("cross-entropy loss")
+    ax.legend(loc="upper right")
+
+
+def plot_reliability_diagram(
+    confidence: np.ndarray, correct: np.ndarray, path: Path, n_bins: int = 15
+) -> Path:
+    """Calibration plot: accuracy per confidence bin against the diagonal, ECE in the title.
+
+    A lower panel shows how many predictions fall in each bin, since a badly calibrated bin
+    with three examples matters less than one with three hundred. Raises as
+    `metrics.calibration_bins`.
+    """
+    bins = calibration_bins(confidence, correct, n_bins)
+    ece = expected_calibration_error(confidence, correct, n_bins)
+    lefts, width = bins.edges[:-1], 1.0 / n_bins
+    filled = bins.count > 0
+
+    fig, (ax, hist) = plt.subplots(
+        2, 1, sharex=True, figsize=(6, 7), gridspec_kw={"height_ratios": [3, 1]}
+    )
+    ax.bar(
+        lefts[filled],
+        bins.accuracy[filled],
+        width=width,
+        align="edge",
+        color="tab:blue",
+        edgecolor="black",
+        linewidth=0.6,
+        label="accuracy",
+    )
+    # Gap between what the model claimed and what it achieved, drawn on top of each bar.
+    gap_low = np.minimum(bins.accuracy[filled], bins.confidence[filled])
+    gap = np.abs(bins.accuracy[filled] - bins.confidence[filled])
+    ax.bar(
+        lefts[filled],
+        gap,
+        bottom=gap_low,
+        width=width,
+        align="edge",
+        color="tab:red",
+        alpha=0.35,
+        edgecolor="tab:red",
+        hatch="//",
+        label="gap to mean confidence",
+    )
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability diagram (ECE = {ece:.3f}, n = {int(bins.count.sum())})")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+
+    hist.bar(
+        lefts, bins.count, width=width, align="edge", color="grey", edgecolor="black", linewidth=0.6
+    )
+    hist.set_ylabel("count")
+    hist.set_xlabel("confidence (probability of predicted label)")
+    hist.grid(alpha=0.3)
+    return _save(fig, path)

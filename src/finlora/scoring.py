@@ -1,0 +1,125 @@
+"""Label-token logits, the training loss, and label scores, for causal and seq2seq models.
+
+The fast causal path runs the decoder stack once and applies the output head only at the label
+positions: the full (B, T, V) logits tensor of a 49k-token vocabulary costs more memory and
+time than the LoRA update itself. The plain path computes all logits and gathers; both give the
+same numbers, which the tests check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from finlora.tasks.classify import IGNORE, Batch, LabelCodec, sorted_batches
+
+
+def unwrap(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (LoRA layers are injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _gather_positions(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    index = positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, tensor.size(-1))  # (B, L, D)
+    return tensor.gather(1, index)
+
+
+def _causal_fast(model: Any, batch: Batch) -> torch.Tensor:
+    base = unwrap(model)
+    hidden = base.get_decoder()(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask
+    ).last_hidden_state  # (B, T, H)
+    return base.get_output_embeddings()(_gather_positions(hidden, batch.positions))  # (B, L, V)
+
+
+def _causal_plain(model: Any, batch: Batch) -> torch.Tensor:
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return _gather_positions(logits, batch.positions)  # (B, L, V)
+
+
+def _seq2seq(model: Any, batch: Batch) -> torch.Tensor:
+    # The decoder sees only the label tokens, so its logits are already "label positions only".
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets)
+    return out.logits  # (B, L, V)
+
+
+LogitsFn = Callable[[Any, Batch], torch.Tensor]
+LOGITS: dict[tuple[str, bool], LogitsFn] = {
+    ("causal", True): _causal_fast,
+    ("causal", False): _causal_plain,
+    ("seq2seq", True): _seq2seq,
+    ("seq2seq", False): _seq2seq,
+}
+
+
+def label_logits(model: Any, batch: Batch, kind: str, fast: bool = True) -> torch.Tensor:
+    """Logits at the positions that predict label tokens. (B, L, V)"""
+    return LOGITS[(kind, fast)](model, batch)
+
+
+def loss_fn(model: Any, batch: Batch, kind: str, fast: bool = True) -> torch.Tensor:
+    """Mean cross-entropy over the label tokens of the batch."""
+    logits = label_logits(model, batch, kind, fast).float()  # (B, L, V)
+    return F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE)
+
+
+def sequence_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of log-probabilities of each row's target tokens. (B,)"""
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, L, V)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, L)
+    return (picked * (targets != IGNORE)).sum(-1)
+
+
+@torch.no_grad()
+def label_loglik(model: Any, codec: LabelCodec, prompts: Sequence[list[int]], fast: bool = True,
+                 device: torch.device | None = None) -> torch.Tensor:
+    """Log-likelihood of every label's tokens after each prompt. (N, K)"""
+    batch = codec.scoring_batch(prompts)
+    if device is not None:
+        batch = batch.to(device)
+    logits = label_logits(model, batch, codec.kind, fast)
+    n, k = len(prompts), len(codec.labels)
+    if codec.single_token_labels:
+        # One position per prompt; its next-token distribution scores every label.
+        logp = F.log_softmax(logits[:, 0].float(), dim=-1)  # (N, V)
+        ids = torch.tensor([ids[0] for ids in codec.label_ids], device=logp.device)
+        return logp[:, ids]  # (N, K)
+    return sequence_logprob(logits, batch.targets).view(n, k)
+
+
+def predict_proba(
+    model: Any,
+    codec: LabelCodec,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    fast: bool = True,
+    progress: bool = True,
+) -> np.ndarray:
+    """Probabilities over `codec.labels` for each text. (N, K), rows sum to 1."""
+    device = device or torch.device("cpu")
+    prompts = [codec.encode_text(t) for t in texts]
+    out = np.zeros((len(texts), len(codec.labels)), dtype=np.float64)
+    model.eval()
+    bar = tqdm(total=len(texts), desc="scoring", unit="sent", disable=not progress, leave=False)
+    with autocast(device, dtype):
+        for idx in sorted_batches([len(p) for p in prompts], batch_size):
+            loglik = label_loglik(model, codec, [prompts[i] for i in idx], fast, device)
+            out[idx] = torch.softmax(loglik.float(), dim=-1).cpu().numpy()
+            bar.update(len(idx))
+    bar.close()
+    return out

@@ -1,0 +1,1 @@
+"""Task types: how examples become model inputs and targets."""

@@ -1,0 +1,173 @@
+"""Classification as generation: prompts, verbalised labels, and the batches built from them.
+
+A sentence becomes `prompt(text)`; its label becomes the token ids of the verbalised label
+(e.g. " positive"). Training teaches the model those label tokens after the prompt; scoring
+compares the log-likelihood of every label's tokens, so a prediction is always a valid label
+with a probability.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from finlora.data import Example
+from finlora.errors import FinloraError
+from finlora.prompts import PromptTemplate
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Feature:
+    prompt_ids: list[int]
+    label: int  # index into LabelCodec.labels
+
+
+@dataclass
+class Batch:
+    """Tensors for one step. Causal: prompt and label share `input_ids`; seq2seq: they do not."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    # Causal: positions whose next-token prediction is a label token, -1 for padding. (B, L)
+    positions: torch.Tensor
+    targets: torch.Tensor  # (B, L) label token ids, IGNORE for padding
+    real_tokens: int  # non-pad tokens in the batch, for throughput figures
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.positions.to(device),
+            self.targets.to(device),
+            self.real_tokens,
+        )
+
+
+class LabelCodec:
+    """Turns examples into features and features into padded batches for one label set."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        template: PromptTemplate,
+        labels: Sequence[str],
+        kind: str,
+        max_length: int = 128,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.template = template
+        self.labels = list(labels)
+        self.kind = kind
+        self.max_length = max_length
+        self.pad_id = int(tokenizer.pad_token_id)
+        before, after = template.parts(self.labels)
+        self._before = self._encode(before)
+        self._after = self._encode(after)
+        self.label_ids = [self._encode(template.verbalize(label)) for label in self.labels]
+        if kind == "seq2seq" and tokenizer.eos_token_id is not None:
+            # T5-style targets end with </s>, as in the model's own pre-training.
+            self.label_ids = [ids + [tokenizer.eos_token_id] for ids in self.label_ids]
+        if any(not ids for ids in self.label_ids):
+            raise FinloraError("template: a label verbalises to no tokens")
+        if len({tuple(ids) for ids in self.label_ids}) != len(self.labels):
+            raise FinloraError(f"labels {self.labels} do not tokenize to distinct token sequences")
+        self.max_label_len = max(len(ids) for ids in self.label_ids)
+        budget = max_length - len(self._before) - len(self._after)
+        if kind == "causal":
+            budget -= self.max_label_len
+        if budget < 4:
+            raise FinloraError(f"data.max_length={max_length} leaves no room for the text")
+        self._text_budget = budget
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @property
+    def single_token_labels(self) -> bool:
+        return self.kind == "causal" and self.max_label_len == 1
+
+    def encode_text(self, text: str) -> list[int]:
+        """Prompt token ids for `text`, the text cut to fit `max_length`."""
+        ids = self._before + self._encode(text)[: self._text_budget] + self._after
+        if self.kind == "seq2seq" and self.tokenizer.eos_token_id is not None:
+            ids = ids + [self.tokenizer.eos_token_id]
+        return ids
+
+    def encode(self, example: Example) -> Feature:
+        if example.label not in self.labels:
+            raise FinloraError(f"{example.source}: unknown label {example.label!r}")
+        return Feature(self.encode_text(example.text), self.labels.index(example.label))
+
+    # ---- batches --------------------------------------------------------------------------
+
+    def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+    def collate(self, pairs: Sequence[tuple[list[int], list[int]]]) -> Batch:
+        """Batch (prompt ids, label ids) pairs with padding to the longest row only."""
+        if self.kind == "seq2seq":
+            prompts = [p for p, _ in pairs]
+            input_ids = self._pad(prompts, self.pad_id)
+            targets = self._pad([t for _, t in pairs], IGNORE)
+            positions = torch.zeros_like(targets)
+            real = sum(len(p) + len(t) for p, t in pairs)
+        else:
+            rows = [p + t for p, t in pairs]
+            input_ids = self._pad(rows, self.pad_id)
+            # The token at position i predicts token i+1: label token j is predicted at
+            # position len(prompt) - 1 + j.
+            positions = self._pad(
+                [[len(p) - 1 + j for j in range(len(t))] for p, t in pairs], -1
+            )
+            targets = self._pad([list(t) for _, t in pairs], IGNORE)
+            real = sum(len(r) for r in rows)
+        mask = self._pad([[1] * len(p if self.kind == "seq2seq" else p + t) for p, t in pairs], 0)
+        return Batch(input_ids, mask, positions, targets, real)
+
+    def training_batch(self, features: Sequence[Feature]) -> Batch:
+        return self.collate([(f.prompt_ids, self.label_ids[f.label]) for f in features])
+
+    def scoring_batch(self, prompts: Sequence[list[int]]) -> Batch:
+        """Every (prompt, label) pair, prompt-major: row i*K + k is prompt i with label k.
+
+        With single-token causal labels the prompts alone suffice: one forward pass gives the
+        next-token distribution that scores every label at once.
+        """
+        if self.single_token_labels:
+            return self.collate([(p, []) for p in prompts])
+        return self.collate([(p, ids) for p in prompts for ids in self.label_ids])
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, group: bool = True
+) -> list[list[int]]:
+    """Shuffle indices into batches; with `group`, batches hold sentences of similar length.
+
+    Grouping sorts within shuffled windows of 50 batches (as HF's LengthGroupedSampler) and
+    then shuffles the batch order, so padding is small while each epoch still differs.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if group:
+        window = batch_size * 50
+        chunks = [order[i : i + window] for i in range(0, len(order), window)]
+        order = [i for c in chunks for i in sorted(c, key=lambda j: -lengths[j])]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if group:
+        rng.shuffle(batches)
+    return batches
+
+
+def sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Batches of indices for inference, longest first so padding stays minimal."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for i in range(0, len(order), batch_size):
+        yield order[i : i + batch_size]

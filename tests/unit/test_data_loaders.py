@@ -1,0 +1,314 @@
+"""Loaders: encodings, FPB, CSV / TSV / JSON Lines tables, format dispatch, error messages."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from finlora.data import (
+    FPB_FILES,
+    Example,
+    load_examples,
+    load_fpb,
+    load_table,
+    parse_label_map,
+    read_text,
+)
+from finlora.errors import FinloraError
+
+FPB_DIR = os.environ.get("FINLORA_FPB_DIR")
+needs_fpb = pytest.mark.skipif(not FPB_DIR, reason="set FINLORA_FPB_DIR to the FPB v1.0 folder")
+
+
+def write(path: Path, data: str | bytes) -> Path:
+    if isinstance(data, str):
+        path.write_text(data, encoding="utf-8", newline="")
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def one_line(err: pytest.ExceptionInfo[FinloraError]) -> str:
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+# read_text
+
+
+def test_read_text_utf8_strips_bom(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.txt", "\ufeffCafé 5 €\n".encode())
+    assert read_text(path) == "Café 5 €\n"
+
+
+def test_read_text_falls_back_to_latin1(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.txt", "Café Åbo\r\n".encode("latin-1"))
+    assert read_text(path) == "Café Åbo\r\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "offset"),
+    [
+        (b"abc\x81def", 3),  # C1 byte: invalid UTF-8 and never in real Latin-1 text
+        (b"ab\xe9\x00cd", 3),  # NUL in otherwise Latin-1 text
+        (b"abcd\x00", 4),  # NUL in otherwise valid UTF-8
+    ],
+)
+def test_read_text_refuses_binary(tmp_path: Path, data: bytes, offset: int) -> None:
+    path = write(tmp_path / "data.txt", data)
+    with pytest.raises(FinloraError) as err:
+        read_text(path)
+    message = one_line(err)
+    assert message.startswith(f"{path}: undecodable bytes at byte offset {offset} ")
+    assert "neither UTF-8 nor Latin-1 text" in message
+
+
+def test_read_text_offset_counts_bom_and_utf8_bytes(tmp_path: Path) -> None:
+    path = write(tmp_path / "data.txt", b"\xef\xbb\xbf\xc3\xa9\x01")
+    with pytest.raises(FinloraError, match="byte offset 5 "):
+        read_text(path)
+
+
+def test_read_text_missing_empty_and_directory(tmp_path: Path) -> None:
+    with pytest.raises(FinloraError) as err:
+        read_text(tmp_path / "nope.txt")
+    assert one_line(err) == f"{tmp_path / 'nope.txt'}: no such file"
+    path = write(tmp_path / "blank.txt", " \n\t\n")
+    with pytest.raises(FinloraError) as err:
+        read_text(path)
+    assert one_line(err) == f"{path}: file is empty"
+    with pytest.raises(FinloraError) as err:
+        read_text(tmp_path)
+    assert one_line(err) == f"{tmp_path}: is a directory, expected a data file"
+
+
+# Financial PhraseBank
+
+FPB_TEXT = (
+    "Sales rose 5 % to EUR 10 mn .@positive\n"
+    "\n"
+    "Contact ir@example.com for details .@neutral\r\n"
+    "Profit fell .@ negative \n"
+)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "latin-1"])
+def test_load_fpb_file(tmp_path: Path, encoding: str) -> None:
+    path = write(tmp_path / "fpb.txt", ("Café Åbo grew .@positive\n" + FPB_TEXT).encode(encoding))
+    assert load_fpb(path) == [
+        Example("Café Åbo grew .", "positive", f"{path}:1"),
+        Example("Sales rose 5 % to EUR 10 mn .", "positive", f"{path}:2"),
+        Example("Contact ir@example.com for details .", "neutral", f"{path}:4"),
+        Example("Profit fell .", "negative", f"{path}:5"),
+    ]
+
+
+def test_load_fpb_directory_picks_agreement(tmp_path: Path) -> None:
+    write(tmp_path / FPB_FILES["all"], "A .@neutral\n")
+    write(tmp_path / FPB_FILES["66"], "B .@positive\nC .@negative\n")
+    assert [e.text for e in load_fpb(tmp_path)] == ["A ."]
+    assert [e.label for e in load_fpb(tmp_path, agreement="66")] == ["positive", "negative"]
+    with pytest.raises(FinloraError) as err:
+        load_fpb(tmp_path, agreement="75")
+    assert one_line(err) == f"{tmp_path / FPB_FILES['75']}: no such file"
+
+
+def test_load_fpb_unknown_agreement(tmp_path: Path) -> None:
+    with pytest.raises(FinloraError) as err:
+        load_fpb(tmp_path, agreement="90")
+    assert one_line(err) == "unknown FPB agreement '90' (expected one of all, 75, 66, 50)"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("A .@neutral\n\nno separator here\n", "3: no '@' label separator"),
+        (
+            "A .@neutral\nB .@foo\n",
+            "2: unknown label 'foo' (expected one of negative, neutral, positive)",
+        ),
+        ("@neutral\n", "1: empty sentence before '@neutral'"),
+    ],
+)
+def test_load_fpb_errors_name_file_and_line(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path / "fpb.txt", text)
+    with pytest.raises(FinloraError) as err:
+        load_fpb(path)
+    assert one_line(err) == f"{path}:{message}"
+
+
+@needs_fpb
+def test_real_fpb_all_agree_counts() -> None:
+    examples = load_fpb(Path(str(FPB_DIR)))
+    assert len(examples) == 2264
+    assert Counter(e.label for e in examples) == {"negative": 303, "neutral": 1391, "positive": 570}
+
+
+@needs_fpb
+def test_real_fpb_50_agree_loads() -> None:
+    examples = load_examples(Path(str(FPB_DIR)), agreement="50")
+    assert len(examples) == 4846
+    assert examples[0].source.endswith("Sentences_50Agree.txt:1")
+
+
+# label maps
+
+
+def test_parse_label_map() -> None:
+    assert parse_label_map(" 0 = negative,1=positive , 2=neutral ") == {
+        "0": "negative",
+        "1": "positive",
+        "2": "neutral",
+    }
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("0=negative,1positive", "label map '0=negative,1positive': bad entry '1positive'"),
+        ("0=negative,,1=positive", "bad entry ''"),
+        ("=negative", "bad entry '=negative'"),
+        ("0=", "bad entry '0='"),
+        ("0=negative,0=positive", "'0' is mapped twice"),
+    ],
+)
+def test_parse_label_map_errors(spec: str, message: str) -> None:
+    with pytest.raises(FinloraError, match=message.replace("(", r"\(")):
+        parse_label_map(spec)
+
+
+# tables
+
+
+def test_load_csv_with_quotes_and_label_map(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "news.csv",
+        'id,sentence,sentiment\r\n1,"Sales rose, strongly",Bullish\r\n'
+        "\r\n"
+        "2, Costs fell ,Bearish\r\n",
+    )
+    examples = load_table(
+        path,
+        text_column="sentence",
+        label_column="sentiment",
+        label_map={"Bearish": "negative", "Bullish": "positive"},
+        labels=("negative", "neutral", "positive"),
+    )
+    assert examples == [
+        Example("Sales rose, strongly", "positive", f"{path}:2"),
+        Example("Costs fell", "negative", f"{path}:4"),
+    ]
+
+
+def test_load_csv_multiline_field_keeps_start_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.csv", 'text,label\n"two\nlines",x\n"",y\n')
+    with pytest.raises(FinloraError) as err:
+        load_table(path)
+    assert one_line(err) == f"{path}:4: empty text in column 'text'"
+
+
+def test_load_tsv(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.tsv", "label\ttext\nneutral\tA, B and C .\n")
+    assert load_table(path) == [Example("A, B and C .", "neutral", f"{path}:2")]
+
+
+def test_load_jsonl_stringifies_int_labels(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "a.jsonl", '{"text": "Up .", "label": 2}\n\n{"text": "Down .", "label": 0}\n'
+    )
+    examples = load_table(path, label_map=parse_label_map("0=negative,1=neutral,2=positive"))
+    assert examples == [
+        Example("Up .", "positive", f"{path}:1"),
+        Example("Down .", "negative", f"{path}:3"),
+    ]
+
+
+def test_load_json_one_object_per_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.json", '{"text": "A .", "label": "neutral"}\n')
+    assert load_examples(path) == [Example("A .", "neutral", f"{path}:1")]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("a.csv", "text,y\nA,1\n", ": no column 'label' (columns: text, y)"),
+        ("a.csv", "text,label\nA,x\nB,\n", ":3: missing label in column 'label'"),
+        ("a.csv", "text,label\nA,x\n  ,x\n", ":3: empty text in column 'text'"),
+        ("a.csv", "text,label\nA,x\nB,x,extra\n", ":3: 3 fields but the header has 2"),
+        ("a.csv", "text,label\nA,bullish\n", ":2: unknown label 'bullish' (expected one of x, y)"),
+        (
+            "a.jsonl",
+            '{"text": "A", "label": "x"}\n{"text": "B", \n',
+            ":2: malformed JSON (Expecting property name enclosed in double quotes at column 15;",
+        ),
+        ("a.jsonl", '["A", "x"]\n', ":1: expected a JSON object, got list"),
+        ("a.jsonl", '{"text": "A", "lbl": "x"}\n', ":1: no column 'label' (columns: text, lbl)"),
+        ("a.jsonl", '{"text": "A", "label": null}\n', ":1: missing label in column 'label'"),
+        ("a.jsonl", '{"text": ["A"], "label": "x"}\n', ":1: column 'text' holds a list"),
+        ("a.json", '[\n {"text": "A", "label": "x"}\n]\n', ":1: malformed JSON (Expecting value"),
+    ],
+)
+def test_table_errors_name_file_and_line(
+    tmp_path: Path, name: str, content: str, message: str
+) -> None:
+    path = write(tmp_path / name, content)
+    with pytest.raises(FinloraError) as err:
+        load_table(path, label_map={"x": "neutral", "y": "positive"})
+    assert one_line(err).startswith(f"{path}{message}")
+
+
+def test_table_label_outside_allowed_set(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.csv", "text,label\nA,neutral\nB,mixed\n")
+    with pytest.raises(FinloraError) as err:
+        load_table(path, labels=("negative", "neutral", "positive"))
+    assert one_line(err) == (
+        f"{path}:3: unknown label 'mixed' (expected one of negative, neutral, positive)"
+    )
+
+
+def test_table_unknown_suffix(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.xlsx", "x")
+    with pytest.raises(FinloraError) as err:
+        load_table(path)
+    assert one_line(err) == (
+        f"{path}: cannot tell the table format from suffix '.xlsx' "
+        "(expected one of .csv, .tsv, .jsonl, .json)"
+    )
+
+
+# load_examples
+
+
+def test_load_examples_auto_and_explicit_format(tmp_path: Path) -> None:
+    fpb = write(tmp_path / "fpb.txt", "A .@neutral\n")
+    assert load_examples(fpb) == [Example("A .", "neutral", f"{fpb}:1")]
+    odd = write(tmp_path / "data.dat", "text\tlabel\nB .\tpositive\n")
+    assert load_examples(odd, fmt="tsv") == [Example("B .", "positive", f"{odd}:2")]
+
+
+def test_load_examples_directory_is_fpb(tmp_path: Path) -> None:
+    write(tmp_path / FPB_FILES["50"], "A .@negative\n")
+    assert load_examples(tmp_path, agreement="50")[0].label == "negative"
+
+
+def test_load_examples_errors(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.csv", "text,label\n")
+    with pytest.raises(FinloraError) as err:
+        load_examples(path)
+    assert one_line(err) == f"{path}: no examples"
+    with pytest.raises(FinloraError) as err:
+        load_examples(path, fmt="parquet")
+    assert (
+        one_line(err)
+        == "unknown data format 'parquet' (expected one of auto, fpb, csv, tsv, jsonl)"
+    )
+    with pytest.raises(FinloraError) as err:
+        load_examples(tmp_path / "missing.csv")
+    assert one_line(err) == f"{tmp_path / 'missing.csv'}: no such file"
+    odd = write(tmp_path / "a.dat", "x")
+    with pytest.raises(FinloraError, match=r"a\.dat: cannot tell the format from suffix '\.dat'"):
+        load_examples(odd)
