@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from finlora.atomic import atomic_dir
 from finlora.errors import FinloraError
 from finlora.models.registry import EMBEDDED
 
@@ -83,8 +82,7 @@ def convert_gguf(gguf: Path, digest: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting %s to a Hugging Face checkpoint (once) ...", gguf.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target, replace=False) as tmp:
         try:
             loaded = AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, dtype=torch.float32
@@ -102,13 +100,6 @@ def convert_gguf(gguf: Path, digest: str) -> Path:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{gguf}\nsha256 {digest}\n", encoding="utf-8")
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent conversion winning
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

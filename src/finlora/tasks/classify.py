@@ -141,7 +141,10 @@ class LabelCodec:
         next-token distribution that scores every label at once.
         """
         if self.single_token_labels:
-            return self.collate([(p, []) for p in prompts])
+            batch = self.collate([(p, []) for p in prompts])
+            last = torch.tensor([[len(p) - 1] for p in prompts], dtype=torch.long)  # (B, 1)
+            return Batch(batch.input_ids, batch.attention_mask, last, torch.zeros_like(last),
+                         batch.real_tokens)
         return self.collate([(p, ids) for p in prompts for ids in self.label_ids])
 
 

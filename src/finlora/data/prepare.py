@@ -1,0 +1,103 @@
+"""From a data config to examples, a label set and a split: what a run trains and tests on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finlora.config import DataConfig
+from finlora.data.examples import Example
+from finlora.data.loaders import FPB_FILES, FPB_LABELS, load_examples, parse_label_map
+from finlora.data.split import Split, cross_split_duplicates, stratified_split
+from finlora.data.synthetic import SYNTHETIC_NOTE, synthetic_sentiment
+from finlora.errors import FinloraError
+
+
+@dataclass
+class PreparedData:
+    examples: list[Example]
+    labels: list[str]
+    split: Split
+    files: list[Path]  # the files actually read (empty for the synthetic set)
+    description: str  # shown wherever the data is named
+    duplicates: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def synthetic(self) -> bool:
+        return not self.files
+
+    def rows(self, name: str) -> list[Example]:
+        return [self.examples[i] for i in getattr(self.split, name)]
+
+
+def data_files(path: Path, fmt: str, agreement: str) -> list[Path]:
+    """The files a loader reads for `path`: an FPB directory means one agreement file."""
+    if path.is_dir():
+        return [path / FPB_FILES[agreement]]
+    return [path]
+
+
+def load_labelled(
+    path: Path,
+    fmt: str = "auto",
+    *,
+    agreement: str = "all",
+    text_column: str = "text",
+    label_column: str = "label",
+    label_map: str | None = None,
+    labels: list[str] | None = None,
+) -> list[Example]:
+    """Load a labelled file with loader options as the config and the CLI name them."""
+    if fmt == "fpb" or (fmt == "auto" and (path.is_dir() or path.suffix.lower() == ".txt")):
+        return load_examples(path, "fpb", agreement=agreement)
+    return load_examples(
+        path,
+        fmt,
+        text_column=text_column,
+        label_column=label_column,
+        label_map=parse_label_map(label_map) if label_map else None,
+        labels=labels or None,
+    )
+
+
+def _label_set(cfg: DataConfig, examples: list[Example], is_fpb: bool) -> list[str]:
+    if cfg.labels:
+        unknown = sorted({e.label for e in examples} - set(cfg.labels))
+        if unknown:
+            raise FinloraError(f"data.labels: data has labels not listed: {', '.join(unknown)}")
+        return list(cfg.labels)
+    if is_fpb:
+        return list(FPB_LABELS)
+    return sorted({e.label for e in examples})
+
+
+def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
+    """Load the configured data (or the synthetic set) and split it deterministically by seed."""
+    resolved = cfg.resolved_path()
+    if resolved is None:
+        examples = synthetic_sentiment(cfg.synthetic_size, seed=0)
+        files: list[Path] = []
+        description = SYNTHETIC_NOTE
+        is_fpb = True
+    else:
+        path = Path(resolved).expanduser()
+        examples = load_labelled(
+            path,
+            cfg.format,
+            agreement=cfg.agreement,
+            text_column=cfg.text_column,
+            label_column=cfg.label_column,
+            label_map=cfg.label_map,
+            labels=cfg.labels,
+        )
+        files = data_files(path, cfg.format, cfg.agreement)
+        is_fpb = cfg.format == "fpb" or path.is_dir() or path.suffix.lower() == ".txt"
+        description = ", ".join(str(f) for f in files)
+    labels = _label_set(cfg, examples, is_fpb)
+    if len(labels) < 2:
+        raise FinloraError(f"{description}: needs at least two labels (found {labels})")
+    split = stratified_split(examples, cfg.test_fraction, cfg.val_fraction, seed)
+    return PreparedData(
+        examples, labels, split, files, description, cross_split_duplicates(examples, split)
+    )

@@ -1,0 +1,327 @@
+"""The training recipe: data -> base model -> tuning method -> AdamW loop -> best adapter.
+
+Read top to bottom, this is the story of a run. Everything that can fail on user input (config,
+data, split, model path, output directory) is checked before the run directory is created, so a
+bad input never leaves a half-written run behind.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from finlora import atomic
+from finlora.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from finlora.config import RunConfig, apply_overrides, config_from_dict, read_yaml
+from finlora.data.prepare import PreparedData, prepare_data
+from finlora.errors import FinloraError
+from finlora.methods import build_method, trainable_parameters
+from finlora.models import BaseModel, load_base_model, pick_autocast_dtype, pick_device, set_threads
+from finlora.models.loading import sha256_file
+from finlora.plots import plot_loss_curve
+from finlora.prompts import PromptTemplate
+from finlora.runs import RunDir, git_commit, library_versions
+from finlora.scoring import autocast, label_loglik, loss_fn
+from finlora.tasks.classify import Feature, LabelCodec, length_grouped_batches, sorted_batches
+
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    best_epoch: int | None
+    best_val_accuracy: float | None
+    train_seconds: float
+    real_tokens_per_s: float
+
+
+@dataclass
+class _Setup:
+    """Everything a run needs, built and checked before the first byte is written."""
+
+    cfg: RunConfig
+    data: PreparedData
+    base: BaseModel
+    codec: LabelCodec
+    train: list[Feature]
+    validation: list[Feature]
+    device: torch.device
+    dtype: torch.dtype | None
+    load_seconds: float
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """The config a stopped run was started with, plus `--set` overrides (e.g. more epochs)."""
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise FinloraError(f"{run_dir}: nothing to resume (no config.yaml)")
+    return config_from_dict(apply_overrides(read_yaml(run.config), overrides))
+
+
+def _setup(cfg: RunConfig, log: Log) -> _Setup:
+    set_threads(cfg.train.threads)
+    data = prepare_data(cfg.data, cfg.seed)
+    sizes = {name: len(getattr(data.split, name)) for name in ("train", "validation", "test")}
+    log(f"data: {data.description} -> {sizes}")
+    if data.duplicates:
+        log(f"data: {len(data.duplicates)} exact duplicate text(s) appear in more than one split")
+    device = pick_device(cfg.train.device)
+    dtype = pick_autocast_dtype(device, cfg.train.precision)
+    start = time.perf_counter()
+    base = load_base_model(cfg.model.name, cfg.model.trust_remote_code)
+    codec = LabelCodec(
+        base.tokenizer, PromptTemplate.load(cfg.data.template), data.labels, base.kind,
+        cfg.data.max_length,
+    )
+    return _Setup(
+        cfg, data, base, codec,
+        train=[codec.encode(e) for e in data.rows("train")],
+        validation=[codec.encode(e) for e in data.rows("validation")],
+        device=device, dtype=dtype, load_seconds=time.perf_counter() - start,
+    )
+
+
+def _write_run_header(run: RunDir, s: _Setup) -> None:
+    atomic.write_text(run.config, s.cfg.to_yaml())
+    atomic.write_json(run.split, {
+        "labels": s.data.labels,
+        "data": s.data.description,
+        "synthetic": s.data.synthetic,
+        "files": {str(f): sha256_file(f) for f in s.data.files},
+        "seed": s.cfg.seed,
+        "duplicates_across_splits": s.data.duplicates,
+        **s.data.split.to_dict(),
+    })
+    _save_dir(run.tokenizer, s.base.tokenizer.save_pretrained)
+
+
+def _save_dir(target: Path, save: Callable[[Path], Any]) -> None:
+    with atomic.atomic_dir(target) as tmp:
+        save(tmp)
+
+
+@torch.no_grad()
+def validate(model: Any, s: _Setup, fast: bool) -> dict[str, float]:
+    """Validation loss (per label token), perplexity and accuracy, from one scoring pass."""
+    if not s.validation:
+        return {}
+    model.eval()
+    prompts = [f.prompt_ids for f in s.validation]
+    gold = np.array([f.label for f in s.validation])
+    loglik = np.zeros((len(prompts), len(s.codec.labels)))
+    with autocast(s.device, s.dtype):
+        for idx in sorted_batches([len(p) for p in prompts], s.cfg.train.eval_batch_size):
+            scores = label_loglik(model, s.codec, [prompts[i] for i in idx], fast, s.device)
+            loglik[idx] = scores.float().cpu().numpy()
+    model.train()
+    tokens = sum(len(s.codec.label_ids[g]) for g in gold)
+    loss = float(-loglik[np.arange(len(gold)), gold].sum() / tokens)
+    return {
+        "val_loss": loss,
+        "val_perplexity": math.exp(min(loss, 700.0)),
+        "val_accuracy": float((loglik.argmax(1) == gold).mean()),
+    }
+
+
+def _better(metrics: dict[str, float], progress: Progress) -> bool:
+    # Without a validation split every epoch "wins", so the last one is kept.
+    if "val_accuracy" not in metrics or progress.best_metric is None:
+        return True
+    # Accuracy first; the loss breaks ties (it is finer-grained on small validation sets).
+    score = metrics["val_accuracy"] - 1e-6 * metrics["val_loss"]
+    return score > progress.best_metric
+
+
+def _end_epoch(model: Any, s: _Setup, run: RunDir, progress: Progress, log: Log) -> dict[str, Any]:
+    metrics = validate(model, s, s.cfg.train.label_logits_only)
+    train_loss = progress.epoch_loss_sum / max(progress.epoch_loss_count, 1)
+    row: dict[str, Any] = {
+        "kind": "epoch",
+        "epoch": progress.epoch + 1,
+        "step": progress.step,
+        "train_loss": train_loss,
+        "train_perplexity": math.exp(min(train_loss, 700.0)),
+        **metrics,
+    }
+    if _better(metrics, progress):
+        progress.best_metric = metrics.get("val_accuracy", 0.0) - 1e-6 * metrics.get("val_loss", 0.0)
+        progress.best_epoch = progress.epoch + 1
+        _save_dir(run.adapter, model.save_pretrained)
+        row["best"] = True
+    run.append_metrics(row)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
+    log(f"epoch {row['epoch']}: {shown}{' (best so far)' if row.get('best') else ''}")
+    return row
+
+
+def _checkpoint(run: RunDir, model: Any, opt: Any, sched: Any, progress: Progress) -> None:
+    target = run.checkpoints / f"step-{progress.step:07d}"
+    save_checkpoint(target, model, opt, sched, progress)
+    for old in run.checkpoints.glob("step-*"):
+        if old != target:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def train(
+    cfg: RunConfig,
+    output: Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress_bar: bool = True,
+    log: Log = _stderr,
+) -> TrainResult:
+    """Fine-tune per `cfg` into the run directory `output`; with `resume`, continue it."""
+    run = RunDir(output)
+    if not resume:
+        run.check_new(overwrite)
+    s = _setup(cfg, log)
+    if not resume:
+        run.create(overwrite)
+        _write_run_header(run, s)
+
+    torch.manual_seed(cfg.seed)
+    model = build_method(s.base.model, cfg, s.base.kind).to(s.device)
+    trainable, total = trainable_parameters(model)
+    log(f"model: {cfg.model.name} ({s.base.kind}), trainable {trainable:,} of {total:,} "
+        f"({100 * trainable / total:.2f}%), device {s.device}, "
+        f"{'bf16 autocast' if s.dtype else 'fp32'}")
+    tc = cfg.train
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=tc.learning_rate, weight_decay=tc.weight_decay,
+    )
+    lengths = [len(f.prompt_ids) for f in s.train]
+    batches_per_epoch = math.ceil(len(s.train) / tc.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / tc.grad_accum)
+    total_steps = tc.epochs * steps_per_epoch
+    if tc.max_steps:
+        total_steps = min(total_steps, tc.max_steps)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(tc.warmup_ratio * total_steps), total_steps
+    )
+    progress = Progress(step=0, epoch=0, batch_in_epoch=0)
+    if resume:
+        found = latest_checkpoint(run.checkpoints)
+        if found is None:
+            raise FinloraError(f"{output}: no checkpoint to resume from")
+        progress = load_checkpoint(found, model, optimizer, scheduler)
+        run.truncate_metrics(progress.step)
+        log(f"resuming from {found.name} (epoch {progress.epoch + 1}, step {progress.step})")
+
+    model.train()
+    bar = tqdm(total=total_steps, initial=progress.step, desc="training", unit="step",
+               disable=not progress_bar, dynamic_ncols=True)
+    start = time.perf_counter()
+    tokens_seen, recent = 0, deque(maxlen=10)
+    done = progress.step >= total_steps
+    while not done and progress.epoch < tc.epochs:
+        batches = length_grouped_batches(lengths, tc.batch_size, cfg.seed + progress.epoch,
+                                         tc.group_by_length)
+        for bi in range(progress.batch_in_epoch, len(batches)):
+            batch = s.codec.training_batch([s.train[i] for i in batches[bi]]).to(s.device)
+            with autocast(s.device, s.dtype):
+                loss = loss_fn(model, batch, s.codec.kind, tc.label_logits_only)
+            (loss / tc.grad_accum).backward()
+            tokens_seen += batch.real_tokens
+            progress.epoch_loss_sum += loss.item()
+            progress.epoch_loss_count += 1
+            recent.append(loss.item())
+            if (bi + 1) % tc.grad_accum and bi + 1 < len(batches):
+                continue
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.batch_in_epoch = bi + 1
+            rate = tokens_seen / max(time.perf_counter() - start, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", tok_s=f"{rate:.0f}")
+            if progress.step % tc.log_every == 0:
+                run.append_metrics({
+                    "kind": "step", "step": progress.step,
+                    "epoch": progress.epoch + (bi + 1) / len(batches), "loss": loss.item(),
+                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate,
+                })
+            if progress.step % tc.checkpoint_every == 0:
+                _checkpoint(run, model, optimizer, scheduler, progress)
+            if progress.step >= total_steps:
+                done = True
+                break
+        _end_epoch(model, s, run, progress, log)
+        progress.epoch += 1
+        progress.batch_in_epoch = 0
+        progress.epoch_loss_sum, progress.epoch_loss_count = 0.0, 0
+        _checkpoint(run, model, optimizer, scheduler, progress)
+    bar.close()
+    seconds = time.perf_counter() - start
+    _finish(run, s, progress, seconds, tokens_seen, trainable)
+    rows = [r for r in run.read_metrics() if r.get("best")]
+    return TrainResult(
+        run_dir=output,
+        steps=progress.step,
+        best_epoch=progress.best_epoch,
+        best_val_accuracy=rows[-1].get("val_accuracy") if rows else None,
+        train_seconds=seconds,
+        real_tokens_per_s=tokens_seen / max(seconds, 1e-9),
+    )
+
+
+def _finish(run: RunDir, s: _Setup, progress: Progress, seconds: float, tokens: int,
+            trainable: int) -> None:
+    rows = run.read_metrics()
+    if rows:
+        plot_loss_curve(rows, run.loss_curve)
+    previous = run.read_json(run.manifest) if run.manifest.is_file() else {}
+    timings = previous.get("timings", {})
+    atomic.write_json(run.manifest, {
+        "finlora_run": 1,
+        "task": "classify",
+        "base_model": {
+            "name": s.cfg.model.name,
+            "kind": s.base.kind,
+            "checkpoint_dir": str(s.base.checkpoint_dir),
+            "sha256": s.base.weights_sha256,
+        },
+        "data": {
+            "description": s.data.description,
+            "synthetic": s.data.synthetic,
+            "files": {str(f): sha256_file(f) for f in s.data.files},
+            "labels": s.data.labels,
+        },
+        "method": "lora",
+        "trainable_params": trainable,
+        "seed": s.cfg.seed,
+        "steps": progress.step,
+        "best_epoch": progress.best_epoch,
+        "device": str(s.device),
+        "precision": "bf16-autocast" if s.dtype else "fp32",
+        "versions": library_versions(),
+        "git_commit": git_commit(),
+        "timings": {
+            "model_load_s": round(s.load_seconds, 2),
+            # A resumed run adds its own training time to what came before.
+            "train_s": round(timings.get("train_s", 0.0) + seconds, 2),
+            "real_tokens": timings.get("real_tokens", 0) + tokens,
+        },
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
