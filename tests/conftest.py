@@ -107,12 +107,18 @@ def tiny_seq2seq_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_di
 
 
 @pytest.fixture(scope="session", autouse=True)
+def one_thread() -> None:
+    """One intra-op thread: tiny models gain nothing from more, and on a busy machine two
+    spinning threads make a step 100x slower."""
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def fin_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """FINLORA_HOME in a temporary directory, so no test writes to the user's cache."""
     home = tmp_path_factory.mktemp("finlora-home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FINLORA_HOME", str(home))
-        mp.delenv("FINLORA_FPB_DIR", raising=False)
         yield home
 
 
@@ -150,6 +156,7 @@ def csv_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # Small and fast: fp32 on the CPU, rank-4 LoRA, a few steps.
 TINY_OVERRIDES = [
+    "train.threads=1",
     "train.max_steps=4",
     "train.precision=fp32",
     "train.device=cpu",
@@ -163,12 +170,18 @@ TINY_OVERRIDES = [
 ]
 
 
+@pytest.fixture(scope="session")
+def tiny_overrides(tiny_causal_dir: Path, fpb_file: Path) -> list[str]:
+    """`--set` overrides for a small run of the tiny causal model on the FPB fixture."""
+    return [f"model.name={tiny_causal_dir}", f"data.path={fpb_file}", *TINY_OVERRIDES]
+
+
 @pytest.fixture
-def tiny_cfg(tiny_causal_dir: Path, fpb_file: Path) -> Callable[..., RunConfig]:
+def tiny_cfg(tiny_overrides: list[str]) -> Callable[..., RunConfig]:
     """Build a RunConfig on the tiny causal model and the FPB fixture; extra overrides win."""
 
     def build(*overrides: str, model: Path | None = None) -> RunConfig:
-        base = [f"model.name={model or tiny_causal_dir}", f"data.path={fpb_file}"]
-        return load_config(None, [*base, *TINY_OVERRIDES, *overrides])
+        chosen = [f"model.name={model}"] if model else []
+        return load_config(None, [*tiny_overrides, *chosen, *overrides])
 
     return build

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -189,6 +190,9 @@ class RunConfig:
 # ---- building from plain data ------------------------------------------------------------------
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _type_name(tp: Any) -> str:
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
     if tp in names:
@@ -226,6 +230,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return value
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads `1e-4` (no dot) as a string; accept what is plainly a number.
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
             return float(value)
     elif tp is str:
         if isinstance(value, str):

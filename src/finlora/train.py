@@ -83,10 +83,6 @@ def _setup(cfg: RunConfig, log: Log) -> _Setup:
     if cfg.data.path is None:
         cfg.data.format = "synthetic"
     data = prepare_data(cfg.data, cfg.seed)
-    sizes = {name: len(getattr(data.split, name)) for name in ("train", "validation", "test")}
-    log(f"data: {data.description} -> {sizes}")
-    if data.duplicates:
-        log(f"data: {len(data.duplicates)} exact duplicate text(s) appear in more than one split")
     device = pick_device(cfg.train.device)
     dtype = pick_autocast_dtype(device, cfg.train.precision)
     start = time.perf_counter()
@@ -95,6 +91,10 @@ def _setup(cfg: RunConfig, log: Log) -> _Setup:
         base.tokenizer, PromptTemplate.load(cfg.data.template), data.labels, base.kind,
         cfg.data.max_length,
     )
+    sizes = {name: len(getattr(data.split, name)) for name in ("train", "validation", "test")}
+    log(f"data: {data.description} -> {sizes}")
+    if data.duplicates:
+        log(f"data: {len(data.duplicates)} exact duplicate text(s) appear in more than one split")
     return _Setup(
         cfg, data, base, codec,
         train=[codec.encode(e) for e in data.rows("train")],
@@ -272,9 +272,11 @@ def train(
                 done = True
                 break
         _end_epoch(model, s, run, progress, log)
-        progress.epoch += 1
-        progress.batch_in_epoch = 0
-        progress.epoch_loss_sum, progress.epoch_loss_count = 0.0, 0
+        if progress.batch_in_epoch >= len(batches):
+            # A run stopped by max_steps stays inside its epoch, so extending it continues there.
+            progress.epoch += 1
+            progress.batch_in_epoch = 0
+            progress.epoch_loss_sum, progress.epoch_loss_count = 0.0, 0
         _checkpoint(run, model, optimizer, scheduler, progress)
     bar.close()
     seconds = time.perf_counter() - start

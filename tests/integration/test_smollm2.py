@@ -48,11 +48,19 @@ def fpb_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cfg(data: Path, *extra: str):
-    return load_config(None, [
-        f"data.path={data}", "data.test_fraction=0.25", "data.val_fraction=0.2",
-        "train.batch_size=8", "train.log_every=1", "train.learning_rate=5e-4",
-        "train.checkpoint_every=3", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            f"data.path={data}",
+            "data.test_fraction=0.25",
+            "data.val_fraction=0.2",
+            "train.batch_size=8",
+            "train.log_every=1",
+            "train.learning_rate=5e-4",
+            "train.checkpoint_every=3",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +77,13 @@ def test_loss_falls_and_predictions_are_valid_labels(trained: Path) -> None:
     # The untrained model rarely puts a label word after the prompt: the loss starts high.
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.5
     loaded = load_run(trained)
-    predictions = loaded.predict(["Net sales fell 30 % and the company swung to a loss.",
-                                  "The company will publish its results on 5 May."], progress=False)
+    predictions = loaded.predict(
+        [
+            "Net sales fell 30 % and the company swung to a loss.",
+            "The company will publish its results on 5 May.",
+        ],
+        progress=False,
+    )
     for p in predictions:
         assert p.label in {"negative", "neutral", "positive"}
         assert abs(sum(p.probabilities.values()) - 1) < 1e-6
@@ -87,9 +100,17 @@ def test_run_resumes(real_home: None, fpb_sample: Path, tmp_path: Path) -> None:
     out = tmp_path / "resumed"
     train(_cfg(fpb_sample, "train.max_steps=3"), out, progress_bar=False, log=lambda m: None)
     assert (out / "checkpoints" / "step-0000003").is_dir()
-    result = train(resume_config(out, ["train.max_steps=5"]), out, resume=True,
-                   progress_bar=False, log=lambda m: None)
+    result = train(
+        resume_config(out, ["train.max_steps=5"]),
+        out,
+        resume=True,
+        progress_bar=False,
+        log=lambda m: None,
+    )
     assert result.steps == 5
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "step"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "step"
+    ]
     assert steps == [1, 2, 3, 4, 5]

