@@ -56,14 +56,22 @@ def main() -> None:
         wall = time.perf_counter() - started
         tuned = evaluate_run(run_dir, progress=False)
         zero = evaluate_run(run_dir, zero_shot=True, progress=False)
-        rows.append({
-            "seed": seed, "n_test": tuned["n"],
-            "accuracy": tuned["accuracy"], "macro_f1": tuned["macro_f1"],
-            "weighted_f1": tuned["weighted_f1"], "ece": tuned["ece"],
-            "zero_shot_accuracy": zero["accuracy"], "zero_shot_macro_f1": zero["macro_f1"],
-            "train_s": result.train_seconds, "wall_s": wall,
-            "tokens_per_s": result.real_tokens_per_s, "best_epoch": result.best_epoch,
-        })
+        rows.append(
+            {
+                "seed": seed,
+                "n_test": tuned["n"],
+                "accuracy": tuned["accuracy"],
+                "macro_f1": tuned["macro_f1"],
+                "weighted_f1": tuned["weighted_f1"],
+                "ece": tuned["ece"],
+                "zero_shot_accuracy": zero["accuracy"],
+                "zero_shot_macro_f1": zero["macro_f1"],
+                "train_s": result.train_seconds,
+                "wall_s": wall,
+                "tokens_per_s": result.real_tokens_per_s,
+                "best_epoch": result.best_epoch,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     def mean(key: str) -> float:
@@ -72,7 +80,8 @@ def main() -> None:
     lines = [
         f"Machine: {_machine()}",
         "",
-        "| seed | n test | accuracy | macro-F1 | weighted-F1 | ECE | zero-shot acc | zero-shot macro-F1 | train time (s) | tokens/s |",
+        "| seed | n test | accuracy | macro-F1 | weighted-F1 | ECE | zero-shot acc "
+        "| zero-shot macro-F1 | train time (s) | tokens/s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:

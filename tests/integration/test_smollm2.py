@@ -29,7 +29,11 @@ def real_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     home = os.environ.get("FINLORA_REAL_HOME") or str(Path.home() / ".cache" / "finlora")
     mp = pytest.MonkeyPatch()
     mp.setenv("FINLORA_HOME", home)
+    # The unit tests pin one thread for tiny models; the real model wants every core.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
     yield
+    torch.set_num_threads(threads)
     mp.undo()
 
 

@@ -123,9 +123,7 @@ class LabelCodec:
             input_ids = self._pad(rows, self.pad_id)
             # The token at position i predicts token i+1: label token j is predicted at
             # position len(prompt) - 1 + j.
-            positions = self._pad(
-                [[len(p) - 1 + j for j in range(len(t))] for p, t in pairs], -1
-            )
+            positions = self._pad([[len(p) - 1 + j for j in range(len(t))] for p, t in pairs], -1)
             targets = self._pad([list(t) for _, t in pairs], IGNORE)
             real = sum(len(r) for r in rows)
         mask = self._pad([[1] * len(p if self.kind == "seq2seq" else p + t) for p, t in pairs], 0)
@@ -143,8 +141,13 @@ class LabelCodec:
         if self.single_token_labels:
             batch = self.collate([(p, []) for p in prompts])
             last = torch.tensor([[len(p) - 1] for p in prompts], dtype=torch.long)  # (B, 1)
-            return Batch(batch.input_ids, batch.attention_mask, last, torch.zeros_like(last),
-                         batch.real_tokens)
+            return Batch(
+                batch.input_ids,
+                batch.attention_mask,
+                last,
+                torch.zeros_like(last),
+                batch.real_tokens,
+            )
         return self.collate([(p, ids) for p in prompts for ids in self.label_ids])
 
 

@@ -1,0 +1,353 @@
+"""Speed benchmarks: finlora's path against the classic PEFT recipe, in one process.
+
+Classic training: every sequence padded to 128 tokens, fp32, full-vocabulary logits at every
+position, batch 8. Classic prediction: one greedy `generate` call per sentence, the answer
+parsed for a label. Both paths run on the same model and sentences, alternating rounds so that
+machine noise hits both alike; throughput counts real (non-pad) tokens only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finlora.config import RunConfig, load_config
+from finlora.data.prepare import prepare_data
+from finlora.methods import build_method
+from finlora.models import load_base_model, pick_autocast_dtype, pick_device, set_threads
+from finlora.prompts import PromptTemplate
+from finlora.scoring import autocast, loss_fn, predict_proba
+from finlora.tasks.classify import IGNORE, LabelCodec, length_grouped_batches
+
+CLASSIC_LENGTH = 128
+CLASSIC_BATCH = 8
+
+
+# ---- measuring -----------------------------------------------------------------------------
+
+
+class PeakMemory:
+    """Peak resident memory of this process over a `with` block, in MiB.
+
+    Linux resets the high-water mark (VmHWM) when "5" is written to clear_refs; where that is
+    not possible a sampling thread watches RSS instead.
+    """
+
+    def __init__(self) -> None:
+        self.peak_mib = 0.0
+
+    @staticmethod
+    def _status(key: str) -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[PeakMemory]:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            yield self
+            self.peak_mib = max(self.peak_mib, self._status("VmHWM"))
+            return
+        except OSError:
+            pass
+        import psutil
+
+        process, stop = psutil.Process(), threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                self.peak_mib = max(self.peak_mib, process.memory_info().rss / 2**20)
+                stop.wait(0.05)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+
+
+def matmul_rate(dtype: torch.dtype | None, seconds: float = 2.0, size: int = 1024) -> float:
+    """Measured dense matrix-multiply rate of this machine, FLOP/s (bf16 where supported)."""
+    dt = dtype or torch.float32
+    a, b = torch.randn(size, size, dtype=dt), torch.randn(size, size, dtype=dt)
+    for _ in range(3):
+        a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * size**3 * n / (time.perf_counter() - start)
+
+
+def matmul_params(model: Any) -> int:
+    """Parameters that take part in a matmul for every token: all but the embedding table.
+
+    The output head is tied to the embeddings in SmolLM2 and finlora applies it only at label
+    positions, so it is left out; LoRA costs ~4 x this many FLOPs per token (forward plus the
+    backward pass for activations, with no gradients for the frozen weights).
+    """
+    embedding = model.get_input_embeddings().weight
+    return sum(p.numel() for p in model.parameters() if p is not embedding)
+
+
+@dataclass
+class Round:
+    seconds: float = 0.0
+    units: int = 0  # real tokens (train) or sentences (infer)
+
+
+# ---- setup ---------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchSetup:
+    cfg: RunConfig
+    model: Any
+    tokenizer: Any
+    codec: LabelCodec
+    texts: list[str]
+    labels: list[int]
+    device: torch.device
+    dtype: torch.dtype | None
+    n_params: int
+
+
+def setup(config: Path | None, overrides: list[str], n: int) -> BenchSetup:
+    cfg = load_config(config, overrides)
+    set_threads(cfg.train.threads)
+    data = prepare_data(cfg.data, cfg.seed)
+    rows = data.rows("train")[:n]
+    base = load_base_model(cfg.model.name, cfg.model.trust_remote_code)
+    codec = LabelCodec(
+        base.tokenizer,
+        PromptTemplate.load(cfg.data.template),
+        data.labels,
+        base.kind,
+        cfg.data.max_length,
+    )
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.train.device)
+    n_params = matmul_params(base.model)
+    model = build_method(base.model, cfg, base.kind).to(device)
+    return BenchSetup(
+        cfg,
+        model,
+        base.tokenizer,
+        codec,
+        [e.text for e in rows],
+        [data.labels.index(e.label) for e in rows],
+        device,
+        pick_autocast_dtype(device, cfg.train.precision),
+        n_params,
+    )
+
+
+# ---- training ------------------------------------------------------------------------------
+
+
+def _classic_train_round(s: BenchSetup, optimizer: torch.optim.Optimizer) -> Round:
+    tok = s.tokenizer
+    r = Round()
+    for i in range(0, len(s.texts), CLASSIC_BATCH):
+        rows = []
+        for text, label in zip(
+            s.texts[i : i + CLASSIC_BATCH], s.labels[i : i + CLASSIC_BATCH], strict=True
+        ):
+            prompt = s.codec.encode_text(text)
+            rows.append((prompt, s.codec.label_ids[label]))
+        width = CLASSIC_LENGTH
+        ids = torch.full((len(rows), width), tok.pad_token_id)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, IGNORE)
+        for j, (prompt, target) in enumerate(rows):
+            seq = (prompt + target)[:width]
+            ids[j, : len(seq)] = torch.tensor(seq)
+            mask[j, : len(seq)] = 1
+            labels[j, len(prompt) : len(seq)] = torch.tensor(seq[len(prompt) :])
+        start = time.perf_counter()
+        out = s.model(
+            input_ids=ids.to(s.device), attention_mask=mask.to(s.device), labels=labels.to(s.device)
+        )  # full (B, 128, V) logits
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        r.seconds += time.perf_counter() - start
+        r.units += int(mask.sum())
+    return r
+
+
+def _finlora_train_round(s: BenchSetup, optimizer: torch.optim.Optimizer, seed: int) -> Round:
+    tc = s.cfg.train
+    features = [
+        s.codec.encode(_example(t, s.codec.labels[y]))
+        for t, y in zip(s.texts, s.labels, strict=True)
+    ]
+    r = Round()
+    for idx in length_grouped_batches(
+        [len(f.prompt_ids) for f in features], tc.batch_size, seed, tc.group_by_length
+    ):
+        batch = s.codec.training_batch([features[i] for i in idx]).to(s.device)
+        start = time.perf_counter()
+        with autocast(s.device, s.dtype):
+            loss = loss_fn(s.model, batch, s.codec.kind, tc.label_logits_only)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        r.seconds += time.perf_counter() - start
+        r.units += batch.real_tokens
+    return r
+
+
+def _example(text: str, label: str) -> Any:
+    from finlora.data import Example
+
+    return Example(text, label, "bench")
+
+
+def _alternate(
+    paths: dict[str, Callable[[int], Round]], rounds: int
+) -> dict[str, dict[str, float]]:
+    totals = {name: Round() for name in paths}
+    memory = {name: PeakMemory() for name in paths}
+    for i in range(rounds + 1):
+        for name, run in paths.items():
+            with memory[name].measure():
+                r = run(i)
+            if i == 0:
+                continue  # warm-up round: allocator, kernels, caches
+            totals[name].seconds += r.seconds
+            totals[name].units += r.units
+    return {
+        name: {
+            "seconds": t.seconds,
+            "units": t.units,
+            "per_s": t.units / t.seconds,
+            "peak_rss_mib": memory[name].peak_mib,
+        }
+        for name, t in totals.items()
+    }
+
+
+def bench_train(
+    config: Path | None = None, overrides: list[str] | None = None, n: int = 64, rounds: int = 2
+) -> dict[str, Any]:
+    """Train-step throughput of the classic recipe and finlora's path on the same sentences."""
+    s = setup(config, overrides or [], n)
+    s.model.train()
+    optimizer = torch.optim.AdamW([p for p in s.model.parameters() if p.requires_grad], lr=1e-5)
+    result = _alternate(
+        {
+            "classic": lambda i: _classic_train_round(s, optimizer),
+            "finlora": lambda i: _finlora_train_round(s, optimizer, i),
+        },
+        rounds,
+    )
+    rate = matmul_rate(s.dtype)
+    out: dict[str, Any] = {
+        "n_sentences": len(s.texts),
+        "rounds": rounds,
+        "matmul_flops_per_s": rate,
+        "matmul_dtype": str(s.dtype or torch.float32),
+        "flops_per_token": 4 * s.n_params,
+        "threads": torch.get_num_threads(),
+    }
+    for name, r in result.items():
+        out[name] = {
+            "real_tokens_per_s": r["per_s"],
+            "mfu": r["per_s"] * 4 * s.n_params / rate,
+            "peak_rss_mib": r["peak_rss_mib"],
+            "seconds": r["seconds"],
+            "real_tokens": r["units"],
+        }
+    out["ratio"] = out["finlora"]["real_tokens_per_s"] / out["classic"]["real_tokens_per_s"]
+    return out
+
+
+# ---- inference -----------------------------------------------------------------------------
+
+
+def _classic_infer_round(s: BenchSetup) -> Round:
+    tok = s.tokenizer
+    labels = s.codec.labels
+    r = Round()
+    for text in s.texts:
+        ids = torch.tensor([s.codec.encode_text(text)], device=s.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = s.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=4,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip().lower()
+        next((label for label in labels if answer.startswith(label)), None)
+        r.seconds += time.perf_counter() - start
+        r.units += 1
+    return r
+
+
+def _finlora_infer_round(s: BenchSetup) -> Round:
+    start = time.perf_counter()
+    predict_proba(
+        s.model,
+        s.codec,
+        s.texts,
+        batch_size=s.cfg.train.eval_batch_size,
+        device=s.device,
+        dtype=s.dtype,
+        fast=s.cfg.train.label_logits_only,
+        progress=False,
+    )
+    return Round(time.perf_counter() - start, len(s.texts))
+
+
+def bench_infer(
+    config: Path | None = None, overrides: list[str] | None = None, n: int = 64, rounds: int = 2
+) -> dict[str, Any]:
+    """Sentences/s of one `generate` call per sentence against finlora's batched label scoring."""
+    s = setup(config, overrides or [], n)
+    s.model.eval()
+    result = _alternate(
+        {
+            "classic": lambda i: _classic_infer_round(s),
+            "finlora": lambda i: _finlora_infer_round(s),
+        },
+        rounds,
+    )
+    out: dict[str, Any] = {
+        "n_sentences": len(s.texts),
+        "rounds": rounds,
+        "threads": torch.get_num_threads(),
+    }
+    for name, r in result.items():
+        out[name] = {
+            "sentences_per_s": r["per_s"],
+            "peak_rss_mib": r["peak_rss_mib"],
+            "seconds": r["seconds"],
+        }
+    out["ratio"] = out["finlora"]["sentences_per_s"] / out["classic"]["sentences_per_s"]
+    return out
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"

@@ -1,0 +1,50 @@
+"""The speed benchmarks run end to end on the tiny model and report what they promise.
+
+Functional checks only: speed targets live in docs/benchmarks.md, never in timed tests.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finlora.bench import PeakMemory, bench_infer, bench_train, matmul_params, matmul_rate
+
+
+def test_bench_train_reports_both_paths(tiny_overrides: list[str]) -> None:
+    result = bench_train(None, tiny_overrides, n=12, rounds=1)
+    for name in ("classic", "finlora"):
+        entry = result[name]
+        assert entry["real_tokens_per_s"] > 0
+        assert 0 < entry["mfu"] < 1
+        assert entry["peak_rss_mib"] > 0
+    # Both paths see the same sentences, so the same real (non-pad) tokens.
+    assert result["classic"]["real_tokens"] == result["finlora"]["real_tokens"]
+    ratio = result["finlora"]["real_tokens_per_s"] / result["classic"]["real_tokens_per_s"]
+    assert result["ratio"] == pytest.approx(ratio)
+    json.dumps(result)
+
+
+def test_bench_infer_reports_both_paths(tiny_overrides: list[str]) -> None:
+    result = bench_infer(None, tiny_overrides, n=6, rounds=1)
+    assert result["classic"]["sentences_per_s"] > 0
+    assert result["finlora"]["sentences_per_s"] > 0
+    assert result["n_sentences"] == 6
+
+
+def test_matmul_params_leaves_out_the_embedding(tiny_causal_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_dir)
+    total = sum(p.numel() for p in model.parameters())
+    assert matmul_params(model) == total - model.get_input_embeddings().weight.numel()
+
+
+def test_matmul_rate_and_peak_memory_are_measured() -> None:
+    assert matmul_rate(None, seconds=0.05, size=64) > 0
+    with PeakMemory().measure() as peak:
+        block = bytearray(64 * 2**20)  # 64 MiB, touched
+        block[::4096] = b"x" * len(block[::4096])
+    assert peak.peak_mib >= 64
