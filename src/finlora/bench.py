@@ -9,6 +9,7 @@ machine noise hits both alike; throughput counts real (non-pad) tokens only.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import threading
 import time
@@ -22,7 +23,7 @@ import torch
 from finlora.config import RunConfig, load_config
 from finlora.data.prepare import prepare_data
 from finlora.methods import build_method
-from finlora.models import load_base_model, pick_autocast_dtype, pick_device, set_threads
+from finlora.models import Placement, load_base_model
 from finlora.prompts import PromptTemplate
 from finlora.scoring import autocast, loss_fn, predict_proba
 from finlora.tasks.classify import IGNORE, LabelCodec, length_grouped_batches
@@ -114,7 +115,8 @@ class Round:
 @dataclass
 class BenchSetup:
     cfg: RunConfig
-    model: Any
+    classic: Any  # the classic recipe's model: fp32 weights, SDPA attention, LoRA dropout 0.05
+    model: Any  # finlora's, placed as the config says
     tokenizer: Any
     codec: LabelCodec
     texts: list[str]
@@ -124,12 +126,26 @@ class BenchSetup:
     n_params: int
 
 
+CLASSIC_LORA_DROPOUT = 0.05
+
+
+def _model(cfg: RunConfig, attention: str | None) -> tuple[Any, Any]:
+    base = load_base_model(cfg.model.name, cfg.model.trust_remote_code, attention)
+    torch.manual_seed(cfg.seed)
+    return base, build_method(base.model, cfg, base.kind)
+
+
 def setup(config: Path | None, overrides: list[str], n: int) -> BenchSetup:
+    """The same sentences and LoRA settings for both paths, each path with its own model."""
     cfg = load_config(config, overrides)
-    set_threads(cfg.train.threads)
+    placement = Placement.from_config(cfg.train)
     data = prepare_data(cfg.data, cfg.seed)
     rows = data.rows("train")[:n]
-    base = load_base_model(cfg.model.name, cfg.model.trust_remote_code)
+    base, model = _model(cfg, placement.attention)
+    n_params = matmul_params(base.model)
+    classic_cfg = copy.deepcopy(cfg)
+    classic_cfg.lora.lora_dropout = CLASSIC_LORA_DROPOUT
+    _, classic = _model(classic_cfg, "sdpa")
     codec = LabelCodec(
         base.tokenizer,
         PromptTemplate.load(cfg.data.template),
@@ -137,19 +153,16 @@ def setup(config: Path | None, overrides: list[str], n: int) -> BenchSetup:
         base.kind,
         cfg.data.max_length,
     )
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.train.device)
-    n_params = matmul_params(base.model)
-    model = build_method(base.model, cfg, base.kind).to(device)
     return BenchSetup(
         cfg,
-        model,
+        classic.to(placement.device),
+        placement.place(model),
         base.tokenizer,
         codec,
         [e.text for e in rows],
         [data.labels.index(e.label) for e in rows],
-        device,
-        pick_autocast_dtype(device, cfg.train.precision),
+        placement.device,
+        placement.dtype,
         n_params,
     )
 
@@ -177,7 +190,7 @@ def _classic_train_round(s: BenchSetup, optimizer: torch.optim.Optimizer) -> Rou
             mask[j, : len(seq)] = 1
             labels[j, len(prompt) : len(seq)] = torch.tensor(seq[len(prompt) :])
         start = time.perf_counter()
-        out = s.model(
+        out = s.classic(
             input_ids=ids.to(s.device), attention_mask=mask.to(s.device), labels=labels.to(s.device)
         )  # full (B, 128, V) logits
         out.loss.backward()
@@ -246,11 +259,16 @@ def bench_train(
     """Train-step throughput of the classic recipe and finlora's path on the same sentences."""
     s = setup(config, overrides or [], n)
     s.model.train()
-    optimizer = torch.optim.AdamW([p for p in s.model.parameters() if p.requires_grad], lr=1e-5)
+    s.classic.train()
+
+    def adamw(model: Any) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    classic_opt, finlora_opt = adamw(s.classic), adamw(s.model)
     result = _alternate(
         {
-            "classic": lambda i: _classic_train_round(s, optimizer),
-            "finlora": lambda i: _finlora_train_round(s, optimizer, i),
+            "classic": lambda i: _classic_train_round(s, classic_opt),
+            "finlora": lambda i: _finlora_train_round(s, finlora_opt, i),
         },
         rounds,
     )
@@ -286,7 +304,7 @@ def _classic_infer_round(s: BenchSetup) -> Round:
         ids = torch.tensor([s.codec.encode_text(text)], device=s.device)
         start = time.perf_counter()
         with torch.no_grad():
-            out = s.model.generate(
+            out = s.classic.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=4,
@@ -321,6 +339,7 @@ def bench_infer(
     """Sentences/s of one `generate` call per sentence against finlora's batched label scoring."""
     s = setup(config, overrides or [], n)
     s.model.eval()
+    s.classic.eval()
     result = _alternate(
         {
             "classic": lambda i: _classic_infer_round(s),

@@ -13,7 +13,7 @@ from peft import PeftModel
 
 from finlora.config import RunConfig, config_from_dict, read_yaml
 from finlora.errors import FinloraError
-from finlora.models import load_base_model, pick_autocast_dtype, pick_device, set_threads
+from finlora.models import Placement, load_base_model
 from finlora.models.loading import load_tokenizer
 from finlora.prompts import PromptTemplate
 from finlora.runs import RunDir
@@ -81,15 +81,14 @@ def load_run(run_dir: Path, zero_shot: bool = False) -> LoadedRun:
     run.require_trained()
     cfg = config_from_dict(read_yaml(run.config))
     split = run.read_json(run.split)
-    set_threads(cfg.train.threads)
-    base = load_base_model(cfg.model.name, cfg.model.trust_remote_code)
+    placement = Placement.from_config(cfg.train)
+    base = load_base_model(cfg.model.name, cfg.model.trust_remote_code, placement.attention)
     tokenizer = load_tokenizer(run.tokenizer, cfg.model.trust_remote_code)
     model = base.model
     if not zero_shot:
         # PEFT reads adapter_model.safetensors; the base weights come from our own loader.
         model = PeftModel.from_pretrained(model, str(run.adapter), is_trainable=False)
-    device = pick_device(cfg.train.device)
-    model = model.to(device).eval()
+    model = placement.place(model).eval()
     codec = LabelCodec(
         tokenizer,
         PromptTemplate.load(cfg.data.template),
@@ -97,13 +96,4 @@ def load_run(run_dir: Path, zero_shot: bool = False) -> LoadedRun:
         base.kind,
         cfg.data.max_length,
     )
-    return LoadedRun(
-        run,
-        cfg,
-        split,
-        model,
-        codec,
-        device,
-        pick_autocast_dtype(device, cfg.train.precision),
-        zero_shot,
-    )
+    return LoadedRun(run, cfg, split, model, codec, placement.device, placement.dtype, zero_shot)

@@ -28,7 +28,7 @@ from finlora.config import RunConfig, apply_overrides, config_from_dict, read_ya
 from finlora.data.prepare import PreparedData, prepare_data
 from finlora.errors import FinloraError
 from finlora.methods import build_method, trainable_parameters
-from finlora.models import BaseModel, load_base_model, pick_autocast_dtype, pick_device, set_threads
+from finlora.models import BaseModel, Placement, load_base_model
 from finlora.models.loading import sha256_file
 from finlora.plots import plot_loss_curve
 from finlora.prompts import PromptTemplate
@@ -63,9 +63,16 @@ class _Setup:
     codec: LabelCodec
     train: list[Feature]
     validation: list[Feature]
-    device: torch.device
-    dtype: torch.dtype | None
+    placement: Placement
     load_seconds: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return self.placement.dtype
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
@@ -77,16 +84,14 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
 
 
 def _setup(cfg: RunConfig, log: Log) -> _Setup:
-    set_threads(cfg.train.threads)
     # Record where the data came from ($FINLORA_FPB_DIR may differ when the run is evaluated).
     cfg.data.path = cfg.data.resolved_path()
     if cfg.data.path is None:
         cfg.data.format = "synthetic"
     data = prepare_data(cfg.data, cfg.seed)
-    device = pick_device(cfg.train.device)
-    dtype = pick_autocast_dtype(device, cfg.train.precision)
+    placement = Placement.from_config(cfg.train)
     start = time.perf_counter()
-    base = load_base_model(cfg.model.name, cfg.model.trust_remote_code)
+    base = load_base_model(cfg.model.name, cfg.model.trust_remote_code, placement.attention)
     codec = LabelCodec(
         base.tokenizer,
         PromptTemplate.load(cfg.data.template),
@@ -105,8 +110,7 @@ def _setup(cfg: RunConfig, log: Log) -> _Setup:
         codec,
         train=[codec.encode(e) for e in data.rows("train")],
         validation=[codec.encode(e) for e in data.rows("validation")],
-        device=device,
-        dtype=dtype,
+        placement=placement,
         load_seconds=time.perf_counter() - start,
     )
 
@@ -214,7 +218,7 @@ def train(
         _write_run_header(run, s)
 
     torch.manual_seed(cfg.seed)
-    model = build_method(s.base.model, cfg, s.base.kind).to(s.device)
+    model = s.placement.place(build_method(s.base.model, cfg, s.base.kind))
     trainable, total = trainable_parameters(model)
     log(
         f"model: {cfg.model.name} ({s.base.kind}), trainable {trainable:,} of {total:,} "
@@ -350,6 +354,7 @@ def _finish(
             "best_epoch": progress.best_epoch,
             "device": str(s.device),
             "precision": "bf16-autocast" if s.dtype else "fp32",
+            "attention": s.placement.attention,
             "versions": library_versions(),
             "git_commit": git_commit(),
             "timings": {

@@ -120,7 +120,8 @@ def test_label_loglik_fast_plain_and_manual_agree(
     manual = manual_loglik(model, codec, prompts)
     assert fast.shape == (len(TEXTS), 3)
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
-    torch.testing.assert_close(fast.double(), manual, atol=1e-5, rtol=0)
+    # Log-likelihoods of multi-token labels reach ~100: compare relative to fp32 precision.
+    torch.testing.assert_close(fast.double(), manual, atol=1e-5, rtol=1e-6)
     with model.disable_adapter():
         without = label_loglik(model, codec, prompts)
     assert (fast - without).abs().max() > 1e-2  # the perturbed adapter matters

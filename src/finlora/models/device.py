@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from finlora.config import TrainConfig
 from finlora.errors import FinloraError
 
 
@@ -55,3 +58,60 @@ def pick_autocast_dtype(device: torch.device, precision: str = "auto") -> torch.
 def set_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
+
+
+def pick_attention(device: torch.device, requested: str = "auto") -> str:
+    """Attention kernel: eager on the CPU (faster for short sequences), SDPA elsewhere."""
+    if requested != "auto":
+        return requested
+    return "eager" if device.type == "cpu" else "sdpa"
+
+
+def freeze_to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store frozen nn.Linear weights in `dtype`; returns how many were cast.
+
+    Meant for bf16 autocast, which would cast these weights at every use anyway: the matmuls
+    compute the same numbers, the casts disappear and the weights take half the memory.
+    Embeddings, norms and the (often tied) output head stay fp32.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            weight = module.weight
+            if not weight.requires_grad and weight.dtype != dtype:
+                weight.data = weight.data.to(dtype)
+                count += 1
+    return count
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a model runs: device, autocast dtype, attention kernel, weight storage."""
+
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype; None means plain fp32
+    attention: str
+    bf16_frozen_weights: bool = True
+
+    @classmethod
+    def from_config(cls, tc: TrainConfig) -> Placement:
+        """Resolve the "auto" settings of `tc` for this machine.
+
+        Raises FinloraError for a device or precision this machine lacks.
+        """
+        set_threads(tc.threads)
+        device = pick_device(tc.device)
+        return cls(
+            device,
+            pick_autocast_dtype(device, tc.precision),
+            pick_attention(device, tc.attention),
+            tc.bf16_frozen_weights,
+        )
+
+    def place(self, model: Any) -> Any:
+        """Move a (wrapped) model to the device; store frozen weights in bf16 where it pays."""
+        model = model.to(self.device)
+        if self.dtype == torch.bfloat16 and self.bf16_frozen_weights:
+            freeze_to_dtype(model, torch.bfloat16)
+        return model

@@ -158,8 +158,13 @@ def load_tokenizer(directory: Path, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_base_model(name: str, trust_remote_code: bool = False) -> BaseModel:
-    """Load base model and tokenizer, fp32, on the CPU. Raises FinloraError for a non-model."""
+def load_base_model(
+    name: str, trust_remote_code: bool = False, attention: str | None = None
+) -> BaseModel:
+    """Load base model and tokenizer, fp32, on the CPU. Raises FinloraError for a non-model.
+
+    `attention` picks the attention kernel ("eager", "sdpa"); None keeps the model's default.
+    """
     directory, shas = resolve(name)
     try:
         config = AutoConfig.from_pretrained(
@@ -175,6 +180,7 @@ def load_base_model(name: str, trust_remote_code: bool = False) -> BaseModel:
         local_files_only=True,
         use_safetensors=True,
         trust_remote_code=trust_remote_code,
+        **({"attn_implementation": attention} if attention else {}),
     )
     tokenizer = load_tokenizer(directory, trust_remote_code)
     return BaseModel(model, tokenizer, kind, name, directory, shas)

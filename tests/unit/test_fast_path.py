@@ -1,0 +1,79 @@
+"""Every speed switch leaves the numbers alone: the fast path (eager attention, logits at label
+positions only, bf16-stored frozen weights) against the plain path (SDPA, full logits, weights
+re-cast by autocast), on a tiny model, for the training loss and for the label scores."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finlora.config import RunConfig
+from finlora.data import FPB_LABELS, synthetic_sentiment
+from finlora.methods import build_method
+from finlora.models import Placement, freeze_to_dtype, load_base_model
+from finlora.prompts import PromptTemplate
+from finlora.scoring import autocast, label_loglik, loss_fn
+from finlora.tasks.classify import LabelCodec
+
+EXAMPLES = synthetic_sentiment(9, seed=5)
+CPU = torch.device("cpu")
+
+
+def _model(cfg: RunConfig, directory: Path, attention: str) -> tuple[Any, LabelCodec]:
+    base = load_base_model(str(directory), attention=attention)
+    torch.manual_seed(0)
+    model = build_method(base.model, cfg, base.kind)
+    with torch.no_grad():  # make the adapter matter
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(hash(name) % 1000))
+    codec = LabelCodec(
+        base.tokenizer, PromptTemplate.load("sentiment"), list(FPB_LABELS), base.kind, 128
+    )
+    return model, codec
+
+
+def _loss_and_scores(
+    model: Any, codec: LabelCodec, fast: bool, dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = codec.training_batch([codec.encode(e) for e in EXAMPLES])
+    prompts = [codec.encode_text(e.text) for e in EXAMPLES]
+    with torch.no_grad(), autocast(CPU, dtype):
+        return loss_fn(model, batch, codec.kind, fast), label_loglik(model, codec, prompts, fast)
+
+
+def test_fast_and_plain_paths_agree_in_fp32(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
+) -> None:
+    cfg = tiny_cfg()
+    fast_model, codec = _model(cfg, tiny_causal_dir, "eager")
+    plain_model, _ = _model(cfg, tiny_causal_dir, "sdpa")
+    fast_loss, fast_scores = _loss_and_scores(fast_model.eval(), codec, True, None)
+    plain_loss, plain_scores = _loss_and_scores(plain_model.eval(), codec, False, None)
+    torch.testing.assert_close(fast_loss, plain_loss, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(fast_scores, plain_scores, atol=1e-5, rtol=1e-6)
+
+
+def test_bf16_frozen_weights_compute_what_autocast_computes(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
+) -> None:
+    cfg = tiny_cfg()
+    recast, codec = _model(cfg, tiny_causal_dir, "eager")
+    stored, _ = _model(cfg, tiny_causal_dir, "eager")
+    assert freeze_to_dtype(stored, torch.bfloat16) > 0
+    # Trainable LoRA weights stay fp32, so the optimizer keeps full precision.
+    assert all(p.dtype == torch.float32 for p in stored.parameters() if p.requires_grad)
+    a = _loss_and_scores(recast.eval(), codec, True, torch.bfloat16)
+    b = _loss_and_scores(stored.eval(), codec, True, torch.bfloat16)
+    torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
+    torch.testing.assert_close(a[1], b[1], atol=0, rtol=0)
+
+
+def test_placement_resolves_auto_for_the_cpu(tiny_cfg: Callable[..., RunConfig]) -> None:
+    placement = Placement.from_config(tiny_cfg("train.attention=auto").train)
+    assert placement.device.type == "cpu"
+    assert placement.attention == "eager"
+    assert placement.dtype is None  # the tiny config asks for fp32
