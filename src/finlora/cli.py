@@ -335,7 +335,7 @@ def predict(
     "--max-steps",
     type=int,
     default=None,
-    help="Step budget (default: 40 on FPB, 2 epochs on the synthetic set).",
+    help="Step budget (default: 80 on FPB, 2 epochs on the synthetic set).",
 )
 def demo(output: Path, max_steps: int | None) -> None:
     """The main job on the embedded default model: train, evaluate, predict examples.

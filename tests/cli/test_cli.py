@@ -561,3 +561,26 @@ def test_predict_texts_and_file(cli: Callable[..., Result], trained: Path, csv_f
 
 def test_predict_empty_stdin(cli: Callable[..., Result], trained: Path) -> None:
     assert_user_error(cli("predict", trained, stdin="\n  \n"), "no input text")
+
+
+def test_bench_train_prints_json_on_the_last_line(
+    cli: Callable[..., Result], tiny_overrides: list[str]
+) -> None:
+    sets = [item for o in tiny_overrides for item in ("--set", o)]
+    result = cli("bench", "train", *sets, "-n", "8", "--rounds", "1", "--json")
+    assert result.code == 0, result.err
+    last = json.loads(result.out.strip().splitlines()[-1])
+    assert {"classic", "finlora", "ratio"} <= set(last)
+    assert last["finlora"]["real_tokens_per_s"] > 0
+    assert "ratio" in result.out.splitlines()[-3] or "ratio" in result.out
+
+
+def test_bench_infer_prints_json_on_the_last_line(
+    cli: Callable[..., Result], tiny_overrides: list[str]
+) -> None:
+    sets = [item for o in tiny_overrides for item in ("--set", o)]
+    result = cli("bench", "infer", *sets, "-n", "4", "--rounds", "1", "--json")
+    assert result.code == 0, result.err
+    last = json.loads(result.out.strip().splitlines()[-1])
+    assert last["classic"]["sentences_per_s"] > 0
+    assert last["finlora"]["sentences_per_s"] > 0

@@ -118,3 +118,18 @@ def test_run_resumes(real_home: None, fpb_sample: Path, tmp_path: Path) -> None:
         if json.loads(line)["kind"] == "step"
     ]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_demo_runs_end_to_end_on_the_synthetic_set(
+    real_home: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finlora.demo import run_demo
+
+    monkeypatch.delenv("FINLORA_FPB_DIR", raising=False)
+    lines: list[str] = []
+    metrics = run_demo(tmp_path / "demo", max_steps=3, echo=lines.append, log=lambda m: None)
+    text = "\n".join(lines)
+    assert "synthetic" in text.lower()
+    assert "predictions:" in text
+    assert 0 <= metrics["accuracy"] <= 1
+    assert (tmp_path / "demo" / "eval" / "test_confusion.png").is_file()
