@@ -419,7 +419,7 @@ def bench_infer(
 
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        cli.main(prog_name="finlora", standalone_mode=False)
     except FinloraError as exc:
         _echo_err(f"finlora: error: {exc}")
         sys.exit(2)
