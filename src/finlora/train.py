@@ -259,7 +259,7 @@ def train(
         dynamic_ncols=True,
     )
     start = time.perf_counter()
-    tokens_seen, recent = 0, deque(maxlen=10)
+    tokens_seen, recent = 0, deque[float](maxlen=10)
     done = progress.step >= total_steps
     while not done and progress.epoch < tc.epochs:
         batches = length_grouped_batches(

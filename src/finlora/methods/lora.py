@@ -22,7 +22,7 @@ def build(model: Any, cfg: RunConfig, kind: str) -> Any:
         lora_alpha=section.lora_alpha,
         lora_dropout=section.lora_dropout,
         target_modules=section.target_modules,
-        bias=section.bias,
+        bias=section.bias,  # type: ignore[arg-type]  # checked against LORA_BIASES
         init_lora_weights="gaussian",
     )
     return get_peft_model(model, peft_config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,12 @@ def pick_autocast_dtype(device: torch.device, precision: str = "auto") -> torch.
     """
     if precision == "fp32":
         return None
-    supported = {
-        "cuda": lambda: torch.cuda.is_bf16_supported(),
+    checks: dict[str, Callable[[], bool]] = {
+        "cuda": torch.cuda.is_bf16_supported,
         "cpu": cpu_has_bf16,
         "mps": lambda: False,
-    }[device.type]()
+    }
+    supported = checks[device.type]()
     if precision == "bf16" and not supported:
         raise FinloraError(f"train.precision: bf16 is not supported on {device.type} here")
     return torch.bfloat16 if supported else None
@@ -74,7 +76,8 @@ def freeze_to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> int:
     compute the same numbers, the casts disappear and the weights take half the memory.
     Embeddings, norms and the (often tied) output head stay fp32.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     count = 0
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not head:
