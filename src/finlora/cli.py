@@ -45,7 +45,8 @@ def _echo_err(message: str) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="finlora")
 def cli() -> None:
-    """finlora: fine-tune open language models on financial text, offline, with LoRA.
+    """finlora: fine-tune open language models on financial text, offline, with LoRA
+    and other parameter-efficient methods.
 
     \b
     Quick start:
@@ -115,7 +116,8 @@ def train(
     resume: bool,
     no_progress: bool,
 ) -> None:
-    """Fine-tune a model with LoRA as CONFIG says, into a run directory.
+    """Fine-tune a model as CONFIG says (method.name: lora, prefix, prompt, ptuning, ia3,
+    freeze or full), into a run directory.
 
     \b
     Example:
@@ -327,6 +329,83 @@ def predict(
             click.echo(f"{p.label:<10} [{probs}]  {p.text}")
 
 
+def _verify_n(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise FinloraError(f"--verify-n: expected a number or 'all' (got {value!r})") from None
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", required=True, help="hf, state_dict or gguf.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to create.")
+@click.option("--dtype", help="Weights precision: f32, f16 or bf16 (default f32; f16 for gguf).")
+@click.option("--quant", help="GGUF tensor type: q8_0, q5_1, q5_0, q4_1, q4_0 (or f32/f16/bf16).")
+@click.option(
+    "--verify-n",
+    default="32",
+    show_default=True,
+    help="Test sentences to verify on, or 'all' for the run's whole test split.",
+)
+@click.option("--tolerance", type=float, help="Largest accepted |logit difference|.")
+@click.option("--no-verify", is_flag=True, help="Skip the verification (not recommended).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def export(
+    run_dir: Path,
+    fmt: str,
+    out: Path,
+    dtype: str | None,
+    quant: str | None,
+    verify_n: str,
+    tolerance: float | None,
+    no_verify: bool,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
+    """Merge a run's adapter into its base model and export it, verified.
+
+    hf: a transformers checkpoint (loads without finlora or peft); state_dict: the merged
+    weights as one safetensors file; gguf: one file for llama.cpp. The written model's logits are
+    checked against the adapter model's, and a GGUF's label predictions in llama.cpp against
+    the Hugging Face model's (where llama-cpp-python is installed).
+
+    \b
+    Example:
+      finlora export runs/fpb --format hf --out exports/fpb-hf
+      finlora export runs/fpb --format gguf --quant q8_0 --out exports/fpb-gguf --verify-n all
+    """
+    from finlora.export import ExportOptions, export_run
+
+    options = ExportOptions(
+        fmt, out, dtype, quant, not no_verify, _verify_n(verify_n), overwrite, tolerance
+    )
+    result = export_run(run_dir, options, log=_echo_err)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    v = result.verification
+    click.echo(f"wrote {result.format} ({result.dtype}) to {result.out}: {', '.join(result.files)}")
+    if not result.verified:
+        click.echo("not verified (--no-verify)")
+        return
+    click.echo(
+        f"verified on {v.n} sentences: max |logit diff| {v.max_abs_logit_diff:.3g} "
+        f"(tolerance {v.tolerance:g}), labels agree {v.label_agreement:.1%}"
+    )
+    if v.gguf_checked:
+        click.echo(
+            f"llama.cpp: labels agree {v.gguf_agreement:.1%} of {v.gguf_n}, "
+            f"tokenization equal {v.gguf_tokens_equal:.1%}, "
+            f"max |label log-likelihood diff| {v.gguf_max_abs_loglik_diff}"
+        )
+    elif v.gguf_note:
+        click.echo(v.gguf_note)
+
+
 @cli.command()
 @click.option(
     "--output", "-o", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True
@@ -335,7 +414,7 @@ def predict(
     "--max-steps",
     type=int,
     default=None,
-    help="Step budget (default: 80 on FPB, 2 epochs on the synthetic set).",
+    help="Step budget (default: 50 on FPB, 2 epochs on the synthetic set).",
 )
 def demo(output: Path, max_steps: int | None) -> None:
     """The main job on the embedded default model: train, evaluate, predict examples.
@@ -345,6 +424,74 @@ def demo(output: Path, max_steps: int | None) -> None:
     from finlora.demo import run_demo
 
     run_demo(output, max_steps, echo=click.echo, log=_echo_err)
+
+
+DEFAULT_METHODS = "lora,prefix,prompt,ptuning,ia3,freeze,full"
+
+
+@cli.command()
+@click.argument("config", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--methods",
+    default=DEFAULT_METHODS,
+    show_default=True,
+    help="Comma-separated tuning methods to compare.",
+)
+@click.option("--seeds", default=1, show_default=True, help="Seeds per method (seed, seed+1, ...).")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config value for every method, e.g. --set train.max_steps=200.",
+)
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Directory to create.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as one JSON object.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
+def compare(
+    config: Path | None,
+    methods: str,
+    seeds: int,
+    overrides: tuple[str, ...],
+    output: Path | None,
+    overwrite: bool,
+    as_json: bool,
+    no_progress: bool,
+) -> None:
+    """Train and evaluate several tuning methods on the same data, split, seed and steps.
+
+    Writes compare.md, compare.json and compare.png (accuracy, macro-F1, trainable
+    parameters, adapter size, train time, peak memory) and keeps each method's run directory.
+
+    \b
+    Example:
+      finlora compare configs/fpb-smollm2-lora.yaml --methods lora,prompt,full \\
+          --set train.max_steps=200 --output runs/compare
+    """
+    import shlex
+
+    from finlora.compare import compare as run_compare
+    from finlora.compare import markdown_table, parse_methods
+
+    names = parse_methods(methods)
+    output = output or Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    table = run_compare(
+        config,
+        list(overrides),
+        names,
+        output,
+        seeds=seeds,
+        overwrite=overwrite,
+        command=shlex.join(["finlora", *sys.argv[1:]]),
+        progress_bar=not no_progress,
+        log=_echo_err,
+    )
+    if as_json:
+        click.echo(json.dumps(table))
+        return
+    click.echo(markdown_table(table), nl=False)
+    click.echo(f"tables and chart: {output}")
 
 
 @cli.group()

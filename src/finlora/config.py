@@ -1,6 +1,7 @@
 """Typed run configuration: YAML recipes, dotted `--set key=value` overrides, validation.
 
-One dataclass per concern (model, data, lora, train). Each validates itself where it is built,
+One dataclass per concern (model, data, method, train, and one section of options per tuning
+method: lora, prefix, prompt, ptuning, ia3, freeze, full). Each validates itself where it is built,
 and every error names the dotted key and what was allowed, e.g.
 `config: lora.r must be a positive integer (got 0)`.
 """
@@ -34,16 +35,30 @@ def _check_fraction(key: str, value: float, *, allow_zero: bool) -> None:
         _fail(key, f"must be a fraction with {bound} (got {value})")
 
 
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        _fail(key, f"must be one of {', '.join(allowed)} (got {value!r})")
+
+
+# causal: decoder-only LM; seq2seq: encoder-decoder LM (T5, mT0), the label text as decoder
+# target; encoder: an encoder with a classification head (BERT, MiniLM), one logit per label.
+MODEL_KINDS = ("auto", "causal", "seq2seq", "encoder")
+
+
 @dataclass
 class ModelConfig:
     # A registered name (`finlora models`), a local Hugging Face model directory, or a .gguf file.
     name: str = "smollm2-135m-instruct"
+    # "auto" reads it from the model's config.json (or the registry); set it where that guesses
+    # wrong, e.g. a bare encoder checkpoint whose architectures list names no head.
+    kind: str = "auto"
     # Loading code from a model directory runs arbitrary Python: off unless the user says so.
     trust_remote_code: bool = False
 
     def validate(self, prefix: str) -> None:
         if not self.name.strip():
             _fail(f"{prefix}.name", "must not be empty")
+        _check_choice(f"{prefix}.kind", self.kind, MODEL_KINDS)
 
 
 DATA_FORMATS = ("auto", "fpb", "csv", "tsv", "jsonl", "synthetic")
@@ -96,6 +111,21 @@ class DataConfig:
         return os.environ.get(FPB_ENV) or None
 
 
+def _check_learning_rate(key: str, value: float | None) -> None:
+    if value is not None and value <= 0:
+        _fail(key, f"must be positive or null (got {value})")
+
+
+def _check_virtual_tokens(key: str, value: int) -> None:
+    if value <= 0:
+        _fail(key, f"must be a positive integer (got {value})")
+
+
+# Every method section has `learning_rate`: null means train.learning_rate. The methods differ
+# by orders of magnitude in the rate they train well at (a handful of prompt vectors against
+# every weight of the model), so the non-LoRA sections carry the rate their papers and the
+# PEFT examples use; LoRA keeps train.learning_rate, which the FPB recipe is tuned for.
+
 LORA_BIASES = ("none", "all", "lora_only")
 
 
@@ -109,6 +139,7 @@ class LoraSection:
     # Module names, or "all-linear" for every linear layer but the output head.
     target_modules: list[str] | str = "all-linear"
     bias: str = "none"
+    learning_rate: float | None = None
 
     def validate(self, prefix: str) -> None:
         if self.r <= 0:
@@ -121,6 +152,147 @@ class LoraSection:
             _fail(f"{prefix}.bias", f"must be one of {', '.join(LORA_BIASES)} (got {self.bias!r})")
         if isinstance(self.target_modules, list) and not self.target_modules:
             _fail(f"{prefix}.target_modules", "must name at least one module or be 'all-linear'")
+        _check_learning_rate(f"{prefix}.learning_rate", self.learning_rate)
+
+
+@dataclass
+class PrefixSection:
+    """Prefix tuning (Li & Liang, 2021): trained key/value vectors before every layer."""
+
+    num_virtual_tokens: int = 20
+    # Reparameterise the prefix through a 2-layer MLP (the paper's trick for stable training).
+    prefix_projection: bool = False
+    encoder_hidden_size: int = 512  # the MLP's width, with prefix_projection only
+    learning_rate: float | None = 1e-2
+
+    def validate(self, prefix: str) -> None:
+        _check_virtual_tokens(f"{prefix}.num_virtual_tokens", self.num_virtual_tokens)
+        if self.encoder_hidden_size <= 0:
+            _fail(
+                f"{prefix}.encoder_hidden_size",
+                f"must be a positive integer (got {self.encoder_hidden_size})",
+            )
+        _check_learning_rate(f"{prefix}.learning_rate", self.learning_rate)
+
+
+PROMPT_INITS = ("text", "random")
+
+
+@dataclass
+class PromptSection:
+    """Prompt tuning (Lester et al., 2021): trained input embeddings before the prompt."""
+
+    num_virtual_tokens: int = 20
+    # "text" starts the virtual tokens at the embeddings of `init_text` (repeated to fill
+    # them), which trains far better on small models than random vectors.
+    init: str = "text"
+    init_text: str = (
+        "Classify the sentiment of this financial news as negative, neutral or positive:"
+    )
+    learning_rate: float | None = 3e-2
+
+    def validate(self, prefix: str) -> None:
+        _check_virtual_tokens(f"{prefix}.num_virtual_tokens", self.num_virtual_tokens)
+        _check_choice(f"{prefix}.init", self.init, PROMPT_INITS)
+        if self.init == "text" and not self.init_text.strip():
+            _fail(f"{prefix}.init_text", "must not be empty when prompt.init is text")
+        _check_learning_rate(f"{prefix}.learning_rate", self.learning_rate)
+
+
+PTUNING_ENCODERS = ("MLP", "LSTM")
+
+
+@dataclass
+class PTuningSection:
+    """P-tuning (Liu et al., 2021): virtual token embeddings produced by a small prompt encoder."""
+
+    num_virtual_tokens: int = 20
+    encoder_hidden_size: int = 128
+    encoder_reparameterization_type: str = "MLP"
+    learning_rate: float | None = 1e-3
+
+    def validate(self, prefix: str) -> None:
+        _check_virtual_tokens(f"{prefix}.num_virtual_tokens", self.num_virtual_tokens)
+        if self.encoder_hidden_size <= 0:
+            _fail(
+                f"{prefix}.encoder_hidden_size",
+                f"must be a positive integer (got {self.encoder_hidden_size})",
+            )
+        _check_choice(
+            f"{prefix}.encoder_reparameterization_type",
+            self.encoder_reparameterization_type,
+            PTUNING_ENCODERS,
+        )
+        _check_learning_rate(f"{prefix}.learning_rate", self.learning_rate)
+
+
+@dataclass
+class IA3Section:
+    """(IA)^3 (Liu et al., 2022): learned vectors that rescale keys, values and FFN activations."""
+
+    # null: PEFT's choice for the architecture (Llama: k_proj, v_proj, down_proj; T5: k, v, wo).
+    target_modules: list[str] | None = None
+    # The subset of target_modules that are feed-forward layers (scaled on their input).
+    feedforward_modules: list[str] | None = None
+    learning_rate: float | None = 3e-3
+
+    def validate(self, prefix: str) -> None:
+        if self.target_modules is not None and not self.target_modules:
+            _fail(f"{prefix}.target_modules", "must name at least one module or be null")
+        if self.feedforward_modules is not None:
+            if self.target_modules is None:
+                _fail(f"{prefix}.feedforward_modules", "needs ia3.target_modules set as well")
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                _fail(
+                    f"{prefix}.feedforward_modules",
+                    f"must be a subset of ia3.target_modules ({extra[0]!r} is not)",
+                )
+        _check_learning_rate(f"{prefix}.learning_rate", self.learning_rate)
+
+
+@dataclass
+class FreezeSection:
+    """Freeze tuning: train only the top `layers` transformer blocks (and what follows them)."""
+
+    layers: int = 2
+    learning_rate: float | None = 1e-4
+
+    def validate(self, prefix: str) -> None:
+        if self.layers <= 0:
+            _fail(f"{prefix}.layers", f"must be a positive integer (got {self.layers})")
+        _check_learning_rate(f"{prefix}.learning_rate", self.learning_rate)
+
+
+@dataclass
+class FullSection:
+    """Full fine-tuning: every weight trains."""
+
+    learning_rate: float | None = 5e-5
+
+    def validate(self, prefix: str) -> None:
+        _check_learning_rate(f"{prefix}.learning_rate", self.learning_rate)
+
+
+# Method name -> its section of options; the section has the method's name in the config.
+METHOD_SECTIONS: dict[str, type] = {
+    "lora": LoraSection,
+    "prefix": PrefixSection,
+    "prompt": PromptSection,
+    "ptuning": PTuningSection,
+    "ia3": IA3Section,
+    "freeze": FreezeSection,
+    "full": FullSection,
+}
+
+
+@dataclass
+class MethodConfig:
+    # The tuning method; its options are in the config section of the same name.
+    name: str = "lora"
+
+    def validate(self, prefix: str) -> None:
+        _check_choice(f"{prefix}.name", self.name, tuple(METHOD_SECTIONS))
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -151,6 +323,9 @@ class TrainConfig:
     # Under bf16 autocast, keep the frozen linear weights in bf16 instead of re-casting them at
     # every forward pass (autocast caches casts only for weights that require grad).
     bf16_frozen_weights: bool = True
+    # Padded tokens per forward/backward pass: a longer batch is split into micro-batches whose
+    # gradients add up to the whole batch's (same update), bounding peak activation memory.
+    max_batch_tokens: int | None = 1024
     threads: int | None = None
     checkpoint_every: int = 200
     log_every: int = 10
@@ -171,6 +346,11 @@ class TrainConfig:
         if self.max_steps is not None and self.max_steps <= 0:
             _fail(
                 f"{prefix}.max_steps", f"must be a positive integer or null (got {self.max_steps})"
+            )
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 16:
+            _fail(
+                f"{prefix}.max_batch_tokens",
+                f"must be at least 16 or null (got {self.max_batch_tokens})",
             )
         if self.threads is not None and self.threads <= 0:
             _fail(f"{prefix}.threads", f"must be a positive integer or null (got {self.threads})")
@@ -194,11 +374,34 @@ class RunConfig:
     seed: int = 42
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     lora: LoraSection = field(default_factory=LoraSection)
+    prefix: PrefixSection = field(default_factory=PrefixSection)
+    prompt: PromptSection = field(default_factory=PromptSection)
+    ptuning: PTuningSection = field(default_factory=PTuningSection)
+    ia3: IA3Section = field(default_factory=IA3Section)
+    freeze: FreezeSection = field(default_factory=FreezeSection)
+    full: FullSection = field(default_factory=FullSection)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    @property
+    def method_options(self) -> Any:
+        """The options section of the chosen method, e.g. `self.lora` for method lora."""
+        return getattr(self, self.method.name)
+
+    @property
+    def learning_rate(self) -> float:
+        """The chosen method's learning rate, else train.learning_rate."""
+        own = self.method_options.learning_rate
+        return float(own) if own is not None else self.train.learning_rate
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data; only the chosen method's section, so the result loads back as is."""
+        data = dataclasses.asdict(self)
+        for name in METHOD_SECTIONS:
+            if name != self.method.name:
+                del data[name]
+        return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -284,9 +487,36 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     return obj
 
 
+def _check_method_sections(data: dict[str, Any], chosen: str) -> None:
+    """Refuse options written for a method other than the chosen one: they would do nothing."""
+    for name in METHOD_SECTIONS:
+        options = data.get(name)
+        if name == chosen or not options:
+            continue
+        key = f"{name}.{next(iter(options))}" if isinstance(options, dict) else name
+        _fail(
+            key,
+            f"is an option of method {name}, but method.name is {chosen} "
+            f"(set method.name={name}, or drop the {name} section)",
+        )
+
+
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Build and validate a RunConfig; raises FinloraError naming the offending key."""
-    return typing.cast(RunConfig, _build(RunConfig, data, ""))
+    cfg = typing.cast(RunConfig, _build(RunConfig, data, ""))
+    _check_method_sections(data, cfg.method.name)
+    return cfg
+
+
+def select_method(data: dict[str, Any], name: str) -> dict[str, Any]:
+    """A copy of config data for method `name`: other methods' sections are dropped.
+
+    For `finlora compare`, which runs one recipe (often with a lora section) with every method.
+    """
+    result = {k: v for k, v in data.items() if k == name or k not in METHOD_SECTIONS}
+    method = result.get("method")
+    result["method"] = {**(method if isinstance(method, dict) else {}), "name": name}
+    return result
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -338,10 +568,20 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _switch_method(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`--set method.name=X` on a recipe written for another method: the recipe's options for
+    other methods no longer apply (options given with --set still must fit X)."""
+    for item in overrides:
+        parts, value = _parse_override(item)
+        if parts == ["method", "name"] and isinstance(value, str):
+            data = select_method(data, value)
+    return data
+
+
 def load_config(path: Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML recipe (or the defaults when `path` is None) and apply `--set` overrides."""
     data = read_yaml(path) if path is not None else {}
-    data = apply_overrides(data, overrides or [])
+    data = apply_overrides(_switch_method(data, overrides or []), overrides or [])
     try:
         return config_from_dict(data)
     except FinloraError as exc:

@@ -18,7 +18,7 @@ EXAMPLES = (
     "The annual general meeting will be held in Helsinki on 15 March.",
     "Shares fell 9 % after the group cut its full-year sales guidance.",
 )
-FPB_DEMO_STEPS = 80
+FPB_DEMO_STEPS = 50
 
 
 def run_demo(

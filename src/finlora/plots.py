@@ -270,3 +270,45 @@ def plot_reliability_diagram(
     hist.set_xlabel("confidence (probability of predicted label)")
     hist.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_method_comparison(
+    rows: Sequence[dict[str, Any]], path: Path, title: str = "Tuning methods"
+) -> Path:
+    """Bars of test accuracy and macro-F1 per tuning method, trainable share under each name.
+
+    `rows` are `finlora compare` table rows: `method`, `accuracy`, `macro_f1`,
+    `trainable_share`, and optionally `accuracy_std` / `macro_f1_std` (drawn as error bars).
+    Raises FinloraError when there is no row.
+    """
+    if not rows:
+        raise FinloraError("nothing to plot: no method in the comparison")
+    x = np.arange(len(rows))
+    width = 0.38
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.6))
+    for shift, key, color, name in (
+        (-width / 2, "accuracy", _STEP_COLOR, "accuracy"),
+        (width / 2, "macro_f1", _VAL_COLOR, "macro-F1"),
+    ):
+        values = [float(r[key]) for r in rows]
+        errors = [float(r.get(f"{key}_std") or 0.0) for r in rows]
+        bars = ax.bar(
+            x + shift,
+            values,
+            width,
+            yerr=errors if any(errors) else None,
+            capsize=3,
+            color=color,
+            label=name,
+        )
+        ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=7, padding=2)
+    ax.set_xticks(
+        x,
+        labels=[f"{r['method']}\n{100 * float(r['trainable_share']):.3g}% trained" for r in rows],
+    )
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("test score")
+    ax.set_title(f"{title}: accuracy and macro-F1 by tuning method")
+    ax.legend(loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)

@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import PeftModel
 
 from finlora.config import RunConfig, config_from_dict, read_yaml
 from finlora.errors import FinloraError
+from finlora.methods import load_adapter
 from finlora.models import Placement, load_base_model
 from finlora.models.loading import load_tokenizer
 from finlora.prompts import PromptTemplate
@@ -82,12 +82,17 @@ def load_run(run_dir: Path, zero_shot: bool = False) -> LoadedRun:
     cfg = config_from_dict(read_yaml(run.config))
     split = run.read_json(run.split)
     placement = Placement.from_config(cfg.train)
-    base = load_base_model(cfg.model.name, cfg.model.trust_remote_code, placement.attention)
+    base = load_base_model(
+        cfg.model.name,
+        cfg.model.trust_remote_code,
+        placement.attention,
+        kind=cfg.model.kind,
+        labels=split["labels"],
+    )
     tokenizer = load_tokenizer(run.tokenizer, cfg.model.trust_remote_code)
     model = base.model
     if not zero_shot:
-        # PEFT reads adapter_model.safetensors; the base weights come from our own loader.
-        model = PeftModel.from_pretrained(model, str(run.adapter), is_trainable=False)
+        model = load_adapter(model, cfg, base.kind, run.adapter)
     model = placement.place(model).eval()
     codec = LabelCodec(
         tokenizer,

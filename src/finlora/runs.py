@@ -1,7 +1,8 @@
 """The run directory: its layout, the manifest, and checks before anything is written.
 
 RUN_DIR/
-  adapter/            best adapter (safetensors + adapter_config.json)
+  adapter/            best adapter: PEFT's files, or the trained tensors (freeze/full), and
+                      finlora_method.json naming the method (safetensors and JSON only)
   tokenizer/          the tokenizer the run used
   config.yaml         resolved config
   split.json          labels, data files and the row indices of each split
@@ -63,7 +64,8 @@ class RunDir:
         """Raise unless this is a finished run directory."""
         if not self.root.is_dir():
             raise FinloraError(f"{self.root}: no such run directory")
-        if not (self.adapter / "adapter_config.json").is_file() or not self.split.is_file():
+        markers = ("adapter_config.json", "finlora_method.json")
+        if not any((self.adapter / m).is_file() for m in markers) or not self.split.is_file():
             raise FinloraError(f"{self.root}: not a finished finlora run (no adapter or split)")
 
     def append_metrics(self, row: dict[str, Any]) -> None:

@@ -1,9 +1,14 @@
-"""Label-token logits, the training loss, and label scores, for causal and seq2seq models.
+"""Label-token logits, the training loss, and label scores, for causal, seq2seq and encoder
+classifier models.
 
 The fast causal path runs the decoder stack once and applies the output head only at the label
 positions: the full (B, T, V) logits tensor of a 49k-token vocabulary costs more memory and
 time than the LoRA update itself. The plain path computes all logits and gathers; both give the
 same numbers, which the tests check.
+
+Prompt-learning methods (prefix, prompt, p-tuning) live in the PEFT wrapper's forward, which
+adds the virtual tokens; calling the decoder stack underneath would silently drop them, so those
+models always take the wrapper's forward.
 """
 
 from __future__ import annotations
@@ -46,7 +51,10 @@ def _causal_fast(model: Any, batch: Batch) -> torch.Tensor:
 
 def _causal_plain(model: Any, batch: Batch) -> torch.Tensor:
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return _gather_positions(logits, batch.positions)  # (B, L, V)
+    # Prompt and p-tuning prepend their virtual tokens to the sequence, so the logits have that
+    # many extra leading positions; prefix tuning passes them as past key values and adds none.
+    offset = logits.size(1) - batch.input_ids.size(1)
+    return _gather_positions(logits, batch.positions + offset)  # (B, L, V)
 
 
 def _seq2seq(model: Any, batch: Batch) -> torch.Tensor:
@@ -57,17 +65,32 @@ def _seq2seq(model: Any, batch: Batch) -> torch.Tensor:
     return out.logits  # (B, L, V)
 
 
+def _encoder(model: Any, batch: Batch) -> torch.Tensor:
+    # The classification head's K logits act as one "label position" over a K-word vocabulary.
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return logits.unsqueeze(1)  # (B, 1, K)
+
+
+def is_prompt_learning(model: Any) -> bool:
+    """True for a PEFT model whose method adds virtual tokens (prefix, prompt, p-tuning)."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
 LogitsFn = Callable[[Any, Batch], torch.Tensor]
 LOGITS: dict[tuple[str, bool], LogitsFn] = {
     ("causal", True): _causal_fast,
     ("causal", False): _causal_plain,
     ("seq2seq", True): _seq2seq,
     ("seq2seq", False): _seq2seq,
+    ("encoder", True): _encoder,
+    ("encoder", False): _encoder,
 }
 
 
 def label_logits(model: Any, batch: Batch, kind: str, fast: bool = True) -> torch.Tensor:
     """Logits at the positions that predict label tokens. (B, L, V)"""
+    fast = fast and not is_prompt_learning(model)
     return LOGITS[(kind, fast)](model, batch)
 
 

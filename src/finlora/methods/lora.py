@@ -5,24 +5,25 @@ A starts Gaussian and B at zero, so the adapted model begins exactly as the base
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, cast
 
-from peft import LoraConfig, TaskType, get_peft_model
+from peft import LoraConfig, get_peft_model
 
 from finlora.config import RunConfig
+from finlora.methods.peft_task import task_options
 
-TASK_TYPES = {"causal": TaskType.CAUSAL_LM, "seq2seq": TaskType.SEQ_2_SEQ_LM}
+KINDS = ("causal", "seq2seq", "encoder")
 
 
 def build(model: Any, cfg: RunConfig, kind: str) -> Any:
     section = cfg.lora
     peft_config = LoraConfig(
-        task_type=TASK_TYPES[kind],
         r=section.r,
         lora_alpha=section.lora_alpha,
         lora_dropout=section.lora_dropout,
         target_modules=section.target_modules,
-        bias=section.bias,  # type: ignore[arg-type]  # checked against LORA_BIASES
+        bias=cast(Literal["none", "all", "lora_only"], section.bias),  # checked by the config
         init_lora_weights="gaussian",
+        **task_options(model, kind),
     )
     return get_peft_model(model, peft_config)

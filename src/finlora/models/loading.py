@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
 )
@@ -30,7 +32,13 @@ from finlora.models.registry import EMBEDDED
 
 log = logging.getLogger(__name__)
 
-MODEL_CLASSES: dict[str, Any] = {"causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM}
+MODEL_CLASSES: dict[str, Any] = {
+    "causal": AutoModelForCausalLM,
+    "seq2seq": AutoModelForSeq2SeqLM,
+    "encoder": AutoModelForSequenceClassification,
+}
+# Architectures whose checkpoints are encoders that a classification head can sit on.
+_ENCODER_HEADS = ("ForSequenceClassification", "ForMaskedLM", "ForTokenClassification")
 
 
 @dataclass
@@ -39,7 +47,7 @@ class BaseModel:
 
     model: PreTrainedModel
     tokenizer: Any
-    kind: str  # "causal" | "seq2seq"
+    kind: str  # "causal" | "seq2seq" | "encoder"
     name: str  # as the user gave it
     checkpoint_dir: Path  # the Hugging Face directory it was loaded from (a cache dir for GGUF)
     weights_sha256: dict[str, str] = field(default_factory=dict)  # original weights file -> sha256
@@ -109,8 +117,11 @@ def _model_kind(config: Any, where: Path) -> str:
     architectures = getattr(config, "architectures", None) or []
     if any(a.endswith("ForCausalLM") for a in architectures) or not architectures:
         return "causal"
+    if any(a.endswith(_ENCODER_HEADS) for a in architectures):
+        return "encoder"
     raise FinloraError(
-        f"{where}: architecture {architectures[0]} is not a causal or seq2seq language model"
+        f"{where}: cannot tell what kind of model architecture {architectures[0]} is "
+        "(set model.kind to causal, seq2seq or encoder)"
     )
 
 
@@ -132,7 +143,10 @@ def resolve(name: str) -> tuple[Path, dict[str, str]]:
     Returns the directory and the sha256 of the original weights files.
     """
     if name in EMBEDDED:
-        gguf = EMBEDDED[name].locate()
+        located = EMBEDDED[name].locate()
+        if located.is_dir():
+            return located, {str(p): sha256_file(p) for p in sorted(located.glob("*.safetensors"))}
+        gguf = located
     else:
         path = Path(name).expanduser()
         if not path.exists():
@@ -158,12 +172,35 @@ def load_tokenizer(directory: Path, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
+def _head_options(kind: str, labels: Sequence[str] | None, name: str) -> dict[str, Any]:
+    """from_pretrained arguments for an encoder's classification head: one logit per label."""
+    if kind != "encoder":
+        return {}
+    if not labels:
+        raise FinloraError(f"model '{name}' is an encoder classifier: it needs the label set")
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {label: i for i, label in enumerate(labels)},
+        # A checkpoint fine-tuned on another label set gets a fresh head of the right size.
+        "ignore_mismatched_sizes": True,
+    }
+
+
 def load_base_model(
-    name: str, trust_remote_code: bool = False, attention: str | None = None
+    name: str,
+    trust_remote_code: bool = False,
+    attention: str | None = None,
+    *,
+    kind: str = "auto",
+    labels: Sequence[str] | None = None,
 ) -> BaseModel:
     """Load base model and tokenizer, fp32, on the CPU. Raises FinloraError for a non-model.
 
     `attention` picks the attention kernel ("eager", "sdpa"); None keeps the model's default.
+    `kind` ("auto" reads the model's config) picks causal, seq2seq or encoder; an encoder gets
+    a new classification head with one output per entry of `labels`, initialised from torch's
+    current random state (seed it first for a reproducible head).
     """
     directory, shas = resolve(name)
     try:
@@ -172,15 +209,22 @@ def load_base_model(
         )
     except (ValueError, OSError) as exc:
         raise FinloraError(f"{directory}: not a model transformers can read ({exc})") from None
-    kind = _model_kind(config, directory)
+    if kind == "auto":
+        kind = EMBEDDED[name].kind if name in EMBEDDED else _model_kind(config, directory)
     transformers.logging.set_verbosity_error()
-    model = MODEL_CLASSES[kind].from_pretrained(
-        directory,
-        dtype=torch.float32,
-        local_files_only=True,
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-        **({"attn_implementation": attention} if attention else {}),
-    )
+    try:
+        model = MODEL_CLASSES[kind].from_pretrained(
+            directory,
+            dtype=torch.float32,
+            local_files_only=True,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            **({"attn_implementation": attention} if attention else {}),
+            **_head_options(kind, labels, name),
+        )
+    except ValueError as exc:
+        # transformers says "Unrecognized configuration class ..." for a kind the model lacks.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FinloraError(f"{directory}: cannot load as a {kind} model ({reason})") from None
     tokenizer = load_tokenizer(directory, trust_remote_code)
     return BaseModel(model, tokenizer, kind, name, directory, shas)

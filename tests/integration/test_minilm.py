@@ -1,0 +1,80 @@
+"""Integration test on the real embedded all-MiniLM-L6-v2 encoder with a classification head:
+LoRA for a few steps on the synthetic set, then the reloaded run predicts exactly as before."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+import finlora.train as train_module
+from finlora.config import load_config
+from finlora.data import synthetic_sentiment
+from finlora.models.registry import EMBEDDED
+from finlora.predict import load_run
+from finlora.scoring import predict_proba
+
+pytestmark = pytest.mark.integration
+
+TEXTS = [e.text for e in synthetic_sentiment(8, seed=11)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def installed() -> None:
+    try:
+        EMBEDDED["all-minilm-l6-v2"].locate()
+    except Exception as exc:  # noqa: BLE001 - any reason to skip is shown
+        pytest.skip(str(exc))
+
+
+def test_minilm_lora_trains_and_reloads_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_config(
+        None,
+        [
+            "model.name=all-minilm-l6-v2",
+            "data.format=synthetic",
+            "data.synthetic_size=60",
+            "train.max_steps=4",
+            "train.log_every=1",
+            "train.batch_size=8",
+            "train.learning_rate=2e-3",
+            "train.precision=fp32",
+            "lora.r=8",
+            "lora.lora_alpha=16",
+        ],
+    )
+    seen: dict[str, np.ndarray] = {}
+    original = train_module._end_epoch
+
+    def end_epoch(model: Any, s: Any, run: Any, progress: Any, log: Any) -> dict[str, Any]:
+        row = original(model, s, run, progress, log)
+        seen["probs"] = predict_proba(model, s.codec, TEXTS, progress=False)
+        model.train()
+        return row
+
+    monkeypatch.setattr(train_module, "_end_epoch", end_epoch)
+    out = tmp_path / "minilm"
+    train_module.train(cfg, out, progress_bar=False, log=lambda m: None)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["base_model"]["kind"] == "encoder" and manifest["method"] == "lora"
+    losses = [
+        json.loads(line)["loss"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "step"
+    ]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    # The new classification head is saved beside the LoRA weights.
+    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any("classifier" in name for name in saved)
+    assert any("lora_A" in name for name in saved)
+
+    loaded = load_run(out)
+    np.testing.assert_allclose(loaded.proba(TEXTS, progress=False), seen["probs"], atol=1e-6)
+    assert {p.label for p in loaded.predict(TEXTS, progress=False)} <= set(loaded.labels)

@@ -1,0 +1,75 @@
+"""Every tuning method on the real embedded SmolLM2-135M: two steps on the synthetic set, then
+the reloaded run scores exactly as the in-memory model did when its adapter was saved."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import finlora.train as train_module
+from finlora.config import load_config
+from finlora.data import synthetic_sentiment
+from finlora.methods import METHODS
+from finlora.predict import load_run
+from finlora.scoring import predict_proba
+
+pytestmark = pytest.mark.integration
+
+TEXTS = [e.text for e in synthetic_sentiment(6, seed=13)]
+SMALL = {"prefix": ["prefix.num_virtual_tokens=8"], "prompt": ["prompt.num_virtual_tokens=8"]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def real_home() -> Iterator[None]:
+    """The persistent model cache (the GGUF is converted once per machine), and every core."""
+    home = os.environ.get("FINLORA_REAL_HOME") or str(Path.home() / ".cache" / "finlora")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FINLORA_HOME", home)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(threads)
+    mp.undo()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_on_smollm2_reloads_exactly(
+    method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_config(
+        None,
+        [
+            "data.format=synthetic",
+            "data.synthetic_size=60",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "train.log_every=1",
+            "train.precision=fp32",  # exact comparison on any CPU
+            f"method.name={method}",
+            *SMALL.get(method, []),
+        ],
+    )
+    seen: dict[str, np.ndarray] = {}
+    original = train_module._end_epoch
+
+    def end_epoch(model: Any, s: Any, run: Any, progress: Any, log: Any) -> dict[str, Any]:
+        row = original(model, s, run, progress, log)
+        seen["probs"] = predict_proba(model, s.codec, TEXTS, progress=False)
+        model.train()
+        return row
+
+    monkeypatch.setattr(train_module, "_end_epoch", end_epoch)
+    out = tmp_path / method
+    train_module.train(cfg, out, progress_bar=False, log=lambda m: None)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["kind"] == "step"]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    loaded = load_run(out)
+    np.testing.assert_allclose(loaded.proba(TEXTS, progress=False), seen["probs"], atol=1e-6)

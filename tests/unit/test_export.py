@@ -1,0 +1,219 @@
+"""Export on the tiny Llama: merged Hugging Face checkpoint, state dict and GGUF, each verified,
+and the refusals (empty adapter, a merge that changes nothing, unmergeable methods)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+from safetensors.torch import load_file, save_file
+
+from finlora.config import load_config
+from finlora.errors import FinloraError
+from finlora.export import ExportOptions, ExportResult, export_run
+from finlora.models.gguf_writer import permute_rotary
+from finlora.predict import load_run
+from finlora.train import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_overrides: list[str]) -> Path:
+    """One tiny LoRA run, trained hard enough (lr 0.01) that the adapter moves the logits."""
+    cfg = load_config(None, [*tiny_overrides, "train.max_steps=6", "train.learning_rate=0.01"])
+    output = tmp_path_factory.mktemp("export") / "run"
+    train(cfg, output, progress_bar=False, log=lambda _msg: None)
+    return output
+
+
+def export(run: Path, fmt: str, out: Path, **kwargs: object) -> ExportResult:
+    return export_run(run, ExportOptions(fmt, out, verify_n=None, **kwargs))  # type: ignore[arg-type]
+
+
+def copy_run(run: Path, where: Path) -> Path:
+    target = where / "run-copy"
+    shutil.copytree(run, target)
+    return target
+
+
+def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def rewrite_lora_b(run: Path, value: float) -> None:
+    tensors = {
+        k: torch.full_like(v, value) if "lora_B" in k else v
+        for k, v in adapter_tensors(run).items()
+    }
+    save_file(tensors, str(run / "adapter" / "adapter_model.safetensors"))
+
+
+def test_options_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(FinloraError, match="--dtype: 'f8' is not one of f32, f16, bf16"):
+        ExportOptions("hf", tmp_path, dtype="f8")
+    with pytest.raises(FinloraError, match="--quant applies to --format gguf only"):
+        ExportOptions("hf", tmp_path, quant="q8_0")
+    with pytest.raises(FinloraError, match="--quant: 'q2_k' is not one of"):
+        ExportOptions("gguf", tmp_path, quant="q2_k")
+    with pytest.raises(FinloraError, match="--format: 'onnx' is not one of hf, state_dict, gguf"):
+        ExportOptions("onnx", tmp_path)
+
+
+def test_hf_round_trip_with_plain_transformers(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "hf"
+    result = export(run_dir, "hf", out)
+    v = result.verification
+    assert result.verified and v.n == 12 and v.label_agreement == 1.0
+    assert v.max_abs_logit_diff is not None and v.max_abs_logit_diff < 1e-4
+    assert v.changed_tensors == 14  # 2 layers x 7 linear layers, all LoRA targets
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json",
+                 "README.md", "finlora_export.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert not (out / "adapter_config.json").exists()
+    assert "lora" not in json.dumps(json.loads((out / "config.json").read_text())).lower()
+
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    loaded = load_run(run_dir)  # the adapter model as finlora predicts with it
+    ids = torch.tensor([loaded.codec.encode_text("Net sales fell 12 % to EUR 3.1 mn .")])
+    with torch.no_grad():
+        expected = loaded.model(input_ids=ids).logits
+        torch.testing.assert_close(plain(input_ids=ids).logits, expected, atol=1e-4, rtol=0)
+    record = json.loads((out / "finlora_export.json").read_text())
+    assert record["labels"] == ["negative", "neutral", "positive"]
+    assert record["verification"]["max_abs_logit_diff"] == v.max_abs_logit_diff
+
+
+def test_hf_export_loads_without_finlora_or_peft(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "hf"
+    export(run_dir, "hf", out, dtype="bf16")
+    # A fresh interpreter that loads the export and then shows neither package was imported.
+    script = (
+        "import sys\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+        f"tok = AutoTokenizer.from_pretrained({str(out)!r})\n"
+        "logits = model(**tok('Sales rose', return_tensors='pt')).logits\n"
+        "imported = sorted({m.split('.')[0] for m in sys.modules} & {'peft', 'finlora'})\n"
+        "print(model.dtype, tuple(logits.shape[:1]), imported)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[0] == "torch.bfloat16 (1,) []"
+
+
+def test_state_dict_export(run_dir: Path, tmp_path: Path) -> None:
+    result = export(run_dir, "state_dict", tmp_path / "sd", dtype="f16")
+    assert result.files == ["finlora_export.json", "model.safetensors"]
+    assert result.verification.label_agreement == 1.0
+    weights = load_file(str(tmp_path / "sd" / "model.safetensors"))
+    assert all(t.dtype == torch.float16 for t in weights.values())
+    # The tiny model's head is untied, so it is stored; no LoRA names survive the merge.
+    assert "model.layers.0.self_attn.q_proj.weight" in weights and "lm_head.weight" in weights
+    assert not [k for k in weights if "lora" in k or "base_layer" in k]
+    assert result.verification.changed_tensors == 14
+
+
+def test_zero_adapter_is_refused(run_dir: Path, tmp_path: Path) -> None:
+    run = copy_run(run_dir, tmp_path)
+    rewrite_lora_b(run, 0.0)
+    out = tmp_path / "out"
+    with pytest.raises(FinloraError, match=r"all 14 adapter tensors .* are zero"):
+        export(run, "hf", out)
+    assert not out.exists()
+
+
+def test_no_op_merge_is_refused(run_dir: Path, tmp_path: Path) -> None:
+    run = copy_run(run_dir, tmp_path)
+    # A non-zero update far below fp32 resolution: B·A adds nothing to W0.
+    rewrite_lora_b(run, 1e-30)
+    out = tmp_path / "out"
+    with pytest.raises(FinloraError, match="the merge left every weight equal to the base"):
+        export(run, "hf", out)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize(
+    ("peft_type", "name"),
+    [("PREFIX_TUNING", "prefix tuning"), ("PROMPT_TUNING", "prompt tuning"),
+     ("P_TUNING", "P-tuning")],
+)  # fmt: skip
+def test_unmergeable_methods_are_refused(
+    run_dir: Path, tmp_path: Path, peft_type: str, name: str
+) -> None:
+    run = copy_run(run_dir, tmp_path)
+    config_path = run / "adapter" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"peft_type": peft_type}))
+    with pytest.raises(FinloraError, match=f"{name} cannot be merged into the model's weights"):
+        export(run, "gguf", tmp_path / "out")
+
+
+def test_existing_out_needs_overwrite(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FinloraError, match="output directory exists and is not empty"):
+        export(run_dir, "state_dict", out)
+    assert (out / "keep.txt").read_text() == "mine"
+    export(run_dir, "state_dict", out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["finlora_export.json", "model.safetensors"]
+
+
+def test_permute_rotary_pairs_halves() -> None:
+    # One head of dim 4: HF rows (x0, x1 | y0, y1) rotate x_i with y_i; llama.cpp wants pairs.
+    rows = torch.arange(8.0).view(8, 1)  # 2 heads
+    assert permute_rotary(rows, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def gguf_fields(path: Path) -> dict[str, object]:
+    reader = GGUFReader(path)
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+@pytest.mark.parametrize(("quant", "max_diff"), [("f16", 0.02), ("q8_0", 0.1)])
+def test_gguf_agrees_in_llama_cpp(
+    run_dir: Path, tmp_path: Path, quant: str, max_diff: float
+) -> None:
+    result = export(run_dir, "gguf", tmp_path / "gguf", quant=quant)
+    v = result.verification
+    # CI installs the llama extra (`make test`), so llama.cpp really runs here.
+    assert v.gguf_checked, v.gguf_note
+    assert v.gguf_n == 12 and v.gguf_tokens_equal == 1.0
+    # Label log-likelihoods, not just labels: a near-tie on a tiny model may flip a label.
+    assert v.gguf_max_abs_loglik_diff is not None and v.gguf_max_abs_loglik_diff < max_diff
+    assert v.gguf_agreement is not None and v.gguf_agreement >= 11 / 12
+    (name,) = [f for f in result.files if f.endswith(".gguf")]
+    fields = gguf_fields(tmp_path / "gguf" / name)
+    assert fields["general.architecture"] == "llama"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert fields["llama.block_count"] == 2 and fields["llama.attention.head_count_kv"] == 2
+    reader = GGUFReader(tmp_path / "gguf" / name)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == quant.upper()
+    assert types["blk.0.attn_norm.weight"] == "F32"
+    assert "output.weight" in types  # the tiny model's head is not tied
+
+
+def test_gguf_reads_back_into_transformers(run_dir: Path, tmp_path: Path) -> None:
+    """Tensor names and the Q/K row order, checked by transformers' own GGUF reader."""
+    from transformers import AutoModelForCausalLM
+
+    result = export(run_dir, "gguf", tmp_path / "gguf", dtype="f32")
+    (name,) = [f for f in result.files if f.endswith(".gguf")]
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file=name).eval()
+    loaded = load_run(run_dir)
+    ids = torch.tensor([loaded.codec.encode_text("Operating profit rose to EUR 13.1 mn .")])
+    with torch.no_grad():
+        diff = (back(input_ids=ids).logits - loaded.model(input_ids=ids).logits).abs().max()
+    assert float(diff) < 1e-4
+    assert np.isfinite(float(diff))
