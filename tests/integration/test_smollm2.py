@@ -24,20 +24,6 @@ FPB_DIR = os.environ.get("FINLORA_FPB_DIR")
 
 
 @pytest.fixture(scope="module")
-def real_home(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Use the persistent model cache: converting the GGUF once per machine is enough."""
-    home = os.environ.get("FINLORA_REAL_HOME") or str(Path.home() / ".cache" / "finlora")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FINLORA_HOME", home)
-    # The unit tests pin one thread for tiny models; the real model wants every core.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    yield
-    torch.set_num_threads(threads)
-    mp.undo()
-
-
-@pytest.fixture(scope="module")
 def fpb_sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """48 AllAgree sentences, 16 per label, as an FPB-format file (read from the shared data)."""
     if not FPB_DIR:

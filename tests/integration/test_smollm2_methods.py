@@ -4,14 +4,11 @@ the reloaded run scores exactly as the in-memory model did when its adapter was 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 import finlora.train as train_module
 from finlora.config import load_config
@@ -20,23 +17,10 @@ from finlora.methods import METHODS
 from finlora.predict import load_run
 from finlora.scoring import predict_proba
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("real_home")]
 
 TEXTS = [e.text for e in synthetic_sentiment(6, seed=13)]
 SMALL = {"prefix": ["prefix.num_virtual_tokens=8"], "prompt": ["prompt.num_virtual_tokens=8"]}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def real_home() -> Iterator[None]:
-    """The persistent model cache (the GGUF is converted once per machine), and every core."""
-    home = os.environ.get("FINLORA_REAL_HOME") or str(Path.home() / ".cache" / "finlora")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FINLORA_HOME", home)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    yield
-    torch.set_num_threads(threads)
-    mp.undo()
 
 
 @pytest.mark.parametrize("method", list(METHODS))
