@@ -31,6 +31,8 @@ from finlora import atomic
 from finlora.config import RunConfig, config_from_dict, read_yaml
 from finlora.data.prepare import prepare_data
 from finlora.errors import FinloraError
+from finlora.methods import load_adapter
+from finlora.methods.storage import TENSORS_FILE
 from finlora.models import llama_cpp as llama_cpp_check
 from finlora.models import load_base_model
 from finlora.models.gguf_writer import TENSOR_TYPES, write_llama_gguf
@@ -166,20 +168,24 @@ class _Context:
     codec: LabelCodec
     base_name: str
     gguf_sources: list[str]
+    # Freeze / full runs: the base weights as loaded, before the tuned ones replaced them.
+    base_state: dict[str, torch.Tensor] | None = None
 
 
 # ---- checks before any work ---------------------------------------------------------------------
 
 
+# Methods that store the tuned weights themselves: "merging" is loading them into the base.
+WEIGHT_METHODS = {"freeze": "FREEZE", "full": "FULL"}
+
+
 def _peft_type(run: RunDir) -> str:
     path = run.adapter / "adapter_config.json"
     if not path.is_file():
-        # Freeze and full tuning store the changed weights themselves, not a PEFT adapter.
         method = run.read_json(run.adapter / "finlora_method.json").get("method", "?")
-        raise FinloraError(
-            f"{run.root}: export covers PEFT adapters (LoRA, IA3, ...); this is a {method} run, "
-            "whose tuned weights are usable with `finlora predict` and `finlora eval`"
-        )
+        if method not in WEIGHT_METHODS:
+            raise FinloraError(f"{run.root}: method {method!r} has no adapter finlora can export")
+        return WEIGHT_METHODS[method]
     return str(run.read_json(path).get("peft_type", "LORA")).upper()
 
 
@@ -199,7 +205,9 @@ def check_adapter_not_empty(run: RunDir) -> None:
     """Refuse an adapter whose update is all zeros (untrained, or saved empty)."""
     path = run.adapter / "adapter_model.safetensors"
     if not path.is_file():
-        raise FinloraError(f"{path}: missing (the run's adapter weights)")
+        path = run.adapter / TENSORS_FILE  # freeze / full: the tuned weights themselves
+    if not path.is_file():
+        raise FinloraError(f"{run.adapter}: no adapter weights (adapter_model.safetensors)")
     with safe_open(str(path), framework="pt") as fh:
         names = list(fh.keys())
         # LoRA starts B at zero, so a zero B means no update whatever A holds.
@@ -239,7 +247,13 @@ def _load(run: RunDir, method: str) -> _Context:
     if base.kind not in ("causal", "seq2seq"):
         raise FinloraError(f"{run.root}: export covers causal and seq2seq language-model runs")
     tokenizer = load_tokenizer(run.tokenizer, cfg.model.trust_remote_code)
-    model = PeftModel.from_pretrained(base.model, str(run.adapter), is_trainable=False).eval()
+    base_state = None
+    if method in WEIGHT_METHODS.values():
+        base_state = {k: v.detach().clone() for k, v in base.model.state_dict().items()}
+        model = load_adapter(base.model, cfg, base.kind, run.adapter).eval()
+        model.requires_grad_(False)
+    else:
+        model = PeftModel.from_pretrained(base.model, str(run.adapter), is_trainable=False).eval()
     codec = LabelCodec(
         tokenizer,
         PromptTemplate.load(cfg.data.template),
@@ -248,7 +262,9 @@ def _load(run: RunDir, method: str) -> _Context:
         cfg.data.max_length,
     )
     sources = [p for p in base.weights_sha256 if p.lower().endswith(".gguf")]
-    return _Context(run, cfg, method, base.kind, model, tokenizer, codec, cfg.model.name, sources)
+    return _Context(
+        run, cfg, method, base.kind, model, tokenizer, codec, cfg.model.name, sources, base_state
+    )
 
 
 @dataclass
@@ -320,8 +336,14 @@ def _compare(reference: _Scores, candidate: _Scores) -> tuple[float, float]:
 def _merge(ctx: _Context, dtype: str) -> tuple[Any, int, int]:
     """Merge in place; returns the plain model and (changed, total) tensor counts at `dtype`."""
     target = DTYPES[dtype]
-    base_state = {k: v.detach().to(target, copy=True) for k, v in _base_state(ctx.model).items()}
-    merged = ctx.model.merge_and_unload()
+    if ctx.base_state is not None:  # freeze / full: the model already holds the tuned weights
+        base_state = {k: v.to(target) for k, v in ctx.base_state.items()}
+        merged = ctx.model
+    else:
+        base_state = {
+            k: v.detach().to(target, copy=True) for k, v in _base_state(ctx.model).items()
+        }
+        merged = ctx.model.merge_and_unload()
     state = merged.state_dict()
     changed = sum(
         not torch.equal(state[k].to(target), base_state[k]) for k in state if k in base_state

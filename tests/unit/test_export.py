@@ -217,3 +217,35 @@ def test_gguf_reads_back_into_transformers(run_dir: Path, tmp_path: Path) -> Non
         diff = (back(input_ids=ids).logits - loaded.model(input_ids=ids).logits).abs().max()
     assert float(diff) < 1e-4
     assert np.isfinite(float(diff))
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("ia3", ["ia3.learning_rate=0.05"]),
+        ("freeze", ["freeze.layers=1", "freeze.learning_rate=0.01"]),
+        ("full", ["full.learning_rate=0.01"]),
+    ],
+)
+def test_mergeable_methods_export_and_reload_exactly(
+    tiny_overrides: list[str], tmp_path: Path, method: str, extra: list[str]
+) -> None:
+    shared = [o for o in tiny_overrides if not o.startswith("lora.")]
+    cfg = load_config(None, [*shared, f"method.name={method}", *extra])
+    run = tmp_path / method
+    train(cfg, run, progress_bar=False, log=lambda _msg: None)
+    result = export(run, "hf", tmp_path / "hf")
+    v = result.verification
+    assert result.verified and v.label_agreement == 1.0
+    assert v.max_abs_logit_diff is not None and v.max_abs_logit_diff < 1e-4
+    assert v.changed_tensors is not None and v.changed_tensors > 0
+    # The export predicts as the run does when scored by finlora itself.
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_run(run)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    texts = ["Net sales fell 30 %.", "The company opened an office."]
+    from finlora.scoring import predict_proba
+
+    ours = predict_proba(exported, loaded.codec, texts, progress=False, fast=False)
+    np.testing.assert_allclose(ours, loaded.proba(texts, progress=False), atol=1e-5)
