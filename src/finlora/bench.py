@@ -24,7 +24,6 @@ from finlora.data.prepare import prepare_data
 from finlora.memory import PeakMemory
 from finlora.methods import build_method
 from finlora.models import Placement, load_base_model
-from finlora.prompts import PromptTemplate
 from finlora.scoring import predict_proba
 from finlora.tasks.classify import IGNORE, LabelCodec, length_grouped_batches
 from finlora.train import accumulate_batch
@@ -103,13 +102,7 @@ def setup(config: Path | None, overrides: list[str], n: int) -> BenchSetup:
     classic_cfg = copy.deepcopy(cfg)
     classic_cfg.lora.lora_dropout = CLASSIC_LORA_DROPOUT
     _, classic = _model(classic_cfg, "sdpa")
-    codec = LabelCodec(
-        base.tokenizer,
-        PromptTemplate.load(cfg.data.template),
-        data.labels,
-        base.kind,
-        cfg.data.max_length,
-    )
+    codec = LabelCodec.for_data(base.tokenizer, cfg.data, data.labels, base.kind)
     return BenchSetup(
         cfg,
         classic.to(placement.device),

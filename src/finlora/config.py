@@ -116,7 +116,7 @@ def _check_learning_rate(key: str, value: float | None) -> None:
         _fail(key, f"must be positive or null (got {value})")
 
 
-def _check_virtual_tokens(key: str, value: int) -> None:
+def _check_positive(key: str, value: int) -> None:
     if value <= 0:
         _fail(key, f"must be a positive integer (got {value})")
 
@@ -166,12 +166,8 @@ class PrefixSection:
     learning_rate: float | None = 1e-2
 
     def validate(self, prefix: str) -> None:
-        _check_virtual_tokens(f"{prefix}.num_virtual_tokens", self.num_virtual_tokens)
-        if self.encoder_hidden_size <= 0:
-            _fail(
-                f"{prefix}.encoder_hidden_size",
-                f"must be a positive integer (got {self.encoder_hidden_size})",
-            )
+        _check_positive(f"{prefix}.num_virtual_tokens", self.num_virtual_tokens)
+        _check_positive(f"{prefix}.encoder_hidden_size", self.encoder_hidden_size)
         _check_learning_rate(f"{prefix}.learning_rate", self.learning_rate)
 
 
@@ -192,7 +188,7 @@ class PromptSection:
     learning_rate: float | None = 3e-2
 
     def validate(self, prefix: str) -> None:
-        _check_virtual_tokens(f"{prefix}.num_virtual_tokens", self.num_virtual_tokens)
+        _check_positive(f"{prefix}.num_virtual_tokens", self.num_virtual_tokens)
         _check_choice(f"{prefix}.init", self.init, PROMPT_INITS)
         if self.init == "text" and not self.init_text.strip():
             _fail(f"{prefix}.init_text", "must not be empty when prompt.init is text")
@@ -212,12 +208,8 @@ class PTuningSection:
     learning_rate: float | None = 1e-3
 
     def validate(self, prefix: str) -> None:
-        _check_virtual_tokens(f"{prefix}.num_virtual_tokens", self.num_virtual_tokens)
-        if self.encoder_hidden_size <= 0:
-            _fail(
-                f"{prefix}.encoder_hidden_size",
-                f"must be a positive integer (got {self.encoder_hidden_size})",
-            )
+        _check_positive(f"{prefix}.num_virtual_tokens", self.num_virtual_tokens)
+        _check_positive(f"{prefix}.encoder_hidden_size", self.encoder_hidden_size)
         _check_choice(
             f"{prefix}.encoder_reparameterization_type",
             self.encoder_reparameterization_type,

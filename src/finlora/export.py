@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -37,7 +36,6 @@ from finlora.models import llama_cpp as llama_cpp_check
 from finlora.models import load_base_model
 from finlora.models.gguf_writer import TENSOR_TYPES, write_llama_gguf
 from finlora.models.loading import MODEL_CLASSES, load_tokenizer, sha256_file
-from finlora.prompts import PromptTemplate
 from finlora.runs import RunDir
 from finlora.scoring import label_logits, sequence_logprob
 from finlora.tasks.classify import IGNORE, LabelCodec, sorted_batches
@@ -249,18 +247,11 @@ def _load(run: RunDir, method: str) -> _Context:
     tokenizer = load_tokenizer(run.tokenizer, cfg.model.trust_remote_code)
     base_state = None
     if method in WEIGHT_METHODS.values():
+        # Loading freeze / full weights overwrites the base in place: keep a copy to compare.
         base_state = {k: v.detach().clone() for k, v in base.model.state_dict().items()}
-        model = load_adapter(base.model, cfg, base.kind, run.adapter).eval()
-        model.requires_grad_(False)
-    else:
-        model = PeftModel.from_pretrained(base.model, str(run.adapter), is_trainable=False).eval()
-    codec = LabelCodec(
-        tokenizer,
-        PromptTemplate.load(cfg.data.template),
-        split["labels"],
-        base.kind,
-        cfg.data.max_length,
-    )
+    model = load_adapter(base.model, cfg, base.kind, run.adapter).eval()
+    model.requires_grad_(False)
+    codec = LabelCodec.for_data(tokenizer, cfg.data, split["labels"], base.kind)
     sources = [p for p in base.weights_sha256 if p.lower().endswith(".gguf")]
     return _Context(
         run, cfg, method, base.kind, model, tokenizer, codec, cfg.model.name, sources, base_state

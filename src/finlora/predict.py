@@ -15,7 +15,6 @@ from finlora.errors import FinloraError
 from finlora.methods import load_adapter
 from finlora.models import Placement, load_base_model
 from finlora.models.loading import load_tokenizer
-from finlora.prompts import PromptTemplate
 from finlora.runs import RunDir
 from finlora.scoring import predict_proba
 from finlora.tasks.classify import LabelCodec
@@ -94,11 +93,5 @@ def load_run(run_dir: Path, zero_shot: bool = False) -> LoadedRun:
     if not zero_shot:
         model = load_adapter(model, cfg, base.kind, run.adapter)
     model = placement.place(model).eval()
-    codec = LabelCodec(
-        tokenizer,
-        PromptTemplate.load(cfg.data.template),
-        split["labels"],
-        base.kind,
-        cfg.data.max_length,
-    )
+    codec = LabelCodec.for_data(tokenizer, cfg.data, split["labels"], base.kind)
     return LoadedRun(run, cfg, split, model, codec, placement.device, placement.dtype, zero_shot)

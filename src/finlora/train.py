@@ -35,7 +35,6 @@ from finlora.methods import build_method, save_adapter, trainable_parameters
 from finlora.models import BaseModel, Placement, load_base_model
 from finlora.models.loading import sha256_file
 from finlora.plots import plot_loss_curve
-from finlora.prompts import PromptTemplate
 from finlora.runs import RunDir, git_commit, library_versions
 from finlora.scoring import autocast, label_loglik, loss_fn
 from finlora.tasks.classify import (
@@ -116,13 +115,7 @@ def _setup(cfg: RunConfig, log: Log) -> _Setup:
     # Built here, before the run directory exists: a method that cannot serve this kind of
     # model is a user mistake like any other.
     model = build_method(base.model, cfg, base.kind)
-    codec = LabelCodec(
-        base.tokenizer,
-        PromptTemplate.load(cfg.data.template),
-        data.labels,
-        base.kind,
-        cfg.data.max_length,
-    )
+    codec = LabelCodec.for_data(base.tokenizer, cfg.data, data.labels, base.kind)
     sizes = {name: len(getattr(data.split, name)) for name in ("train", "validation", "test")}
     log(f"data: {data.description} -> {sizes}")
     if data.duplicates:

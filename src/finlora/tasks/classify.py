@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from finlora.config import DataConfig
 from finlora.data import Example
 from finlora.errors import FinloraError
 from finlora.prompts import PromptTemplate
@@ -93,6 +94,13 @@ class LabelCodec:
         if budget < 4:
             raise FinloraError(f"data.max_length={max_length} leaves no room for the text")
         self._text_budget = budget
+
+    @classmethod
+    def for_data(
+        cls, tokenizer: Any, data: DataConfig, labels: Sequence[str], kind: str
+    ) -> LabelCodec:
+        """The codec a run's data section describes: its template and max length."""
+        return cls(tokenizer, PromptTemplate.load(data.template), labels, kind, data.max_length)
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
