@@ -5,6 +5,7 @@ A user mistake (FinloraError) becomes one line on stderr and exit status 2, neve
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -188,6 +189,12 @@ def _loader_options(
     "--label-map", help='Raw label -> label name, e.g. "0=negative,1=neutral,2=positive".'
 )
 @click.option("--zero-shot", is_flag=True, help="Evaluate the base model without the adapter.")
+@click.option(
+    "--max-new-tokens",
+    default=128,
+    show_default=True,
+    help="Longest generated answer (instruct runs).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
 @click.option("--no-progress", is_flag=True)
 def eval_(
@@ -199,10 +206,12 @@ def eval_(
     label_column: str,
     label_map: str | None,
     zero_shot: bool,
+    max_new_tokens: int,
     as_json: bool,
     no_progress: bool,
 ) -> None:
-    """Measure a run: accuracy, macro/weighted F1, per-class scores, confusion matrix, ECE.
+    """Measure a run: accuracy, macro/weighted F1, per-class scores, confusion matrix, ECE;
+    for an instruct run, perplexity, BLEU, ROUGE-1/2/L and label answers.
 
     \b
     Example:
@@ -210,19 +219,24 @@ def eval_(
       finlora eval runs/fpb --zero-shot           # the base model, for comparison
       finlora eval runs/fpb --data news.csv --text-column headline --label-column y \\
           --label-map "0=negative,1=neutral,2=positive"
+      finlora eval runs/fin-instruct --json       # perplexity, bleu, rouge1/2/L, n
     """
     from finlora.evaluate import evaluate_run
+    from finlora.instruct_eval import format_instruct_report
     from finlora.metrics import format_classification_report
 
     options = _loader_options(fmt, agreement, text_column, label_column, label_map)
-    metrics = evaluate_run(run_dir, data_path, options, zero_shot, progress=not no_progress)
+    metrics = evaluate_run(run_dir, data_path, options, zero_shot, not no_progress, max_new_tokens)
     if as_json:
         click.echo(json.dumps(metrics))
         return
     title = f"{'zero-shot base model' if zero_shot else run_dir.name} on {metrics['data']}"
     if metrics.get("synthetic"):
         title += " (SYNTHETIC data)"
-    click.echo(format_classification_report(metrics, title))
+    if metrics.get("task") == "instruct":
+        click.echo(format_instruct_report(metrics, title))
+    else:
+        click.echo(format_classification_report(metrics, title))
     click.echo(f"reports: {Path(metrics['report_files']['json']).parent}")
 
 
@@ -492,6 +506,139 @@ def compare(
         return
     click.echo(markdown_table(table), nl=False)
     click.echo(f"tables and chart: {output}")
+
+
+def _generation_options(fn: Any) -> Any:
+    options = [
+        click.option(
+            "--max-new-tokens", default=256, show_default=True, help="Longest answer in tokens."
+        ),
+        click.option(
+            "--temperature",
+            default=0.0,
+            show_default=True,
+            help="0 decodes greedily; above 0 samples.",
+        ),
+        click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass."),
+        click.option("--top-k", default=0, show_default=True, help="Sample the k best (0: all)."),
+        click.option("--seed", type=int, help="Seed for sampling, for repeatable answers."),
+        click.option("--system", help="A system message (chat template runs)."),
+        click.option("--zero-shot", is_flag=True, help="Use the base model without the adapter."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _load_instruct_run(run_dir: Path, zero_shot: bool) -> Any:
+    from finlora.predict import load_run
+
+    loaded = load_run(run_dir, zero_shot)
+    loaded.require_task("instruct", "finlora predict")
+    return loaded
+
+
+def _stdout_stream(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--instruction", required=True, help="What to do.")
+@click.option("--input", "input_text", default="", help="The text or figures to work on.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
+@_generation_options
+def generate(
+    run_dir: Path,
+    instruction: str,
+    input_text: str,
+    as_json: bool,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    system: str | None,
+    zero_shot: bool,
+) -> None:
+    """Answer one instruction with an instruct run, streaming the answer as it is generated.
+
+    \b
+    Example:
+      finlora generate runs/fin-instruct --instruction "What is EBITDA?"
+      finlora generate runs/fin-instruct --instruction "Compute the P/E ratio." \\
+          --input "Share price EUR 42.00, EPS EUR 3.50."
+    """
+    from finlora.chat import answer, instruction_prompt
+    from finlora.generate import GenerationOptions
+
+    if not instruction.strip():
+        raise FinloraError("--instruction is empty")
+    options = GenerationOptions(max_new_tokens, temperature, top_p, top_k, seed)
+    loaded = _load_instruct_run(run_dir, zero_shot)
+    prompt = instruction_prompt(loaded, instruction, input_text, system)
+    if as_json:
+        text = answer(loaded, prompt, options, lambda _: None)
+        click.echo(json.dumps({"instruction": instruction, "input": input_text, "answer": text}))
+        return
+    answer(loaded, prompt, options, _stdout_stream)
+    click.echo()
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@_generation_options
+def chat(
+    run_dir: Path,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    system: str | None,
+    zero_shot: bool,
+) -> None:
+    """Chat with an instruct run in the terminal; answers stream as they are generated.
+
+    \b
+    Example:
+      finlora chat runs/fin-instruct
+      finlora chat runs/fin-instruct --temperature 0.7 --top-p 0.9
+    """
+    from finlora.chat import ChatSession, chat_loop, describe
+    from finlora.generate import GenerationOptions
+
+    options = GenerationOptions(max_new_tokens, temperature, top_p, top_k, seed)
+    loaded = _load_instruct_run(run_dir, zero_shot)
+    _echo_err(describe(loaded))
+    with contextlib.suppress(ImportError):  # not on every platform
+        import readline  # noqa: F401  (line editing and history for input())
+    chat_loop(ChatSession(loaded, options, system), input, _stdout_stream)
+
+
+@cli.group()
+def data() -> None:
+    """Data sets that ship with finlora."""
+
+
+@data.command("fin-instruct")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+def data_fin_instruct(out: Path, overwrite: bool) -> None:
+    """Write the packaged financial instruction set (JSON Lines, Alpaca records) to OUT.
+
+    Generated sentiment questions with labelled answers, and authored Q&A on financial
+    concepts; not real data. An instruct recipe with an empty data.path uses this set.
+    """
+    from finlora.data.fin_instruct import FIN_INSTRUCT_NOTE, fin_instruct_set
+    from finlora.data.instruct import write_jsonl
+
+    if out.exists() and not overwrite:
+        raise FinloraError(f"{out}: exists (use --overwrite to replace it)")
+    records = fin_instruct_set()
+    write_jsonl(records, out)
+    _echo_err(f"wrote {len(records)} records to {out}: {FIN_INSTRUCT_NOTE}")
 
 
 @cli.group()

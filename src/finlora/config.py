@@ -361,9 +361,16 @@ class TrainConfig:
             _fail(f"{prefix}.precision", f"must be one of {allowed} (got {self.precision!r})")
 
 
+# classify: a label per text (scored label tokens or a head); instruct: instruction -> answer
+# (Alpaca or chat records, loss on the answer tokens, generation metrics).
+TASKS = ("classify", "instruct")
+INSTRUCT_TEMPLATE = "chat"  # the instruct task's default: the model's own chat template
+
+
 @dataclass
 class RunConfig:
     seed: int = 42
+    task: str = "classify"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -375,6 +382,15 @@ class RunConfig:
     freeze: FreezeSection = field(default_factory=FreezeSection)
     full: FullSection = field(default_factory=FullSection)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, prefix: str) -> None:
+        _check_choice("task", self.task, TASKS)
+        if self.task == "instruct" and self.data.format not in ("auto", "jsonl"):
+            _fail(
+                "data.format",
+                f"must be auto or jsonl for task instruct (got {self.data.format!r}); "
+                "instruction files are Alpaca or chat records in .json or .jsonl",
+            )
 
     @property
     def method_options(self) -> Any:
@@ -495,6 +511,13 @@ def _check_method_sections(data: dict[str, Any], chosen: str) -> None:
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Build and validate a RunConfig; raises FinloraError naming the offending key."""
+    data_section = data.get("data")
+    if data.get("task") == "instruct" and "template" not in (
+        data_section if isinstance(data_section, dict) else {}
+    ):
+        # The data section's default template is the classifier's; an instruct recipe that
+        # names none means the model's own chat template.
+        data = {**data, "data": {**(data_section or {}), "template": INSTRUCT_TEMPLATE}}
     cfg = typing.cast(RunConfig, _build(RunConfig, data, ""))
     _check_method_sections(data, cfg.method.name)
     return cfg

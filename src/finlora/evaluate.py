@@ -36,8 +36,8 @@ class LoaderOptions:
     label_map: str | None = None
 
 
-def _run_test_rows(loaded: LoadedRun) -> EvalData:
-    """The exact rows the run held out, after checking the data has not changed since."""
+def check_training_files(loaded: LoadedRun) -> None:
+    """Refuse to rebuild a split from data files that are gone or changed since training."""
     recorded = loaded.split.get("files", {})
     for path, digest in recorded.items():
         if not Path(path).is_file():
@@ -48,6 +48,11 @@ def _run_test_rows(loaded: LoadedRun) -> EvalData:
             raise FinloraError(
                 f"{path}: changed since training (sha256 differs); cannot rebuild the test split"
             )
+
+
+def _run_test_rows(loaded: LoadedRun) -> EvalData:
+    """The exact rows the run held out, after checking the data has not changed since."""
+    check_training_files(loaded)
     data = prepare_data(loaded.cfg.data, loaded.cfg.seed)
     test = [data.examples[i] for i in loaded.split["test"]]
     return EvalData("test", f"test split of {data.description}", test)
@@ -78,12 +83,19 @@ def evaluate_run(
     options: LoaderOptions | None = None,
     zero_shot: bool = False,
     progress: bool = True,
+    max_new_tokens: int = 128,
 ) -> dict[str, Any]:
     """Score a run (or its base model with `zero_shot`) and write reports under RUN_DIR/eval.
+
+    An instruct run is measured by `instruct_eval.evaluate_instruct` (perplexity, BLEU, ROUGE).
 
     Returns the metrics dict with `data`, `zero_shot` and `report_files` added.
     """
     loaded = load_run(run_dir, zero_shot)
+    if loaded.task == "instruct":
+        from finlora.instruct_eval import evaluate_instruct
+
+        return evaluate_instruct(loaded, data_path, max_new_tokens, progress)
     data = (
         _file_rows(loaded, data_path, options or LoaderOptions())
         if data_path is not None

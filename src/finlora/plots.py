@@ -1,4 +1,4 @@
-"""PNG plots for a run: confusion matrix, loss curve, reliability diagram.
+"""PNG plots for a run: confusion matrix, loss curve, reliability diagram, score histogram.
 
 Every function writes its file atomically and closes its figure, so it is safe to call from a
 long training loop without leaking memory or leaving half-written images behind.
@@ -311,4 +311,19 @@ def plot_method_comparison(
     ax.set_title(f"{title}: accuracy and macro-F1 by tuning method")
     ax.legend(loc="lower right")
     ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_score_histogram(scores: Sequence[float], path: Path, title: str = "") -> Path:
+    """Histogram of per-answer scores in [0, 1] (e.g. ROUGE-L), with the mean marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    values = np.asarray(scores, dtype=float)
+    ax.hist(values, bins=[i / 20 for i in range(21)], color=_STEP_COLOR, edgecolor="white")
+    if values.size:
+        ax.axvline(values.mean(), color=_VAL_COLOR, label=f"mean {values.mean():.3f}")
+        ax.legend(loc="upper right")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("score")
+    ax.set_ylabel("answers")
+    ax.set_title(title or "Score per answer", fontsize=10)
     return _save(fig, path)

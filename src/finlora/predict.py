@@ -18,6 +18,7 @@ from finlora.models.loading import load_tokenizer
 from finlora.runs import RunDir
 from finlora.scoring import predict_proba
 from finlora.tasks.classify import LabelCodec
+from finlora.tasks.instruct import InstructCodec
 
 
 @dataclass
@@ -32,23 +33,33 @@ class Prediction:
 
 @dataclass
 class LoadedRun:
-    """A run directory brought back to life: its config, labels, model and label codec."""
+    """A run directory brought back to life: its config, labels, model and codec (a label codec
+    for classify runs, an instruction codec for instruct runs)."""
 
     run: RunDir
     cfg: RunConfig
     split: dict[str, Any]
     model: Any
-    codec: LabelCodec
+    codec: Any  # LabelCodec or InstructCodec
     device: torch.device
     dtype: torch.dtype | None
     zero_shot: bool
 
     @property
     def labels(self) -> list[str]:
-        return self.codec.labels
+        return list(self.split["labels"])
+
+    @property
+    def task(self) -> str:
+        return self.cfg.task
+
+    def require_task(self, task: str, instead: str) -> None:
+        if self.task != task:
+            raise FinloraError(f"{self.run.root}: is a {self.task} run (use {instead})")
 
     def proba(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
         """Label probabilities, (N, K) in `labels` order."""
+        self.require_task("classify", "finlora generate or finlora chat")
         return predict_proba(
             self.model,
             self.codec,
@@ -93,5 +104,9 @@ def load_run(run_dir: Path, zero_shot: bool = False) -> LoadedRun:
     if not zero_shot:
         model = load_adapter(model, cfg, base.kind, run.adapter)
     model = placement.place(model).eval()
-    codec = LabelCodec.for_data(tokenizer, cfg.data, split["labels"], base.kind)
+    codec: Any
+    if cfg.task == "instruct":
+        codec = InstructCodec.for_data(tokenizer, cfg.data)
+    else:
+        codec = LabelCodec.for_data(tokenizer, cfg.data, split["labels"], base.kind)
     return LoadedRun(run, cfg, split, model, codec, placement.device, placement.dtype, zero_shot)

@@ -3,11 +3,34 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from finlora.errors import FinloraError
+
+
+def _read_template(name_or_path: str) -> dict[str, Any]:
+    """A template's JSON object: a shipped one by name, or a file by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise FinloraError(f"{path}: no such template file")
+        text = path.read_text(encoding="utf-8")
+    else:
+        shipped = resources.files("finlora") / "templates" / f"{name_or_path}.json"
+        if not shipped.is_file():
+            raise FinloraError(f"data.template: no shipped template named {name_or_path!r}")
+        text = shipped.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FinloraError(f"{name_or_path}: malformed JSON template ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise FinloraError(f"{name_or_path}: a template must be a JSON object")
+    return data
 
 
 @dataclass(frozen=True)
@@ -22,24 +45,11 @@ class PromptTemplate:
     @classmethod
     def load(cls, name_or_path: str) -> PromptTemplate:
         """Load a shipped template by name, or a JSON file by path."""
-        path = Path(name_or_path)
-        if path.suffix == ".json" or path.exists():
-            if not path.is_file():
-                raise FinloraError(f"{path}: no such template file")
-            text = path.read_text(encoding="utf-8")
-        else:
-            shipped = resources.files("finlora") / "templates" / f"{name_or_path}.json"
-            if not shipped.is_file():
-                raise FinloraError(f"data.template: no shipped template named {name_or_path!r}")
-            text = shipped.read_text(encoding="utf-8")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise FinloraError(f"{name_or_path}: malformed JSON template ({exc.msg})") from None
-        if not isinstance(data, dict) or "{text}" not in str(data.get("prompt", "")):
+        data = _read_template(name_or_path)
+        if "{text}" not in str(data.get("prompt", "")):
             raise FinloraError(f"{name_or_path}: a template needs a 'prompt' containing {{text}}")
         return cls(
-            name=path.stem,
+            name=Path(name_or_path).stem,
             prompt=data["prompt"],
             label_prefix=data.get("label_prefix", " "),
             description=data.get("description", ""),
@@ -53,3 +63,46 @@ class PromptTemplate:
 
     def verbalize(self, label: str) -> str:
         return f"{self.label_prefix}{label}"
+
+
+CHAT_TEMPLATE = "chat"
+_PLACEHOLDER = re.compile(r"\{(instruction|input)\}")
+
+
+@dataclass(frozen=True)
+class InstructTemplate:
+    """An instruction prompt: "chat" (the model's own chat template) or Alpaca-style text.
+
+    Alpaca-style templates hold `{instruction}` in both prompts and `{input}` in `prompt_input`,
+    the one used when a record has an input.
+    """
+
+    name: str
+    prompt_input: str = ""
+    prompt_no_input: str = ""
+    description: str = ""
+
+    @property
+    def is_chat(self) -> bool:
+        return self.name == CHAT_TEMPLATE
+
+    @classmethod
+    def load(cls, name_or_path: str) -> InstructTemplate:
+        if name_or_path == CHAT_TEMPLATE:
+            return cls(CHAT_TEMPLATE, description="the model's own chat template")
+        data = _read_template(name_or_path)
+        with_input = str(data.get("prompt_input", ""))
+        without = str(data.get("prompt_no_input", ""))
+        if "{instruction}" not in with_input + without or "{input}" not in with_input:
+            raise FinloraError(
+                f"{name_or_path}: an instruction template needs 'prompt_input' (with "
+                "{instruction} and {input}) and 'prompt_no_input' (with {instruction}); for "
+                "classification use task: classify"
+            )
+        return cls(Path(name_or_path).stem, with_input, without, data.get("description", ""))
+
+    def prompt(self, instruction: str, input_text: str = "") -> str:
+        template = self.prompt_input if input_text else self.prompt_no_input
+        values = {"instruction": instruction, "input": input_text}
+        # One pass, not str.format: user text may hold braces or the placeholders themselves.
+        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)

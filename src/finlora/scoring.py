@@ -153,3 +153,25 @@ def predict_proba(
             bar.update(len(idx))
     bar.close()
     return out
+
+
+@torch.no_grad()
+def response_nll(
+    model: Any,
+    codec: Any,
+    features: Sequence[Any],
+    batch_size: int,
+    placement: Any,
+    fast: bool = True,
+) -> tuple[float, int]:
+    """Summed cross-entropy over the target (answer) tokens of instruction features, and how
+    many there are: exp(sum / count) is the held-out perplexity."""
+    total, count = 0.0, 0
+    for idx in sorted_batches([codec.width(f) for f in features], batch_size):
+        chunk = [features[i] for i in idx]
+        batch = codec.training_batch(chunk).to(placement.device)
+        n = sum(codec.target_count(f) for f in chunk)
+        with autocast(placement.device, placement.dtype):
+            total += float(loss_fn(model, batch, codec.kind, fast)) * n
+        count += n
+    return total, count

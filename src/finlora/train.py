@@ -29,21 +29,21 @@ from transformers import get_linear_schedule_with_warmup
 from finlora import atomic
 from finlora.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from finlora.config import RunConfig, TrainConfig, apply_overrides, config_from_dict, read_yaml
-from finlora.data.prepare import PreparedData, prepare_data
+from finlora.data.prepare import PreparedData, PreparedInstruct, prepare_data, prepare_instruct
 from finlora.errors import FinloraError
 from finlora.methods import build_method, save_adapter, trainable_parameters
 from finlora.models import BaseModel, Placement, load_base_model
 from finlora.models.loading import sha256_file
 from finlora.plots import plot_loss_curve
 from finlora.runs import RunDir, git_commit, library_versions
-from finlora.scoring import autocast, label_loglik, loss_fn
+from finlora.scoring import autocast, label_loglik, loss_fn, response_nll
 from finlora.tasks.classify import (
-    Feature,
     LabelCodec,
     length_grouped_batches,
     sorted_batches,
     token_budget_chunks,
 )
+from finlora.tasks.instruct import InstructCodec
 
 Log = Callable[[str], None]
 
@@ -67,12 +67,12 @@ class _Setup:
     """Everything a run needs, built and checked before the first byte is written."""
 
     cfg: RunConfig
-    data: PreparedData
+    data: PreparedData | PreparedInstruct
     base: BaseModel
     model: Any  # the base model with the tuning method applied, not yet placed
-    codec: LabelCodec
-    train: list[Feature]
-    validation: list[Feature]
+    codec: Any  # LabelCodec (classify) or InstructCodec (instruct)
+    train: list[Any]  # the codec's features
+    validation: list[Any]
     placement: Placement
     load_seconds: float
 
@@ -93,12 +93,31 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     return config_from_dict(apply_overrides(read_yaml(run.config), overrides))
 
 
-def _setup(cfg: RunConfig, log: Log) -> _Setup:
+def _prepare(cfg: RunConfig) -> PreparedData | PreparedInstruct:
+    if cfg.task == "instruct":
+        # Instruction data is never Financial PhraseBank: no $FINLORA_FPB_DIR fallback.
+        return prepare_instruct(cfg.data, cfg.seed)
     # Record where the data came from ($FINLORA_FPB_DIR may differ when the run is evaluated).
     cfg.data.path = cfg.data.resolved_path()
     if cfg.data.path is None:
         cfg.data.format = "synthetic"
-    data = prepare_data(cfg.data, cfg.seed)
+    return prepare_data(cfg.data, cfg.seed)
+
+
+def _features(codec: Any, rows: list[Any], split: str, log: Log) -> list[Any]:
+    features = [codec.encode(row) for row in rows]
+    kept = [f for f in features if f is not None]
+    if len(kept) < len(features):
+        # Only instruction records can lose every answer token to data.max_length.
+        log(
+            f"data: {len(features) - len(kept)} {split} record(s) skipped: the prompt fills "
+            "data.max_length and leaves no answer token to train on"
+        )
+    return kept
+
+
+def _setup(cfg: RunConfig, log: Log) -> _Setup:
+    data = _prepare(cfg)
     placement = Placement.from_config(cfg.train)
     start = time.perf_counter()
     # Seeded before loading: an encoder classifier's new head is drawn while it loads.
@@ -111,23 +130,35 @@ def _setup(cfg: RunConfig, log: Log) -> _Setup:
         labels=data.labels,
     )
     load_seconds = time.perf_counter() - start
+    if cfg.task == "instruct" and base.kind != "causal":
+        raise FinloraError(
+            f"task instruct needs a causal language model; {cfg.model.name} is a {base.kind} "
+            "model (use task: classify)"
+        )
     torch.manual_seed(cfg.seed)
     # Built here, before the run directory exists: a method that cannot serve this kind of
     # model is a user mistake like any other.
     model = build_method(base.model, cfg, base.kind)
-    codec = LabelCodec.for_data(base.tokenizer, cfg.data, data.labels, base.kind)
+    codec: Any
+    if cfg.task == "instruct":
+        codec = InstructCodec.for_data(base.tokenizer, cfg.data)
+    else:
+        codec = LabelCodec.for_data(base.tokenizer, cfg.data, data.labels, base.kind)
     sizes = {name: len(getattr(data.split, name)) for name in ("train", "validation", "test")}
     log(f"data: {data.description} -> {sizes}")
     if data.duplicates:
         log(f"data: {len(data.duplicates)} exact duplicate text(s) appear in more than one split")
+    train = _features(codec, data.rows("train"), "train", log)
+    if not train:
+        raise FinloraError("data: no training example fits data.max_length")
     return _Setup(
         cfg,
         data,
         base,
         model,
         codec,
-        train=[codec.encode(e) for e in data.rows("train")],
-        validation=[codec.encode(e) for e in data.rows("validation")],
+        train=train,
+        validation=_features(codec, data.rows("validation"), "validation", log),
         placement=placement,
         load_seconds=load_seconds,
     )
@@ -138,6 +169,7 @@ def _write_run_header(run: RunDir, s: _Setup) -> None:
     atomic.write_json(
         run.split,
         {
+            "task": s.cfg.task,
             "labels": s.data.labels,
             "data": s.data.description,
             "synthetic": s.data.synthetic,
@@ -157,9 +189,16 @@ def _save_dir(target: Path, save: Callable[[Path], Any]) -> None:
 
 @torch.no_grad()
 def validate(model: Any, s: _Setup, fast: bool) -> dict[str, float]:
-    """Validation loss (per label token), perplexity and accuracy, from one scoring pass."""
+    """Validation loss (per label or answer token), perplexity and, for classify, accuracy."""
     if not s.validation:
         return {}
+    if s.cfg.task == "instruct":
+        model.eval()
+        nll, count = response_nll(
+            model, s.codec, s.validation, s.cfg.train.eval_batch_size, s.placement, fast
+        )
+        model.train()
+        return {"val_loss": nll / count, "val_perplexity": math.exp(min(nll / count, 700.0))}
     model.eval()
     prompts = [f.prompt_ids for f in s.validation]
     gold = np.array([f.label for f in s.validation])
@@ -179,9 +218,12 @@ def validate(model: Any, s: _Setup, fast: bool) -> dict[str, float]:
 
 
 def _selection_score(metrics: dict[str, float]) -> float | None:
-    """Accuracy first; the loss breaks ties (it is finer-grained on small validation sets)."""
-    if "val_accuracy" not in metrics:
+    """Accuracy first; the loss breaks ties (it is finer-grained on small validation sets).
+    Without an accuracy (instruction tuning), the lowest loss wins."""
+    if "val_loss" not in metrics:
         return None
+    if "val_accuracy" not in metrics:
+        return -metrics["val_loss"]
     return metrics["val_accuracy"] - 1e-6 * metrics["val_loss"]
 
 
@@ -219,20 +261,20 @@ def _checkpoint(run: RunDir, model: Any, opt: Any, sched: Any, progress: Progres
 
 def accumulate_batch(
     model: Any,
-    codec: LabelCodec,
-    features: list[Feature],
+    codec: LabelCodec | InstructCodec,
+    features: list[Any],
     tc: TrainConfig,
     placement: Placement,
 ) -> tuple[float, int]:
-    """Accumulate one batch's gradients; returns its mean label-token loss and real tokens.
+    """Accumulate one batch's gradients; returns its mean target-token loss and real tokens.
 
-    The batch runs in micro-batches of at most `tc.max_batch_tokens` padded tokens. Each
-    micro-batch's mean loss is weighted by its share of the batch's label tokens, so the summed
-    gradients equal those of the whole batch at once.
+    Targets are the label tokens (classify) or the answer tokens (instruct). The batch runs in
+    micro-batches of at most `tc.max_batch_tokens` padded tokens. Each micro-batch's mean loss
+    is weighted by its share of the batch's target tokens, so the summed gradients equal those
+    of the whole batch at once.
     """
-    label_tokens = [len(codec.label_ids[f.label]) for f in features]
-    extra = 0 if codec.prompt_only else 1  # causal rows carry their label tokens too
-    widths = [len(f.prompt_ids) + extra * n for f, n in zip(features, label_tokens, strict=True)]
+    label_tokens = [codec.target_count(f) for f in features]
+    widths = [codec.width(f) for f in features]
     loss_sum, real = 0.0, 0
     for chunk in token_budget_chunks(widths, tc.max_batch_tokens):
         batch = codec.training_batch([features[i] for i in chunk]).to(placement.device)
@@ -277,7 +319,7 @@ def train(
         lr=cfg.learning_rate,
         weight_decay=tc.weight_decay,
     )
-    lengths = [len(f.prompt_ids) for f in s.train]
+    lengths = [s.codec.width(f) for f in s.train]
     batches_per_epoch = math.ceil(len(s.train) / tc.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / tc.grad_accum)
     total_steps = tc.epochs * steps_per_epoch
@@ -385,7 +427,7 @@ def _finish(
         run.manifest,
         {
             "finlora_run": 1,
-            "task": "classify",
+            "task": s.cfg.task,
             "base_model": {
                 "name": s.cfg.model.name,
                 "kind": s.base.kind,

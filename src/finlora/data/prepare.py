@@ -1,4 +1,5 @@
-"""From a data config to examples, a label set and a split: what a run trains and tests on."""
+"""From a data config to examples (or instruction records), labels and a split: what a run
+trains and tests on."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 
 from finlora.config import DataConfig
 from finlora.data.examples import Example
+from finlora.data.fin_instruct import FIN_INSTRUCT_NOTE, fin_instruct_set
+from finlora.data.instruct import InstructRecord, load_instruct
 from finlora.data.loaders import FPB_FILES, FPB_LABELS, load_examples, parse_label_map
 from finlora.data.split import Split, cross_split_duplicates, stratified_split
 from finlora.data.synthetic import SYNTHETIC_NOTE, synthetic_sentiment
@@ -103,4 +106,52 @@ def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
         raise FinloraError(f"{description}: {exc}") from None
     return PreparedData(
         examples, labels, split, files, description, cross_split_duplicates(examples, split)
+    )
+
+
+@dataclass
+class PreparedInstruct:
+    """Instruction records and their split; the same shape a run records for classify data."""
+
+    examples: list[InstructRecord]
+    split: Split
+    files: list[Path]  # empty for the packaged set
+    description: str
+    labels: list[str] = field(default_factory=list)  # labels named by label-answer records
+    duplicates: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def synthetic(self) -> bool:
+        return not self.files
+
+    def rows(self, name: str) -> list[InstructRecord]:
+        return [self.examples[i] for i in getattr(self.split, name)]
+
+
+def prepare_instruct(cfg: DataConfig, seed: int) -> PreparedInstruct:
+    """Load instruction records (data.path, or the packaged set when empty) and split them.
+
+    The split keeps label-answer records and free answers in proportion, so both are tested.
+    """
+    if cfg.path:
+        path = Path(cfg.path).expanduser()
+        records = load_instruct(path)
+        files, description = [path], str(path)
+    else:
+        records = fin_instruct_set()
+        files, description = [], FIN_INSTRUCT_NOTE
+    strata = [Example(r.response, "label" if r.label else "free") for r in records]
+    try:
+        split = stratified_split(strata, cfg.test_fraction, cfg.val_fraction, seed)
+    except FinloraError:
+        # Too few of one kind to place some in every split: split them as one group.
+        flat = [Example(e.text, "all") for e in strata]
+        try:
+            split = stratified_split(flat, cfg.test_fraction, cfg.val_fraction, seed)
+        except FinloraError as exc:
+            raise FinloraError(f"{description}: {exc}") from None
+    labels = sorted({x for r in records for x in (r.labels or ((r.label,) if r.label else ()))})
+    texts = [Example(str([(m.role, m.content) for m in r.prompt_messages]), "") for r in records]
+    return PreparedInstruct(
+        records, split, files, description, labels, cross_split_duplicates(texts, split)
     )

@@ -53,6 +53,12 @@ class Batch:
         )
 
 
+def pad_rows(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    """Right-pad integer rows to the longest one. (B, T)"""
+    width = max(len(r) for r in rows)
+    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
 class LabelCodec:
     """Turns examples into features and features into padded batches for one label set."""
 
@@ -132,27 +138,31 @@ class LabelCodec:
 
     # ---- batches --------------------------------------------------------------------------
 
-    def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
-        width = max(len(r) for r in rows)
-        return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+    def width(self, feature: Feature) -> int:
+        """Padded width of the feature's training row: causal rows carry their label tokens."""
+        extra = 0 if self.prompt_only else self.target_count(feature)
+        return len(feature.prompt_ids) + extra
+
+    def target_count(self, feature: Feature) -> int:
+        return len(self.label_ids[feature.label])
 
     def collate(self, pairs: Sequence[tuple[list[int], list[int]]]) -> Batch:
         """Batch (prompt ids, label ids) pairs with padding to the longest row only."""
         if self.prompt_only:
             prompts = [p for p, _ in pairs]
-            input_ids = self._pad(prompts, self.pad_id)
-            targets = self._pad([t for _, t in pairs], IGNORE)
+            input_ids = pad_rows(prompts, self.pad_id)
+            targets = pad_rows([t for _, t in pairs], IGNORE)
             positions = torch.zeros_like(targets)
             real = sum(len(p) + len(t) for p, t in pairs)
         else:
             rows = [p + t for p, t in pairs]
-            input_ids = self._pad(rows, self.pad_id)
+            input_ids = pad_rows(rows, self.pad_id)
             # The token at position i predicts token i+1: label token j is predicted at
             # position len(prompt) - 1 + j.
-            positions = self._pad([[len(p) - 1 + j for j in range(len(t))] for p, t in pairs], -1)
-            targets = self._pad([list(t) for _, t in pairs], IGNORE)
+            positions = pad_rows([[len(p) - 1 + j for j in range(len(t))] for p, t in pairs], -1)
+            targets = pad_rows([list(t) for _, t in pairs], IGNORE)
             real = sum(len(r) for r in rows)
-        mask = self._pad([[1] * len(p if self.prompt_only else p + t) for p, t in pairs], 0)
+        mask = pad_rows([[1] * len(p if self.prompt_only else p + t) for p, t in pairs], 0)
         return Batch(input_ids, mask, positions, targets, real)
 
     def training_batch(self, features: Sequence[Feature]) -> Batch:

@@ -1,0 +1,106 @@
+"""Talking to an instruct run: one answer (`finlora generate`) or a chat loop (`finlora chat`).
+
+The conversation is kept as messages and rendered with the run's template on every turn: the
+model's own chat template (the whole conversation), or the Alpaca template (the latest message
+only, since it has no turns). Answers stream to the terminal as tokens arrive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from finlora.data.instruct import Message, alpaca_record
+from finlora.generate import GenerationOptions, stream_answer
+from finlora.predict import LoadedRun
+
+Write = Callable[[str], None]
+
+HELP = "/reset starts a new conversation, /exit (or Ctrl-D) quits."
+
+
+def instruction_prompt(
+    loaded: LoadedRun, instruction: str, input_text: str = "", system: str | None = None
+) -> list[int]:
+    """The prompt tokens for one instruction (and optional input) in the run's template."""
+    record = alpaca_record(instruction, "", input_text)
+    if system:
+        record = dataclasses.replace(record, messages=(Message("system", system), *record.messages))
+    return loaded.codec.generation_prompt(record)
+
+
+def answer(loaded: LoadedRun, prompt: list[int], options: GenerationOptions, write: Write) -> str:
+    return stream_answer(
+        loaded.model,
+        loaded.codec.tokenizer,
+        prompt,
+        options,
+        write,
+        device=loaded.device,
+        dtype=loaded.dtype,
+    )
+
+
+def _context_limit(loaded: LoadedRun) -> int:
+    config = getattr(loaded.model, "config", None)
+    return int(getattr(config, "max_position_embeddings", 0) or 2048)
+
+
+@dataclasses.dataclass
+class ChatSession:
+    loaded: LoadedRun
+    options: GenerationOptions
+    system: str | None = None
+    history: list[Message] = dataclasses.field(default_factory=list)
+
+    def reset(self) -> None:
+        self.history.clear()
+
+    def _prompt(self) -> list[int]:
+        head = [Message("system", self.system)] if self.system else []
+        budget = _context_limit(self.loaded) - self.options.max_new_tokens
+        while True:
+            prompt = self.loaded.codec.chat_prompt([*head, *self.history])
+            if len(prompt) <= budget or len(self.history) <= 1:
+                return prompt
+            # Forget the oldest exchange rather than overflow the model's context.
+            del self.history[:2]
+
+    def reply(self, text: str, write: Write) -> str:
+        self.history.append(Message("user", text))
+        said = answer(self.loaded, self._prompt(), self.options, write)
+        self.history.append(Message("assistant", said))
+        return said
+
+
+def chat_loop(session: ChatSession, read: Callable[[str], str], write: Write) -> None:
+    """Read a line, stream the answer, repeat; ends at /exit, /quit or end of input."""
+    while True:
+        try:
+            line = read("you> ").strip()
+        except EOFError:
+            write("\n")
+            return
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            session.reset()
+            write("(new conversation)\n")
+            continue
+        if line.startswith("/"):
+            write(f"unknown command {line.split()[0]}; {HELP}\n")
+            continue
+        write("assistant> ")
+        session.reply(line, write)
+        write("\n")
+
+
+def describe(loaded: LoadedRun) -> str:
+    template: Any = loaded.codec.template
+    how = "the model's chat template" if template.is_chat else f"the {template.name} template"
+    who = "base model (zero-shot)" if loaded.zero_shot else str(loaded.run.root)
+    memory = "" if template.is_chat else "; each message is a new instruction (no history)"
+    return f"finlora chat: {who}, {how}{memory}. {HELP}"

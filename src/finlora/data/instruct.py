@@ -1,0 +1,204 @@
+"""Instruction data: Alpaca records and chat `messages` records, read from JSON or JSON Lines.
+
+Two record shapes, per record (a file may mix them):
+  Alpaca: {"instruction": str, "input": str (optional), "output": str}
+  chat:   {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+Either may carry "label": the answer's label (e.g. a sentiment), which lets `finlora eval` check
+that a generated answer names exactly one valid label; "labels" may list the valid ones.
+
+Every problem is one `FinloraError` naming the file and line of the record, and it is raised
+while loading, so training never starts on a malformed file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finlora import atomic
+from finlora.data.textfile import read_text
+from finlora.errors import FinloraError
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class InstructRecord:
+    """One training conversation. An Alpaca record is a user turn and an assistant turn."""
+
+    messages: tuple[Message, ...]
+    source: str  # "file:line", or "finlora:<set>:<i>" for generated records
+    # Alpaca fields, kept so the Alpaca template can place them; None for chat records.
+    instruction: str | None = None
+    input: str = ""
+    label: str | None = None
+    labels: tuple[str, ...] = ()
+
+    @property
+    def response(self) -> str:
+        """The last assistant turn: what the model must produce (and is scored on)."""
+        return self.messages[-1].content
+
+    @property
+    def prompt_messages(self) -> tuple[Message, ...]:
+        return self.messages[:-1]
+
+
+def alpaca_record(
+    instruction: str,
+    output: str,
+    input: str = "",
+    source: str = "",
+    label: str | None = None,
+    labels: tuple[str, ...] = (),
+) -> InstructRecord:
+    """The record for one Alpaca triple; the chat form joins instruction and input."""
+    user = f"{instruction}\n\n{input}" if input else instruction
+    return InstructRecord(
+        (Message("user", user), Message("assistant", output)),
+        source,
+        instruction=instruction,
+        input=input,
+        label=label,
+        labels=labels,
+    )
+
+
+def _text(where: str, record: dict[str, Any], key: str, *, required: bool) -> str:
+    if key not in record:
+        if required:
+            raise FinloraError(f"{where}: missing '{key}'")
+        return ""
+    value = record[key]
+    if not isinstance(value, str):
+        raise FinloraError(f"{where}: '{key}' must be a string (got {type(value).__name__})")
+    if required and not value.strip():
+        raise FinloraError(f"{where}: empty '{key}'")
+    return value
+
+
+def _label_fields(where: str, record: dict[str, Any]) -> tuple[str | None, tuple[str, ...]]:
+    label = record.get("label")
+    if label is not None and (not isinstance(label, str) or not label.strip()):
+        raise FinloraError(f"{where}: 'label' must be a non-empty string")
+    labels = record.get("labels", [])
+    if not isinstance(labels, list) or not all(isinstance(x, str) and x for x in labels):
+        raise FinloraError(f"{where}: 'labels' must be a list of non-empty strings")
+    if label is not None and labels and label not in labels:
+        raise FinloraError(f"{where}: label {label!r} is not in its 'labels' {labels}")
+    return label, tuple(labels)
+
+
+def _chat(where: str, record: dict[str, Any]) -> InstructRecord:
+    raw = record["messages"]
+    if not isinstance(raw, list) or not raw:
+        raise FinloraError(f"{where}: 'messages' must be a non-empty list")
+    messages = []
+    for i, m in enumerate(raw):
+        at = f"{where}: messages[{i}]"
+        if not isinstance(m, dict):
+            raise FinloraError(f"{at} must be an object with 'role' and 'content'")
+        role = m.get("role")
+        if role not in ROLES:
+            raise FinloraError(f"{at}: role must be one of {', '.join(ROLES)} (got {role!r})")
+        content = _text(at, m, "content", required=True)
+        if role == "system" and i != 0:
+            raise FinloraError(f"{at}: a system message may only come first")
+        messages.append(Message(role, content))
+    turns = [m.role for m in messages if m.role != "system"]
+    if not turns or turns[-1] != "assistant":
+        raise FinloraError(f"{where}: the last message must be the assistant's answer")
+    if turns[0] != "user" or any(a == b for a, b in zip(turns, turns[1:], strict=False)):
+        raise FinloraError(f"{where}: turns must alternate user, assistant, starting with user")
+    label, labels = _label_fields(where, record)
+    return InstructRecord(tuple(messages), where, label=label, labels=labels)
+
+
+def parse_record(where: str, record: Any) -> InstructRecord:
+    """Validate one decoded record (Alpaca or chat); raises FinloraError naming `where`."""
+    if not isinstance(record, dict):
+        raise FinloraError(f"{where}: expected an object, got {type(record).__name__}")
+    if "messages" in record:
+        return _chat(where, record)
+    if "instruction" not in record and "output" not in record:
+        raise FinloraError(
+            f"{where}: neither an Alpaca record (instruction, input, output) "
+            "nor a chat record (messages)"
+        )
+    instruction = _text(where, record, "instruction", required=True)
+    output = _text(where, record, "output", required=True)
+    input_text = _text(where, record, "input", required=False)
+    label, labels = _label_fields(where, record)
+    return alpaca_record(instruction, output, input_text, where, label, labels)
+
+
+def _json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """(line, record) for each element of a top-level JSON array, with the line it starts on."""
+    decoder = json.JSONDecoder()
+    pos = len(text) - len(text.lstrip())
+    if not text.startswith("[", pos):
+        raise FinloraError(f"{path}: a .json instruction file must hold a list of records")
+    pos += 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text):
+            raise FinloraError(f"{path}: unterminated JSON list")
+        if text[pos] == "]":
+            return
+        line = text.count("\n", 0, pos) + 1
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise FinloraError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        yield line, record
+
+
+def _json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FinloraError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
+
+
+def load_instruct(path: Path) -> list[InstructRecord]:
+    """Records from a .json list or a .jsonl file; raises FinloraError on the first bad one."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise FinloraError(f"{path}: is a directory; give an instruction .json or .jsonl file")
+    text = read_text(path)
+    stripped = text.lstrip()
+    rows = _json_array(path, text) if stripped.startswith("[") else _json_lines(path, text)
+    records = [parse_record(f"{path}:{line}", record) for line, record in rows]
+    if not records:
+        raise FinloraError(f"{path}: no instruction records")
+    return records
+
+
+def write_jsonl(records: list[InstructRecord], path: Path) -> None:
+    """Write records back as JSON Lines, Alpaca where they came from Alpaca, else chat."""
+    lines = []
+    for r in records:
+        row: dict[str, Any]
+        if r.instruction is not None:
+            row = {"instruction": r.instruction, "input": r.input, "output": r.response}
+        else:
+            row = {"messages": [{"role": m.role, "content": m.content} for m in r.messages]}
+        if r.label is not None:
+            row["label"] = r.label
+        if r.labels:
+            row["labels"] = list(r.labels)
+        lines.append(json.dumps(row, ensure_ascii=False))
+    atomic.write_text(path, "\n".join(lines) + "\n")

@@ -1,0 +1,153 @@
+"""Evaluation of an instruct run: held-out perplexity, and generated answers against references.
+
+- perplexity: exp of the mean cross-entropy over the reference answers' tokens (teacher-forced,
+  the same target tokens training uses);
+- BLEU and ROUGE-1/2/L of greedy answers against the reference answers;
+- for records whose answer is a label: the share of answers naming exactly one valid label, and
+  the share naming the right one.
+Reports go to RUN_DIR/eval: the metrics (JSON, text), every answer beside its reference (JSONL),
+and a histogram of per-answer ROUGE-L.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from finlora import atomic
+from finlora.data.instruct import InstructRecord, load_instruct
+from finlora.data.prepare import prepare_instruct
+from finlora.evaluate import check_training_files
+from finlora.generate import GenerationOptions, generate_answers
+from finlora.plots import plot_score_histogram
+from finlora.predict import LoadedRun
+from finlora.scoring import response_nll
+from finlora.textmetrics import generation_metrics, label_answer_metrics, rouge_l
+
+
+def _test_records(loaded: LoadedRun, data_path: Path | None) -> tuple[str, str, list[Any]]:
+    """(report stem, description, records): the run's test split, or every record of a file."""
+    if data_path is not None:
+        return data_path.stem, str(data_path), load_instruct(data_path)
+    check_training_files(loaded)
+    data = prepare_instruct(loaded.cfg.data, loaded.cfg.seed)
+    return "test", f"test split of {data.description}", data.rows("test")
+
+
+def _perplexity(loaded: LoadedRun, records: list[InstructRecord]) -> tuple[float, int]:
+    features = [f for f in (loaded.codec.encode(r) for r in records) if f is not None]
+    if not features:
+        return math.nan, 0
+    placement = _Placement(loaded)
+    nll, count = response_nll(
+        loaded.model,
+        loaded.codec,
+        features,
+        loaded.cfg.train.eval_batch_size,
+        placement,
+        loaded.cfg.train.label_logits_only,
+    )
+    return math.exp(min(nll / count, 700.0)), count
+
+
+class _Placement:
+    """The device and autocast dtype of a loaded run, as `response_nll` reads them."""
+
+    def __init__(self, loaded: LoadedRun) -> None:
+        self.device, self.dtype = loaded.device, loaded.dtype
+
+
+def evaluate_instruct(
+    loaded: LoadedRun,
+    data_path: Path | None = None,
+    max_new_tokens: int = 128,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measure an instruct run (or its base model) and write its reports; returns the metrics."""
+    stem, description, records = _test_records(loaded, data_path)
+    perplexity, tokens = _perplexity(loaded, records)
+    prompts = [loaded.codec.generation_prompt(r) for r in records]
+    answers = generate_answers(
+        loaded.model,
+        loaded.codec.tokenizer,
+        prompts,
+        GenerationOptions(max_new_tokens=max_new_tokens),
+        batch_size=loaded.cfg.train.eval_batch_size,
+        device=loaded.device,
+        dtype=loaded.dtype,
+        progress=progress,
+    )
+    references = [r.response for r in records]
+    labelled = [i for i, r in enumerate(records) if r.label is not None]
+    metrics: dict[str, Any] = {
+        "task": "instruct",
+        "n": len(records),
+        "perplexity": perplexity,
+        "answer_tokens": tokens,
+        **generation_metrics(answers, references),
+        **label_answer_metrics(
+            [answers[i] for i in labelled],
+            [str(records[i].label) for i in labelled],
+            [records[i].labels or loaded.labels for i in labelled],
+        ),
+        "max_new_tokens": max_new_tokens,
+        "data": description,
+        "zero_shot": loaded.zero_shot,
+        "synthetic": bool(loaded.split.get("synthetic")) and data_path is None,
+    }
+    stem = f"{'zero-shot-' if loaded.zero_shot else ''}{stem}"
+    metrics["report_files"] = _write_reports(loaded, stem, metrics, records, answers)
+    return metrics
+
+
+def format_instruct_report(metrics: dict[str, Any], title: str) -> str:
+    lines = [
+        title,
+        f"  answers           {metrics['n']}",
+        f"  perplexity        {metrics['perplexity']:.3f}  (over {metrics['answer_tokens']} "
+        "reference answer tokens)",
+        f"  BLEU              {metrics['bleu']:.2f}",
+        f"  ROUGE-1 / 2 / L   {metrics['rouge1']:.4f} / {metrics['rouge2']:.4f} / "
+        f"{metrics['rougeL']:.4f}",
+    ]
+    if metrics.get("label_n"):
+        lines.append(
+            f"  label answers     {metrics['label_n']}: one valid label in "
+            f"{metrics['single_valid_label']:.1%}, the right one in {metrics['label_accuracy']:.1%}"
+        )
+    return "\n".join(lines)
+
+
+def _write_reports(
+    loaded: LoadedRun,
+    stem: str,
+    metrics: dict[str, Any],
+    records: list[InstructRecord],
+    answers: list[str],
+) -> dict[str, str]:
+    out = loaded.run.eval_dir
+    title = f"{'zero-shot base model' if loaded.zero_shot else loaded.run.root.name}: {stem}"
+    files = {
+        "json": out / f"{stem}.json",
+        "text": out / f"{stem}.txt",
+        "answers": out / f"{stem}_answers.jsonl",
+        "rouge_histogram": out / f"{stem}_rougeL.png",
+    }
+    scores = [rouge_l(a, r.response) for a, r in zip(answers, records, strict=True)]
+    rows = [
+        {
+            "source": r.source,
+            "prompt": [{"role": m.role, "content": m.content} for m in r.prompt_messages],
+            "reference": r.response,
+            "answer": a,
+            "rougeL": round(score, 4),
+        }
+        for r, a, score in zip(records, answers, scores, strict=True)
+    ]
+    atomic.write_json(files["json"], metrics)
+    atomic.write_text(files["text"], format_instruct_report(metrics, title) + "\n")
+    atomic.write_text(files["answers"], "".join(json.dumps(row) + "\n" for row in rows))
+    plot_score_histogram(scores, files["rouge_histogram"], title=f"ROUGE-L per answer - {title}")
+    return {k: str(v) for k, v in files.items()}

@@ -1,0 +1,145 @@
+"""Instruction tuning as the Alpaca-LoRA recipe does it: prompt + response, loss on the response.
+
+A record becomes one token sequence of alternating segments: prompt segments (the template's
+text, the user's turns) and response segments (the assistant's answers, with the end-of-turn
+token so the model learns to stop). Only response tokens are targets; prompt tokens are masked.
+
+Two kinds of template:
+- "chat": the model's own chat template (tokenizer.apply_chat_template); every assistant turn of
+  a multi-turn conversation is a target;
+- an Alpaca-style JSON template (`templates/alpaca.json`, or a file) with `prompt_input` and
+  `prompt_no_input`, holding `{instruction}` and `{input}`; the response follows the prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from finlora.config import DataConfig
+from finlora.data.instruct import InstructRecord, Message
+from finlora.errors import FinloraError
+from finlora.prompts import InstructTemplate
+from finlora.tasks.classify import IGNORE, Batch, pad_rows
+
+
+@dataclass(frozen=True)
+class InstructFeature:
+    ids: list[int]
+    targets: tuple[int, ...]  # indices into `ids` of the response tokens (the trained ones)
+
+
+class InstructCodec:
+    """Turns instruction records into token features, and features into padded batches."""
+
+    kind = "causal"
+    prompt_only = False
+
+    def __init__(self, tokenizer: Any, template: InstructTemplate, max_length: int = 512) -> None:
+        if template.is_chat and not getattr(tokenizer, "chat_template", None):
+            raise FinloraError(
+                "data.template: chat needs a model with a chat template, and this tokenizer has "
+                "none (use data.template: alpaca)"
+            )
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_length = max_length
+        self.pad_id = int(tokenizer.pad_token_id)
+        eos = tokenizer.eos_token_id
+        self.eos_ids = [int(eos)] if eos is not None else []
+
+    @classmethod
+    def for_data(cls, tokenizer: Any, data: DataConfig) -> InstructCodec:
+        return cls(tokenizer, InstructTemplate.load(data.template), data.max_length)
+
+    def _tokens(self, text: str, special: bool = False) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def _render(self, messages: Sequence[Message], generation_prompt: bool) -> str:
+        rows = [{"role": m.role, "content": m.content} for m in messages]
+        return str(
+            self.tokenizer.apply_chat_template(
+                rows, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        )
+
+    def _alpaca_prompt(self, record: InstructRecord) -> str:
+        instruction, input_text = record.instruction, record.input
+        if instruction is None:
+            turns = [m for m in record.messages if m.role != "system"]
+            if len(turns) != 2:
+                raise FinloraError(
+                    f"{record.source}: a multi-turn chat needs data.template: chat "
+                    f"(the {self.template.name} template holds one instruction and one answer)"
+                )
+            instruction = turns[0].content
+        return self.template.prompt(instruction, input_text)
+
+    def _segments(self, record: InstructRecord) -> list[tuple[str, bool]]:
+        """(text, is_response) pieces whose concatenation is the whole rendered record."""
+        if not self.template.is_chat:
+            return [(self._alpaca_prompt(record), False), (record.response, True)]
+        segments: list[tuple[str, bool]] = []
+        done = ""
+        for i, message in enumerate(record.messages):
+            if message.role != "assistant":
+                continue
+            before = self._render(record.messages[:i], generation_prompt=True)
+            after = self._render(record.messages[: i + 1], generation_prompt=False)
+            if not (before.startswith(done) and after.startswith(before)):
+                raise FinloraError(
+                    "data.template: chat: this model's chat template does not render a "
+                    "conversation as a prefix of its continuation (use data.template: alpaca)"
+                )
+            segments += [(before[len(done) :], False), (after[len(before) :], True)]
+            done = after
+        return segments
+
+    def encode(self, record: InstructRecord) -> InstructFeature | None:
+        """Token ids and target positions; None when `max_length` leaves no response token."""
+        ids: list[int] = []
+        targets: list[int] = []
+        for n, (text, is_response) in enumerate(self._segments(record)):
+            piece = self._tokens(text, special=n == 0)
+            if is_response and not self.template.is_chat:
+                piece += self.eos_ids  # the chat template already ends the turn itself
+            if is_response:
+                targets += range(len(ids), len(ids) + len(piece))
+            ids += piece
+        ids = ids[: self.max_length]
+        kept = tuple(t for t in targets if 0 < t < len(ids))
+        return InstructFeature(ids, kept) if kept else None
+
+    def generation_prompt(self, record: InstructRecord) -> list[int]:
+        """The tokens a model continues to answer `record` (its last answer left out)."""
+        if not self.template.is_chat:
+            return self._tokens(self._alpaca_prompt(record), special=True)
+        return self._tokens(self._render(record.prompt_messages, generation_prompt=True))
+
+    def chat_prompt(self, messages: Sequence[Message]) -> list[int]:
+        """The tokens for a conversation so far, ending where the assistant speaks next."""
+        if self.template.is_chat:
+            return self._tokens(self._render(messages, generation_prompt=True))
+        # The Alpaca template has no turns: the latest user message is the instruction.
+        text = self.template.prompt(messages[-1].content, "")
+        return self._tokens(text, special=True)
+
+    # ---- batches --------------------------------------------------------------------------
+
+    def width(self, feature: InstructFeature) -> int:
+        return len(feature.ids)
+
+    def target_count(self, feature: InstructFeature) -> int:
+        return len(feature.targets)
+
+    def training_batch(self, features: Sequence[InstructFeature]) -> Batch:
+        """Right-padded rows; a target token i is predicted at position i - 1."""
+        rows = [f.ids for f in features]
+        return Batch(
+            pad_rows(rows, self.pad_id),
+            pad_rows([[1] * len(r) for r in rows], 0),
+            pad_rows([[t - 1 for t in f.targets] for f in features], -1),
+            pad_rows([[f.ids[t] for t in f.targets] for f in features], IGNORE),
+            sum(len(r) for r in rows),
+        )
