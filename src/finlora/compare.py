@@ -106,6 +106,9 @@ def plan(
                 cfg = config_from_dict(select_method(data, method))
             except FinloraError as exc:
                 raise FinloraError(f"{where}{exc}") from None
+            if cfg.task != "classify":
+                # The table ranks methods by accuracy and macro-F1.
+                raise FinloraError(f"{where}compare covers classification recipes (task: classify)")
             cfg.seed += offset
             configs.append(cfg)
     return configs

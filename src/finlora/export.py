@@ -233,6 +233,9 @@ def _load(run: RunDir, method: str) -> _Context:
     """The run's adapter model in fp32 on the CPU: no bf16 weights, no autocast, exact merges."""
     cfg = config_from_dict(read_yaml(run.config))
     split = run.read_json(run.split)
+    if cfg.task != "classify":
+        # The verification compares label scores; an instruct run has no label set to compare.
+        raise FinloraError(f"{run.root}: export covers classification runs (this is {cfg.task})")
     kind = getattr(cfg.model, "kind", "auto")
     if kind == "encoder":
         raise FinloraError(f"{run.root}: export covers causal and seq2seq language-model runs")
