@@ -4,10 +4,14 @@ python benchmarks/random_smollm2.py SRC DST: SRC holds the real model's config.j
 files (no weights), DST gets safetensors weights beside copies of them. For speed checks on
 machines the real weights cannot reach (benchmarks/gpu_check.sh).
 """
-import shutil, sys
+
+import shutil
+import sys
 from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+
 src, dst = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = AutoConfig.from_pretrained(src)
 torch.manual_seed(0)
