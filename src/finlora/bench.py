@@ -22,7 +22,7 @@ import torch
 from finlora.config import RunConfig, load_config
 from finlora.data.prepare import prepare_data
 from finlora.memory import PeakMemory
-from finlora.methods import build_method
+from finlora.methods import build_method, merged_for_inference
 from finlora.models import Placement, load_base_model
 from finlora.scoring import predict_proba
 from finlora.tasks.classify import IGNORE, LabelCodec, length_grouped_batches
@@ -287,6 +287,8 @@ def bench_infer(
 ) -> dict[str, Any]:
     """Sentences/s of one `generate` call per sentence against finlora's batched label scoring."""
     s = setup(config, overrides or [], n)
+    if s.cfg.train.merge_for_inference:
+        s.model = merged_for_inference(s.model)
     s.model.eval()
     s.classic.eval()
     result = _alternate(

@@ -319,6 +319,9 @@ class TrainConfig:
     # gradients add up to the whole batch's (same update), bounding peak activation memory.
     max_batch_tokens: int | None = 1024
     threads: int | None = None
+    # Prediction and evaluation fold a LoRA/IA3 adapter into the weights first (same scores to
+    # float rounding, fewer operations); off keeps the adapter layers as trained.
+    merge_for_inference: bool = True
     checkpoint_every: int = 200
     log_every: int = 10
     eval_batch_size: int = 32

@@ -12,7 +12,7 @@ import torch
 
 from finlora.config import RunConfig, config_from_dict, read_yaml
 from finlora.errors import FinloraError
-from finlora.methods import load_adapter
+from finlora.methods import load_adapter, merged_for_inference
 from finlora.models import Placement, load_base_model
 from finlora.models.loading import load_tokenizer
 from finlora.runs import RunDir
@@ -103,6 +103,8 @@ def load_run(run_dir: Path, zero_shot: bool = False) -> LoadedRun:
     model = base.model
     if not zero_shot:
         model = load_adapter(model, cfg, base.kind, run.adapter)
+        if cfg.train.merge_for_inference:
+            model = merged_for_inference(model)
     model = placement.place(model).eval()
     codec: Any
     if cfg.task == "instruct":
