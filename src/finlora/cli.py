@@ -141,11 +141,11 @@ def train(
     result = run_training(
         cfg, output, overwrite=overwrite, resume=resume, progress_bar=not no_progress, log=_echo_err
     )
-    best = (
-        f", best epoch {result.best_epoch} (val accuracy {result.best_val_accuracy:.4f})"
-        if result.best_val_accuracy is not None
-        else ""
-    )
+    best = ""
+    if result.best_val_accuracy is not None:
+        best = f", best epoch {result.best_epoch} (val accuracy {result.best_val_accuracy:.4f})"
+    elif result.best_val_loss is not None:  # instruct runs: answer-token loss
+        best = f", best epoch {result.best_epoch} (val loss {result.best_val_loss:.4f})"
     click.echo(
         f"trained {result.steps} steps in {result.train_seconds:.0f}s "
         f"({result.real_tokens_per_s:.0f} tokens/s){best}"
@@ -324,11 +324,12 @@ def predict(
       finlora predict runs/fpb --file news.csv --text-column headline --out labelled.csv
       cat headlines.txt | finlora predict runs/fpb --json
     """
-    from finlora.predict import load_run
+    from finlora.predict import load_run, require_task
 
     inputs = _read_inputs(texts, file, text_column)
     if not inputs:
         raise FinloraError("no input text")
+    require_task(run_dir, "classify", "finlora generate or finlora chat")
     loaded = load_run(run_dir, zero_shot)
     predictions = loaded.predict(inputs, progress=len(inputs) > 50)
     if out is not None:
@@ -531,11 +532,10 @@ def _generation_options(fn: Any) -> Any:
 
 
 def _load_instruct_run(run_dir: Path, zero_shot: bool) -> Any:
-    from finlora.predict import load_run
+    from finlora.predict import load_run, require_task
 
-    loaded = load_run(run_dir, zero_shot)
-    loaded.require_task("instruct", "finlora predict")
-    return loaded
+    require_task(run_dir, "instruct", "finlora predict")
+    return load_run(run_dir, zero_shot)
 
 
 def _stdout_stream(text: str) -> None:

@@ -54,8 +54,7 @@ class LoadedRun:
         return self.cfg.task
 
     def require_task(self, task: str, instead: str) -> None:
-        if self.task != task:
-            raise FinloraError(f"{self.run.root}: is a {self.task} run (use {instead})")
+        _check_task(self.run.root, self.task, task, instead)
 
     def proba(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
         """Label probabilities, (N, K) in `labels` order."""
@@ -83,6 +82,18 @@ class LoadedRun:
             )
             for text, row in zip(texts, probs, strict=True)
         ]
+
+
+def _check_task(root: Path, actual: str, wanted: str, instead: str) -> None:
+    if actual != wanted:
+        raise FinloraError(f"{root}: this run's task is {actual}, not {wanted} (use {instead})")
+
+
+def require_task(run_dir: Path, task: str, instead: str) -> None:
+    """Refuse a run of another task from its config alone, before any model is loaded."""
+    run = RunDir(Path(run_dir))
+    run.require_trained()
+    _check_task(run.root, config_from_dict(read_yaml(run.config)).task, task, instead)
 
 
 def load_run(run_dir: Path, zero_shot: bool = False) -> LoadedRun:

@@ -58,6 +58,7 @@ class TrainResult:
     steps: int
     best_epoch: int | None
     best_val_accuracy: float | None
+    best_val_loss: float | None
     train_seconds: float
     real_tokens_per_s: float
 
@@ -404,6 +405,7 @@ def train(
         steps=progress.step,
         best_epoch=progress.best_epoch,
         best_val_accuracy=rows[-1].get("val_accuracy") if rows else None,
+        best_val_loss=rows[-1].get("val_loss") if rows else None,
         train_seconds=seconds,
         real_tokens_per_s=tokens_seen / max(seconds, 1e-9),
     )

@@ -8,83 +8,18 @@ fast (a fresh interpreter pays ~5 s importing torch and transformers).
 from __future__ import annotations
 
 import csv
-import io
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from cli_support import Result, assert_user_error, run_subprocess, set_args
 
-from finlora.cli import main
 from finlora.data import FPB_LABELS, synthetic_sentiment
 
 LABEL_MAP = "0=negative,1=neutral,2=positive"
 TEXTS = [e.text for e in synthetic_sentiment(4, seed=9)]
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-def run_subprocess(*args: object, cwd: Path, stdin: str | None = None) -> Result:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "finlora.cli", *map(str, args)],
-        input=stdin if stdin is not None else "",
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=120,
-    )
-    return Result(proc.returncode, proc.stdout, proc.stderr)
-
-
-@pytest.fixture
-def cli(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> Callable[..., Result]:
-    """Call `finlora.cli.main()` in this process, from an empty working directory."""
-    work = tmp_path / "cwd"
-    work.mkdir()
-    monkeypatch.chdir(work)
-
-    def invoke(*args: object, stdin: str | None = None) -> Result:
-        monkeypatch.setattr(sys, "argv", ["finlora", *map(str, args)])
-        if stdin is not None:
-            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        capsys.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out, err = capsys.readouterr()
-        assert not any(work.iterdir()), "the command wrote into the working directory"
-        return Result(code, out, err)
-
-    return invoke
-
-
-def assert_user_error(result: Result, *fragments: str) -> str:
-    """Exit 2 and exactly one stderr line, `finlora: error: ...`, holding every fragment."""
-    assert result.code == 2, result
-    assert "Traceback" not in result.err
-    lines = result.err.splitlines()
-    assert len(lines) == 1, result.err
-    (line,) = lines
-    assert line.startswith("finlora: error: "), line
-    for fragment in fragments:
-        assert fragment in line, (fragment, line)
-    return line
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +30,6 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
         encoding="utf-8",
     )
     return path
-
-
-def set_args(overrides: list[str]) -> list[str]:
-    return [arg for item in overrides for arg in ("--set", item)]
 
 
 @pytest.fixture(scope="module")

@@ -4,47 +4,24 @@ and the run directories it keeps; bad method lists get one line and exit status 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cli_support import Result, set_args
 
-from finlora.cli import main
 from finlora.predict import load_run
 
-Invoke = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def finlora(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Invoke:
-    """Run `finlora ARGS...` in this process: (exit status, stdout, stderr)."""
-
-    def invoke(*args: object) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["finlora", *map(str, args)])
-        capsys.readouterr()
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return invoke
-
-
-def set_args(overrides: list[str]) -> list[str]:
-    return [arg for item in overrides for arg in ("--set", item)]
+Invoke = Callable[..., Result]
 
 
 def without_lora(overrides: list[str]) -> list[str]:
     return [o for o in overrides if not o.startswith("lora.")]
 
 
-def test_compare_json(finlora: Invoke, tiny_overrides: list[str], tmp_path: Path) -> None:
+def test_compare_json(cli: Invoke, tiny_overrides: list[str], tmp_path: Path) -> None:
     output = tmp_path / "cmp"
-    code, out, err = finlora(
+    code, out, err = cli(
         "compare", "--methods", "lora,prompt,freeze", "--output", output, "--json",
         "--no-progress", *set_args([*tiny_overrides, "train.max_steps=2"]),
     )  # fmt: skip
@@ -72,9 +49,9 @@ def test_compare_json(finlora: Invoke, tiny_overrides: list[str], tmp_path: Path
     assert (output / "compare.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_compare_seeds_table(finlora: Invoke, tiny_overrides: list[str], tmp_path: Path) -> None:
+def test_compare_seeds_table(cli: Invoke, tiny_overrides: list[str], tmp_path: Path) -> None:
     output = tmp_path / "cmp"
-    code, out, err = finlora(
+    code, out, err = cli(
         "compare", "--methods", "ia3", "--seeds", "2", "--output", output, "--no-progress",
         *set_args([*without_lora(tiny_overrides), "train.max_steps=1", "seed=7"]),
     )  # fmt: skip
@@ -96,10 +73,10 @@ def test_compare_seeds_table(finlora: Invoke, tiny_overrides: list[str], tmp_pat
     ],
 )
 def test_compare_bad_methods(
-    finlora: Invoke, tiny_overrides: list[str], tmp_path: Path, methods: str, fragment: str
+    cli: Invoke, tiny_overrides: list[str], tmp_path: Path, methods: str, fragment: str
 ) -> None:
     output = tmp_path / "cmp"
-    code, out, err = finlora(
+    code, out, err = cli(
         "compare", "--methods", methods, "--output", output, *set_args(tiny_overrides)
     )
     assert code == 2 and out == ""
@@ -109,10 +86,10 @@ def test_compare_bad_methods(
 
 
 def test_compare_refuses_options_for_a_method_it_does_not_run(
-    finlora: Invoke, tiny_overrides: list[str], tmp_path: Path
+    cli: Invoke, tiny_overrides: list[str], tmp_path: Path
 ) -> None:
     output = tmp_path / "cmp"
-    code, _, err = finlora(
+    code, _, err = cli(
         "compare", "--methods", "lora,full", "--output", output,
         *set_args([*tiny_overrides, "prefix.num_virtual_tokens=8"]),
     )  # fmt: skip
@@ -121,7 +98,7 @@ def test_compare_refuses_options_for_a_method_it_does_not_run(
         "finlora: error: --set prefix.num_virtual_tokens=8: method prefix is not among "
         "--methods (lora,full)\n"
     )
-    code, _, err = finlora(
+    code, _, err = cli(
         "compare", "--methods", "lora,full", "--output", output,
         *set_args([*tiny_overrides, "full.learning_rate=-1"]),
     )  # fmt: skip
@@ -131,12 +108,12 @@ def test_compare_refuses_options_for_a_method_it_does_not_run(
 
 
 def test_compare_refuses_a_non_empty_output(
-    finlora: Invoke, tiny_overrides: list[str], tmp_path: Path
+    cli: Invoke, tiny_overrides: list[str], tmp_path: Path
 ) -> None:
     output = tmp_path / "cmp"
     output.mkdir()
     (output / "keep.txt").write_text("mine")
-    code, _, err = finlora(
+    code, _, err = cli(
         "compare", "--methods", "lora", "--output", output, *set_args(tiny_overrides)
     )
     assert code == 2

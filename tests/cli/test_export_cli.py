@@ -8,8 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_cli import Result, assert_user_error, run_subprocess
-from test_cli import cli as cli  # noqa: F401 - the fixture, shared with test_cli.py
+from cli_support import Result, assert_user_error, run_subprocess
 
 from finlora.config import load_config
 from finlora.train import train

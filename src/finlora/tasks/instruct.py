@@ -100,8 +100,12 @@ class InstructCodec:
         """Token ids and target positions; None when `max_length` leaves no response token."""
         ids: list[int] = []
         targets: list[int] = []
+        # A chat template writes its own BOS (as `{{ bos_token }}`) where the model wants one, so
+        # its text is tokenized without special tokens, as generation_prompt and transformers'
+        # apply_chat_template do; adding them here would train on a doubled BOS.
+        special = not self.template.is_chat
         for n, (text, is_response) in enumerate(self._segments(record)):
-            piece = self._tokens(text, special=n == 0)
+            piece = self._tokens(text, special=special and n == 0)
             if is_response and not self.template.is_chat:
                 piece += self.eos_ids  # the chat template already ends the turn itself
             if is_response:
@@ -112,10 +116,13 @@ class InstructCodec:
         return InstructFeature(ids, kept) if kept else None
 
     def generation_prompt(self, record: InstructRecord) -> list[int]:
-        """The tokens a model continues to answer `record` (its last answer left out)."""
+        """The tokens a model continues to answer `record` (its last answer left out), cut from
+        the left to `max_length`: no longer than what training read."""
         if not self.template.is_chat:
-            return self._tokens(self._alpaca_prompt(record), special=True)
-        return self._tokens(self._render(record.prompt_messages, generation_prompt=True))
+            ids = self._tokens(self._alpaca_prompt(record), special=True)
+        else:
+            ids = self._tokens(self._render(record.prompt_messages, generation_prompt=True))
+        return ids[-self.max_length :]
 
     def chat_prompt(self, messages: Sequence[Message]) -> list[int]:
         """The tokens for a conversation so far, ending where the assistant speaks next."""
