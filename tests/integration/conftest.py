@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
+
+import finlora.train as train_module
+from finlora.scoring import predict_proba
 
 
 @pytest.fixture(scope="module")
@@ -24,3 +29,26 @@ def real_home() -> Iterator[None]:
     yield
     torch.set_num_threads(threads)
     mp.undo()
+
+
+@pytest.fixture
+def capture_epoch_probs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Callable[[list[str]], dict[str, np.ndarray]]:
+    """Start recording the in-memory model's probabilities of `texts` at every epoch's end
+    (where the adapter is saved); returns the dict that holds the latest under "probs"."""
+
+    def start(texts: list[str]) -> dict[str, np.ndarray]:
+        seen: dict[str, np.ndarray] = {}
+        original = train_module._end_epoch
+
+        def end_epoch(model: Any, s: Any, run: Any, progress: Any, log: Any) -> dict[str, Any]:
+            row = original(model, s, run, progress, log)
+            seen["probs"] = predict_proba(model, s.codec, texts, progress=False)
+            model.train()
+            return row
+
+        monkeypatch.setattr(train_module, "_end_epoch", end_epoch)
+        return seen
+
+    return start

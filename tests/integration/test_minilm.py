@@ -4,8 +4,8 @@ LoRA for a few steps on the synthetic set, then the reloaded run predicts exactl
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +16,6 @@ from finlora.config import load_config
 from finlora.data import synthetic_sentiment
 from finlora.models.registry import EMBEDDED
 from finlora.predict import load_run
-from finlora.scoring import predict_proba
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +31,7 @@ def installed() -> None:
 
 
 def test_minilm_lora_trains_and_reloads_exactly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capture_epoch_probs: Callable[[list[str]], dict[str, np.ndarray]]
 ) -> None:
     cfg = load_config(
         None,
@@ -45,20 +44,12 @@ def test_minilm_lora_trains_and_reloads_exactly(
             "train.batch_size=8",
             "train.learning_rate=2e-3",
             "train.precision=fp32",
+            "train.merge_for_inference=false",  # reload as trained: an exact comparison
             "lora.r=8",
             "lora.lora_alpha=16",
         ],
     )
-    seen: dict[str, np.ndarray] = {}
-    original = train_module._end_epoch
-
-    def end_epoch(model: Any, s: Any, run: Any, progress: Any, log: Any) -> dict[str, Any]:
-        row = original(model, s, run, progress, log)
-        seen["probs"] = predict_proba(model, s.codec, TEXTS, progress=False)
-        model.train()
-        return row
-
-    monkeypatch.setattr(train_module, "_end_epoch", end_epoch)
+    seen = capture_epoch_probs(TEXTS)
     out = tmp_path / "minilm"
     train_module.train(cfg, out, progress_bar=False, log=lambda m: None)
 

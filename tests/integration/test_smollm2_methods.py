@@ -4,8 +4,8 @@ the reloaded run scores exactly as the in-memory model did when its adapter was 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +15,6 @@ from finlora.config import load_config
 from finlora.data import synthetic_sentiment
 from finlora.methods import METHODS
 from finlora.predict import load_run
-from finlora.scoring import predict_proba
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("real_home")]
 
@@ -25,7 +24,7 @@ SMALL = {"prefix": ["prefix.num_virtual_tokens=8"], "prompt": ["prompt.num_virtu
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_on_smollm2_reloads_exactly(
-    method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    method: str, tmp_path: Path, capture_epoch_probs: Callable[[list[str]], dict[str, np.ndarray]]
 ) -> None:
     cfg = load_config(
         None,
@@ -36,20 +35,12 @@ def test_method_on_smollm2_reloads_exactly(
             "train.batch_size=4",
             "train.log_every=1",
             "train.precision=fp32",  # exact comparison on any CPU
+            "train.merge_for_inference=false",  # reload as trained: an exact comparison
             f"method.name={method}",
             *SMALL.get(method, []),
         ],
     )
-    seen: dict[str, np.ndarray] = {}
-    original = train_module._end_epoch
-
-    def end_epoch(model: Any, s: Any, run: Any, progress: Any, log: Any) -> dict[str, Any]:
-        row = original(model, s, run, progress, log)
-        seen["probs"] = predict_proba(model, s.codec, TEXTS, progress=False)
-        model.train()
-        return row
-
-    monkeypatch.setattr(train_module, "_end_epoch", end_epoch)
+    seen = capture_epoch_probs(TEXTS)
     out = tmp_path / method
     train_module.train(cfg, out, progress_bar=False, log=lambda m: None)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
