@@ -40,23 +40,16 @@ def _perplexity(loaded: LoadedRun, records: list[InstructRecord]) -> tuple[float
     features = [f for f in (loaded.codec.encode(r) for r in records) if f is not None]
     if not features:
         return math.nan, 0
-    placement = _Placement(loaded)
     nll, count = response_nll(
         loaded.model,
         loaded.codec,
         features,
         loaded.cfg.train.eval_batch_size,
-        placement,
+        loaded.device,
+        loaded.dtype,
         loaded.cfg.train.label_logits_only,
     )
     return math.exp(min(nll / count, 700.0)), count
-
-
-class _Placement:
-    """The device and autocast dtype of a loaded run, as `response_nll` reads them."""
-
-    def __init__(self, loaded: LoadedRun) -> None:
-        self.device, self.dtype = loaded.device, loaded.dtype
 
 
 def evaluate_instruct(

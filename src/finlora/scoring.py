@@ -1,5 +1,5 @@
-"""Label-token logits, the training loss, and label scores, for causal, seq2seq and encoder
-classifier models.
+"""Label-token logits, the training loss and label scores, for causal, seq2seq and encoder
+classifier models; and the answer-token loss of instruction features.
 
 The fast causal path runs the decoder stack once and applies the output head only at the label
 positions: the full (B, T, V) logits tensor of a 49k-token vocabulary costs more memory and
@@ -161,7 +161,8 @@ def response_nll(
     codec: Any,
     features: Sequence[Any],
     batch_size: int,
-    placement: Any,
+    device: torch.device,
+    dtype: torch.dtype | None,
     fast: bool = True,
 ) -> tuple[float, int]:
     """Summed cross-entropy over the target (answer) tokens of instruction features, and how
@@ -169,9 +170,9 @@ def response_nll(
     total, count = 0.0, 0
     for idx in sorted_batches([codec.width(f) for f in features], batch_size):
         chunk = [features[i] for i in idx]
-        batch = codec.training_batch(chunk).to(placement.device)
+        batch = codec.training_batch(chunk).to(device)
         n = sum(codec.target_count(f) for f in chunk)
-        with autocast(placement.device, placement.dtype):
+        with autocast(device, dtype):
             total += float(loss_fn(model, batch, codec.kind, fast)) * n
         count += n
     return total, count

@@ -196,7 +196,7 @@ def validate(model: Any, s: _Setup, fast: bool) -> dict[str, float]:
     if s.cfg.task == "instruct":
         model.eval()
         nll, count = response_nll(
-            model, s.codec, s.validation, s.cfg.train.eval_batch_size, s.placement, fast
+            model, s.codec, s.validation, s.cfg.train.eval_batch_size, s.device, s.dtype, fast
         )
         model.train()
         return {"val_loss": nll / count, "val_perplexity": math.exp(min(nll / count, 700.0))}
