@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import sys
@@ -510,6 +511,7 @@ def compare(
 
 
 def _generation_options(fn: Any) -> Any:
+    """The decoding options of generate and chat, handed to the command as `options`."""
     options = [
         click.option(
             "--max-new-tokens", default=256, show_default=True, help="Longest answer in tokens."
@@ -526,9 +528,25 @@ def _generation_options(fn: Any) -> Any:
         click.option("--system", help="A system message (chat template runs)."),
         click.option("--zero-shot", is_flag=True, help="Use the base model without the adapter."),
     ]
+
+    @functools.wraps(fn)
+    def command(
+        *args: Any,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seed: int | None,
+        **kwargs: Any,
+    ) -> Any:
+        from finlora.generate import GenerationOptions
+
+        options = GenerationOptions(max_new_tokens, temperature, top_p, top_k, seed)
+        return fn(*args, options=options, **kwargs)
+
     for option in reversed(options):
-        fn = option(fn)
-    return fn
+        command = option(command)
+    return command
 
 
 def _load_instruct_run(run_dir: Path, zero_shot: bool) -> Any:
@@ -554,11 +572,7 @@ def generate(
     instruction: str,
     input_text: str,
     as_json: bool,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    seed: int | None,
+    options: Any,
     system: str | None,
     zero_shot: bool,
 ) -> None:
@@ -571,11 +585,9 @@ def generate(
           --input "Share price EUR 42.00, EPS EUR 3.50."
     """
     from finlora.chat import answer, instruction_prompt
-    from finlora.generate import GenerationOptions
 
     if not instruction.strip():
         raise FinloraError("--instruction is empty")
-    options = GenerationOptions(max_new_tokens, temperature, top_p, top_k, seed)
     loaded = _load_instruct_run(run_dir, zero_shot)
     prompt = instruction_prompt(loaded, instruction, input_text, system)
     if as_json:
@@ -589,16 +601,7 @@ def generate(
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @_generation_options
-def chat(
-    run_dir: Path,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    seed: int | None,
-    system: str | None,
-    zero_shot: bool,
-) -> None:
+def chat(run_dir: Path, options: Any, system: str | None, zero_shot: bool) -> None:
     """Chat with an instruct run in the terminal; answers stream as they are generated.
 
     \b
@@ -607,9 +610,7 @@ def chat(
       finlora chat runs/fin-instruct --temperature 0.7 --top-p 0.9
     """
     from finlora.chat import ChatSession, chat_loop, describe
-    from finlora.generate import GenerationOptions
 
-    options = GenerationOptions(max_new_tokens, temperature, top_p, top_k, seed)
     loaded = _load_instruct_run(run_dir, zero_shot)
     _echo_err(describe(loaded))
     with contextlib.suppress(ImportError):  # not on every platform
