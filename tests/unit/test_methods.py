@@ -65,15 +65,44 @@ def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_di
     return directory
 
 
+@pytest.fixture(scope="module")
+def tiny_mt5_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """A 2-layer mT5 (the mT0 family's architecture: gated-GELU, untied output head), saved the
+    way a real mt0 checkout is: config.json naming MT5ForConditionalGeneration, safetensors."""
+    from transformers import AutoTokenizer, MT5Config, MT5ForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir, local_files_only=True)
+    config = MT5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_ff=64,
+        d_kv=8,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny-mt5")
+    MT5ForConditionalGeneration(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture
 def models(
-    tiny_causal_dir: Path, tiny_seq2seq_dir: Path, tiny_encoder_dir: Path
+    tiny_causal_dir: Path, tiny_seq2seq_dir: Path, tiny_encoder_dir: Path, tiny_mt5_dir: Path
 ) -> dict[str, list[str]]:
     """Per model kind, the overrides that select its tiny model."""
     return {
         "causal": [f"model.name={tiny_causal_dir}"],
         "seq2seq": [f"model.name={tiny_seq2seq_dir}"],
         "encoder": [f"model.name={tiny_encoder_dir}", "model.kind=encoder"],
+        "mt5": [f"model.name={tiny_mt5_dir}"],
     }
 
 
@@ -124,6 +153,21 @@ def _assert_round_trip(cfg: RunConfig, output: Path, seen: dict[str, np.ndarray]
     assert marker["method"] == cfg.method.name
     loaded = load_run(output)
     np.testing.assert_allclose(loaded.proba(TEXTS, progress=False), seen["probs"], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt", "ia3", "full"])
+def test_mt0_architecture_trains_saves_and_reloads_exactly(
+    method: str,
+    method_cfg: Callable[..., RunConfig],
+    capture_saved: dict[str, np.ndarray],
+    tmp_path: Path,
+) -> None:
+    """The classic mt0-large + LoRA recipe's architecture, as a local directory (kind: auto)."""
+    cfg = method_cfg(method, "mt5", "train.max_steps=2")
+    _assert_round_trip(cfg, tmp_path / "run", capture_saved)
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["base_model"]["kind"] == (
+        "seq2seq"
+    )
 
 
 @pytest.mark.parametrize("method", ALL)
