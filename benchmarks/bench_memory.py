@@ -20,6 +20,7 @@ from finlora.config import load_config
 from finlora.data.prepare import prepare_data
 from finlora.methods import build_method
 from finlora.models import Placement, load_base_model
+from finlora.models.device import set_gradient_checkpointing
 from finlora.prompts import PromptTemplate
 from finlora.tasks.classify import LabelCodec, length_grouped_batches
 from finlora.train import accumulate_batch
@@ -38,10 +39,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", default="1024", help="max_batch_tokens, or null")
     parser.add_argument("-n", type=int, default=160, help="training sentences")
+    parser.add_argument(
+        "--checkpointing", action="store_true", help="train.gradient_checkpointing=true"
+    )
     args = parser.parse_args()
     if not os.environ.get("FINLORA_FPB_DIR"):
         raise SystemExit("set FINLORA_FPB_DIR to the Financial PhraseBank directory")
-    cfg = load_config(RECIPE, [f"train.max_batch_tokens={args.budget}"])
+    cfg = load_config(
+        RECIPE,
+        [
+            f"train.max_batch_tokens={args.budget}",
+            f"train.gradient_checkpointing={str(args.checkpointing).lower()}",
+        ],
+    )
     placement = Placement.from_config(cfg.train)
     data = prepare_data(cfg.data, cfg.seed)
     base = load_base_model(cfg.model.name, cfg.model.trust_remote_code, placement.attention)
@@ -49,6 +59,7 @@ def main() -> None:
         base.tokenizer, PromptTemplate.load(cfg.data.template), data.labels, base.kind, 128
     )
     model = placement.place(build_method(base.model, cfg, base.kind)).train()
+    set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
     features = [codec.encode(e) for e in data.rows("train")[: args.n]]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     start, tokens = time.perf_counter(), 0
@@ -62,7 +73,10 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             tokens += real
     rate = tokens / (time.perf_counter() - start)
-    print(f"max_batch_tokens={args.budget}: peak RSS {peak_rss_gb():.2f} GB, {rate:.0f} tokens/s")
+    print(
+        f"max_batch_tokens={args.budget}, gradient_checkpointing={args.checkpointing}: "
+        f"peak RSS {peak_rss_gb():.2f} GB, {rate:.0f} tokens/s"
+    )
 
 
 if __name__ == "__main__":

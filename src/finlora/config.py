@@ -318,6 +318,9 @@ class TrainConfig:
     # Padded tokens per forward/backward pass: a longer batch is split into micro-batches whose
     # gradients add up to the whole batch's (same update), bounding peak activation memory.
     max_batch_tokens: int | None = 1024
+    # Keep only each layer's input during the forward pass and recompute the rest in the
+    # backward pass: activation memory drops to a small fraction, for about a third more compute.
+    gradient_checkpointing: bool = False
     threads: int | None = None
     # Prediction and evaluation fold a LoRA/IA3 adapter into the weights first (same scores to
     # float rounding, fewer operations); off keeps the adapter layers as trained.

@@ -33,6 +33,7 @@ from finlora.data.prepare import PreparedData, PreparedInstruct, prepare_data, p
 from finlora.errors import FinloraError
 from finlora.methods import build_method, save_adapter, trainable_parameters
 from finlora.models import BaseModel, Placement, load_base_model
+from finlora.models.device import set_gradient_checkpointing
 from finlora.models.loading import sha256_file
 from finlora.plots import plot_loss_curve
 from finlora.runs import RunDir, git_commit, library_versions
@@ -307,6 +308,7 @@ def train(
         _write_run_header(run, s)
 
     model = s.placement.place(s.model)
+    set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
     trainable, total = trainable_parameters(model)
     log(
         f"model: {cfg.model.name} ({s.base.kind}), method {cfg.method.name}, "

@@ -14,8 +14,9 @@ from finlora.config import RunConfig
 from finlora.data import FPB_LABELS, synthetic_sentiment
 from finlora.methods import build_method
 from finlora.models import Placement, freeze_to_dtype, load_base_model
+from finlora.models.device import set_gradient_checkpointing
 from finlora.prompts import PromptTemplate
-from finlora.scoring import autocast, label_loglik, loss_fn
+from finlora.scoring import autocast, label_loglik, loss_fn, unwrap
 from finlora.tasks.classify import LabelCodec, token_budget_chunks
 from finlora.train import accumulate_batch
 
@@ -107,4 +108,23 @@ def test_micro_batches_give_the_whole_batch_gradient(
     assert whole_real == micro_real
     assert abs(whole_loss - micro_loss) < 1e-5
     for a, b in zip(whole, micro, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
+) -> None:
+    grads = []
+    for on in (False, True):
+        cfg = tiny_cfg(f"train.gradient_checkpointing={str(on).lower()}")
+        model, codec = _model(cfg, tiny_causal_dir, "eager")
+        set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
+        model.train()
+        assert unwrap(model).is_gradient_checkpointing == on
+        features = [codec.encode(e) for e in EXAMPLES]
+        loss, _ = accumulate_batch(model, codec, features, cfg.train, Placement(CPU, None, ""))
+        grads.append((loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (plain_loss, plain), (ckpt_loss, ckpt) = grads
+    assert abs(plain_loss - ckpt_loss) < 1e-6
+    for a, b in zip(plain, ckpt, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

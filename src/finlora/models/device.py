@@ -88,6 +88,16 @@ def freeze_to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return count
 
 
+def set_gradient_checkpointing(model: Any, on: bool) -> None:
+    """Turn transformers' activation checkpointing on for a (PEFT-wrapped) model.
+
+    Non-reentrant checkpointing: it needs no gradient on the inputs, so it works with frozen
+    embeddings (LoRA) and with the decoder stack called directly (the fast path).
+    """
+    if on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where and how a model runs: device, autocast dtype, attention kernel, weight storage."""
