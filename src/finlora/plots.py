@@ -272,6 +272,12 @@ def plot_reliability_diagram(
     return _save(fig, path)
 
 
+def _percent(share: float) -> str:
+    """A share as a short percentage: 100%, 5.3%, 0.0086% (two significant digits below 10%)."""
+    percent = 100 * share
+    return f"{percent:.0f}%" if percent >= 10 else f"{percent:.2g}%"
+
+
 def plot_method_comparison(
     rows: Sequence[dict[str, Any]], path: Path, title: str = "Tuning methods"
 ) -> Path:
@@ -285,7 +291,7 @@ def plot_method_comparison(
         raise FinloraError("nothing to plot: no method in the comparison")
     x = np.arange(len(rows))
     width = 0.38
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows) + 2), 4.6))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(rows) + 2), 4.8))
     for shift, key, color, name in (
         (-width / 2, "accuracy", _STEP_COLOR, "accuracy"),
         (width / 2, "macro_f1", _VAL_COLOR, "macro-F1"),
@@ -304,7 +310,7 @@ def plot_method_comparison(
         ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=7, padding=2)
     ax.set_xticks(
         x,
-        labels=[f"{r['method']}\n{100 * float(r['trainable_share']):.3g}% trained" for r in rows],
+        labels=[f"{r['method']}\n{_percent(float(r['trainable_share']))}\ntrained" for r in rows],
     )
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("test score")
