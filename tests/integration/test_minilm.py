@@ -69,3 +69,36 @@ def test_minilm_lora_trains_and_reloads_exactly(
     loaded = load_run(out)
     np.testing.assert_allclose(loaded.proba(TEXTS, progress=False), seen["probs"], atol=1e-6)
     assert {p.label for p in loaded.predict(TEXTS, progress=False)} <= set(loaded.labels)
+
+
+def test_minilm_full_fine_tuning_trains_and_reloads_exactly(
+    tmp_path: Path, capture_epoch_probs: Callable[[list[str]], dict[str, np.ndarray]]
+) -> None:
+    cfg = load_config(
+        None,
+        [
+            "model.name=all-minilm-l6-v2",
+            "method.name=full",
+            "data.format=synthetic",
+            "data.synthetic_size=60",
+            "train.max_steps=3",
+            "train.batch_size=8",
+            "train.precision=fp32",
+            "full.learning_rate=1e-4",
+        ],
+    )
+    seen = capture_epoch_probs(TEXTS)
+    out = tmp_path / "minilm-full"
+    train_module.train(cfg, out, progress_bar=False, log=lambda m: None)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "full"
+    assert manifest["trainable_params"] == manifest["total_params"]
+    # Every tuned tensor, the new head included, is stored with the run.
+    saved = load_file(str(out / "adapter" / "trainable.safetensors"))
+    assert any("classifier" in name for name in saved) and len(saved) > 50
+
+    loaded = load_run(out)
+    np.testing.assert_allclose(loaded.proba(TEXTS, progress=False), seen["probs"], atol=1e-6)
+    zero_shot = load_run(out, zero_shot=True).proba(TEXTS, progress=False)
+    assert not np.allclose(zero_shot, seen["probs"], atol=1e-4)
