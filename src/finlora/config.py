@@ -172,6 +172,10 @@ class PrefixSection:
 
 
 PROMPT_INITS = ("text", "random")
+PROMPT_INIT_TEXTS = {
+    "classify": "Classify the sentiment of this financial news as negative, neutral or positive:",
+    "instruct": "Answer the following financial question or task accurately and concisely:",
+}
 
 
 @dataclass
@@ -180,17 +184,16 @@ class PromptSection:
 
     num_virtual_tokens: int = 20
     # "text" starts the virtual tokens at the embeddings of `init_text` (repeated to fill
-    # them), which trains far better on small models than random vectors.
+    # them), which trains far better on small models than random vectors. null: a text for the
+    # run's task (PROMPT_INIT_TEXTS), so an instruct run does not start from a sentiment cue.
     init: str = "text"
-    init_text: str = (
-        "Classify the sentiment of this financial news as negative, neutral or positive:"
-    )
+    init_text: str | None = None
     learning_rate: float | None = 3e-2
 
     def validate(self, prefix: str) -> None:
         _check_positive(f"{prefix}.num_virtual_tokens", self.num_virtual_tokens)
         _check_choice(f"{prefix}.init", self.init, PROMPT_INITS)
-        if self.init == "text" and not self.init_text.strip():
+        if self.init == "text" and self.init_text is not None and not self.init_text.strip():
             _fail(f"{prefix}.init_text", "must not be empty when prompt.init is text")
         _check_learning_rate(f"{prefix}.learning_rate", self.learning_rate)
 

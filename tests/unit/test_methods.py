@@ -13,7 +13,13 @@ import pytest
 import torch
 
 import finlora.train as train_module
-from finlora.config import METHOD_SECTIONS, RunConfig, config_from_dict, load_config
+from finlora.config import (
+    METHOD_SECTIONS,
+    PROMPT_INIT_TEXTS,
+    RunConfig,
+    config_from_dict,
+    load_config,
+)
 from finlora.data import FPB_LABELS, synthetic_sentiment
 from finlora.errors import FinloraError
 from finlora.methods import METHODS, build_method, trainable_parameters
@@ -326,3 +332,14 @@ def test_trainable_share_orders_the_methods(
     total = counts["full"][1]
     assert counts["full"][0] == total
     assert all(0 < trainable < total for m, (trainable, _) in counts.items() if m != "full")
+
+
+@pytest.mark.parametrize("task", ["classify", "instruct"])
+def test_prompt_init_text_follows_the_task(
+    task: str, method_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
+) -> None:
+    cfg = method_cfg("prompt", "causal", f"task={task}", "prompt.init_text=null")
+    if task == "instruct":
+        cfg.data.template = "alpaca"
+    model = build_method(load_base_model(str(tiny_causal_dir)).model, cfg, "causal")
+    assert model.peft_config["default"].prompt_tuning_init_text == PROMPT_INIT_TEXTS[task]

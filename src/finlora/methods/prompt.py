@@ -7,7 +7,7 @@ from typing import Any
 
 from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 
-from finlora.config import RunConfig
+from finlora.config import PROMPT_INIT_TEXTS, RunConfig
 from finlora.methods.peft_task import task_options
 
 KINDS = ("causal", "seq2seq", "encoder")
@@ -22,7 +22,7 @@ def build(model: Any, cfg: RunConfig, kind: str) -> Any:
         # PEFT tokenizes the init text with the model's own tokenizer, which every model
         # directory finlora loads from holds (its path is the model's name_or_path).
         text = {
-            "prompt_tuning_init_text": section.init_text,
+            "prompt_tuning_init_text": section.init_text or PROMPT_INIT_TEXTS[cfg.task],
             "tokenizer_name_or_path": model.name_or_path,
             "tokenizer_kwargs": {"local_files_only": True},
         }
