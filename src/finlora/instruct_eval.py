@@ -19,6 +19,7 @@ from typing import Any
 from finlora import atomic
 from finlora.data.instruct import InstructRecord, load_instruct
 from finlora.data.prepare import prepare_instruct
+from finlora.errors import FinloraError
 from finlora.evaluate import check_training_files
 from finlora.generate import GenerationOptions, generate_answers
 from finlora.plots import plot_score_histogram
@@ -33,6 +34,12 @@ def _test_records(loaded: LoadedRun, data_path: Path | None) -> tuple[str, str, 
         return data_path.stem, str(data_path), load_instruct(data_path)
     check_training_files(loaded)
     data = prepare_instruct(loaded.cfg.data, loaded.cfg.seed)
+    recorded = loaded.split.get("records_sha256")
+    if recorded and recorded != data.records_sha256:
+        raise FinloraError(
+            f"{data.description}: changed since training (another finlora version?); cannot "
+            "rebuild the test split (pass --data to evaluate on a file)"
+        )
     return "test", f"test split of {data.description}", data.rows("test")
 
 

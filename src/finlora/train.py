@@ -167,6 +167,8 @@ def _setup(cfg: RunConfig, log: Log) -> _Setup:
 
 
 def _write_run_header(run: RunDir, s: _Setup) -> None:
+    # The packaged instruction set has no file to hash; its records' digest stands in.
+    digest = getattr(s.data, "records_sha256", None)
     atomic.write_text(run.config, s.cfg.to_yaml())
     atomic.write_json(
         run.split,
@@ -178,6 +180,7 @@ def _write_run_header(run: RunDir, s: _Setup) -> None:
             "files": {str(f): sha256_file(f) for f in s.data.files},
             "seed": s.cfg.seed,
             "duplicates_across_splits": s.data.duplicates,
+            **({"records_sha256": digest} if digest else {}),
             **s.data.split.to_dict(),
         },
     )

@@ -4,6 +4,7 @@ and the one-line refusals."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pty
@@ -21,7 +22,7 @@ from cli_support import Result, assert_user_error, set_args
 from finlora.config import load_config
 from finlora.data import FPB_LABELS, synthetic_sentiment
 from finlora.data.fin_instruct import fin_instruct_set
-from finlora.data.instruct import load_instruct
+from finlora.data.instruct import Message, load_instruct
 from finlora.train import train
 
 TERMS = {
@@ -325,3 +326,27 @@ def test_chat_in_a_terminal(run_dir: Path, tmp_path: Path) -> None:
         assert term.proc.wait(timeout=30) == 0
     finally:
         term.close()
+
+
+def test_eval_refuses_a_packaged_set_that_changed_since_training(
+    cli: Callable[..., Result],
+    instruct_overrides: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The packaged set has no file to hash; its records' digest guards the rebuilt split."""
+    cfg = load_config(None, [*instruct_overrides, "task=instruct", "data.path=null",
+                             "train.max_steps=1"])  # fmt: skip
+    run = tmp_path / "packaged"
+    train(cfg, run, progress_bar=False, log=lambda _: None)
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["records_sha256"]) == 64 and split["files"] == {}
+
+    import finlora.data.prepare as prepare
+
+    changed = fin_instruct_set()
+    answer = Message("assistant", "A different answer.")
+    changed[0] = dataclasses.replace(changed[0], messages=(*changed[0].messages[:-1], answer))
+    monkeypatch.setattr(prepare, "fin_instruct_set", lambda: changed)
+    result = cli("eval", run, "--max-new-tokens", "2")
+    assert_user_error(result, "changed since training", "--data")

@@ -10,6 +10,7 @@ It is not real data; reports name it as such.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from importlib import resources
@@ -77,6 +78,12 @@ def _concepts() -> list[InstructRecord]:
         alpaca_record(r["instruction"], r["output"], r.get("input", ""), f"finlora:concepts:{i}")
         for i, r in enumerate(rows)
     ]
+
+
+def records_sha256(records: list[InstructRecord]) -> str:
+    """A digest of records' content, to notice a packaged set that changed between versions."""
+    content = [[(m.role, m.content) for m in r.messages] + [r.label] for r in records]
+    return hashlib.sha256(json.dumps(content).encode("utf-8")).hexdigest()
 
 
 def fin_instruct_set(seed: int = 0) -> list[InstructRecord]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from finlora.config import DataConfig
 from finlora.data.examples import Example
-from finlora.data.fin_instruct import FIN_INSTRUCT_NOTE, fin_instruct_set
+from finlora.data.fin_instruct import FIN_INSTRUCT_NOTE, fin_instruct_set, records_sha256
 from finlora.data.instruct import InstructRecord, load_instruct
 from finlora.data.loaders import FPB_FILES, FPB_LABELS, load_examples, parse_label_map
 from finlora.data.split import Split, cross_split_duplicates, stratified_split
@@ -119,6 +119,8 @@ class PreparedInstruct:
     description: str
     labels: list[str] = field(default_factory=list)  # labels named by label-answer records
     duplicates: list[dict[str, Any]] = field(default_factory=list)
+    # The packaged set has no file to hash: its records' digest stands in (files hold theirs).
+    records_sha256: str | None = None
 
     @property
     def synthetic(self) -> bool:
@@ -153,5 +155,11 @@ def prepare_instruct(cfg: DataConfig, seed: int) -> PreparedInstruct:
     labels = sorted({x for r in records for x in (r.labels or ((r.label,) if r.label else ()))})
     texts = [Example(str([(m.role, m.content) for m in r.prompt_messages]), "") for r in records]
     return PreparedInstruct(
-        records, split, files, description, labels, cross_split_duplicates(texts, split)
+        records,
+        split,
+        files,
+        description,
+        labels,
+        cross_split_duplicates(texts, split),
+        None if files else records_sha256(records),
     )
