@@ -117,11 +117,16 @@ def evaluate_run(
     return metrics
 
 
+def report_title(loaded: LoadedRun, stem: str) -> str:
+    """What a report is of: the run (or its zero-shot base model) and the data's stem."""
+    return f"{'zero-shot base model' if loaded.zero_shot else loaded.run.root.name}: {stem}"
+
+
 def _write_reports(
     loaded: LoadedRun, stem: str, metrics: dict[str, Any], probs: np.ndarray, gold: list[str]
 ) -> dict[str, str]:
     out = loaded.run.eval_dir
-    title = f"{'zero-shot base model' if loaded.zero_shot else loaded.run.root.name}: {stem}"
+    title = report_title(loaded, stem)
     files = {
         "json": out / f"{stem}.json",
         "text": out / f"{stem}.txt",

@@ -20,12 +20,12 @@ from finlora import atomic
 from finlora.data.instruct import InstructRecord, load_instruct
 from finlora.data.prepare import prepare_instruct
 from finlora.errors import FinloraError
-from finlora.evaluate import check_training_files
+from finlora.evaluate import check_training_files, report_title
 from finlora.generate import GenerationOptions, generate_answers
 from finlora.plots import plot_score_histogram
 from finlora.predict import LoadedRun
 from finlora.scoring import response_nll
-from finlora.textmetrics import generation_metrics, label_answer_metrics, rouge_l
+from finlora.textmetrics import generation_metrics, label_answer_metrics, rouge_f1
 
 
 def _test_records(loaded: LoadedRun, data_path: Path | None) -> tuple[str, str, list[Any]]:
@@ -80,13 +80,14 @@ def evaluate_instruct(
         progress=progress,
     )
     references = [r.response for r in records]
+    rouge = rouge_f1(answers, references)
     labelled = [i for i, r in enumerate(records) if r.label is not None]
     metrics: dict[str, Any] = {
         "task": "instruct",
         "n": len(records),
         "perplexity": perplexity,
         "answer_tokens": tokens,
-        **generation_metrics(answers, references),
+        **generation_metrics(answers, references, rouge),
         **label_answer_metrics(
             [answers[i] for i in labelled],
             [str(records[i].label) for i in labelled],
@@ -98,7 +99,9 @@ def evaluate_instruct(
         "synthetic": bool(loaded.split.get("synthetic")) and data_path is None,
     }
     stem = f"{'zero-shot-' if loaded.zero_shot else ''}{stem}"
-    metrics["report_files"] = _write_reports(loaded, stem, metrics, records, answers)
+    metrics["report_files"] = _write_reports(
+        loaded, stem, metrics, records, answers, rouge["rougeL"]
+    )
     return metrics
 
 
@@ -126,16 +129,16 @@ def _write_reports(
     metrics: dict[str, Any],
     records: list[InstructRecord],
     answers: list[str],
+    scores: list[float],
 ) -> dict[str, str]:
     out = loaded.run.eval_dir
-    title = f"{'zero-shot base model' if loaded.zero_shot else loaded.run.root.name}: {stem}"
+    title = report_title(loaded, stem)
     files = {
         "json": out / f"{stem}.json",
         "text": out / f"{stem}.txt",
         "answers": out / f"{stem}_answers.jsonl",
         "rouge_histogram": out / f"{stem}_rougeL.png",
     }
-    scores = [rouge_l(a, r.response) for a, r in zip(answers, records, strict=True)]
     rows = [
         {
             "source": r.source,

@@ -13,29 +13,36 @@ from typing import Any
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
 
-def generation_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Corpus BLEU and mean ROUGE-1/2/L F-measures of predictions against one reference each."""
-    import sacrebleu
+def rouge_f1(predictions: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
+    """ROUGE-1/2/L F-measure of every answer against its reference, one scorer for all."""
     from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError("need one reference per prediction")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    scores = [scorer.score(r, p) for p, r in zip(predictions, references, strict=True)]
+    return {key: [float(s[key].fmeasure) for s in scores] for key in ROUGE_KEYS}
+
+
+def generation_metrics(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    rouge: dict[str, list[float]] | None = None,
+) -> dict[str, float]:
+    """Corpus BLEU and mean ROUGE-1/2/L F-measures of predictions against one reference each;
+    `rouge` passes per-answer scores already computed by `rouge_f1`."""
+    import sacrebleu
 
     if len(predictions) != len(references) or not predictions:
         raise ValueError("need one reference per prediction, and at least one")
     bleu = sacrebleu.corpus_bleu(list(predictions), [list(references)]).score
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
-    totals = dict.fromkeys(ROUGE_KEYS, 0.0)
-    for prediction, reference in zip(predictions, references, strict=True):
-        scores = scorer.score(reference, prediction)
-        for key in ROUGE_KEYS:
-            totals[key] += scores[key].fmeasure
-    return {"bleu": float(bleu), **{k: v / len(predictions) for k, v in totals.items()}}
+    rouge = rouge if rouge is not None else rouge_f1(predictions, references)
+    return {"bleu": float(bleu), **{k: sum(v) / len(v) for k, v in rouge.items()}}
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F-measure of one answer, for per-answer reports."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return float(scorer.score(reference, prediction)["rougeL"].fmeasure)
+    """ROUGE-L F-measure of one answer."""
+    return rouge_f1([prediction], [reference])["rougeL"][0]
 
 
 def labels_named(text: str, labels: Sequence[str]) -> list[str]:

@@ -168,7 +168,7 @@ def _setup(cfg: RunConfig, log: Log) -> _Setup:
 
 def _write_run_header(run: RunDir, s: _Setup) -> None:
     # The packaged instruction set has no file to hash; its records' digest stands in.
-    digest = getattr(s.data, "records_sha256", None)
+    digest = s.data.records_sha256
     atomic.write_text(run.config, s.cfg.to_yaml())
     atomic.write_json(
         run.split,

@@ -25,6 +25,7 @@ class PreparedData:
     files: list[Path]  # the files actually read (empty for the synthetic set)
     description: str  # shown wherever the data is named
     duplicates: list[dict[str, Any]] = field(default_factory=list)
+    records_sha256: str | None = None  # only the packaged instruction set has one
 
     @property
     def synthetic(self) -> bool:
