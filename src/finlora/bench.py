@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -21,9 +22,10 @@ import torch
 
 from finlora.config import RunConfig, load_config
 from finlora.data.prepare import prepare_data
+from finlora.errors import FinloraError
 from finlora.memory import PeakMemory
 from finlora.methods import build_method, merged_for_inference
-from finlora.models import Placement, load_base_model
+from finlora.models import Placement, load_base_model, set_threads
 from finlora.scoring import predict_proba
 from finlora.tasks.classify import IGNORE, LabelCodec, length_grouped_batches
 from finlora.train import accumulate_batch
@@ -69,16 +71,25 @@ class Round:
 
 
 @dataclass
+class FinloraPath:
+    """finlora's own path as one config sets it up: model, codec and placement."""
+
+    cfg: RunConfig
+    model: Any
+    codec: LabelCodec
+    placement: Placement
+
+
+@dataclass
 class BenchSetup:
     cfg: RunConfig
     classic: Any  # the classic recipe's model: fp32 weights, SDPA attention, LoRA dropout 0.05
-    model: Any  # finlora's, placed as the config says
+    paths: dict[str, FinloraPath]  # "finlora", then one per variant ("train.fused_lora=false")
     tokenizer: Any
-    codec: LabelCodec
+    codec: LabelCodec  # the base config's, for the classic path's prompts
     texts: list[str]
     labels: list[int]
     device: torch.device
-    dtype: torch.dtype | None
     n_params: int
 
 
@@ -91,29 +102,46 @@ def _model(cfg: RunConfig, attention: str | None) -> tuple[Any, Any]:
     return base, build_method(base.model, cfg, base.kind)
 
 
-def setup(config: Path | None, overrides: list[str], n: int) -> BenchSetup:
-    """The same sentences and LoRA settings for both paths, each path with its own model."""
-    cfg = load_config(config, overrides)
+def _finlora_path(cfg: RunConfig, labels: list[str]) -> tuple[FinloraPath, Any]:
     placement = Placement.from_config(cfg.train)
+    base, model = _model(cfg, placement.attention)
+    codec = LabelCodec.for_data(base.tokenizer, cfg.data, labels, base.kind)
+    return FinloraPath(cfg, placement.place(model), codec, placement), base
+
+
+def setup(
+    config: Path | None, overrides: list[str], n: int, variants: list[str] | None = None
+) -> BenchSetup:
+    """The same sentences and LoRA settings for every path, each path with its own model.
+
+    Each variant is one more `KEY=VALUE` override on top of `overrides`: finlora's path with
+    one switch changed, timed beside the others so its effect is measured in the same run.
+    """
+    for variant in variants or []:
+        if variant.split("=", 1)[0].strip() == "train.threads":
+            raise FinloraError("bench: threads are process-wide; run once per train.threads")
+    cfg = load_config(config, overrides)
     data = prepare_data(cfg.data, cfg.seed)
     rows = data.rows("train")[:n]
-    base, model = _model(cfg, placement.attention)
-    n_params = matmul_params(base.model)
+    main, base = _finlora_path(cfg, data.labels)
+    paths = {"finlora": main}
+    for variant in variants or []:
+        paths[variant] = _finlora_path(load_config(config, [*overrides, variant]), data.labels)[0]
     classic_cfg = copy.deepcopy(cfg)
     classic_cfg.lora.lora_dropout = CLASSIC_LORA_DROPOUT
     _, classic = _model(classic_cfg, "sdpa")
-    codec = LabelCodec.for_data(base.tokenizer, cfg.data, data.labels, base.kind)
+    # Thread settings are process-wide: the base config's apply to every path.
+    set_threads(cfg.train.threads)
     return BenchSetup(
         cfg,
-        classic.to(placement.device),
-        placement.place(model),
+        classic.to(main.placement.device),
+        paths,
         base.tokenizer,
-        codec,
+        main.codec,
         [e.text for e in rows],
         [data.labels.index(e.label) for e in rows],
-        placement.device,
-        placement.dtype,
-        n_params,
+        main.placement.device,
+        matmul_params(base.model),
     )
 
 
@@ -151,10 +179,12 @@ def _classic_train_round(s: BenchSetup, optimizer: torch.optim.Optimizer) -> Rou
     return r
 
 
-def _finlora_train_round(s: BenchSetup, optimizer: torch.optim.Optimizer, seed: int) -> Round:
-    tc = s.cfg.train
+def _finlora_train_round(
+    s: BenchSetup, p: FinloraPath, optimizer: torch.optim.Optimizer, seed: int
+) -> Round:
+    tc = p.cfg.train
     features = [
-        s.codec.encode(_example(t, s.codec.labels[y]))
+        p.codec.encode(_example(t, p.codec.labels[y]))
         for t, y in zip(s.texts, s.labels, strict=True)
     ]
     r = Round()
@@ -163,7 +193,7 @@ def _finlora_train_round(s: BenchSetup, optimizer: torch.optim.Optimizer, seed: 
     ):
         start = time.perf_counter()
         _, real_tokens = accumulate_batch(
-            s.model, s.codec, [features[i] for i in idx], tc, Placement(s.device, s.dtype, "")
+            p.model, p.codec, [features[i] for i in idx], tc, p.placement
         )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -203,42 +233,59 @@ def _alternate(
 
 
 def bench_train(
-    config: Path | None = None, overrides: list[str] | None = None, n: int = 64, rounds: int = 2
+    config: Path | None = None,
+    overrides: list[str] | None = None,
+    n: int = 64,
+    rounds: int = 2,
+    variants: list[str] | None = None,
 ) -> dict[str, Any]:
     """Train-step throughput of the classic recipe and finlora's path on the same sentences."""
-    s = setup(config, overrides or [], n)
-    s.model.train()
+    s = setup(config, overrides or [], n, variants)
     s.classic.train()
 
     def adamw(model: Any) -> torch.optim.Optimizer:
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
-    classic_opt, finlora_opt = adamw(s.classic), adamw(s.model)
-    result = _alternate(
-        {
-            "classic": lambda i: _classic_train_round(s, classic_opt),
-            "finlora": lambda i: _finlora_train_round(s, finlora_opt, i),
-        },
-        rounds,
-    )
-    rate = matmul_rate(s.dtype)
+    classic_opt = adamw(s.classic)
+    runs: dict[str, Callable[[int], Round]] = {
+        "classic": lambda i: _classic_train_round(s, classic_opt)
+    }
+    for name, p in s.paths.items():
+        p.model.train()
+        opt = adamw(p.model)
+        runs[name] = functools.partial(_finlora_train_round, s, p, opt)
+    result = _alternate(runs, rounds)
+    dtypes = {"classic": None, **{name: p.placement.dtype for name, p in s.paths.items()}}
+    rates = {dt: matmul_rate(dt) for dt in set(dtypes.values())}
+    main_dtype = dtypes["finlora"]
     out: dict[str, Any] = {
         "n_sentences": len(s.texts),
         "rounds": rounds,
-        "matmul_flops_per_s": rate,
-        "matmul_dtype": str(s.dtype or torch.float32),
+        "matmul_flops_per_s": rates[main_dtype],
+        "matmul_dtype": str(main_dtype or torch.float32),
         "flops_per_token": 4 * s.n_params,
         "threads": torch.get_num_threads(),
     }
     for name, r in result.items():
+        # Each path against the matmul rate of its own precision (classic: fp32).
         out[name] = {
             "real_tokens_per_s": r["per_s"],
-            "mfu": r["per_s"] * 4 * s.n_params / rate,
+            "mfu": r["per_s"] * 4 * s.n_params / rates[dtypes[name]],
             "peak_rss_mib": r["peak_rss_mib"],
             "seconds": r["seconds"],
             "real_tokens": r["units"],
         }
-    out["ratio"] = out["finlora"]["real_tokens_per_s"] / out["classic"]["real_tokens_per_s"]
+    return _with_ratios(out, list(s.paths)[1:], "real_tokens_per_s")
+
+
+def _with_ratios(out: dict[str, Any], variants: list[str], unit: str) -> dict[str, Any]:
+    """finlora's ratio to classic at the top level; variants (each with its ratio) apart."""
+    out["ratio"] = out["finlora"][unit] / out["classic"][unit]
+    if variants:
+        out["variants"] = {}
+        for v in variants:
+            entry = out.pop(v)
+            out["variants"][v] = {**entry, "ratio": entry[unit] / out["classic"][unit]}
     return out
 
 
@@ -267,37 +314,38 @@ def _classic_infer_round(s: BenchSetup) -> Round:
     return r
 
 
-def _finlora_infer_round(s: BenchSetup) -> Round:
+def _finlora_infer_round(s: BenchSetup, p: FinloraPath, _round: int) -> Round:
     start = time.perf_counter()
     predict_proba(
-        s.model,
-        s.codec,
+        p.model,
+        p.codec,
         s.texts,
-        batch_size=s.cfg.train.eval_batch_size,
-        device=s.device,
-        dtype=s.dtype,
-        fast=s.cfg.train.label_logits_only,
+        batch_size=p.cfg.train.eval_batch_size,
+        device=p.placement.device,
+        dtype=p.placement.dtype,
+        fast=p.cfg.train.label_logits_only,
         progress=False,
     )
     return Round(time.perf_counter() - start, len(s.texts))
 
 
 def bench_infer(
-    config: Path | None = None, overrides: list[str] | None = None, n: int = 64, rounds: int = 2
+    config: Path | None = None,
+    overrides: list[str] | None = None,
+    n: int = 64,
+    rounds: int = 2,
+    variants: list[str] | None = None,
 ) -> dict[str, Any]:
     """Sentences/s of one `generate` call per sentence against finlora's batched label scoring."""
-    s = setup(config, overrides or [], n)
-    if s.cfg.train.merge_for_inference:
-        s.model = merged_for_inference(s.model)
-    s.model.eval()
+    s = setup(config, overrides or [], n, variants)
     s.classic.eval()
-    result = _alternate(
-        {
-            "classic": lambda i: _classic_infer_round(s),
-            "finlora": lambda i: _finlora_infer_round(s),
-        },
-        rounds,
-    )
+    runs: dict[str, Callable[[int], Round]] = {"classic": lambda i: _classic_infer_round(s)}
+    for name, p in s.paths.items():
+        if p.cfg.train.merge_for_inference:
+            p.model = merged_for_inference(p.model)
+        p.model.eval()
+        runs[name] = functools.partial(_finlora_infer_round, s, p)
+    result = _alternate(runs, rounds)
     out: dict[str, Any] = {
         "n_sentences": len(s.texts),
         "rounds": rounds,
@@ -309,8 +357,7 @@ def bench_infer(
             "peak_rss_mib": r["peak_rss_mib"],
             "seconds": r["seconds"],
         }
-    out["ratio"] = out["finlora"]["sentences_per_s"] / out["classic"]["sentences_per_s"]
-    return out
+    return _with_ratios(out, list(s.paths)[1:], "sentences_per_s")
 
 
 def machine() -> str:

@@ -655,6 +655,13 @@ def _bench_options(fn: Any) -> Any:
     fn = click.option(
         "-n", "--sentences", default=64, show_default=True, help="Sentences per round."
     )(fn)
+    fn = click.option(
+        "--variant",
+        "variants",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Also time finlora's path with this one setting changed (repeatable).",
+    )(fn)
     fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")(fn)
     return click.argument("config", required=False, type=click.Path(path_type=Path))(fn)
 
@@ -663,14 +670,17 @@ def _print_bench(result: dict[str, Any], unit: str, as_json: bool) -> None:
     from finlora.bench import machine
 
     click.echo(f"machine: {machine()}, {result['threads']} threads")
-    for name in ("classic", "finlora"):
-        r = result[name]
+    variants = result.get("variants", {})
+    entries = {"classic": result["classic"], "finlora": result["finlora"], **variants}
+    width = max(len(name) for name in entries)
+    for name, r in entries.items():
         mfu = f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
+        ratio = f", {r['ratio']:.2f}x classic" if name in variants else ""
         click.echo(
-            f"{name:<8} {r[unit]:10.1f} {unit.replace('_per_s', '/s').replace('_', ' ')}"
-            f", peak RSS {r['peak_rss_mib']:.0f} MiB{mfu}"
+            f"{name:<{width}} {r[unit]:10.1f} {unit.replace('_per_s', '/s').replace('_', ' ')}"
+            f", peak RSS {r['peak_rss_mib']:.0f} MiB{mfu}{ratio}"
         )
-    click.echo(f"ratio    {result['ratio']:.2f}x")
+    click.echo(f"{'ratio':<{width}} {result['ratio']:.2f}x")
     if "matmul_flops_per_s" in result:
         click.echo(
             f"matmul rate ({result['matmul_dtype']}): "
@@ -683,23 +693,35 @@ def _print_bench(result: dict[str, Any], unit: str, as_json: bool) -> None:
 @bench.command("train")
 @_bench_options
 def bench_train(
-    config: Path | None, overrides: tuple[str, ...], sentences: int, rounds: int, as_json: bool
+    config: Path | None,
+    overrides: tuple[str, ...],
+    variants: tuple[str, ...],
+    sentences: int,
+    rounds: int,
+    as_json: bool,
 ) -> None:
     """Training throughput (real tokens/s), peak memory and model-FLOPs utilisation.
 
     \b
     Example:
       finlora bench train configs/fpb-smollm2-lora.yaml -n 64 --rounds 2 --json
+      finlora bench train configs/fpb-smollm2-lora.yaml --variant train.fused_lora=false
     """
     from finlora.bench import bench_train as run
 
-    _print_bench(run(config, list(overrides), sentences, rounds), "real_tokens_per_s", as_json)
+    result = run(config, list(overrides), sentences, rounds, list(variants))
+    _print_bench(result, "real_tokens_per_s", as_json)
 
 
 @bench.command("infer")
 @_bench_options
 def bench_infer(
-    config: Path | None, overrides: tuple[str, ...], sentences: int, rounds: int, as_json: bool
+    config: Path | None,
+    overrides: tuple[str, ...],
+    variants: tuple[str, ...],
+    sentences: int,
+    rounds: int,
+    as_json: bool,
 ) -> None:
     """Prediction throughput (sentences/s): per-sentence generate against label scoring.
 
@@ -709,7 +731,8 @@ def bench_infer(
     """
     from finlora.bench import bench_infer as run
 
-    _print_bench(run(config, list(overrides), sentences, rounds), "sentences_per_s", as_json)
+    result = run(config, list(overrides), sentences, rounds, list(variants))
+    _print_bench(result, "sentences_per_s", as_json)
 
 
 def main() -> None:

@@ -321,6 +321,9 @@ class TrainConfig:
     # Padded tokens per forward/backward pass: a longer batch is split into micro-batches whose
     # gradients add up to the whole batch's (same update), bounding peak activation memory.
     max_batch_tokens: int | None = 1024
+    # LoRA layers add B·A·x into the base output inside its GEMM (one pass over the output
+    # instead of three); same function and state dict as PEFT's layer, which `false` keeps.
+    fused_lora: bool = True
     # Keep only each layer's input during the forward pass and recompute the rest in the
     # backward pass: activation memory drops to a small fraction, for about a third more compute.
     gradient_checkpointing: bool = False

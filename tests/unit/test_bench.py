@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from finlora.bench import PeakMemory, bench_infer, bench_train, matmul_params, matmul_rate
+from finlora.errors import FinloraError
 
 
 def test_bench_train_reports_both_paths(tiny_overrides: list[str]) -> None:
@@ -25,6 +26,25 @@ def test_bench_train_reports_both_paths(tiny_overrides: list[str]) -> None:
     ratio = result["finlora"]["real_tokens_per_s"] / result["classic"]["real_tokens_per_s"]
     assert result["ratio"] == pytest.approx(ratio)
     json.dumps(result)
+
+
+def test_bench_times_variants_beside_both_paths(tiny_overrides: list[str]) -> None:
+    variant = "train.fused_lora=false"
+    result = bench_train(None, tiny_overrides, n=8, rounds=1, variants=[variant])
+    entry = result["variants"][variant]
+    assert entry["real_tokens"] == result["finlora"]["real_tokens"]
+    assert entry["ratio"] == pytest.approx(
+        entry["real_tokens_per_s"] / result["classic"]["real_tokens_per_s"]
+    )
+    assert set(result) >= {"classic", "finlora", "ratio"}
+    assert variant not in result  # variants stay apart from the two paths the issue names
+    infer = bench_infer(None, tiny_overrides, n=4, rounds=1, variants=[variant])
+    assert infer["variants"][variant]["sentences_per_s"] > 0
+
+
+def test_bench_refuses_a_thread_count_variant(tiny_overrides: list[str]) -> None:
+    with pytest.raises(FinloraError, match="threads"):
+        bench_train(None, tiny_overrides, n=4, rounds=1, variants=["train.threads=1"])
 
 
 def test_bench_infer_reports_both_paths(tiny_overrides: list[str]) -> None:

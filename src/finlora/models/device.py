@@ -12,6 +12,7 @@ import torch
 
 from finlora.config import TrainConfig
 from finlora.errors import FinloraError
+from finlora.models.fused_lora import fuse_lora_layers
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -100,12 +101,14 @@ def set_gradient_checkpointing(model: Any, on: bool) -> None:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where and how a model runs: device, autocast dtype, attention kernel, weight storage."""
+    """Where and how a model runs: device, autocast dtype, attention kernel, weight storage,
+    LoRA layer forward."""
 
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype; None means plain fp32
     attention: str
     bf16_frozen_weights: bool = True
+    fused_lora: bool = True
 
     @classmethod
     def from_config(cls, tc: TrainConfig) -> Placement:
@@ -120,11 +123,15 @@ class Placement:
             pick_autocast_dtype(device, tc.precision),
             pick_attention(device, tc.attention),
             tc.bf16_frozen_weights,
+            tc.fused_lora,
         )
 
     def place(self, model: Any) -> Any:
-        """Move a (wrapped) model to the device; store frozen weights in bf16 where it pays."""
+        """Move a (wrapped) model to the device; store frozen weights in bf16 where it pays;
+        give LoRA layers the fused forward when asked."""
         model = model.to(self.device)
         if self.dtype == torch.bfloat16 and self.bf16_frozen_weights:
             freeze_to_dtype(model, torch.bfloat16)
+        if self.fused_lora:
+            fuse_lora_layers(model)
         return model
