@@ -324,6 +324,7 @@ def _finlora_infer_round(s: BenchSetup, p: FinloraPath, _round: int) -> Round:
         device=p.placement.device,
         dtype=p.placement.dtype,
         fast=p.cfg.train.label_logits_only,
+        shared_prompt=p.cfg.train.shared_prompt_scoring,
         progress=False,
     )
     return Round(time.perf_counter() - start, len(s.texts))

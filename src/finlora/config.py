@@ -312,6 +312,9 @@ class TrainConfig:
     # Speed switches (issue 3); each one leaves the loss and the scores unchanged.
     group_by_length: bool = True
     label_logits_only: bool = True
+    # Labels of several tokens: read each prompt once and continue every label from its cached
+    # keys and values, instead of one (prompt + label) row per label. Same scores.
+    shared_prompt_scoring: bool = True
     # "auto": eager attention on the CPU, where SDPA's flash kernel is slow for the short
     # sequences of sentence classification (its backward pass alone costs ~15% of a step).
     attention: str = "auto"

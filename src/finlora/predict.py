@@ -67,6 +67,7 @@ class LoadedRun:
             device=self.device,
             dtype=self.dtype,
             fast=self.cfg.train.label_logits_only,
+            shared_prompt=self.cfg.train.shared_prompt_scoring,
             progress=progress,
         )
 

@@ -4,7 +4,8 @@ classifier models; and the answer-token loss of instruction features.
 The fast causal path runs the decoder stack once and applies the output head only at the label
 positions: the full (B, T, V) logits tensor of a 49k-token vocabulary costs more memory and
 time than the LoRA update itself. The plain path computes all logits and gathers; both give the
-same numbers, which the tests check.
+same numbers, which the tests check. Labels of several tokens are scored with one pass over
+each prompt: every label continues from the prompt's cached keys and values.
 
 Prompt-learning methods (prefix, prompt, p-tuning) live in the PEFT wrapper's forward, which
 adds the virtual tokens; calling the decoder stack underneath would silently drop them, so those
@@ -14,6 +15,7 @@ models always take the wrapper's forward.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,8 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
-from finlora.tasks.classify import IGNORE, Batch, LabelCodec, sorted_batches
+from finlora.tasks.classify import IGNORE, Batch, LabelCodec, pad_rows, sorted_batches
 
 
 def unwrap(model: Any) -> Any:
@@ -107,6 +110,55 @@ def sequence_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return (picked * (targets != IGNORE)).sum(-1)
 
 
+def _shared_prompt_loglik(
+    model: Any, codec: LabelCodec, prompts: Sequence[list[int]], device: torch.device | None
+) -> torch.Tensor:
+    """Multi-token labels scored with one pass over each prompt: every label continues from
+    the prompt's cached keys and values instead of re-reading the prompt once per label. (N, K)
+    """
+    base = unwrap(model)
+    decoder, head = base.get_decoder(), base.get_output_embeddings()
+    prompt = codec.collate([(p, []) for p in prompts])  # right-padded prompts
+    if device is not None:
+        prompt = prompt.to(device)
+    n, k = len(prompts), len(codec.labels)
+    lengths = prompt.attention_mask.sum(1)  # (N,)
+    cache = DynamicCache(config=base.config)
+    # transformers 5.24 renamed past_key_values to cache (the old name goes in 5.40).
+    cache_arg = (
+        "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    )
+    hidden = decoder(
+        input_ids=prompt.input_ids,
+        attention_mask=prompt.attention_mask,
+        use_cache=True,
+        **{cache_arg: cache},
+    ).last_hidden_state  # (N, W, H)
+    last = hidden[torch.arange(n, device=hidden.device), lengths - 1]  # (N, H)
+    first = F.log_softmax(head(last).float(), dim=-1)  # (N, V): predicts each label's token 0
+    first_ids = torch.tensor([ids[0] for ids in codec.label_ids], device=first.device)
+    scores = first[:, first_ids]  # (N, K)
+
+    # Row i*K + k feeds label k's tokens but its last to prompt i's cache; position j predicts
+    # label token j + 1. Labels shorter than the longest are padded and masked.
+    rest = [ids[1:] for ids in codec.label_ids]
+    width = max(len(r) for r in rest)
+    cache.batch_repeat_interleave(k)
+    feed = pad_rows([ids[:-1] for ids in codec.label_ids], codec.pad_id).repeat(n, 1)
+    targets = pad_rows(rest, IGNORE).repeat(n, 1).to(first.device)  # (N*K, width)
+    real = pad_rows([[1] * len(r) for r in rest], 0).repeat(n, 1).to(first.device)
+    mask = torch.cat([prompt.attention_mask.repeat_interleave(k, 0), real], dim=1)
+    positions = lengths.repeat_interleave(k)[:, None] + torch.arange(width, device=first.device)
+    hidden = decoder(
+        input_ids=feed.to(first.device),
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        **{cache_arg: cache},
+    ).last_hidden_state  # (N*K, width, H)
+    return scores + sequence_logprob(head(hidden), targets).view(n, k)
+
+
 @torch.no_grad()
 def label_loglik(
     model: Any,
@@ -114,8 +166,17 @@ def label_loglik(
     prompts: Sequence[list[int]],
     fast: bool = True,
     device: torch.device | None = None,
+    shared_prompt: bool = True,
 ) -> torch.Tensor:
     """Log-likelihood of every label's tokens after each prompt. (N, K)"""
+    if (
+        fast
+        and shared_prompt
+        and codec.kind == "causal"
+        and not codec.single_token_labels
+        and not is_prompt_learning(model)
+    ):
+        return _shared_prompt_loglik(model, codec, prompts, device)
     batch = codec.scoring_batch(prompts)
     if device is not None:
         batch = batch.to(device)
@@ -138,6 +199,7 @@ def predict_proba(
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
     fast: bool = True,
+    shared_prompt: bool = True,
     progress: bool = True,
 ) -> np.ndarray:
     """Probabilities over `codec.labels` for each text. (N, K), rows sum to 1."""
@@ -148,7 +210,8 @@ def predict_proba(
     bar = tqdm(total=len(texts), desc="scoring", unit="sent", disable=not progress, leave=False)
     with autocast(device, dtype):
         for idx in sorted_batches([len(p) for p in prompts], batch_size):
-            loglik = label_loglik(model, codec, [prompts[i] for i in idx], fast, device)
+            chunk = [prompts[i] for i in idx]
+            loglik = label_loglik(model, codec, chunk, fast, device, shared_prompt)
             out[idx] = torch.softmax(loglik.float(), dim=-1).cpu().numpy()
             bar.update(len(idx))
     bar.close()

@@ -210,7 +210,9 @@ def validate(model: Any, s: _Setup, fast: bool) -> dict[str, float]:
     loglik = np.zeros((len(prompts), len(s.codec.labels)))
     with autocast(s.device, s.dtype):
         for idx in sorted_batches([len(p) for p in prompts], s.cfg.train.eval_batch_size):
-            scores = label_loglik(model, s.codec, [prompts[i] for i in idx], fast, s.device)
+            chunk = [prompts[i] for i in idx]
+            shared = s.cfg.train.shared_prompt_scoring
+            scores = label_loglik(model, s.codec, chunk, fast, s.device, shared)
             loglik[idx] = scores.float().cpu().numpy()
     model.train()
     tokens = sum(len(s.codec.label_ids[g]) for g in gold)

@@ -25,9 +25,9 @@ MULTI_TOKEN_LABELS = ["bearish outlook", "bullish outlook", "flat"]
 TEXTS = [e.text for e in synthetic_sentiment(7, seed=3)]
 
 
-def adapted(cfg: RunConfig, directory: Path) -> tuple[BaseModel, Any]:
+def adapted(cfg: RunConfig, directory: Path, attention: str | None = None) -> tuple[BaseModel, Any]:
     """The tiny model with LoRA whose B matrices are made nonzero, in eval mode."""
-    base = load_base_model(str(directory))
+    base = load_base_model(str(directory), attention=attention)
     model = build_method(base.model, cfg, base.kind)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -119,12 +119,27 @@ def test_label_loglik_fast_plain_and_manual_agree(
     plain = label_loglik(model, codec, prompts, fast=False)
     manual = manual_loglik(model, codec, prompts)
     assert fast.shape == (len(TEXTS), 3)
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
     # Log-likelihoods of multi-token labels reach ~100: compare relative to fp32 precision.
+    # (Fast multi-token scoring reads each prompt once, from its cached keys and values.)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(fast.double(), manual, atol=1e-5, rtol=1e-6)
     with model.disable_adapter():
         without = label_loglik(model, codec, prompts)
     assert (fast - without).abs().max() > 1e-2  # the perturbed adapter matters
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_shared_prompt_scoring_equals_one_row_per_label(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path, attention: str
+) -> None:
+    # Prompts of unequal length (right-padded in the cache) and labels of unequal length.
+    base, model = adapted(tiny_cfg(), tiny_causal_dir, attention)
+    codec = codec_for(base, MULTI_TOKEN_LABELS)
+    prompts = [codec.encode_text(t) for t in TEXTS]
+    assert len({len(p) for p in prompts}) > 1
+    shared = label_loglik(model, codec, prompts, shared_prompt=True)
+    rows = label_loglik(model, codec, prompts, shared_prompt=False)
+    torch.testing.assert_close(shared, rows, atol=1e-5, rtol=1e-6)
 
 
 def test_single_token_shortcut_equals_general_path(causal: tuple[BaseModel, Any]) -> None:
