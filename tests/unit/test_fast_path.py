@@ -216,3 +216,19 @@ def test_placement_can_keep_peft_lora_forward(
     placed = Placement.from_config(cfg.train).place(model)
     layer = unwrap(placed).model.layers[0].self_attn.q_proj
     assert not hasattr(layer, "_peft_forward")
+
+
+def test_fused_lora_skips_layers_whose_base_has_hooks(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
+) -> None:
+    # A hook on the base layer (accelerate's device placement, say) must still run, so that
+    # layer keeps PEFT's forward, which calls the base layer as a module.
+    model, _ = _model(tiny_cfg(), tiny_causal_dir, "eager")
+    q_proj = unwrap(model).model.layers[0].self_attn.q_proj
+    calls: list[int] = []
+    q_proj.base_layer.register_forward_hook(lambda *_: calls.append(1))
+    lora_layers = sum(1 for m in model.modules() if hasattr(m, "lora_A"))
+    assert fuse_lora_layers(model) == lora_layers - 1
+    assert not hasattr(q_proj, "_peft_forward")
+    model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert calls == [1]

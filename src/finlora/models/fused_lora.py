@@ -24,10 +24,21 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 
+def _plain_linear(module: torch.nn.Module) -> bool:
+    """An nn.Linear whose call is just F.linear: no hooks, no replaced forward (as accelerate's
+    device-placement hooks do), so computing F.linear directly skips nothing."""
+    return (
+        type(module) is torch.nn.Linear
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and "forward" not in vars(module)
+    )
+
+
 def _eligible(layer: torch.nn.Module) -> bool:
     return (
         isinstance(layer, LoraLinear)
-        and type(layer.base_layer) is torch.nn.Linear
+        and _plain_linear(layer.base_layer)
         and not layer.fan_in_fan_out
         and all(b.bias is None for b in layer.lora_B.values())
     )
