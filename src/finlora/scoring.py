@@ -5,7 +5,8 @@ The fast causal path runs the decoder stack once and applies the output head onl
 positions: the full (B, T, V) logits tensor of a 49k-token vocabulary costs more memory and
 time than the LoRA update itself. The plain path computes all logits and gathers; both give the
 same numbers, which the tests check. Labels of several tokens are scored with one pass over
-each prompt: every label continues from the prompt's cached keys and values.
+each prompt: every label continues from the prompt's cached keys and values (causal) or reads
+the prompt's encoder states (seq2seq).
 
 Prompt-learning methods (prefix, prompt, p-tuning) live in the PEFT wrapper's forward, which
 adds the virtual tokens; calling the decoder stack underneath would silently drop them, so those
@@ -159,6 +160,28 @@ def _shared_prompt_loglik(
     return scores + sequence_logprob(head(hidden), targets).view(n, k)
 
 
+def _shared_encoder_loglik(
+    model: Any, codec: LabelCodec, prompts: Sequence[list[int]], device: torch.device | None
+) -> torch.Tensor:
+    """Seq2seq labels scored with one encoder pass per prompt: every label's decoder pass reads
+    the same encoder states instead of re-encoding the prompt once per label. (N, K)"""
+    base = unwrap(model)
+    ids = pad_rows(prompts, codec.pad_id)  # (N, W)
+    mask = pad_rows([[1] * len(p) for p in prompts], 0)
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+    n, k = len(prompts), len(codec.labels)
+    encoded = base.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    # Row i*K + k: prompt i's encoder states with label k as the decoder target.
+    targets = pad_rows(codec.label_ids, IGNORE).repeat(n, 1).to(encoded.device)  # (N*K, L)
+    logits = base(
+        encoder_outputs=(encoded.repeat_interleave(k, 0),),
+        attention_mask=mask.repeat_interleave(k, 0),
+        labels=targets,
+    ).logits  # (N*K, L, V)
+    return sequence_logprob(logits, targets).view(n, k)
+
+
 @torch.no_grad()
 def label_loglik(
     model: Any,
@@ -169,14 +192,11 @@ def label_loglik(
     shared_prompt: bool = True,
 ) -> torch.Tensor:
     """Log-likelihood of every label's tokens after each prompt. (N, K)"""
-    if (
-        fast
-        and shared_prompt
-        and codec.kind == "causal"
-        and not codec.single_token_labels
-        and not is_prompt_learning(model)
-    ):
-        return _shared_prompt_loglik(model, codec, prompts, device)
+    if fast and shared_prompt and not is_prompt_learning(model):
+        if codec.kind == "causal" and not codec.single_token_labels:
+            return _shared_prompt_loglik(model, codec, prompts, device)
+        if codec.kind == "seq2seq":
+            return _shared_encoder_loglik(model, codec, prompts, device)
     batch = codec.scoring_batch(prompts)
     if device is not None:
         batch = batch.to(device)

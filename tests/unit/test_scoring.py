@@ -185,11 +185,13 @@ def test_seq2seq_loss_and_scores(seq2seq: tuple[BaseModel, Any]) -> None:
         loss = loss_fn(model, batch, "seq2seq")
         assert loss.item() == pytest.approx(loss_fn(model, batch, "seq2seq", fast=False).item())
     assert torch.isfinite(loss) and loss.item() > 0
-    scores = label_loglik(model, codec, prompts)
+    scores = label_loglik(model, codec, prompts)  # one encoder pass a prompt
     assert torch.isfinite(scores).all()
     torch.testing.assert_close(
         scores.double(), manual_loglik(model, codec, prompts), atol=1e-5, rtol=0
     )
+    rows = label_loglik(model, codec, prompts, shared_prompt=False)  # one row a label
+    torch.testing.assert_close(scores, rows, atol=1e-5, rtol=1e-6)
     probs = predict_proba(model, codec, TEXTS, batch_size=4, progress=False)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
 
