@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument(
         "--checkpointing", action="store_true", help="train.gradient_checkpointing=true"
     )
+    parser.add_argument(
+        "--every", type=int, default=1, help="train.gradient_checkpointing_every (checkpointing)"
+    )
     args = parser.parse_args()
     if not os.environ.get("FINLORA_FPB_DIR"):
         raise SystemExit("set FINLORA_FPB_DIR to the Financial PhraseBank directory")
@@ -50,6 +53,7 @@ def main() -> None:
         [
             f"train.max_batch_tokens={args.budget}",
             f"train.gradient_checkpointing={str(args.checkpointing).lower()}",
+            f"train.gradient_checkpointing_every={args.every}",
         ],
     )
     placement = Placement.from_config(cfg.train)
@@ -59,7 +63,9 @@ def main() -> None:
         base.tokenizer, PromptTemplate.load(cfg.data.template), data.labels, base.kind, 128
     )
     model = placement.place(build_method(base.model, cfg, base.kind)).train()
-    set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
+    set_gradient_checkpointing(
+        model, cfg.train.gradient_checkpointing, cfg.train.gradient_checkpointing_every
+    )
     features = [codec.encode(e) for e in data.rows("train")[: args.n]]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     start, tokens = time.perf_counter(), 0
@@ -74,7 +80,8 @@ def main() -> None:
             tokens += real
     rate = tokens / (time.perf_counter() - start)
     print(
-        f"max_batch_tokens={args.budget}, gradient_checkpointing={args.checkpointing}: "
+        f"max_batch_tokens={args.budget}, gradient_checkpointing={args.checkpointing}"
+        f" (every {args.every}): "
         f"peak RSS {peak_rss_gb():.2f} GB, {rate:.0f} tokens/s"
     )
 

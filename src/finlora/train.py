@@ -313,7 +313,9 @@ def train(
         _write_run_header(run, s)
 
     model = s.placement.place(s.model)
-    set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
+    set_gradient_checkpointing(
+        model, cfg.train.gradient_checkpointing, cfg.train.gradient_checkpointing_every
+    )
     trainable, total = trainable_parameters(model)
     log(
         f"model: {cfg.model.name} ({s.base.kind}), method {cfg.method.name}, "

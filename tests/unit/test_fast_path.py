@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from finlora.config import RunConfig
@@ -115,14 +116,20 @@ def test_micro_batches_give_the_whole_batch_gradient(
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("every", [1, 2])
 def test_gradient_checkpointing_gives_the_same_gradient(
-    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path, every: int
 ) -> None:
     grads = []
     for on in (False, True):
-        cfg = tiny_cfg(f"train.gradient_checkpointing={str(on).lower()}")
+        cfg = tiny_cfg(
+            f"train.gradient_checkpointing={str(on).lower()}",
+            f"train.gradient_checkpointing_every={every}",
+        )
         model, codec = _model(cfg, tiny_causal_dir, "eager")
-        set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
+        set_gradient_checkpointing(
+            model, cfg.train.gradient_checkpointing, cfg.train.gradient_checkpointing_every
+        )
         model.train()
         assert unwrap(model).is_gradient_checkpointing == on
         features = [codec.encode(e) for e in EXAMPLES]

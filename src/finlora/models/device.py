@@ -89,14 +89,25 @@ def freeze_to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return count
 
 
-def set_gradient_checkpointing(model: Any, on: bool) -> None:
-    """Turn transformers' activation checkpointing on for a (PEFT-wrapped) model.
+def set_gradient_checkpointing(model: Any, on: bool, every_n_layers: int = 1) -> None:
+    """Turn transformers' activation checkpointing on for a (PEFT-wrapped) model, for every
+    `every_n_layers`-th layer.
 
     Non-reentrant checkpointing: it needs no gradient on the inputs, so it works with frozen
     embeddings (LoRA) and with the decoder stack called directly (the fast path).
     """
-    if on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not on:
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers)
+    elif every_n_layers == 1:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise FinloraError(
+            "train.gradient_checkpointing_every > 1 needs a transformers release with "
+            "activation_checkpointing_enable"
+        )
 
 
 @dataclass(frozen=True)
