@@ -220,10 +220,12 @@ def _alternate(
 ) -> dict[str, dict[str, float]]:
     totals = {name: Round() for name in paths}
     memory = {name: PeakMemory() for name in paths}
+    names = list(paths)
     for i in range(rounds + 1):
-        for name, run in paths.items():
+        # Reverse the order every other round, so no path always runs right after another.
+        for name in names if i % 2 == 0 else names[::-1]:
             with memory[name].measure():
-                r = run(i)
+                r = paths[name](i)
             if i == 0:
                 continue  # warm-up round: allocator, kernels, caches
             totals[name].seconds += r.seconds

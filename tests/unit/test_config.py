@@ -207,6 +207,7 @@ def test_yaml_not_utf8(tmp_path: Path) -> None:
         ("train.checkpoint_every=0", "train.checkpoint_every"),
         ("train.log_every=0", "train.log_every"),
         ("train.eval_batch_size=0", "train.eval_batch_size"),
+        ("train.gradient_checkpointing_every=0", "train.gradient_checkpointing_every"),
         ("train.max_steps=0", "train.max_steps"),
         ("train.threads=0", "train.threads"),
         ("train.learning_rate=0", "train.learning_rate"),
