@@ -25,7 +25,7 @@ from finlora.data.prepare import prepare_data
 from finlora.errors import FinloraError
 from finlora.memory import PeakMemory
 from finlora.methods import build_method, merged_for_inference
-from finlora.models import Placement, load_base_model, set_threads
+from finlora.models import Placement, load_base_model
 from finlora.scoring import predict_proba
 from finlora.tasks.classify import IGNORE, LabelCodec, length_grouped_batches
 from finlora.train import accumulate_batch
@@ -137,8 +137,6 @@ def setup(
     classic_cfg = copy.deepcopy(cfg)
     classic_cfg.lora.lora_dropout = CLASSIC_LORA_DROPOUT
     _, classic = _model(classic_cfg, "sdpa")
-    # Thread settings are process-wide: the base config's apply to every path.
-    set_threads(cfg.train.threads)
     return BenchSetup(
         cfg,
         classic.to(main.placement.device),
