@@ -47,8 +47,9 @@ def _gather_positions(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Te
 
 def _causal_fast(model: Any, batch: Batch) -> torch.Tensor:
     base = unwrap(model)
+    # No key/value cache: nothing continues from this pass (the model's default would build one).
     hidden = base.get_decoder()(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
     ).last_hidden_state  # (B, T, H)
     return base.get_output_embeddings()(_gather_positions(hidden, batch.positions))  # (B, L, V)
 
