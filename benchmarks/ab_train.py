@@ -4,8 +4,9 @@
         --variant train.fused_lora=false -n 32 --rounds 8
 
 For effects of a few percent on a machine whose speed drifts: the two paths alternate, their
-order reversed every round, and the median of the per-round ratios is reported (a drift hits
-both paths of a round alike). No classic path: `finlora bench train --variant` has that.
+order reversed every other round (as in `finlora bench`), and the median of the per-round
+ratios is reported (a drift hits both paths of a round alike). No classic path:
+`finlora bench train --variant` has that.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from finlora.bench import _finlora_train_round, setup
+from finlora.bench import _alternate, _finlora_train_round, setup
 
 
 def main() -> None:
@@ -35,13 +36,8 @@ def main() -> None:
         params = [p for p in path.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-5)
         runs[name] = functools.partial(_finlora_train_round, s, path, optimizer)
-    rates: dict[str, list[float]] = {name: [] for name in runs}
-    names = list(runs)
-    for i in range(args.rounds + 1):
-        for name in names if i % 2 == 0 else names[::-1]:
-            r = runs[name](i)
-            if i > 0:  # round 0 warms up
-                rates[name].append(r.units / r.seconds)
+    result = _alternate(runs, args.rounds)
+    rates = {name: r["per_s_by_round"] for name, r in result.items()}
     for name, values in rates.items():
         print(f"{name:<28} tokens/s by round: {' '.join(f'{v:.0f}' for v in values)}")
     ratios = [a / b for a, b in zip(rates["finlora"], rates[args.variant], strict=True)]

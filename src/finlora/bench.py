@@ -215,8 +215,10 @@ def _example(text: str, label: str) -> Any:
 
 def _alternate(
     paths: dict[str, Callable[[int], Round]], rounds: int
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
+    """Run every path once a round, after a warm-up round; totals and each round's rate."""
     totals = {name: Round() for name in paths}
+    by_round: dict[str, list[float]] = {name: [] for name in paths}
     memory = {name: PeakMemory() for name in paths}
     names = list(paths)
     for i in range(rounds + 1):
@@ -228,11 +230,13 @@ def _alternate(
                 continue  # warm-up round: allocator, kernels, caches
             totals[name].seconds += r.seconds
             totals[name].units += r.units
+            by_round[name].append(r.units / r.seconds)
     return {
         name: {
             "seconds": t.seconds,
             "units": t.units,
             "per_s": t.units / t.seconds,
+            "per_s_by_round": by_round[name],
             "peak_rss_mib": memory[name].peak_mib,
         }
         for name, t in totals.items()
