@@ -213,9 +213,7 @@ def _example(text: str, label: str) -> Any:
     return Example(text, label, "bench")
 
 
-def _alternate(
-    paths: dict[str, Callable[[int], Round]], rounds: int
-) -> dict[str, dict[str, Any]]:
+def _alternate(paths: dict[str, Callable[[int], Round]], rounds: int) -> dict[str, dict[str, Any]]:
     """Run every path once a round, after a warm-up round; totals and each round's rate."""
     totals = {name: Round() for name in paths}
     by_round: dict[str, list[float]] = {name: [] for name in paths}
