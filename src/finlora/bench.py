@@ -334,6 +334,7 @@ def _finlora_infer_round(s: BenchSetup, p: FinloraPath, _round: int) -> Round:
         dtype=p.placement.dtype,
         fast=p.cfg.train.label_logits_only,
         shared_prompt=p.cfg.train.shared_prompt_scoring,
+        trim_padding=p.cfg.train.trim_padding,
         progress=False,
     )
     return Round(time.perf_counter() - start, len(s.texts))

@@ -311,6 +311,9 @@ class TrainConfig:
     precision: str = "auto"
     # Speed switches (issue 3); each one leaves the loss and the scores unchanged.
     group_by_length: bool = True
+    # Cut each batch where its lengths jump, when that saves more padded tokens than a pass costs
+    # (training micro-batches, scoring batches); same loss and scores, fewer tokens computed.
+    trim_padding: bool = True
     label_logits_only: bool = True
     # Labels of several tokens: read each prompt once and continue every label from its cached
     # keys and values, instead of one (prompt + label) row per label. Same scores.

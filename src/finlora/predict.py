@@ -68,6 +68,7 @@ class LoadedRun:
             dtype=self.dtype,
             fast=self.cfg.train.label_logits_only,
             shared_prompt=self.cfg.train.shared_prompt_scoring,
+            trim_padding=self.cfg.train.trim_padding,
             progress=progress,
         )
 

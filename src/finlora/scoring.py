@@ -26,7 +26,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from finlora.tasks.classify import IGNORE, Batch, LabelCodec, pad_rows, sorted_batches
+from finlora.tasks.classify import (
+    IGNORE,
+    Batch,
+    LabelCodec,
+    inference_batches,
+    pad_rows,
+    sorted_batches,
+)
 
 
 def unwrap(model: Any) -> Any:
@@ -221,6 +228,7 @@ def predict_proba(
     dtype: torch.dtype | None = None,
     fast: bool = True,
     shared_prompt: bool = True,
+    trim_padding: bool = True,
     progress: bool = True,
 ) -> np.ndarray:
     """Probabilities over `codec.labels` for each text. (N, K), rows sum to 1."""
@@ -230,7 +238,7 @@ def predict_proba(
     model.eval()
     bar = tqdm(total=len(texts), desc="scoring", unit="sent", disable=not progress, leave=False)
     with autocast(device, dtype):
-        for idx in sorted_batches([len(p) for p in prompts], batch_size):
+        for idx in inference_batches([len(p) for p in prompts], batch_size, trim_padding):
             chunk = [prompts[i] for i in idx]
             loglik = label_loglik(model, codec, chunk, fast, device, shared_prompt)
             out[idx] = torch.softmax(loglik.float(), dim=-1).cpu().numpy()

@@ -40,8 +40,9 @@ from finlora.runs import RunDir, git_commit, library_versions
 from finlora.scoring import autocast, label_loglik, loss_fn, response_nll
 from finlora.tasks.classify import (
     LabelCodec,
+    inference_batches,
     length_grouped_batches,
-    sorted_batches,
+    padding_chunks,
     token_budget_chunks,
 )
 from finlora.tasks.instruct import InstructCodec
@@ -209,7 +210,9 @@ def validate(model: Any, s: _Setup, fast: bool) -> dict[str, float]:
     gold = np.array([f.label for f in s.validation])
     loglik = np.zeros((len(prompts), len(s.codec.labels)))
     with autocast(s.device, s.dtype):
-        for idx in sorted_batches([len(p) for p in prompts], s.cfg.train.eval_batch_size):
+        lengths = [len(p) for p in prompts]
+        tc = s.cfg.train
+        for idx in inference_batches(lengths, tc.eval_batch_size, tc.trim_padding):
             chunk = [prompts[i] for i in idx]
             shared = s.cfg.train.shared_prompt_scoring
             scores = label_loglik(model, s.codec, chunk, fast, s.device, shared)
@@ -276,14 +279,19 @@ def accumulate_batch(
     """Accumulate one batch's gradients; returns its mean target-token loss and real tokens.
 
     Targets are the label tokens (classify) or the answer tokens (instruct). The batch runs in
-    micro-batches of at most `tc.max_batch_tokens` padded tokens. Each micro-batch's mean loss
+    micro-batches of at most `tc.max_batch_tokens` padded tokens, cut where that trims padding
+    (`tc.trim_padding`). Each micro-batch's mean loss
     is weighted by its share of the batch's target tokens, so the summed gradients equal those
     of the whole batch at once.
     """
     label_tokens = [codec.target_count(f) for f in features]
     widths = [codec.width(f) for f in features]
     loss_sum, real = 0.0, 0
-    for chunk in token_budget_chunks(widths, tc.max_batch_tokens):
+    if tc.trim_padding:
+        chunks = padding_chunks(widths, budget=tc.max_batch_tokens)
+    else:
+        chunks = token_budget_chunks(widths, tc.max_batch_tokens)
+    for chunk in chunks:
         batch = codec.training_batch([features[i] for i in chunk]).to(placement.device)
         share = sum(label_tokens[i] for i in chunk) / sum(label_tokens)
         with autocast(placement.device, placement.dtype):

@@ -158,16 +158,20 @@ def test_single_token_shortcut_equals_general_path(causal: tuple[BaseModel, Any]
 
 @pytest.mark.parametrize("labels", [list(FPB_LABELS), MULTI_TOKEN_LABELS])
 @pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("trim", [True, False])
 def test_predict_proba_rows_sum_to_one(
-    causal: tuple[BaseModel, Any], labels: list[str], fast: bool
+    causal: tuple[BaseModel, Any], labels: list[str], fast: bool, trim: bool
 ) -> None:
     base, model = causal
     codec = codec_for(base, labels)
-    probs = predict_proba(model, codec, TEXTS, batch_size=3, fast=fast, progress=False)
+    probs = predict_proba(
+        model, codec, TEXTS, batch_size=3, fast=fast, trim_padding=trim, progress=False
+    )
     assert probs.shape == (len(TEXTS), 3)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
     assert (probs > 0).all()
-    # Batching (sorted by length, padded) does not change a text's scores.
+    # Batching (sorted by length, cut to trim padding or not, padded) does not change a text's
+    # scores.
     one_by_one = np.vstack(
         [predict_proba(model, codec, [t], fast=fast, progress=False) for t in TEXTS]
     )
