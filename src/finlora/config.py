@@ -311,8 +311,8 @@ class TrainConfig:
     precision: str = "auto"
     # Speed switches (issue 3); each one leaves the loss and the scores unchanged.
     group_by_length: bool = True
-    # Cut each batch where its lengths jump, when that saves more padded tokens than a pass costs
-    # (training micro-batches, scoring batches); same loss and scores, fewer tokens computed.
+    # Scoring (validation, eval, predict): cut the sentences, sorted by length, into batches where
+    # their lengths jump, when that saves more padded tokens than a pass costs. Same scores.
     trim_padding: bool = True
     label_logits_only: bool = True
     # Labels of several tokens: read each prompt once and continue every label from its cached
@@ -330,6 +330,9 @@ class TrainConfig:
     # LoRA layers add B·A·x into the base output inside its GEMM (one pass over the output
     # instead of three); same function and state dict as PEFT's layer, which `false` keeps.
     fused_lora: bool = True
+    # torch.compile each decoder layer (dynamic shapes): fuses the elementwise work between the
+    # matmuls. Costs a minute or more of compiling at the start; no gain measured on an fp32 CPU.
+    compile: bool = False
     # Keep only each layer's input during the forward pass and recompute the rest in the
     # backward pass: activation memory drops to a small fraction, for about a third more compute.
     gradient_checkpointing: bool = False

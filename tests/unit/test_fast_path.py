@@ -17,9 +17,10 @@ import torch
 
 from finlora.config import RunConfig
 from finlora.data import FPB_LABELS, synthetic_sentiment
+from finlora.errors import FinloraError
 from finlora.methods import build_method
 from finlora.models import Placement, freeze_to_dtype, load_base_model
-from finlora.models.device import set_gradient_checkpointing
+from finlora.models.device import compile_layers, set_gradient_checkpointing
 from finlora.models.fused_lora import fuse_lora_layers
 from finlora.prompts import PromptTemplate
 from finlora.scoring import autocast, label_loglik, loss_fn, unwrap
@@ -142,17 +143,12 @@ def test_padding_chunks_cut_only_where_it_pays() -> None:
     assert inference_batches([5, 9, 7], 2, trim=False) == [[1, 2], [0]]
 
 
-@pytest.mark.parametrize(
-    ("budget", "trim"), [("40", "false"), ("40", "true")], ids=["greedy", "trimmed"]
-)
 def test_micro_batches_give_the_whole_batch_gradient(
-    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path, budget: str, trim: str
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
 ) -> None:
     grads = []
-    for overrides in (("null", "false"), (budget, trim)):
-        cfg = tiny_cfg(
-            f"train.max_batch_tokens={overrides[0]}", f"train.trim_padding={overrides[1]}"
-        )
+    for budget in ("null", "40"):
+        cfg = tiny_cfg(f"train.max_batch_tokens={budget}")
         model, codec = _model(cfg, tiny_causal_dir, "eager")
         features = [codec.encode(e) for e in EXAMPLES]
         widths = [len(f.prompt_ids) + 1 for f in features]
@@ -289,3 +285,27 @@ def test_fused_lora_skips_layers_whose_base_has_hooks(
     assert not hasattr(q_proj, "_peft_forward")
     model(input_ids=torch.tensor([[1, 2, 3]]))
     assert calls == [1]
+
+
+def test_compiled_layers_give_the_same_loss_and_gradient(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
+) -> None:
+    results = []
+    for compiled in (False, True):
+        cfg = tiny_cfg(f"train.compile={str(compiled).lower()}")
+        model, codec = _model(cfg, tiny_causal_dir, "eager")
+        placement = Placement.from_config(cfg.train)
+        assert placement.compile is compiled
+        model = placement.place(model)
+        features = [codec.encode(e) for e in EXAMPLES]
+        loss, _ = accumulate_batch(model, codec, features, cfg.train, placement)
+        results.append((loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (eager_loss, eager), (compiled_loss, compiled_grads) = results
+    assert abs(eager_loss - compiled_loss) < 1e-5
+    for a, b in zip(eager, compiled_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_compile_needs_a_decoder_layer_stack() -> None:
+    with pytest.raises(FinloraError, match="no decoder layer stack"):
+        compile_layers(torch.nn.Linear(2, 2))

@@ -110,6 +110,23 @@ def set_gradient_checkpointing(model: Any, on: bool, every_n_layers: int = 1) ->
         )
 
 
+def compile_layers(model: Any) -> int:
+    """torch.compile every decoder layer in place (dynamic shapes); returns how many.
+
+    Per layer rather than the whole model: the layers are identical, so one graph serves them
+    all, and compiling took 75 s instead of 15 minutes for the whole decoder (measured on a
+    2-core CPU). Without a decoder layer stack there is nothing to compile: an error.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    get_decoder = getattr(inner, "get_decoder", None)
+    layers = getattr(get_decoder() if callable(get_decoder) else None, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise FinloraError("train.compile: this model has no decoder layer stack to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where and how a model runs: device, autocast dtype, attention kernel, weight storage,
@@ -120,6 +137,7 @@ class Placement:
     attention: str
     bf16_frozen_weights: bool = True
     fused_lora: bool = True
+    compile: bool = False
 
     @classmethod
     def from_config(cls, tc: TrainConfig) -> Placement:
@@ -135,6 +153,7 @@ class Placement:
             pick_attention(device, tc.attention),
             tc.bf16_frozen_weights,
             tc.fused_lora,
+            tc.compile,
         )
 
     def place(self, model: Any) -> Any:
@@ -145,4 +164,6 @@ class Placement:
             freeze_to_dtype(model, torch.bfloat16)
         if self.fused_lora:
             fuse_lora_layers(model)
+        if self.compile:
+            compile_layers(model)
         return model
