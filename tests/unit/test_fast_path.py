@@ -309,3 +309,37 @@ def test_compiled_layers_give_the_same_loss_and_gradient(
 def test_compile_needs_a_decoder_layer_stack() -> None:
     with pytest.raises(FinloraError, match="no decoder layer stack"):
         compile_layers(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("flags", "speedup", "auto", "bf16"),
+    [
+        (True, 5.8, torch.bfloat16, torch.bfloat16),  # AMX
+        (True, 0.59, None, torch.bfloat16),  # bf16 instructions, slower than fp32: auto says no
+        (False, 0.0, None, "error"),  # no bf16 instructions (never probed)
+    ],
+)
+def test_auto_precision_takes_bf16_on_a_cpu_only_where_it_is_faster(
+    monkeypatch: pytest.MonkeyPatch, flags: bool, speedup: float, auto: Any, bf16: Any
+) -> None:
+    from finlora.models import device
+
+    def probe(threads: int, rows: int = 512) -> float:
+        assert flags, "bf16 timed on a CPU without bf16 instructions"
+        return speedup
+
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: flags)
+    monkeypatch.setattr(device, "cpu_bf16_speedup", probe)
+    assert device.pick_autocast_dtype(CPU, "auto") == auto
+    assert device.pick_autocast_dtype(CPU, "fp32") is None
+    if bf16 == "error":
+        with pytest.raises(FinloraError, match="bf16 is not supported"):
+            device.pick_autocast_dtype(CPU, "bf16")
+    else:
+        assert device.pick_autocast_dtype(CPU, "bf16") == bf16
+
+
+def test_bf16_speedup_probe_times_both_precisions() -> None:
+    from finlora.models.device import cpu_bf16_speedup
+
+    assert cpu_bf16_speedup(torch.get_num_threads(), rows=8) > 0
