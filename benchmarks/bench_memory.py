@@ -28,7 +28,7 @@ from finlora.train import accumulate_batch
 RECIPE = Path(__file__).resolve().parent.parent / "configs" / "fpb-smollm2-lora.yaml"
 
 
-def peak_rss_gb() -> float:
+def peak_rss_gib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM"):
             return int(line.split()[1]) / 2**20
@@ -82,7 +82,7 @@ def main() -> None:
     print(
         f"max_batch_tokens={args.budget}, gradient_checkpointing={args.checkpointing}"
         f" (every {args.every}): "
-        f"peak RSS {peak_rss_gb():.2f} GB, {rate:.0f} tokens/s"
+        f"peak RSS {peak_rss_gib():.2f} GiB, {rate:.0f} tokens/s"
     )
 
 
