@@ -213,7 +213,7 @@ def validate(model: Any, s: _Setup, fast: bool) -> dict[str, float]:
         tc = s.cfg.train
         for idx in inference_batches(lengths, tc.eval_batch_size, tc.trim_padding):
             chunk = [prompts[i] for i in idx]
-            shared = s.cfg.train.shared_prompt_scoring
+            shared = tc.shared_prompt_scoring
             scores = label_loglik(model, s.codec, chunk, fast, s.device, shared)
             loglik[idx] = scores.float().cpu().numpy()
     model.train()

@@ -105,14 +105,14 @@ def test_token_budget_chunks_cap_padded_tokens() -> None:
     assert token_budget_chunks([100, 5], 50) == [[0], [1]]  # too long for the budget: alone
 
 
-def _brute_force_cost(lengths: list[int], max_rows: int, budget: int, pass_cost: int) -> int:
-    """The least cost of any cut of the sorted lengths into runs within the limits."""
+def _brute_force_cost(lengths: list[int], max_rows: int, pass_cost: int) -> int:
+    """The least cost of any cut of the sorted lengths into runs of at most `max_rows`."""
     ordered = sorted(lengths, reverse=True)
     n, best = len(ordered), None
     for mask in range(2 ** (n - 1)):  # bit b set: a cut after sorted row b
         starts = [0] + [b + 1 for b in range(n - 1) if mask >> b & 1] + [n]
         runs = [ordered[a:z] for a, z in itertools.pairwise(starts)]
-        if any(len(r) > max_rows or (len(r) > 1 and len(r) * r[0] > budget) for r in runs):
+        if any(len(r) > max_rows for r in runs):
             continue
         cost = sum(len(r) * r[0] + pass_cost for r in runs)
         best = cost if best is None else min(best, cost)
@@ -124,22 +124,24 @@ def test_padding_chunks_find_the_cheapest_cut() -> None:
     rng = random.Random(3)
     for _ in range(200):
         lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 9))]
-        max_rows, budget, pass_cost = rng.randint(1, 6), rng.randint(20, 200), rng.randint(0, 40)
-        chunks = padding_chunks(lengths, max_rows, budget, pass_cost)
+        max_rows, pass_cost = rng.randint(1, 6), rng.randint(0, 40)
+        chunks = padding_chunks(lengths, max_rows, pass_cost)
         assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
-        widths = [max(lengths[i] for i in c) for c in chunks]
-        for chunk, width in zip(chunks, widths, strict=True):
-            assert len(chunk) <= max_rows
-            assert len(chunk) == 1 or len(chunk) * width <= budget
-        cost = sum(len(c) * w + pass_cost for c, w in zip(chunks, widths, strict=True))
-        assert cost == _brute_force_cost(lengths, max_rows, budget, pass_cost)
+        assert all(len(c) <= max_rows for c in chunks)
+        # each run longest first, runs in order: the sorted order, cut
+        assert [i for c in chunks for i in c] == sorted(
+            range(len(lengths)), key=lambda i: -lengths[i]
+        )
+        cost = sum(len(c) * lengths[c[0]] + pass_cost for c in chunks)
+        assert cost == _brute_force_cost(lengths, max_rows, pass_cost)
 
 
 def test_padding_chunks_cut_only_where_it_pays() -> None:
     # Two long rows and four short ones: apart, 200 + 40 tokens and two passes instead of 600.
-    assert padding_chunks([100, 10, 10, 100, 10, 10], pass_cost=64) == [[0, 3], [1, 2, 4, 5]]
-    assert padding_chunks([30, 28, 29, 30], pass_cost=64) == [[0, 3, 2, 1]]  # little to save
-    assert padding_chunks([], max_rows=4) == []
+    assert padding_chunks([100, 10, 10, 100, 10, 10], 8, 64) == [[0, 3], [1, 2, 4, 5]]
+    assert padding_chunks([30, 28, 29, 30], 8, 64) == [[0, 3, 2, 1]]  # little to save
+    assert padding_chunks([30, 20, 29, 30], 3, 64) == [[0, 3, 2], [1]]  # cheapest within 3 rows
+    assert padding_chunks([], 4) == []
     assert inference_batches([5, 9, 7], 2, trim=False) == [[1, 2], [0]]
 
 

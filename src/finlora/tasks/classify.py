@@ -11,6 +11,7 @@ its tokenizer's [CLS]/[SEP]) and its head has one logit per label, so label k's 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -216,39 +217,30 @@ def sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int
 
 
 # A forward pass's fixed cost in padded tokens (every weight matrix streamed from memory, a few
-# hundred operator calls): a batch is cut only where that saves more padding than this. About
-# 15 tokens' worth in fp32 on a 2-core CPU and more under bf16, where a token computes faster.
+# hundred operator calls): a batch is cut only where that saves more padding than this. With 64,
+# scoring 32-64 FPB sentences ran 1.5x faster on fp32 and bf16 CPUs (docs/benchmarks.md).
 PASS_COST_TOKENS = 64
 
 
 def padding_chunks(
-    lengths: Sequence[int],
-    max_rows: int | None = None,
-    budget: int | None = None,
-    pass_cost: int = PASS_COST_TOKENS,
+    lengths: Sequence[int], max_rows: int, pass_cost: int = PASS_COST_TOKENS
 ) -> list[list[int]]:
-    """Indices longest first, cut into runs that minimise padded tokens plus `pass_cost` a run;
-    at most `max_rows` rows and `budget` padded tokens a run (a row over the budget runs alone).
+    """Indices longest first, cut into runs of at most `max_rows` that minimise padded tokens
+    plus `pass_cost` a run.
 
     Sorting alone leaves a run as wide as its longest row: for a few dozen sentences of mixed
-    length, scored as one batch, half the tokens computed can be padding. The cut points are
-    the exact optimum (dynamic programming over the sorted lengths).
+    length, scored as one batch, a third of the tokens computed can be padding. The cut points
+    are the exact optimum (dynamic programming over the sorted lengths).
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     n = len(order)
-    best = [0] + [0] * n  # best[j]: cost of order[:j]
+    best = [0.0] + [math.inf] * n  # best[j]: least cost of order[:j]
     cut = [0] * (n + 1)  # order[cut[j]:j] is the last run of that optimum
     for j in range(1, n + 1):
-        best[j] = -1
-        for i in range(j - 1, -1, -1):
-            rows, width = j - i, lengths[order[i]]  # order[i] is the run's longest row
-            # Going left, rows and width only grow, so once a limit is passed it stays passed.
-            if (max_rows is not None and rows > max_rows) or (
-                budget is not None and rows > 1 and rows * width > budget
-            ):
-                break
-            cost = best[i] + rows * width + pass_cost
-            if best[j] < 0 or cost < best[j]:
+        for i in range(j - 1, max(j - max_rows, 0) - 1, -1):
+            # order[i] is the run's longest row, so the run is as wide as it
+            cost = best[i] + (j - i) * lengths[order[i]] + pass_cost
+            if cost < best[j]:
                 best[j], cut[j] = cost, i
     chunks: list[list[int]] = []
     j = n
