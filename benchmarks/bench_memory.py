@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument(
         "--every", type=int, default=1, help="train.gradient_checkpointing_every (checkpointing)"
     )
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     args = parser.parse_args()
     if not os.environ.get("FINLORA_FPB_DIR"):
         raise SystemExit("set FINLORA_FPB_DIR to the Financial PhraseBank directory")
@@ -54,6 +55,7 @@ def main() -> None:
             f"train.max_batch_tokens={args.budget}",
             f"train.gradient_checkpointing={str(args.checkpointing).lower()}",
             f"train.gradient_checkpointing_every={args.every}",
+            *args.overrides,
         ],
     )
     placement = Placement.from_config(cfg.train)
@@ -81,7 +83,7 @@ def main() -> None:
     rate = tokens / (time.perf_counter() - start)
     print(
         f"max_batch_tokens={args.budget}, gradient_checkpointing={args.checkpointing}"
-        f" (every {args.every}): "
+        f" (every {args.every}){''.join(' ' + o for o in args.overrides)}: "
         f"peak RSS {peak_rss_gib():.2f} GiB, {rate:.0f} tokens/s"
     )
 

@@ -149,7 +149,8 @@ def train(
         best = f", best epoch {result.best_epoch} (val loss {result.best_val_loss:.4f})"
     click.echo(
         f"trained {result.steps} steps in {result.train_seconds:.0f}s "
-        f"({result.real_tokens_per_s:.0f} tokens/s){best}"
+        f"({result.real_tokens_per_s:.0f} tokens/s, peak RSS {result.peak_rss_mib / 1024:.2f} GiB)"
+        f"{best}"
     )
     click.echo(f"run directory: {result.run_dir}")
 

@@ -44,7 +44,8 @@ def run_demo(
     result = train(cfg, output, overwrite=True, log=log)
     echo(
         f"trained {result.steps} steps in {result.train_seconds:.0f}s "
-        f"({result.real_tokens_per_s:.0f} real tokens/s)"
+        f"({result.real_tokens_per_s:.0f} real tokens/s, "
+        f"peak RSS {result.peak_rss_mib / 1024:.2f} GiB)"
     )
     metrics = evaluate_run(output)
     title = f"{output} on {metrics['data']}" + (" (SYNTHETIC)" if metrics["synthetic"] else "")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import resource
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,3 +52,12 @@ class PeakMemory:
         finally:
             stop.set()
             thread.join()
+
+
+def process_peak_mib() -> float:
+    """This process's peak resident memory so far, in MiB (what `finlora train` reports)."""
+    peak = PeakMemory._status("VmHWM")  # Linux; absent elsewhere
+    if peak:
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes there, else KiB

@@ -31,6 +31,7 @@ from finlora.checkpoint import Progress, latest_checkpoint, load_checkpoint, sav
 from finlora.config import RunConfig, TrainConfig, apply_overrides, config_from_dict, read_yaml
 from finlora.data.prepare import PreparedData, PreparedInstruct, prepare_data, prepare_instruct
 from finlora.errors import FinloraError
+from finlora.memory import process_peak_mib
 from finlora.methods import build_method, save_adapter, trainable_parameters
 from finlora.models import BaseModel, Placement, load_base_model
 from finlora.models.device import set_gradient_checkpointing
@@ -62,6 +63,7 @@ class TrainResult:
     best_val_loss: float | None
     train_seconds: float
     real_tokens_per_s: float
+    peak_rss_mib: float  # the whole process's, model loading included
 
 
 @dataclass
@@ -422,6 +424,7 @@ def train(
         best_val_loss=rows[-1].get("val_loss") if rows else None,
         train_seconds=seconds,
         real_tokens_per_s=tokens_seen / max(seconds, 1e-9),
+        peak_rss_mib=process_peak_mib(),
     )
 
 
@@ -474,6 +477,8 @@ def _finish(
                 # A resumed run adds its own training time to what came before.
                 "train_s": round(timings.get("train_s", 0.0) + seconds, 2),
                 "real_tokens": timings.get("real_tokens", 0) + tokens,
+                # This process's peak (a resumed run's: since it resumed), loading included.
+                "peak_rss_mib": round(process_peak_mib(), 1),
             },
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def trained(
     )  # fmt: skip
     assert result.code == 0, result.err
     assert result.out.splitlines()[0].startswith("trained 6 steps in ")
+    assert re.search(r"tokens/s, peak RSS \d+\.\d\d GiB\)", result.out.splitlines()[0])
     assert result.out.splitlines()[-1] == f"run directory: {output}"
     assert "Traceback" not in result.err
     return output

@@ -88,6 +88,8 @@ def test_run_directory(
     assert "git_commit" in manifest
     assert {"model_load_s", "train_s", "real_tokens"} <= manifest["timings"].keys()
     assert manifest["timings"]["real_tokens"] > 0
+    # the process's peak: at least the torch runtime (> 100 MiB), far below this machine's RAM
+    assert 100 < manifest["timings"]["peak_rss_mib"] < 16 * 1024
     assert manifest["precision"] == "fp32" and manifest["device"] == "cpu"
 
 

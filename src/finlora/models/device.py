@@ -14,6 +14,7 @@ import torch
 from finlora.config import TrainConfig
 from finlora.errors import FinloraError
 from finlora.models.fused_lora import fuse_lora_layers
+from finlora.models.lean_mlp import lean_mlps
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -164,7 +165,7 @@ def compile_layers(model: Any) -> int:
 @dataclass(frozen=True)
 class Placement:
     """Where and how a model runs: device, autocast dtype, attention kernel, weight storage,
-    LoRA layer forward."""
+    LoRA layer and MLP forwards, compiled layers."""
 
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype; None means plain fp32
@@ -172,6 +173,7 @@ class Placement:
     bf16_frozen_weights: bool = True
     fused_lora: bool = True
     compile: bool = False
+    lean_mlp: bool = True
 
     @classmethod
     def from_config(cls, tc: TrainConfig) -> Placement:
@@ -188,16 +190,19 @@ class Placement:
             tc.bf16_frozen_weights,
             tc.fused_lora,
             tc.compile,
+            tc.lean_mlp,
         )
 
     def place(self, model: Any) -> Any:
         """Move a (wrapped) model to the device; store frozen weights in bf16 where it pays;
-        give LoRA layers the fused forward when asked."""
+        give LoRA layers and gated MLPs their leaner forwards and compile layers when asked."""
         model = model.to(self.device)
         if self.dtype == torch.bfloat16 and self.bf16_frozen_weights:
             freeze_to_dtype(model, torch.bfloat16)
         if self.fused_lora:
             fuse_lora_layers(model)
+        if self.lean_mlp:
+            lean_mlps(model)
         if self.compile:
             compile_layers(model)
         return model
