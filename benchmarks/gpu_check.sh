@@ -7,17 +7,8 @@
 # from ~/.cache/finlora/models/*), and Sentences_AllAgree.txt (Financial PhraseBank). The model
 # is SmolLM2-135M's architecture with random weights: this checks that every path runs and how
 # fast, not what it learns. Results under $OUT when set, else /tmp.
-D=${D:-.devdata}
-OUT=${OUT:-/tmp}
-export PYTHONPATH=$D/site:$PWD/src PYTHONUNBUFFERED=1 FINLORA_HOME=/tmp/fh HF_HUB_OFFLINE=1
-F="python3 -m finlora"
-step() { echo; echo "=== $1 ($(date +%T))"; }
-step env
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-lscpu | grep -E "Model name|^CPU\(s\)"; grep -o -E "avx512_bf16|amx_bf16" /proc/cpuinfo | sort | uniq -c
-python3 -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.is_bf16_supported())"
-python3 benchmarks/random_smollm2.py $D/smol /tmp/smol || exit 1
-FPB="--set model.name=/tmp/smol --set data.path=$D/Sentences_AllAgree.txt"
 step "classify train on cuda (auto precision), 60 steps"
 timeout 120 $F train configs/fpb-smollm2-lora.yaml $FPB --set train.max_steps=60 -o /tmp/r1 --no-progress
 step "classify eval + predict"
