@@ -414,7 +414,7 @@ def train(
         _checkpoint(run, model, optimizer, scheduler, progress)
     bar.close()
     seconds = time.perf_counter() - start
-    _finish(run, s, progress, seconds, tokens_seen, (trainable, total))
+    peak_mib = _finish(run, s, progress, seconds, tokens_seen, (trainable, total))
     rows = [r for r in run.read_metrics() if r.get("best")]
     return TrainResult(
         run_dir=output,
@@ -424,7 +424,7 @@ def train(
         best_val_loss=rows[-1].get("val_loss") if rows else None,
         train_seconds=seconds,
         real_tokens_per_s=tokens_seen / max(seconds, 1e-9),
-        peak_rss_mib=process_peak_mib(),
+        peak_rss_mib=peak_mib,
     )
 
 
@@ -435,8 +435,10 @@ def _finish(
     seconds: float,
     tokens: int,
     params: tuple[int, int],
-) -> None:
+) -> float:
+    """Write the loss curve and the manifest; returns the peak RSS (MiB) recorded there."""
     trainable, total = params
+    peak_mib = process_peak_mib()
     rows = run.read_metrics()
     if rows:
         plot_loss_curve(rows, run.loss_curve)
@@ -478,8 +480,9 @@ def _finish(
                 "train_s": round(timings.get("train_s", 0.0) + seconds, 2),
                 "real_tokens": timings.get("real_tokens", 0) + tokens,
                 # This process's peak (a resumed run's: since it resumed), loading included.
-                "peak_rss_mib": round(process_peak_mib(), 1),
+                "peak_rss_mib": round(peak_mib, 1),
             },
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
+    return peak_mib

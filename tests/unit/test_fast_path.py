@@ -52,6 +52,13 @@ def _model(cfg: RunConfig, directory: Path, attention: str) -> tuple[Any, LabelC
     return model, codec
 
 
+def _placed(cfg: RunConfig, directory: Path) -> tuple[Any, LabelCodec, Placement]:
+    """`_model` placed as the trainer places it: every switch of `cfg.train` applied."""
+    model, codec = _model(cfg, directory, "eager")
+    placement = Placement.from_config(cfg.train)
+    return placement.place(model), codec, placement
+
+
 def _loss_and_scores(
     model: Any, codec: LabelCodec, fast: bool, dtype: torch.dtype | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,10 +303,8 @@ def test_compiled_layers_give_the_same_loss_and_gradient(
     results = []
     for compiled in (False, True):
         cfg = tiny_cfg(f"train.compile={str(compiled).lower()}")
-        model, codec = _model(cfg, tiny_causal_dir, "eager")
-        placement = Placement.from_config(cfg.train)
+        model, codec, placement = _placed(cfg, tiny_causal_dir)
         assert placement.compile is compiled
-        model = placement.place(model)
         features = [codec.encode(e) for e in EXAMPLES]
         loss, _ = accumulate_batch(model, codec, features, cfg.train, placement)
         results.append((loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
@@ -372,9 +377,8 @@ def test_lean_mlp_gives_bit_identical_gradients_and_keeps_less(
 ) -> None:
     results = []
     for lean in (False, True):
-        cfg = tiny_cfg(f"train.lean_mlp={str(lean).lower()}")
-        model, codec = _model(cfg, tiny_causal_dir, "eager")
-        results.append(_step_keeping(Placement.from_config(cfg.train).place(model), codec))
+        model, codec, _ = _placed(tiny_cfg(f"train.lean_mlp={str(lean).lower()}"), tiny_causal_dir)
+        results.append(_step_keeping(model, codec))
     (loss, grads, kept), (lean_loss, lean_grads, lean_kept) = results
     assert torch.equal(loss, lean_loss)
     for a, b in zip(grads, lean_grads, strict=True):
