@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from finlora.data.instruct import Message, alpaca_record
-from finlora.generate import GenerationOptions, stream_answer
+from finlora.generate import GenerationOptions, Reply, stream_reply
 from finlora.predict import LoadedRun
 
 Write = Callable[[str], None]
@@ -30,8 +30,8 @@ def instruction_prompt(
     return loaded.codec.generation_prompt(record)
 
 
-def answer(loaded: LoadedRun, prompt: list[int], options: GenerationOptions, write: Write) -> str:
-    return stream_answer(
+def answer(loaded: LoadedRun, prompt: list[int], options: GenerationOptions, write: Write) -> Reply:
+    return stream_reply(
         loaded.model,
         loaded.codec.tokenizer,
         prompt,
@@ -47,6 +47,20 @@ def _context_limit(loaded: LoadedRun) -> int:
     return int(getattr(config, "max_position_embeddings", 0) or 2048)
 
 
+def fit_conversation(
+    loaded: LoadedRun, head: list[Message], history: list[Message], max_new_tokens: int
+) -> list[int]:
+    """The prompt for `head` (system messages, always kept) and `history`, forgetting the oldest
+    exchanges of `history` (in place) until the prompt leaves room for the answer in the model's
+    context; the latest message is never dropped."""
+    budget = _context_limit(loaded) - max_new_tokens
+    while True:
+        prompt = loaded.codec.chat_prompt([*head, *history])
+        if len(prompt) <= budget or len(history) <= 1:
+            return prompt
+        del history[:2]
+
+
 @dataclasses.dataclass
 class ChatSession:
     loaded: LoadedRun
@@ -57,19 +71,11 @@ class ChatSession:
     def reset(self) -> None:
         self.history.clear()
 
-    def _prompt(self) -> list[int]:
-        head = [Message("system", self.system)] if self.system else []
-        budget = _context_limit(self.loaded) - self.options.max_new_tokens
-        while True:
-            prompt = self.loaded.codec.chat_prompt([*head, *self.history])
-            if len(prompt) <= budget or len(self.history) <= 1:
-                return prompt
-            # Forget the oldest exchange rather than overflow the model's context.
-            del self.history[:2]
-
     def reply(self, text: str, write: Write) -> str:
         self.history.append(Message("user", text))
-        said = answer(self.loaded, self._prompt(), self.options, write)
+        head = [Message("system", self.system)] if self.system else []
+        prompt = fit_conversation(self.loaded, head, self.history, self.options.max_new_tokens)
+        said = answer(self.loaded, prompt, self.options, write).text
         self.history.append(Message("assistant", said))
         return said
 

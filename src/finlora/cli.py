@@ -592,7 +592,7 @@ def generate(
     loaded = _load_instruct_run(run_dir, zero_shot)
     prompt = instruction_prompt(loaded, instruction, input_text, system)
     if as_json:
-        text = answer(loaded, prompt, options, lambda _: None)
+        text = answer(loaded, prompt, options, lambda _: None).text
         click.echo(json.dumps({"instruction": instruction, "input": input_text, "answer": text}))
         return
     answer(loaded, prompt, options, _stdout_stream)
@@ -617,6 +617,44 @@ def chat(run_dir: Path, options: Any, system: str | None, zero_shot: bool) -> No
     with contextlib.suppress(ImportError):  # not on every platform
         import readline  # noqa: F401  (line editing and history for input())
     chat_loop(ChatSession(loaded, options, system), input, _stdout_stream)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; 0.0.0.0 opens it to the network (no authentication).",
+)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--zero-shot", is_flag=True, help="Serve the base model without the adapter.")
+def serve(run_dir: Path, host: str, port: int, zero_shot: bool) -> None:
+    """Serve a trained run over HTTP: /predict for a classification run, /generate and an
+    OpenAI-style /v1/chat/completions for an instruct run; /health, /info, and /docs.
+
+    \b
+    Example:
+      finlora serve runs/fpb
+      curl -s localhost:8000/predict -H 'content-type: application/json' \\
+          -d '{"texts": ["Net sales fell 12 % to EUR 3.1 mn."]}'
+    """
+    import uvicorn
+
+    from finlora.predict import load_run
+    from finlora.runs import RunDir
+    from finlora.serve import check_bindable, create_app, is_loopback
+
+    RunDir(run_dir).require_trained()
+    check_bindable(host, port)  # before the model loads (~20 s): a taken port fails at once
+    if not is_loopback(host):
+        _echo_err(f"serving on {host}: anyone who can reach this machine can use the model")
+    loaded = load_run(run_dir, zero_shot)
+    routes = (
+        "POST /predict" if loaded.task == "classify" else "POST /generate, /v1/chat/completions"
+    )
+    _echo_err(f"finlora serve: {run_dir} ({loaded.task}): {routes}; API docs at /docs")
+    uvicorn.run(create_app(loaded), host=host, port=port, log_level="info")
 
 
 @cli.group()

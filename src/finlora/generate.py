@@ -116,12 +116,18 @@ def generate_answers(
 
 class _CallbackStreamer(TextStreamer):
     """transformers' streamer (it decodes whole words, never half a character), with the text
-    handed to a callback instead of print."""
+    handed to a callback instead of print, and the new token ids counted."""
 
     def __init__(self, tokenizer: Any, write: Callable[[str], None]) -> None:
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
         self._write = write
         self.pieces: list[str] = []
+        self.new_ids: list[int] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if not (self.skip_prompt and self.next_tokens_are_prompt):
+            self.new_ids.extend(int(i) for i in value.reshape(-1).tolist())
+        super().put(value)
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         if text:
@@ -129,8 +135,15 @@ class _CallbackStreamer(TextStreamer):
             self._write(text)
 
 
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    new_tokens: int  # generated tokens, the stop token included
+    hit_limit: bool  # cut at max_new_tokens rather than ended by a stop token
+
+
 @torch.no_grad()
-def stream_answer(
+def stream_reply(
     model: Any,
     tokenizer: Any,
     prompt: list[int],
@@ -139,11 +152,13 @@ def stream_answer(
     *,
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
-) -> str:
-    """Generate one answer, handing text to `write` as tokens arrive; returns the answer."""
+) -> Reply:
+    """Generate one answer, handing text to `write` as tokens arrive."""
     device = device or torch.device("cpu")
     model.eval()
     streamer = _CallbackStreamer(tokenizer, write)
     with autocast(device, dtype):
         _generate(model, tokenizer, [prompt], options, device, streamer)
-    return "".join(streamer.pieces).strip()
+    ids = streamer.new_ids
+    stopped = bool(ids) and ids[-1] in stop_ids(model, tokenizer)
+    return Reply("".join(streamer.pieces).strip(), len(ids), not stopped)

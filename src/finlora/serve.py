@@ -1,0 +1,325 @@
+"""An HTTP server for a trained run (`finlora serve`), built with FastAPI.
+
+- Classification runs answer `POST /predict` (label and probabilities, as `finlora predict`).
+- Instruct runs answer `POST /generate` (as `finlora generate --json`) and an OpenAI-style
+  `POST /v1/chat/completions`, streamed as server-sent events when asked, so existing chat
+  clients can talk to them.
+- `GET /health` and `GET /info` say what is loaded.
+
+One model serves one request at a time (a lock): torch's threads already use every core, so a
+second forward pass beside the first would only slow both down.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import StreamingResponse
+from pydantic import AfterValidator, BaseModel, Field, field_validator
+
+from finlora.chat import answer, fit_conversation, instruction_prompt
+from finlora.data.instruct import Message
+from finlora.errors import FinloraError
+from finlora.generate import GenerationOptions, Reply
+from finlora.predict import LoadedRun
+
+MAX_TEXTS = 1024  # sentences in one /predict request
+MAX_NEW_TOKENS = 4096
+DEFAULT_HOST = "127.0.0.1"
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_not_blank)]
+
+
+class PredictRequest(BaseModel):
+    texts: Annotated[list[Text], Field(min_length=1, max_length=MAX_TEXTS)]
+
+
+class Decoding(BaseModel):
+    """Decoding options, with `finlora generate`'s defaults (greedy: reproducible answers)."""
+
+    max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] = 256
+    temperature: Annotated[float, Field(ge=0.0)] = 0.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Field(ge=0)] = 0
+    seed: int | None = None
+
+    def options(self) -> GenerationOptions:
+        return GenerationOptions(
+            self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed
+        )
+
+
+class GenerateRequest(Decoding):
+    instruction: Text
+    input: str = ""
+    system: str | None = None
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    """The OpenAI chat-completions request, as far as finlora can honour it."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    model: str | None = None  # accepted and ignored: the server holds one model
+    max_tokens: Annotated[int | None, Field(ge=1, le=MAX_NEW_TOKENS)] = None
+    max_completion_tokens: Annotated[int | None, Field(ge=1, le=MAX_NEW_TOKENS)] = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    seed: int | None = None
+    stream: bool = False
+
+    @field_validator("messages")
+    @classmethod
+    def _ends_with_user(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if messages[-1].role != "user":
+            raise ValueError("the last message must be the user's")
+        return messages
+
+    def options(self) -> GenerationOptions:
+        limit = self.max_completion_tokens or self.max_tokens or Decoding().max_new_tokens
+        return GenerationOptions(limit, self.temperature, self.top_p, 0, self.seed)
+
+
+def _split_system(messages: list[ChatMessage]) -> tuple[list[Message], list[Message]]:
+    """Leading system messages (always kept) and the conversation after them."""
+    as_messages = [Message(m.role, m.content) for m in messages]
+    n = next((i for i, m in enumerate(as_messages) if m.role != "system"), len(as_messages))
+    return as_messages[:n], as_messages[n:]
+
+
+def _completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def _finish_reason(reply: Reply) -> str:
+    return "length" if reply.hit_limit else "stop"
+
+
+def _sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+class _Server:
+    """The loaded run, the lock around it, and the work behind each route."""
+
+    def __init__(self, loaded: LoadedRun) -> None:
+        self.loaded = loaded
+        self.lock = threading.Lock()
+        self.name = "base model (zero-shot)" if loaded.zero_shot else loaded.run.root.name
+
+    def require(self, task: str, instead: str) -> None:
+        if self.loaded.task != task:
+            raise HTTPException(
+                400, f"this run's task is {self.loaded.task}, not {task} (use {instead})"
+            )
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.loaded.cfg
+        info: dict[str, Any] = {
+            "run": str(self.loaded.run.root),
+            "task": cfg.task,
+            "model": cfg.model.name,
+            "method": cfg.method.name,
+            "zero_shot": self.loaded.zero_shot,
+            "device": str(self.loaded.device),
+            "precision": "bf16-autocast" if self.loaded.dtype else "fp32",
+            "template": cfg.data.template,
+        }
+        if cfg.task == "classify":
+            info["labels"] = self.loaded.labels
+            info["endpoints"] = ["/predict"]
+        else:
+            info["endpoints"] = ["/generate", "/v1/chat/completions"]
+        return info
+
+    def predict(self, request: PredictRequest) -> dict[str, Any]:
+        self.require("classify", "/generate or /v1/chat/completions")
+        with self.lock:
+            predictions = self.loaded.predict(request.texts, progress=False)
+        return {"predictions": [p.to_dict() for p in predictions]}
+
+    def generate(self, request: GenerateRequest) -> dict[str, Any]:
+        self.require("instruct", "/predict")
+        options = request.options()
+        with self.lock:
+            prompt = instruction_prompt(
+                self.loaded, request.instruction, request.input, request.system
+            )
+            reply = answer(self.loaded, prompt, options, lambda _: None)
+        return {
+            "instruction": request.instruction,
+            "input": request.input,
+            "answer": reply.text,
+            "finish_reason": _finish_reason(reply),
+        }
+
+    def _chat_prompt(self, request: ChatRequest, options: GenerationOptions) -> list[int]:
+        head, history = _split_system(request.messages)
+        return fit_conversation(self.loaded, head, history, options.max_new_tokens)
+
+    def chat(self, request: ChatRequest) -> dict[str, Any]:
+        self.require("instruct", "/predict")
+        options = request.options()
+        with self.lock:
+            prompt = self._chat_prompt(request, options)
+            reply = answer(self.loaded, prompt, options, lambda _: None)
+        return {
+            "id": _completion_id(),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": reply.text},
+                    "finish_reason": _finish_reason(reply),
+                }
+            ],
+            "usage": {
+                "prompt_tokens": len(prompt),
+                "completion_tokens": reply.new_tokens,
+                "total_tokens": len(prompt) + reply.new_tokens,
+            },
+        }
+
+    def chat_stream(self, request: ChatRequest) -> Iterator[str]:
+        """Server-sent events: a chunk per piece of text as it is generated, then [DONE]."""
+        self.require("instruct", "/predict")
+        options = request.options()
+        pieces: queue.Queue[str | Reply | BaseException] = queue.Queue()
+        # Generation runs in its own thread, so text reaches the client while the model works.
+        worker = threading.Thread(
+            target=self._generate_into, args=(request, options, pieces), daemon=True
+        )
+        worker.start()
+        chunk = _chunk_maker(_completion_id(), self.name)
+        yield _sse(chunk({"role": "assistant", "content": ""}, None))
+        while True:
+            item = pieces.get()
+            if isinstance(item, str):
+                yield _sse(chunk({"content": item}, None))
+                continue
+            if isinstance(item, Reply):
+                yield _sse(chunk({}, _finish_reason(item)))
+            else:  # the model failed mid-answer: say so in the stream, the status is sent
+                yield _sse({"error": {"message": str(item), "type": type(item).__name__}})
+            yield _sse("[DONE]")
+            return
+
+    def _generate_into(
+        self,
+        request: ChatRequest,
+        options: GenerationOptions,
+        pieces: queue.Queue[str | Reply | BaseException],
+    ) -> None:
+        try:
+            with self.lock:
+                prompt = self._chat_prompt(request, options)
+                pieces.put(answer(self.loaded, prompt, options, pieces.put))
+        except Exception as exc:  # handed to the stream, which reports it to the client
+            pieces.put(exc)
+
+
+def _chunk_maker(
+    completion_id: str, model: str
+) -> Callable[[dict[str, str], str | None], dict[str, Any]]:
+    created = int(time.time())
+
+    def chunk(delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
+        return {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+
+    return chunk
+
+
+def create_app(loaded: LoadedRun) -> FastAPI:
+    """The FastAPI application serving `loaded`."""
+    server = _Server(loaded)
+    app = FastAPI(
+        title="finlora",
+        summary=f"{server.name}: a {loaded.task} run of {loaded.cfg.model.name}",
+    )
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/info")
+    def info() -> dict[str, Any]:
+        return server.info()
+
+    @app.post("/predict")
+    def predict(request: PredictRequest) -> dict[str, Any]:
+        return _user_errors_as_400(lambda: server.predict(request))
+
+    @app.post("/generate")
+    def generate(request: GenerateRequest) -> dict[str, Any]:
+        return _user_errors_as_400(lambda: server.generate(request))
+
+    @app.post("/v1/chat/completions", response_model=None)
+    def chat_completions(request: ChatRequest) -> dict[str, Any] | StreamingResponse:
+        if request.stream:
+            server.require("instruct", "/predict")  # before the stream starts: a real status
+            return StreamingResponse(server.chat_stream(request), media_type="text/event-stream")
+        return _user_errors_as_400(lambda: server.chat(request))
+
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bindable(host: str, port: int) -> None:
+    """Refuse an address this machine cannot listen on (taken port, unknown host)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise FinloraError(f"--host {host}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise FinloraError(
+                f"{host}:{port}: cannot listen there ({exc.strerror}); pick another --port"
+            ) from None
+
+
+def _user_errors_as_400(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return work()
+    except FinloraError as exc:
+        raise HTTPException(400, str(exc)) from None

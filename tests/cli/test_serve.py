@@ -1,0 +1,309 @@
+"""`finlora serve`: the HTTP routes on tiny classify and instruct runs (FastAPI's test client),
+what they answer against the library calls behind `finlora predict` and `finlora generate`, the
+refusals, and the real command listening on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_support import Result, assert_user_error
+from fastapi.testclient import TestClient
+from test_instruct_cli import instruct_rows
+
+from finlora.chat import answer, instruction_prompt
+from finlora.config import load_config
+from finlora.generate import GenerationOptions
+from finlora.predict import LoadedRun, load_run
+from finlora.serve import create_app, is_loopback
+from finlora.train import train
+
+TEXTS = [
+    "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn.",
+    "The company will hold its annual meeting in April.",
+    "Net sales fell 12 % and the outlook was cut.",
+]
+
+
+def _train(output: Path, overrides: list[str]) -> Path:
+    train(load_config(None, overrides), output, progress_bar=False, log=lambda _msg: None)
+    return output
+
+
+@pytest.fixture(scope="module")
+def classify_run(tmp_path_factory: pytest.TempPathFactory, tiny_overrides: list[str]) -> Path:
+    output = tmp_path_factory.mktemp("serve-classify") / "run"
+    return _train(output, [*tiny_overrides, "train.max_steps=2"])
+
+
+@pytest.fixture(scope="module")
+def instruct_run(tmp_path_factory: pytest.TempPathFactory, tiny_overrides: list[str]) -> Path:
+    data = tmp_path_factory.mktemp("serve-data") / "fin.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in instruct_rows()), encoding="utf-8")
+    output = tmp_path_factory.mktemp("serve-instruct") / "run"
+    overrides = [*tiny_overrides, "task=instruct", f"data.path={data}", "data.template=alpaca",
+                 "data.max_length=256", "train.learning_rate=0.01"]  # fmt: skip
+    return _train(output, overrides)
+
+
+@pytest.fixture(scope="module")
+def classify_loaded(classify_run: Path) -> LoadedRun:
+    return load_run(classify_run)
+
+
+@pytest.fixture(scope="module")
+def instruct_loaded(instruct_run: Path) -> LoadedRun:
+    return load_run(instruct_run)
+
+
+@pytest.fixture(scope="module")
+def classify_client(classify_loaded: LoadedRun) -> TestClient:
+    return TestClient(create_app(classify_loaded))
+
+
+@pytest.fixture(scope="module")
+def instruct_client(instruct_loaded: LoadedRun) -> TestClient:
+    return TestClient(create_app(instruct_loaded))
+
+
+# ---- classification ----------------------------------------------------------------------------
+
+
+def test_health_and_info(classify_client: TestClient, classify_run: Path) -> None:
+    assert classify_client.get("/health").json() == {"status": "ok"}
+    info = classify_client.get("/info").json()
+    assert info["task"] == "classify"
+    assert info["labels"] == ["negative", "neutral", "positive"]
+    assert info["run"] == str(classify_run)
+    assert info["endpoints"] == ["/predict"]
+    assert info["precision"] == "fp32"
+
+
+def test_predict_answers_as_the_library_does(
+    classify_client: TestClient, classify_loaded: LoadedRun
+) -> None:
+    response = classify_client.post("/predict", json={"texts": TEXTS})
+    assert response.status_code == 200
+    served = response.json()["predictions"]
+    expected = [p.to_dict() for p in classify_loaded.predict(TEXTS, progress=False)]
+    assert served == expected
+    for row in served:
+        assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"texts": []}, {"texts": ["ok", "  "]}, {"text": "one"}, {"texts": "not a list"}],
+)
+def test_predict_refuses_bad_bodies(classify_client: TestClient, body: dict[str, Any]) -> None:
+    response = classify_client.post("/predict", json=body)
+    assert response.status_code == 422
+    assert response.json()["detail"]
+
+
+def test_predict_refuses_too_many_texts(classify_client: TestClient) -> None:
+    response = classify_client.post("/predict", json={"texts": ["Sales rose."] * 1025})
+    assert response.status_code == 422
+
+
+def test_instruct_routes_refuse_a_classify_run(classify_client: TestClient) -> None:
+    generate = classify_client.post("/generate", json={"instruction": "What is EBITDA?"})
+    assert generate.status_code == 400
+    assert "task is classify" in generate.json()["detail"]
+    for stream in (False, True):
+        body = {"messages": [{"role": "user", "content": "Hi"}], "stream": stream}
+        chat = classify_client.post("/v1/chat/completions", json=body)
+        assert chat.status_code == 400
+        assert "use /predict" in chat.json()["detail"]
+        assert "task is classify" in chat.json()["detail"]
+
+
+# ---- instruct ----------------------------------------------------------------------------------
+
+
+def _library_answer(loaded: LoadedRun, instruction: str, max_new_tokens: int) -> str:
+    prompt = instruction_prompt(loaded, instruction)
+    options = GenerationOptions(max_new_tokens=max_new_tokens)
+    return answer(loaded, prompt, options, lambda _: None).text
+
+
+def test_generate_answers_as_the_library_does(
+    instruct_client: TestClient, instruct_loaded: LoadedRun
+) -> None:
+    body = {"instruction": "What is EBITDA?", "max_new_tokens": 12}
+    response = instruct_client.post("/generate", json=body)
+    assert response.status_code == 200
+    served = response.json()
+    assert served["answer"] == _library_answer(instruct_loaded, "What is EBITDA?", 12)
+    assert served["instruction"] == "What is EBITDA?"
+    assert served["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"instruction": " "},
+        {"instruction": "Define EBIT.", "max_new_tokens": 0},
+        {"instruction": "Define EBIT.", "temperature": -1},
+        {"instruction": "Define EBIT.", "top_p": 0},
+    ],
+)
+def test_generate_refuses_bad_bodies(instruct_client: TestClient, body: dict[str, Any]) -> None:
+    assert instruct_client.post("/generate", json=body).status_code == 422
+
+
+def test_predict_refuses_an_instruct_run(instruct_client: TestClient) -> None:
+    response = instruct_client.post("/predict", json={"texts": TEXTS})
+    assert response.status_code == 400
+    assert "task is instruct" in response.json()["detail"]
+
+
+def _chat(client: TestClient, **extra: Any) -> Any:
+    messages = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "What is EBITDA?"}]  # fmt: skip
+    return client.post("/v1/chat/completions", json={"messages": messages, **extra})
+
+
+def test_chat_completion_has_the_openai_shape(
+    instruct_client: TestClient, instruct_loaded: LoadedRun
+) -> None:
+    response = _chat(instruct_client, max_tokens=8, model="anything")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["id"].startswith("chatcmpl-")
+    (choice,) = body["choices"]
+    assert choice["message"]["role"] == "assistant"
+    # The Alpaca template has no turns: the latest user message is the instruction.
+    assert choice["message"]["content"] == _library_answer(instruct_loaded, "What is EBITDA?", 8)
+    usage = body["usage"]
+    assert 1 <= usage["completion_tokens"] <= 8
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    if choice["finish_reason"] == "length":
+        assert usage["completion_tokens"] == 8
+
+
+def test_chat_completion_streams_the_same_answer(instruct_client: TestClient) -> None:
+    whole = _chat(instruct_client, max_tokens=8).json()["choices"][0]
+    with instruct_client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "What is EBITDA?"}],
+            "max_tokens": 8,
+            "stream": True,
+        },  # fmt: skip
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: ") :] for line in response.iter_lines() if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text.strip() == whole["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+        [{"role": "robot", "content": "Hi"}],
+    ],  # fmt: skip
+)
+def test_chat_refuses_bad_conversations(
+    instruct_client: TestClient, messages: list[dict[str, str]]
+) -> None:
+    response = instruct_client.post("/v1/chat/completions", json={"messages": messages})
+    assert response.status_code == 422
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _post(url: str, body: dict[str, Any]) -> Any:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)
+
+
+def test_serve_listens_on_loopback_and_predicts(
+    classify_run: Path, classify_loaded: LoadedRun, tmp_path: Path
+) -> None:
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log = (tmp_path / "serve.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finlora.cli", "serve", str(classify_run), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                    assert json.load(response) == {"status": "ok"}
+                break
+            except OSError:
+                assert proc.poll() is None, log.seek(0) or log.read()
+                assert time.monotonic() < deadline, "the server did not come up in 90 s"
+                time.sleep(0.5)
+        served = _post(f"{base}/predict", {"texts": TEXTS[:2]})["predictions"]
+        expected = [p.to_dict() for p in classify_loaded.predict(TEXTS[:2], progress=False)]
+        assert [p["label"] for p in served] == [p["label"] for p in expected]
+        for got, want in zip(served, expected, strict=True):
+            for label, p in want["probabilities"].items():
+                assert got["probabilities"][label] == pytest.approx(p, abs=1e-5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    log.seek(0)
+    output = log.read()
+    assert f"http://127.0.0.1:{port}" in output
+    assert "anyone who can reach" not in output
+
+
+def test_serve_refuses_a_taken_port(cli: Callable[..., Result], classify_run: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("serve", classify_run, "--port", port)
+    assert_user_error(result, f"127.0.0.1:{port}", "--port")
+
+
+def test_serve_refuses_a_missing_run(cli: Callable[..., Result], tmp_path: Path) -> None:
+    assert_user_error(cli("serve", tmp_path / "nowhere"), "nowhere")
+
+
+def test_loopback_addresses() -> None:
+    assert is_loopback("127.0.0.1")
+    assert is_loopback("::1")
+    assert is_loopback("localhost")
+    assert not is_loopback("0.0.0.0")
+    assert not is_loopback("192.168.1.10")
