@@ -79,6 +79,19 @@ def test_loss_falls_and_predictions_are_valid_labels(trained: Path) -> None:
         assert abs(sum(p.probabilities.values()) - 1) < 1e-6
 
 
+def test_served_predictions_are_the_commands(trained: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from finlora.serve import create_app
+
+    texts = ["Operating profit rose to EUR 13.1 mn.", "The annual meeting is on 5 May."]
+    loaded = load_run(trained)
+    response = TestClient(create_app(loaded)).post("/predict", json={"texts": texts})
+    assert response.status_code == 200
+    expected = [p.to_dict() for p in loaded.predict(texts, progress=False)]
+    assert response.json() == {"predictions": expected}
+
+
 def test_adapter_changes_the_model(trained: Path) -> None:
     texts = ["Operating profit rose to EUR 13.1 mn from EUR 8.7 mn."]
     tuned = load_run(trained).proba(texts, progress=False)
