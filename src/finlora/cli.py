@@ -365,7 +365,7 @@ def _verify_n(value: str) -> int | None:
     "--verify-n",
     default="32",
     show_default=True,
-    help="Test sentences to verify on, or 'all' for the run's whole test split.",
+    help="Test sentences (an instruct run: records) to check, or 'all' for the whole test split.",
 )
 @click.option("--tolerance", type=float, help="Largest accepted |logit difference|.")
 @click.option("--no-verify", is_flag=True, help="Skip the verification (not recommended).")
@@ -387,13 +387,15 @@ def export(
 
     hf: a transformers checkpoint (loads without finlora or peft); state_dict: the merged
     weights as one safetensors file; gguf: one file for llama.cpp. The written model's logits are
-    checked against the adapter model's, and a GGUF's label predictions in llama.cpp against
-    the Hugging Face model's (where llama-cpp-python is installed).
+    checked against the adapter model's (a classification run's at its labels, an instruct run's
+    at the answer tokens of held-out records), and a GGUF's in llama.cpp too (where
+    llama-cpp-python is installed).
 
     \b
     Example:
       finlora export runs/fpb --format hf --out exports/fpb-hf
       finlora export runs/fpb --format gguf --quant q8_0 --out exports/fpb-gguf --verify-n all
+      finlora export runs/fin-instruct --format gguf --out exports/fin-instruct-gguf
     """
     from finlora.export import ExportOptions, export_run
 
@@ -404,23 +406,8 @@ def export(
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
-    v = result.verification
-    click.echo(f"wrote {result.format} ({result.dtype}) to {result.out}: {', '.join(result.files)}")
-    if not result.verified:
-        click.echo("not verified (--no-verify)")
-        return
-    click.echo(
-        f"verified on {v.n} sentences: max |logit diff| {v.max_abs_logit_diff:.3g} "
-        f"(tolerance {v.tolerance:g}), labels agree {v.label_agreement:.1%}"
-    )
-    if v.gguf_checked:
-        click.echo(
-            f"llama.cpp: labels agree {v.gguf_agreement:.1%} of {v.gguf_n}, "
-            f"tokenization equal {v.gguf_tokens_equal:.1%}, "
-            f"max |label log-likelihood diff| {v.gguf_max_abs_loglik_diff}"
-        )
-    elif v.gguf_note:
-        click.echo(v.gguf_note)
+    for line in result.summary():
+        click.echo(line)
 
 
 @cli.command()

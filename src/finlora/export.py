@@ -10,8 +10,9 @@ Other tools' merges have been seen to export the base model unchanged, or a mode
 differ from the adapter's. So every export is checked before it is moved into place: the adapter
 must hold a non-zero update, the merge must change the weights, and the written model's logits
 must match the adapter model's on sample prompts (and, for GGUF where llama-cpp-python is
-installed, llama.cpp's label predictions must agree with the Hugging Face model's). A failed check
-leaves nothing at --out.
+installed, llama.cpp's predictions must agree with the Hugging Face model's). A classification
+run is checked on its label scores; an instruct run on the logits at the answer tokens of
+held-out records (export_instruct.py). A failed check leaves nothing at --out.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
@@ -30,6 +31,14 @@ from finlora import atomic
 from finlora.config import RunConfig, config_from_dict, read_yaml
 from finlora.data.prepare import prepare_data
 from finlora.errors import FinloraError
+from finlora.export_instruct import (
+    InstructSample,
+    TokenScores,
+    agreement,
+    gguf_token_check,
+    instruct_sample,
+    token_scores,
+)
 from finlora.methods import load_adapter
 from finlora.methods.storage import TENSORS_FILE
 from finlora.models import llama_cpp as llama_cpp_check
@@ -39,6 +48,7 @@ from finlora.models.loading import MODEL_CLASSES, load_tokenizer, sha256_file
 from finlora.runs import RunDir
 from finlora.scoring import label_logits, sequence_logprob
 from finlora.tasks.classify import IGNORE, LabelCodec, sorted_batches
+from finlora.tasks.instruct import InstructCodec
 
 FORMATS = ("hf", "state_dict", "gguf")
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -112,26 +122,32 @@ class ExportOptions:
 
 @dataclass
 class Verification:
-    n: int = 0  # sentences checked
+    n: int = 0  # sentences (classify) or records (instruct) checked
     data: str = ""  # where they came from
     max_abs_logit_diff: float | None = None
     tolerance: float | None = None
-    label_agreement: float | None = None  # written model vs adapter model
+    label_agreement: float | None = None  # written model vs adapter model (classify)
     accuracy: float | None = None  # written model vs gold labels (test split sentences only)
+    # Instruct runs: answer tokens checked, and the share whose most likely next token the
+    # written model and the adapter model share (the gguf_ fields below then count tokens too).
+    answer_tokens: int | None = None
+    token_agreement: float | None = None
     changed_tensors: int = 0  # tensors the merge changed, of `tensors`
     tensors: int = 0
     gguf_checked: bool = False
-    gguf_agreement: float | None = None  # llama.cpp labels vs the adapter model's
+    gguf_agreement: float | None = None  # llama.cpp labels (next tokens) vs the adapter model's
     gguf_n: int | None = None
     gguf_tokens_equal: float | None = None  # prompts llama.cpp tokenizes exactly as finlora
     gguf_accuracy: float | None = None
-    # Largest |label log-likelihood difference| against the adapter model, on equal tokens.
+    # Largest |label (answer token) log-likelihood difference| against the adapter model, on
+    # equal tokens.
     gguf_max_abs_loglik_diff: float | None = None
     gguf_note: str | None = None
 
 
 @dataclass
 class ExportResult:
+    task: str
     format: str
     out: Path
     files: list[str]
@@ -143,6 +159,7 @@ class ExportResult:
     def to_dict(self) -> dict[str, Any]:
         """One flat JSON object: what was written and how it was checked."""
         head = {
+            "task": self.task,
             "format": self.format,
             "out": str(self.out),
             "files": self.files,
@@ -151,6 +168,32 @@ class ExportResult:
             "verified": self.verified,
         }
         return head | asdict(self.verification)
+
+    def summary(self) -> list[str]:
+        """What was written and how it checked out, for people."""
+        v = self.verification
+        lines = [f"wrote {self.format} ({self.dtype}) to {self.out}: {', '.join(self.files)}"]
+        if not self.verified:
+            return [*lines, "not verified (--no-verify)"]
+        if self.task == "instruct":
+            unit, agreeing, agree = "records", "next tokens", v.token_agreement
+            checked, scored = f"{v.n} records ({v.answer_tokens} answer tokens)", "answer-token"
+        else:
+            unit, agreeing, agree = "sentences", "labels", v.label_agreement
+            checked, scored = f"{v.n} sentences", "label"
+        lines.append(
+            f"verified on {checked}: max |logit diff| {v.max_abs_logit_diff:.3g} "
+            f"(tolerance {v.tolerance:g}), {agreeing} agree {agree:.1%}"
+        )
+        if v.gguf_checked:
+            lines.append(
+                f"llama.cpp: {agreeing} agree {v.gguf_agreement:.1%} on {v.gguf_n} {unit}, "
+                f"tokenization equal {v.gguf_tokens_equal:.1%}, "
+                f"max |{scored} log-likelihood diff| {v.gguf_max_abs_loglik_diff}"
+            )
+        elif v.gguf_note:
+            lines.append(v.gguf_note)
+        return lines
 
 
 @dataclass
@@ -163,7 +206,7 @@ class _Context:
     kind: str
     model: Any  # the PEFT model; merged in place by merge_and_unload
     tokenizer: Any
-    codec: LabelCodec
+    codec: Any  # LabelCodec (classify) or InstructCodec (instruct)
     base_name: str
     gguf_sources: list[str]
     # Freeze / full runs: the base weights as loaded, before the tuned ones replaced them.
@@ -233,9 +276,6 @@ def _load(run: RunDir, method: str) -> _Context:
     """The run's adapter model in fp32 on the CPU: no bf16 weights, no autocast, exact merges."""
     cfg = config_from_dict(read_yaml(run.config))
     split = run.read_json(run.split)
-    if cfg.task != "classify":
-        # The verification compares label scores; an instruct run has no label set to compare.
-        raise FinloraError(f"{run.root}: export covers classification runs (this is {cfg.task})")
     kind = getattr(cfg.model, "kind", "auto")
     if kind == "encoder":
         raise FinloraError(f"{run.root}: export covers causal and seq2seq language-model runs")
@@ -254,7 +294,11 @@ def _load(run: RunDir, method: str) -> _Context:
         base_state = {k: v.detach().clone() for k, v in base.model.state_dict().items()}
     model = load_adapter(base.model, cfg, base.kind, run.adapter).eval()
     model.requires_grad_(False)
-    codec = LabelCodec.for_data(tokenizer, cfg.data, split["labels"], base.kind)
+    codec: Any
+    if cfg.task == "instruct":
+        codec = InstructCodec.for_data(tokenizer, cfg.data)
+    else:
+        codec = LabelCodec.for_data(tokenizer, cfg.data, split["labels"], base.kind)
     sources = [p for p in base.weights_sha256 if p.lower().endswith(".gguf")]
     return _Context(
         run, cfg, method, base.kind, model, tokenizer, codec, cfg.model.name, sources, base_state
@@ -395,9 +439,15 @@ def _write_gguf(ctx: _Context, merged: Any, tmp: Path, options: ExportOptions) -
         options.tensor_type,
         name=f"{ctx.base_name} + finlora {ctx.method.lower()} ({ctx.run.root.name})",
         pre=_source_pre(ctx),
-        description=f"finlora: {ctx.method} merged; labels {', '.join(ctx.codec.labels)}",
+        description=f"finlora: {ctx.method} merged; {_what_it_does(ctx)}",
     )
     return [name]
+
+
+def _what_it_does(ctx: _Context) -> str:
+    if ctx.cfg.task == "instruct":
+        return f"instruction-tuned, {ctx.codec.template.name} template"
+    return f"labels {', '.join(ctx.codec.labels)}"
 
 
 def _source_pre(ctx: _Context) -> str | None:
@@ -462,18 +512,14 @@ def _accuracy(labels: Sequence[int], gold: list[int] | None) -> float | None:
     )
 
 
-def _verify_written(
-    ctx: _Context, reference: _Scores, sample: _Sample, written: Any, v: Verification
-) -> None:
-    prompts = [ctx.codec.encode_text(t) for t in sample.texts]
-    candidate = _scores(written, ctx.codec, prompts)
-    v.max_abs_logit_diff, v.label_agreement = _compare(reference, candidate)
-    v.accuracy = _accuracy(candidate.labels, sample.gold)
-    if v.max_abs_logit_diff > (v.tolerance or 0.0):
+def _verify_written(check: _Check, reference: Any, written: Any, v: Verification) -> None:
+    check.compare(reference, check.scores(written), v)
+    if (v.max_abs_logit_diff or 0.0) > (v.tolerance or 0.0):
+        agree = v.label_agreement if v.token_agreement is None else v.token_agreement
         raise FinloraError(
             f"verification failed: the exported model's logits differ from the adapter model's "
-            f"by up to {v.max_abs_logit_diff:.4g} (tolerance {v.tolerance:g}, label agreement "
-            f"{v.label_agreement:.3f}); nothing written"
+            f"by up to {v.max_abs_logit_diff:.4g} (tolerance {v.tolerance:g}, "
+            f"{check.agreeing} agree {agree:.3f}); nothing written"
         )
 
 
@@ -505,6 +551,88 @@ def _verify_gguf(
     v.gguf_accuracy = _accuracy(labels, sample.gold)
 
 
+# ---- the checks, by task ------------------------------------------------------------------------
+
+
+class _LabelCheck:
+    """Classification: label scores on the run's test sentences."""
+
+    unit = "sentences"
+    agreeing = "labels"
+
+    def __init__(self, ctx: _Context, n: int | None) -> None:
+        self.ctx = ctx
+        self.sample = _sample(ctx, n)
+        self.description = self.sample.description
+        self.n = len(self.sample.texts)
+        self.prompts = [ctx.codec.encode_text(t) for t in self.sample.texts]
+
+    def scores(self, model: Any) -> _Scores:
+        return _scores(model, self.ctx.codec, self.prompts)
+
+    def compare(self, reference: _Scores, candidate: _Scores, v: Verification) -> None:
+        v.max_abs_logit_diff, v.label_agreement = _compare(reference, candidate)
+        v.accuracy = _accuracy(candidate.labels, self.sample.gold)
+
+    def gguf(self, path: Path, reference: _Scores, v: Verification) -> None:
+        _verify_gguf(self.ctx, reference, self.sample, path, v)
+
+
+class _AnswerCheck:
+    """Instruct: the logits at the answer tokens of the run's test records, teacher-forced."""
+
+    unit = "records"
+    agreeing = "next tokens"
+
+    def __init__(self, ctx: _Context, n: int | None) -> None:
+        self.ctx = ctx
+        self.sample: InstructSample = instruct_sample(
+            ctx.run.read_json(ctx.run.split), ctx.cfg, ctx.codec, n
+        )
+        if not self.sample.features:
+            raise FinloraError(f"{ctx.run.root}: no record to verify the export on")
+        self.description = self.sample.description
+        self.n = len(self.sample.features)
+
+    def scores(self, model: Any) -> TokenScores:
+        return token_scores(model, self.ctx.codec, self.sample)
+
+    def compare(self, reference: TokenScores, candidate: TokenScores, v: Verification) -> None:
+        pairs = zip(reference.logits, candidate.logits, strict=True)
+        v.max_abs_logit_diff = max(float((a - b).abs().max()) for a, b in pairs)
+        v.token_agreement = agreement(reference.predicted, candidate.predicted)
+        v.answer_tokens = self.sample.tokens
+
+    def gguf(self, path: Path, reference: TokenScores, v: Verification) -> None:
+        if not llama_cpp_check.available():
+            v.gguf_note = f"llama.cpp check skipped: {llama_cpp_check.INSTALL_HINT} to run it"
+            return
+        found = gguf_token_check(path, self.ctx.codec, self.sample, reference)
+        v.gguf_checked, v.gguf_n = True, self.n
+        v.gguf_agreement = found.agreement
+        v.gguf_tokens_equal = found.tokens_equal
+        v.gguf_max_abs_loglik_diff = found.max_abs_logp_diff
+
+
+class _Check(Protocol):
+    """What export_run needs of a task's check; the scores' type is the check's own."""
+
+    unit: str  # what n counts
+    agreeing: str  # what the agreement counts
+    description: str  # where the sample came from
+    n: int
+
+    def scores(self, model: Any) -> Any: ...
+    def compare(self, reference: Any, candidate: Any, v: Verification) -> None: ...
+    def gguf(self, path: Path, reference: Any, v: Verification) -> None: ...
+
+
+CHECKS: dict[str, Callable[[_Context, int | None], _Check]] = {
+    "classify": _LabelCheck,
+    "instruct": _AnswerCheck,
+}
+
+
 def export_run(
     run_dir: Path, options: ExportOptions, log: Callable[[str], None] | None = None
 ) -> ExportResult:
@@ -523,28 +651,28 @@ def export_run(
     say(f"loading {run.root} ...")
     ctx = _load(run, method)
     v = Verification()
-    sample = _sample(ctx, options.verify_n)
-    v.data = sample.description
-    prompts = [ctx.codec.encode_text(t) for t in sample.texts]
-    reference = _scores(ctx.model, ctx.codec, prompts) if options.verify else None
+    check = CHECKS[ctx.cfg.task](ctx, options.verify_n)
+    v.data = check.description
+    reference = check.scores(ctx.model) if options.verify else None
     merged, v.changed_tensors, v.tensors = _merge(ctx, options.weights_dtype)
     say(f"merged {ctx.method}: {v.changed_tensors} of {v.tensors} tensors changed")
     with atomic.atomic_dir(options.out) as tmp:
         files = WRITERS[options.format](ctx, merged, tmp, options)
         if reference is not None:
-            v.n = len(sample.texts)
+            v.n = check.n
             v.tolerance = options.tolerance or TOLERANCES[_checked_dtype(options)]
-            say(f"verifying on {v.n} sentences ({v.data}) ...")
+            say(f"verifying on {v.n} {check.unit} ({v.data}) ...")
             written = RELOADERS[options.format](ctx, tmp, merged)
-            _verify_written(ctx, reference, sample, written, v)
+            _verify_written(check, reference, written, v)
             if options.format == "gguf":
-                _verify_gguf(ctx, reference, sample, tmp / files[0], v)
+                check.gguf(tmp / files[0], reference, v)
         if options.format == "hf":
             # Written after the verification, whose figures it quotes.
             atomic.write_text(tmp / "README.md", _model_card(ctx, options, v))
         atomic.write_json(tmp / "finlora_export.json", _record(ctx, options, files, v))
     files.append("finlora_export.json")
     return ExportResult(
+        ctx.cfg.task,
         options.format,
         options.out,
         sorted(files),
@@ -580,11 +708,28 @@ def _record(ctx: _Context, options: ExportOptions, files: list[str], v: Verifica
         "dtype": options.tensor_type if options.format == "gguf" else options.weights_dtype,
         "files": files,
         "method": ctx.cfg.method.name,
-        "labels": ctx.codec.labels,
-        "prompt": ctx.codec.template.prompt,
-        "label_prefix": ctx.codec.template.label_prefix,
+        "task": ctx.cfg.task,
+        **_prompt_record(ctx),
         "verification": asdict(v),
         "manifest": _manifest(ctx),
+    }
+
+
+def _prompt_record(ctx: _Context) -> dict[str, Any]:
+    """How to prompt the exported model: the label prompt, or the instruction template."""
+    template = ctx.codec.template
+    if ctx.cfg.task == "classify":
+        return {
+            "labels": ctx.codec.labels,
+            "prompt": template.prompt,
+            "label_prefix": template.label_prefix,
+        }
+    if template.is_chat:
+        return {"template": "chat"}  # the tokenizer's own, written with the model
+    return {
+        "template": template.name,
+        "prompt_input": template.prompt_input,
+        "prompt_no_input": template.prompt_no_input,
     }
 
 
@@ -599,13 +744,12 @@ def _method_section(ctx: _Context) -> str:
 def _model_card(ctx: _Context, options: ExportOptions, v: Verification) -> str:
     """README.md for the hf export: what it is, how it was made and scored, and how to use it."""
     manifest = _manifest(ctx)
-    metrics = _test_metrics(ctx)
-    before, after = ctx.codec.template.parts(ctx.codec.labels)
-    labels = ", ".join(f"`{ctx.codec.template.verbalize(label)}`" for label in ctx.codec.labels)
+    classify = ctx.cfg.task == "classify"
+    tags = "financial-sentiment, text-classification" if classify else "instruction-tuning"
     lines = [
         "---",
         "library_name: transformers",
-        "tags: [finlora, financial-sentiment, text-classification]",
+        f"tags: [finlora, {tags}]",
         "---",
         f"# {ctx.run.root.name}: {ctx.base_name} with a merged {ctx.method} adapter",
         "",
@@ -621,24 +765,15 @@ def _model_card(ctx: _Context, options: ExportOptions, v: Verification) -> str:
         "## Data",
         "",
         f"- {manifest.get('data', {}).get('description', ctx.cfg.data.path)}",
-        f"- labels: {', '.join(ctx.codec.labels)}",
+        *([f"- labels: {', '.join(ctx.codec.labels)}"] if classify else []),
         "",
         "## Metrics (the run's held-out test split)",
         "",
-    ]
-    if metrics:
-        lines.append(
-            f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-            f"n {metrics['n']} ({metrics.get('data', '')})"
-        )
-    else:
-        lines.append(f"not measured yet (`finlora eval {ctx.run.root}`)")
-    lines += [
+        _card_metrics(ctx),
         "",
         "## Use",
         "",
-        "A sentence is classified by comparing the likelihood of each label's tokens after the",
-        f"prompt `{json.dumps(before + '{text}' + after)}`; the label tokens are {labels}.",
+        *(_card_use_labels(ctx) if classify else _card_use_instructions(ctx)),
         "",
         "## Verification",
         "",
@@ -654,9 +789,62 @@ def _model_card(ctx: _Context, options: ExportOptions, v: Verification) -> str:
     return "\n".join(lines)
 
 
+def _card_metrics(ctx: _Context) -> str:
+    metrics = _test_metrics(ctx)
+    if not metrics:
+        return f"not measured yet (`finlora eval {ctx.run.root}`)"
+    if metrics.get("task") == "instruct":
+        return (
+            f"perplexity {metrics['perplexity']:.3f}, BLEU {metrics['bleu']:.2f}, "
+            f"ROUGE-L {metrics['rougeL']:.4f}, n {metrics['n']} ({metrics.get('data', '')})"
+        )
+    return (
+        f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+        f"n {metrics['n']} ({metrics.get('data', '')})"
+    )
+
+
+def _card_use_labels(ctx: _Context) -> list[str]:
+    before, after = ctx.codec.template.parts(ctx.codec.labels)
+    labels = ", ".join(f"`{ctx.codec.template.verbalize(label)}`" for label in ctx.codec.labels)
+    return [
+        "A sentence is classified by comparing the likelihood of each label's tokens after the",
+        f"prompt `{json.dumps(before + '{text}' + after)}`; the label tokens are {labels}.",
+    ]
+
+
+def _card_use_instructions(ctx: _Context) -> list[str]:
+    template = ctx.codec.template
+    if template.is_chat:
+        return [
+            "Trained on conversations rendered with the tokenizer's own chat template (saved",
+            "with it): use `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`.",
+        ]
+    return [
+        f"Trained on the `{template.name}` prompt; an instruction with an input reads",
+        "",
+        "```text",
+        template.prompt_input,
+        "```",
+        "",
+        "and one without",
+        "",
+        "```text",
+        template.prompt_no_input,
+        "```",
+    ]
+
+
 def _verification_line(v: Verification) -> str:
     if v.max_abs_logit_diff is None:
         return "Not verified (exported with --no-verify)."
+    if v.token_agreement is not None:
+        return (
+            f"On the {v.answer_tokens} answer tokens of {v.n} records ({v.data}), teacher-forced, "
+            f"the exported weights give logits within {v.max_abs_logit_diff:.3g} of the adapter "
+            f"model's (tolerance {v.tolerance:g}); the most likely next token agrees on "
+            f"{v.token_agreement:.1%}."
+        )
     line = (
         f"On {v.n} sentences ({v.data}) the exported weights give logits within "
         f"{v.max_abs_logit_diff:.3g} of the adapter model's (tolerance {v.tolerance:g}); "

@@ -200,6 +200,18 @@ def test_generate_streams_without_json(cli: Callable[..., Result], run_dir: Path
     assert result.out.endswith("\n")
 
 
+def test_export_checks_answer_tokens(
+    cli: Callable[..., Result], run_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "hf"
+    result = cli("export", run_dir, "--format", "hf", "--out", out, "--verify-n", "3")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[0].startswith(f"wrote hf (f32) to {out}: README.md, config.json, ")
+    assert lines[1].startswith("verified on 3 records (")
+    assert lines[1].endswith("next tokens agree 100.0%")
+
+
 def test_predict_refuses_an_instruct_run(cli: Callable[..., Result], run_dir: Path) -> None:
     result = cli("predict", run_dir, "Sales rose 5 %.")
     assert_user_error(

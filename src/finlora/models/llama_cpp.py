@@ -1,7 +1,8 @@
-"""Label scoring in llama.cpp (the optional `llama-cpp-python` package), to check a GGUF export.
+"""Scoring in llama.cpp (the optional `llama-cpp-python` package), to check a GGUF export:
+label log-likelihoods for a classification run, next-token log-probabilities for an instruct run.
 
-A prompt is tokenized by llama.cpp itself, as a llama.cpp user's would be, so the check covers
-the GGUF tokenizer as well as the weights.
+Text is tokenized by llama.cpp itself, as a llama.cpp user's would be, so the check covers the
+GGUF tokenizer as well as the weights.
 """
 
 from __future__ import annotations
@@ -23,30 +24,44 @@ def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+def _open(gguf_path: Path, n_ctx: int, threads: int | None) -> Any:
+    from llama_cpp import Llama
+
+    # Every position's logits are kept (logits_all): labels of several tokens, and answers, are
+    # scored from the logits at each of their tokens.
+    return Llama(
+        model_path=str(gguf_path),
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        logits_all=True,
+        n_threads=threads or min(4, os.cpu_count() or 1),
+        verbose=False,
+    )
+
+
+def _tokenize(llm: Any, text: str) -> list[int]:
+    # special=True: Hugging Face tokenizers also read special-token text as that token.
+    return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+
+def _log_softmax(logits: Any) -> np.ndarray:
+    shifted = np.asarray(logits, dtype=np.float64)
+    shifted = shifted - shifted.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
 class LlamaCppScorer:
     """Label log-likelihoods from a GGUF file, the same way finlora scores a Hugging Face model."""
 
     def __init__(self, gguf_path: Path, codec: LabelCodec, threads: int | None = None) -> None:
-        from llama_cpp import Llama
-
         self.codec = codec
-        # Every position's logits are kept (logits_all) because multi-token labels are scored
-        # from the logits at each label token.
-        self.llm = Llama(
-            model_path=str(gguf_path),
-            n_ctx=codec.max_length + 8,
-            n_batch=codec.max_length + 8,
-            logits_all=True,
-            n_threads=threads or min(4, os.cpu_count() or 1),
-            verbose=False,
-        )
+        self.llm = _open(gguf_path, codec.max_length + 8, threads)
         before, after = codec.template.parts(codec.labels)
         self._before = self._tokenize(before)
         self._after = self._tokenize(after)
 
     def _tokenize(self, text: str) -> list[int]:
-        # special=True: Hugging Face tokenizers also read special-token text as that token.
-        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+        return _tokenize(self.llm, text)
 
     def encode_text(self, text: str) -> list[int]:
         """Prompt token ids as LabelCodec.encode_text builds them, tokenized by llama.cpp."""
@@ -55,9 +70,7 @@ class LlamaCppScorer:
         return self._before + self._tokenize(text)[:budget] + self._after
 
     def _logp(self, position: int) -> np.ndarray:
-        logits = np.asarray(self.llm.scores[position], dtype=np.float64)  # (V,)
-        shifted = logits - logits.max()
-        return shifted - np.log(np.exp(shifted).sum())
+        return _log_softmax(self.llm.scores[position])  # (V,)
 
     def label_loglik(self, prompt: Sequence[int]) -> np.ndarray:
         """Log-likelihood of every label's tokens after `prompt`. (K,)"""
@@ -74,6 +87,27 @@ class LlamaCppScorer:
             self.llm.eval(ids[:-1])
             scores.append(sum(self._logp(last + j)[token] for j, token in enumerate(ids)))
         return np.array(scores)
+
+    def close(self) -> None:
+        close: Any = getattr(self.llm, "close", None)
+        if close is not None:
+            close()
+
+
+class LlamaCppTokens:
+    """Next-token log-probabilities from a GGUF file, for any token sequence."""
+
+    def __init__(self, gguf_path: Path, n_ctx: int, threads: int | None = None) -> None:
+        self.llm = _open(gguf_path, n_ctx, threads)
+
+    def tokenize(self, text: str) -> list[int]:
+        return _tokenize(self.llm, text)
+
+    def logp(self, ids: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        """Log-probabilities of the token after each of `positions` in `ids`. (P, V)"""
+        self.llm.reset()
+        self.llm.eval(list(ids))
+        return _log_softmax(np.stack([self.llm.scores[p] for p in positions]))
 
     def close(self) -> None:
         close: Any = getattr(self.llm, "close", None)

@@ -115,13 +115,17 @@ class InstructCodec:
         kept = tuple(t for t in targets if 0 < t < len(ids))
         return InstructFeature(ids, kept) if kept else None
 
-    def generation_prompt(self, record: InstructRecord) -> list[int]:
-        """The tokens a model continues to answer `record` (its last answer left out), cut from
-        the left to `max_length`: no longer than what training read."""
+    def prompt_text(self, record: InstructRecord) -> str:
+        """The text a model continues to answer `record` (its last answer left out)."""
         if not self.template.is_chat:
-            ids = self._tokens(self._alpaca_prompt(record), special=True)
-        else:
-            ids = self._tokens(self._render(record.prompt_messages, generation_prompt=True))
+            return self._alpaca_prompt(record)
+        return self._render(record.prompt_messages, generation_prompt=True)
+
+    def generation_prompt(self, record: InstructRecord) -> list[int]:
+        """The tokens of `prompt_text`, cut from the left to `max_length`: no longer than what
+        training read."""
+        # Alpaca text gets the tokenizer's special tokens (BOS); a chat template writes its own.
+        ids = self._tokens(self.prompt_text(record), special=not self.template.is_chat)
         return ids[-self.max_length :]
 
     def chat_prompt(self, messages: Sequence[Message]) -> list[int]:
