@@ -465,13 +465,16 @@ def compare(
 ) -> None:
     """Train and evaluate several tuning methods on the same data, split, seed and steps.
 
-    Writes compare.md, compare.json and compare.png (accuracy, macro-F1, trainable
-    parameters, adapter size, train time, peak memory) and keeps each method's run directory.
+    Writes compare.md, compare.json and compare.png (accuracy and macro-F1, or for an
+    instruct recipe perplexity, BLEU and ROUGE; trainable parameters, adapter size, train time,
+    peak memory) and keeps each method's run directory.
 
     \b
     Example:
       finlora compare configs/fpb-smollm2-lora.yaml --methods lora,prompt,full \\
           --set train.max_steps=200 --output runs/compare
+      finlora compare configs/fin-instruct-smollm2-lora.yaml --methods lora,ia3 \\
+          --set train.max_steps=60 --output runs/compare-instruct
     """
     import shlex
 

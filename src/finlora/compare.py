@@ -4,7 +4,8 @@ Every method gets the same data, split, seed and step budget (`--set train.max_s
 applies to all); only `method.name` changes, with that method's own section of options. Each
 run is trained and then evaluated from disk, as `finlora eval` would, so the figures are those
 of the saved adapter. The recipe writes `compare.md`, `compare.json` and `compare.png` beside
-one run directory per method (and seed).
+one run directory per method (and seed). A classification recipe is ranked by accuracy and
+macro-F1, an instruct recipe by perplexity, BLEU and ROUGE on its held-out records.
 """
 
 from __future__ import annotations
@@ -39,6 +40,15 @@ from finlora.train import train
 
 Log = Callable[[str], None]
 
+# What a comparison reports per task: (key of `finlora eval`'s metrics, column name); the chart
+# draws the scores that share a 0-1 scale.
+SCORES = {
+    "classify": (("accuracy", "accuracy"), ("macro_f1", "macro-F1")),
+    "instruct": (("perplexity", "perplexity"), ("bleu", "BLEU"), ("rouge1", "ROUGE-1"),
+                 ("rougeL", "ROUGE-L")),
+}  # fmt: skip
+CHART_SCORES = {"classify": SCORES["classify"], "instruct": SCORES["instruct"][2:]}
+
 TABLE_MD = "compare.md"
 TABLE_JSON = "compare.json"
 CHART = "compare.png"
@@ -55,8 +65,7 @@ class RunResult:
     method: str
     seed: int
     run_dir: str
-    accuracy: float
-    macro_f1: float
+    scores: dict[str, float]  # SCORES[task] keys
     trainable_params: int
     total_params: int
     adapter_bytes: int
@@ -106,9 +115,6 @@ def plan(
                 cfg = config_from_dict(select_method(data, method))
             except FinloraError as exc:
                 raise FinloraError(f"{where}{exc}") from None
-            if cfg.task != "classify":
-                # The table ranks methods by accuracy and macro-F1.
-                raise FinloraError(f"{where}compare covers classification recipes (task: classify)")
             cfg.seed += offset
             configs.append(cfg)
     return configs
@@ -124,6 +130,7 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _train_and_evaluate(cfg: RunConfig, run_dir: Path, progress_bar: bool, log: Log) -> RunResult:
+    """Train one run, evaluate it from disk on its test split, and note what it cost."""
     gpu = torch.cuda.is_available()
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -138,8 +145,7 @@ def _train_and_evaluate(cfg: RunConfig, run_dir: Path, progress_bar: bool, log: 
         method=cfg.method.name,
         seed=cfg.seed,
         run_dir=str(run_dir),
-        accuracy=float(metrics["accuracy"]),
-        macro_f1=float(metrics["macro_f1"]),
+        scores={key: float(metrics[key]) for key, _ in SCORES[cfg.task]},
         trainable_params=int(manifest["trainable_params"]),
         total_params=int(manifest["total_params"]),
         adapter_bytes=_dir_bytes(run.adapter),
@@ -157,21 +163,20 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 
 
 def summarize(results: Sequence[RunResult]) -> list[dict[str, Any]]:
-    """One row per method, in the order run: means over seeds (with std where several)."""
+    """One row per method, in the order run: each score's mean over seeds (and its std, where
+    there are several)."""
     rows = []
     for method in dict.fromkeys(r.method for r in results):
         runs = [r for r in results if r.method == method]
         first = runs[0]
-        accuracy, accuracy_std = _mean_std([r.accuracy for r in runs])
-        macro_f1, macro_f1_std = _mean_std([r.macro_f1 for r in runs])
+        scores: dict[str, float | None] = {}
+        for key in first.scores:
+            scores[key], scores[f"{key}_std"] = _mean_std([r.scores[key] for r in runs])
         gpu = [r.peak_gpu_mib for r in runs if r.peak_gpu_mib is not None]
         rows.append(
             {
                 "method": method,
-                "accuracy": accuracy,
-                "accuracy_std": accuracy_std,
-                "macro_f1": macro_f1,
-                "macro_f1_std": macro_f1_std,
+                **scores,
                 "trainable_params": first.trainable_params,
                 "total_params": first.total_params,
                 "trainable_share": first.trainable_params / first.total_params,
@@ -207,6 +212,7 @@ def _score(mean: float, std: float | None) -> str:
 def markdown_table(table: dict[str, Any]) -> str:
     """The comparison as Markdown: what was run, then one row per method."""
     seeds = table["seeds"]
+    scores = SCORES[table.get("task", "classify")]
     memory = "peak GPU memory" if any(r["peak_gpu_mib"] for r in table["methods"]) else "peak RSS"
     lines = [
         f"Model `{table['model']}` ({table['kind']}), data: {table['data']}; "
@@ -215,15 +221,15 @@ def markdown_table(table: dict[str, Any]) -> str:
         + (" (mean ± std over seeds)" if len(seeds) > 1 else "")
         + ".",
         "",
-        f"| method | accuracy | macro-F1 | trainable params | share | adapter size "
-        f"| train time | {memory} | learning rate |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| method | {' | '.join(name for _, name in scores)} | trainable params | share "
+        f"| adapter size | train time | {memory} | learning rate |",
+        "| --- |" + " ---: |" * (len(scores) + 6),
     ]
     for r in table["methods"]:
         peak = r["peak_gpu_mib"] if r["peak_gpu_mib"] else r["peak_rss_mib"]
         lines.append(
-            f"| {r['method']} | {_score(r['accuracy'], r['accuracy_std'])} "
-            f"| {_score(r['macro_f1'], r['macro_f1_std'])} | {_count(r['trainable_params'])} "
+            f"| {r['method']} | {' | '.join(_score(r[k], r[f'{k}_std']) for k, _ in scores)} "
+            f"| {_count(r['trainable_params'])} "
             f"| {100 * r['trainable_share']:.3f}% | {_size(r['adapter_bytes'])} "
             f"| {r['train_s']:.0f} s | {peak:.0f} MiB | {r['learning_rate']:g} |"
         )
@@ -268,6 +274,7 @@ def compare(
     first = RunDir(Path(results[0].run_dir))
     manifest = first.read_json(first.manifest)
     table = {
+        "task": configs[0].task,
         "model": configs[0].model.name,
         "kind": manifest["base_model"]["kind"],
         "data": manifest["data"]["description"],
@@ -282,5 +289,7 @@ def compare(
     table["files"] = {k: str(v) for k, v in files.items()}
     atomic.write_json(files["json"], table)
     atomic.write_text(files["markdown"], markdown_table(table))
-    plot_method_comparison(table["methods"], files["chart"], title=f"{table['model']}")
+    plot_method_comparison(
+        table["methods"], files["chart"], CHART_SCORES[table["task"]], title=f"{table['model']}"
+    )
     return table

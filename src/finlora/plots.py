@@ -279,12 +279,15 @@ def _percent(share: float) -> str:
 
 
 def plot_method_comparison(
-    rows: Sequence[dict[str, Any]], path: Path, title: str = "Tuning methods"
+    rows: Sequence[dict[str, Any]],
+    path: Path,
+    scores: Sequence[tuple[str, str]] = (("accuracy", "accuracy"), ("macro_f1", "macro-F1")),
+    title: str = "Tuning methods",
 ) -> Path:
-    """Bars of test accuracy and macro-F1 per tuning method, trainable share under each name.
+    """Bars of two test scores in [0, 1] per tuning method, trainable share under each name.
 
-    `rows` are `finlora compare` table rows: `method`, `accuracy`, `macro_f1`,
-    `trainable_share`, and optionally `accuracy_std` / `macro_f1_std` (drawn as error bars).
+    `rows` are `finlora compare` table rows: `method`, `trainable_share`, and the `scores` keys
+    (each `(key, name)`), optionally with `<key>_std` (drawn as error bars).
     Raises FinloraError when there is no row.
     """
     if not rows:
@@ -292,9 +295,10 @@ def plot_method_comparison(
     x = np.arange(len(rows))
     width = 0.38
     fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(rows) + 2), 4.8))
+    (first_key, first), (second_key, second) = scores
     for shift, key, color, name in (
-        (-width / 2, "accuracy", _STEP_COLOR, "accuracy"),
-        (width / 2, "macro_f1", _VAL_COLOR, "macro-F1"),
+        (-width / 2, first_key, _STEP_COLOR, first),
+        (width / 2, second_key, _VAL_COLOR, second),
     ):
         values = [float(r[key]) for r in rows]
         errors = [float(r.get(f"{key}_std") or 0.0) for r in rows]
@@ -314,7 +318,7 @@ def plot_method_comparison(
     )
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("test score")
-    ax.set_title(f"{title}: accuracy and macro-F1 by tuning method")
+    ax.set_title(f"{title}: {first} and {second} by tuning method")
     ax.legend(loc="lower right")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)

@@ -64,6 +64,33 @@ def test_compare_seeds_table(cli: Invoke, tiny_overrides: list[str], tmp_path: P
     assert sorted(p.name for p in output.iterdir() if p.is_dir()) == ["ia3-seed7", "ia3-seed8"]
 
 
+def test_compare_an_instruct_recipe(cli: Invoke, tiny_overrides: list[str], tmp_path: Path) -> None:
+    from test_instruct_cli import instruct_rows
+
+    data = tmp_path / "fin.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in instruct_rows()), encoding="utf-8")
+    output = tmp_path / "cmp"
+    overrides = [*without_lora(tiny_overrides), "task=instruct", f"data.path={data}",
+                 "data.template=alpaca", "train.max_steps=2"]  # fmt: skip
+    code, out, err = cli(
+        "compare", "--methods", "ia3,prompt", "--output", output, "--json", "--no-progress",
+        *set_args(overrides),
+    )  # fmt: skip
+    assert code == 0, err
+    table = json.loads(out)
+    assert table["task"] == "instruct"
+    for row in table["methods"]:
+        metrics = json.loads((Path(row["run_dir"]) / "eval" / "test.json").read_text())
+        for key in ("perplexity", "bleu", "rouge1", "rougeL"):
+            assert row[key] == metrics[key] and row[f"{key}_std"] is None
+        assert row["perplexity"] > 1 and 0 <= row["rougeL"] <= 1
+        assert "accuracy" not in row
+    markdown = (output / "compare.md").read_text()
+    assert "| method | perplexity | BLEU | ROUGE-1 | ROUGE-L | trainable params |" in markdown
+    assert "| ia3 | " in markdown and "| prompt | " in markdown
+    assert (output / "compare.png").read_bytes().startswith(b"\x89PNG")
+
+
 @pytest.mark.parametrize(
     ("methods", "fragment"),
     [
