@@ -205,7 +205,6 @@ class _Server:
 
     def chat_stream(self, request: ChatRequest) -> Iterator[str]:
         """Server-sent events: a chunk per piece of text as it is generated, then [DONE]."""
-        self.require("instruct", "/predict")
         options = request.options()
         pieces: queue.Queue[str | Reply | BaseException] = queue.Queue()
         # Generation runs in its own thread, so text reaches the client while the model works.
