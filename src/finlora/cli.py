@@ -30,6 +30,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
+    # PEFT says this at every generate of a prompt-learning model; the ids are rebuilt inside.
+    warnings.filterwarnings("ignore", message="Position ids are not supported")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
