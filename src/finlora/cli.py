@@ -30,7 +30,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
-    # PEFT says this at every generate of a prompt-learning model; the ids are rebuilt inside.
+    # PEFT says this at every generate of a prompt-learning model, whose positions the model
+    # then counts itself (virtual tokens included): nothing for the user to act on.
     warnings.filterwarnings("ignore", message="Position ids are not supported")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
