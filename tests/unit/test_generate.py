@@ -1,0 +1,86 @@
+"""Generation from prompt-learning models (prefix, prompt, P-tuning) on a tiny Llama: greedy
+answers, batched (left-padded) and streamed, equal an argmax loop over the PEFT model's own
+forward pass without a cache, the pass that training and scoring use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import (
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    TaskType,
+    get_peft_model,
+)
+
+from finlora.generate import GenerationOptions, generate_answers, stream_reply
+
+PROMPTS = [[5, 17, 42, 99, 7, 3, 60], [8, 9, 10], [30, 31, 32, 33]]
+NEW = 8
+
+PEFT_CONFIGS: dict[str, Any] = {
+    "prompt": PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=6),
+    "ptuning": PromptEncoderConfig(
+        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=6, encoder_hidden_size=32
+    ),
+    "prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=6),
+    "lora": LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=["q_proj", "v_proj"]),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir, local_files_only=True)
+
+
+def _model(tokenizer: Any, method: str) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(config), PEFT_CONFIGS[method]).eval()
+    # Trained-looking virtual tokens: large enough to change what the model says.
+    for param in model.parameters():
+        if param.requires_grad:
+            torch.nn.init.normal_(param, std=0.5)
+    return model
+
+
+@torch.no_grad()
+def _reference(model: Any, tokenizer: Any, prompt: list[int]) -> list[int]:
+    """The new token ids, up to and including an end token."""
+    ids = torch.tensor([prompt])
+    for _ in range(NEW):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits  # (1, T, V)
+        ids = torch.cat([ids, logits[:, -1:].argmax(-1)], 1)
+    new = ids[0, len(prompt) :].tolist()
+    if tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id) + 1]
+    return new
+
+
+@pytest.mark.parametrize("method", list(PEFT_CONFIGS))
+def test_greedy_answers_equal_the_uncached_forward(tokenizer: Any, method: str) -> None:
+    model = _model(tokenizer, method)
+    new_ids = [_reference(model, tokenizer, p) for p in PROMPTS]
+    expected = [tokenizer.decode(n, skip_special_tokens=True).strip() for n in new_ids]
+    options = GenerationOptions(max_new_tokens=NEW)
+    batched = generate_answers(model, tokenizer, PROMPTS, options, batch_size=3, progress=False)
+    assert batched == expected
+    pieces: list[str] = []
+    reply = stream_reply(model, tokenizer, PROMPTS[0], options, pieces.append)
+    assert reply.text == expected[0] == "".join(pieces).strip()
+    assert reply.new_tokens == len(new_ids[0])
+    assert reply.hit_limit == (tokenizer.eos_token_id not in new_ids[0])
