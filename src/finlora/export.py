@@ -11,14 +11,14 @@ differ from the adapter's. So every export is checked before it is moved into pl
 must hold a non-zero update, the merge must change the weights, and the written model's logits
 must match the adapter model's on sample prompts (and, for GGUF where llama-cpp-python is
 installed, llama.cpp's predictions must agree with the Hugging Face model's). A classification
-run is checked on its label scores; an instruct run on the logits at the answer tokens of
-held-out records (export_instruct.py). A failed check leaves nothing at --out.
+run is checked on its label scores (export_classify.py); an instruct run on the logits at the
+answer tokens of held-out records (export_instruct.py). A failed check leaves nothing at --out.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,8 +29,15 @@ from safetensors.torch import save_file
 
 from finlora import atomic
 from finlora.config import RunConfig, config_from_dict, read_yaml
-from finlora.data.prepare import prepare_data
 from finlora.errors import FinloraError
+from finlora.export_classify import (
+    LabelScores,
+    accuracy,
+    compare_scores,
+    gguf_label_check,
+    label_sample,
+    label_scores,
+)
 from finlora.export_instruct import (
     InstructSample,
     TokenScores,
@@ -44,10 +51,9 @@ from finlora.methods.storage import TENSORS_FILE
 from finlora.models import llama_cpp as llama_cpp_check
 from finlora.models import load_base_model
 from finlora.models.gguf_writer import TENSOR_TYPES, write_llama_gguf
-from finlora.models.loading import MODEL_CLASSES, load_tokenizer, sha256_file
+from finlora.models.loading import MODEL_CLASSES, load_tokenizer
 from finlora.runs import RunDir
-from finlora.scoring import label_logits, sequence_logprob
-from finlora.tasks.classify import IGNORE, LabelCodec, sorted_batches
+from finlora.tasks.classify import LabelCodec
 from finlora.tasks.instruct import InstructCodec
 
 FORMATS = ("hf", "state_dict", "gguf")
@@ -63,18 +69,6 @@ UNMERGEABLE = {
     "MULTITASK_PROMPT_TUNING": "multitask prompt tuning",
     "ADAPTION_PROMPT": "adaption prompt",
 }
-# Used to check a run whose training data is no longer on this machine.
-FIXED_SENTENCES = [
-    "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007.",
-    "Net sales decreased by 12 % to EUR 3.1 mn.",
-    "The company will hold its annual general meeting in Helsinki on 25 March.",
-    "Pretax loss totalled EUR 117 mn compared to a profit of EUR 5 mn a year earlier.",
-    "The order is valued at some EUR 2 mn.",
-    "Sales in Finland increased by 10.5 % in January.",
-    "The board proposes a dividend of EUR 0.20 per share.",
-    "Shares of the company fell 8 % after the profit warning.",
-]
-VERIFY_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -305,69 +299,6 @@ def _load(run: RunDir, method: str) -> _Context:
     )
 
 
-@dataclass
-class _Sample:
-    texts: list[str]
-    gold: list[int] | None  # label indices, where the sentences come from the test split
-    description: str
-
-
-def _sample(ctx: _Context, n: int | None) -> _Sample:
-    """The run's test sentences (the first `n`, or all), else a few fixed financial sentences."""
-    split = ctx.run.read_json(ctx.run.split)
-    recorded = split.get("files", {}).items()
-    unchanged = all(Path(f).is_file() and sha256_file(Path(f)) == d for f, d in recorded)
-    if unchanged:
-        data = prepare_data(ctx.cfg.data, ctx.cfg.seed)
-        rows = [data.examples[i] for i in split["test"]][:n]
-        gold = [ctx.codec.labels.index(e.label) for e in rows]
-        return _Sample([e.text for e in rows], gold, f"test split of {data.description}")
-    texts = FIXED_SENTENCES[:n]
-    return _Sample(texts, None, "fixed sentences (the run's data is not on this machine)")
-
-
-# ---- logits and labels --------------------------------------------------------------------------
-
-
-@dataclass
-class _Scores:
-    logits: list[torch.Tensor]  # per batch, label-position logits at real targets (M, V)
-    labels: list[int]  # predicted label index per prompt, in prompt order
-    loglik: torch.Tensor  # label log-likelihoods, (N, K) in prompt order
-
-
-@torch.no_grad()
-def _scores(model: Any, codec: LabelCodec, prompts: Sequence[list[int]]) -> _Scores:
-    """Logits at the positions that predict label tokens, and the label each prompt gets."""
-    model.eval()
-    logits_out: list[torch.Tensor] = []
-    labels = [0] * len(prompts)
-    all_loglik = torch.zeros(len(prompts), len(codec.labels))
-    for idx in sorted_batches([len(p) for p in prompts], VERIFY_BATCH):
-        batch = codec.scoring_batch([prompts[i] for i in idx])
-        logits = label_logits(model, batch, codec.kind, fast=False).float()  # (B', L, V)
-        if codec.single_token_labels:
-            label_ids = torch.tensor([ids[0] for ids in codec.label_ids])
-            loglik = torch.log_softmax(logits[:, 0], dim=-1)[:, label_ids]  # (B, K)
-            logits_out.append(logits[:, 0])
-        else:
-            loglik = sequence_logprob(logits, batch.targets).view(len(idx), -1)  # (B, K)
-            logits_out.append(logits[batch.targets != IGNORE])
-        all_loglik[idx] = loglik
-        for i, row in zip(idx, loglik.argmax(-1).tolist(), strict=True):
-            labels[i] = row
-    return _Scores(logits_out, labels, all_loglik)
-
-
-def _compare(reference: _Scores, candidate: _Scores) -> tuple[float, float]:
-    """(max |logit diff|, fraction of equal labels)."""
-    diff = max(
-        float((a - b).abs().max()) for a, b in zip(reference.logits, candidate.logits, strict=True)
-    )
-    same = sum(a == b for a, b in zip(reference.labels, candidate.labels, strict=True))
-    return diff, same / len(reference.labels)
-
-
 # ---- the merge ----------------------------------------------------------------------------------
 
 
@@ -506,12 +437,6 @@ RELOADERS: dict[str, Callable[[_Context, Path, Any], Any]] = {
 # ---- verification -------------------------------------------------------------------------------
 
 
-def _accuracy(labels: Sequence[int], gold: list[int] | None) -> float | None:
-    return (
-        None if gold is None else sum(a == b for a, b in zip(labels, gold, strict=True)) / len(gold)
-    )
-
-
 def _verify_written(check: _Check, reference: Any, written: Any, v: Verification) -> None:
     check.compare(reference, check.scores(written), v)
     if (v.max_abs_logit_diff or 0.0) > (v.tolerance or 0.0):
@@ -521,34 +446,6 @@ def _verify_written(check: _Check, reference: Any, written: Any, v: Verification
             f"by up to {v.max_abs_logit_diff:.4g} (tolerance {v.tolerance:g}, "
             f"{check.agreeing} agree {agree:.3f}); nothing written"
         )
-
-
-def _verify_gguf(
-    ctx: _Context, reference: _Scores, sample: _Sample, path: Path, v: Verification
-) -> None:
-    """llama.cpp's labels (its own tokenization included) against the adapter model's."""
-    if not llama_cpp_check.available():
-        v.gguf_note = f"llama.cpp check skipped: {llama_cpp_check.INSTALL_HINT} to run it"
-        return
-    scorer = llama_cpp_check.LlamaCppScorer(path, ctx.codec)
-    labels: list[int] = []
-    same_tokens, diff = 0, 0.0
-    try:
-        for i, text in enumerate(sample.texts):
-            ids = scorer.encode_text(text)
-            loglik = scorer.label_loglik(ids)  # (K,)
-            labels.append(int(loglik.argmax()))
-            if ids == ctx.codec.encode_text(text):
-                same_tokens += 1
-                diff = max(diff, float(abs(loglik - reference.loglik[i].numpy()).max()))
-    finally:
-        scorer.close()
-    n = len(labels)
-    v.gguf_max_abs_loglik_diff = diff if same_tokens else None
-    v.gguf_checked, v.gguf_n = True, n
-    v.gguf_agreement = sum(a == b for a, b in zip(labels, reference.labels, strict=True)) / n
-    v.gguf_tokens_equal = same_tokens / n
-    v.gguf_accuracy = _accuracy(labels, sample.gold)
 
 
 # ---- the checks, by task ------------------------------------------------------------------------
@@ -562,20 +459,28 @@ class _LabelCheck:
 
     def __init__(self, ctx: _Context, n: int | None) -> None:
         self.ctx = ctx
-        self.sample = _sample(ctx, n)
+        self.sample = label_sample(ctx.run.read_json(ctx.run.split), ctx.cfg, ctx.codec, n)
         self.description = self.sample.description
         self.n = len(self.sample.texts)
         self.prompts = [ctx.codec.encode_text(t) for t in self.sample.texts]
 
-    def scores(self, model: Any) -> _Scores:
-        return _scores(model, self.ctx.codec, self.prompts)
+    def scores(self, model: Any) -> LabelScores:
+        return label_scores(model, self.ctx.codec, self.prompts)
 
-    def compare(self, reference: _Scores, candidate: _Scores, v: Verification) -> None:
-        v.max_abs_logit_diff, v.label_agreement = _compare(reference, candidate)
-        v.accuracy = _accuracy(candidate.labels, self.sample.gold)
+    def compare(self, reference: LabelScores, candidate: LabelScores, v: Verification) -> None:
+        v.max_abs_logit_diff, v.label_agreement = compare_scores(reference, candidate)
+        v.accuracy = accuracy(candidate.labels, self.sample.gold)
 
-    def gguf(self, path: Path, reference: _Scores, v: Verification) -> None:
-        _verify_gguf(self.ctx, reference, self.sample, path, v)
+    def gguf(self, path: Path, reference: LabelScores, v: Verification) -> None:
+        if not llama_cpp_check.available():
+            v.gguf_note = f"llama.cpp check skipped: {llama_cpp_check.INSTALL_HINT} to run it"
+            return
+        found = gguf_label_check(path, self.ctx.codec, self.sample, reference)
+        v.gguf_checked, v.gguf_n = True, self.n
+        v.gguf_agreement = found.agreement
+        v.gguf_tokens_equal = found.tokens_equal
+        v.gguf_max_abs_loglik_diff = found.max_abs_loglik_diff
+        v.gguf_accuracy = accuracy(found.labels, self.sample.gold)
 
 
 class _AnswerCheck:
