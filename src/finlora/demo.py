@@ -58,4 +58,8 @@ def run_demo(
         f"\nrun directory: {output} (loss curve: {output / 'loss_curve.png'}, "
         f"reports: {output / 'eval'})"
     )
+    echo(
+        f'next: finlora predict {output} "...", finlora serve {output} (HTTP API), '
+        f"finlora export {output} --format gguf --out exports/demo (llama.cpp)"
+    )
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}

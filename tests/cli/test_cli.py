@@ -65,7 +65,7 @@ def test_trained_run_directory(trained: Path) -> None:
 def test_help_and_version_subprocess(tmp_path: Path) -> None:
     result = run_subprocess("--help", cwd=tmp_path)
     assert result.code == 0 and result.err == ""
-    for command in ("train", "eval", "predict", "models", "demo"):
+    for command in ("train", "eval", "predict", "models", "demo", "serve", "export", "compare"):
         assert command in result.out
     version = run_subprocess("--version", cwd=tmp_path)
     assert version.code == 0 and "0.1.0" in version.out

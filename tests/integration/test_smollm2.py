@@ -130,5 +130,6 @@ def test_demo_runs_end_to_end_on_the_synthetic_set(
     text = "\n".join(lines)
     assert "synthetic" in text.lower()
     assert "predictions:" in text
+    assert lines[-1].startswith(f"next: finlora predict {tmp_path / 'demo'} ")
     assert 0 <= metrics["accuracy"] <= 1
     assert (tmp_path / "demo" / "eval" / "test_confusion.png").is_file()
