@@ -319,7 +319,7 @@ def plot_method_comparison(
     ax.set_ylim(0, 1.08)
     ax.set_ylabel("test score")
     ax.set_title(f"{title}: {first} and {second} by tuning method")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")  # out of the bars, high scores or low
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
