@@ -10,6 +10,7 @@ import csv
 import functools
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,6 @@ from finlora.errors import FinloraError
 def _quiet_libraries() -> None:
     """Keep library chatter (progress of weight loading, deprecation notes) off the terminal."""
     import logging
-    import os
     import warnings
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -624,7 +624,8 @@ def chat(run_dir: Path, options: Any, system: str | None, zero_shot: bool) -> No
 @click.option("--zero-shot", is_flag=True, help="Serve the base model without the adapter.")
 def serve(run_dir: Path, host: str, port: int, zero_shot: bool) -> None:
     """Serve a trained run over HTTP: /predict for a classification run, /generate and an
-    OpenAI-style /v1/chat/completions for an instruct run; /health, /info, and /docs.
+    OpenAI-style /v1/chat/completions for an instruct run; /health, /info, and /docs. With
+    $FINLORA_API_KEY set, requests need `Authorization: Bearer $FINLORA_API_KEY`.
 
     \b
     Example:
@@ -636,18 +637,22 @@ def serve(run_dir: Path, host: str, port: int, zero_shot: bool) -> None:
 
     from finlora.predict import load_run
     from finlora.runs import RunDir
-    from finlora.serve import check_bindable, create_app, is_loopback
+    from finlora.serve import API_KEY_ENV, check_bindable, create_app, is_loopback
 
     RunDir(run_dir).require_trained()
     check_bindable(host, port)  # before the model loads (~20 s): a taken port fails at once
-    if not is_loopback(host):
-        _echo_err(f"serving on {host}: anyone who can reach this machine can use the model")
+    api_key = os.environ.get(API_KEY_ENV) or None
+    if not is_loopback(host) and api_key is None:
+        _echo_err(
+            f"serving on {host} without ${API_KEY_ENV}: anyone who can reach this machine can "
+            "use the model"
+        )
     loaded = load_run(run_dir, zero_shot)
     routes = (
         "POST /predict" if loaded.task == "classify" else "POST /generate, /v1/chat/completions"
     )
     _echo_err(f"finlora serve: {run_dir} ({loaded.task}): {routes}; API docs at /docs")
-    uvicorn.run(create_app(loaded), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(loaded, api_key), host=host, port=port, log_level="info")
 
 
 @cli.group()

@@ -5,6 +5,8 @@
   `POST /v1/chat/completions`, streamed as server-sent events when asked, so existing chat
   clients can talk to them.
 - `GET /health` and `GET /info` say what is loaded.
+- With an API key (`$FINLORA_API_KEY` for the command), every route but /health wants it as
+  `Authorization: Bearer <key>`.
 
 One model serves one request at a time (a lock): torch's threads already use every core, so a
 second forward pass beside the first would only slow both down.
@@ -12,6 +14,7 @@ second forward pass beside the first would only slow both down.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
 import queue
@@ -22,7 +25,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, HTTPException
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException
 from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 
@@ -34,7 +37,7 @@ from finlora.predict import LoadedRun
 
 MAX_TEXTS = 1024  # sentences in one /predict request
 MAX_NEW_TOKENS = 4096
-DEFAULT_HOST = "127.0.0.1"
+API_KEY_ENV = "FINLORA_API_KEY"
 
 
 def _not_blank(text: str) -> str:
@@ -257,37 +260,55 @@ def _chunk_maker(
     return chunk
 
 
-def create_app(loaded: LoadedRun) -> FastAPI:
-    """The FastAPI application serving `loaded`."""
+def _bearer_check(api_key: str | None) -> Callable[..., None]:
+    """A dependency that wants `Authorization: Bearer <api_key>` (as OpenAI clients send it)."""
+
+    def check(authorization: Annotated[str | None, Header()] = None) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_key):
+            raise HTTPException(
+                401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"}
+            )
+
+    return check
+
+
+def create_app(loaded: LoadedRun, api_key: str | None = None) -> FastAPI:
+    """The FastAPI application serving `loaded`; with `api_key`, every route but /health wants
+    it as a bearer token."""
     server = _Server(loaded)
     app = FastAPI(
         title="finlora",
         summary=f"{server.name}: a {loaded.task} run of {loaded.cfg.model.name}",
     )
+    guarded = APIRouter(dependencies=[Depends(_bearer_check(api_key))])
 
     @app.get("/health")
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/info")
+    @guarded.get("/info")
     def info() -> dict[str, Any]:
         return server.info()
 
-    @app.post("/predict")
+    @guarded.post("/predict")
     def predict(request: PredictRequest) -> dict[str, Any]:
         return _user_errors_as_400(lambda: server.predict(request))
 
-    @app.post("/generate")
+    @guarded.post("/generate")
     def generate(request: GenerateRequest) -> dict[str, Any]:
         return _user_errors_as_400(lambda: server.generate(request))
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @guarded.post("/v1/chat/completions", response_model=None)
     def chat_completions(request: ChatRequest) -> dict[str, Any] | StreamingResponse:
         if request.stream:
             server.require("instruct", "/predict")  # before the stream starts: a real status
             return StreamingResponse(server.chat_stream(request), media_type="text/event-stream")
         return _user_errors_as_400(lambda: server.chat(request))
 
+    app.include_router(guarded)
     return app
 
 

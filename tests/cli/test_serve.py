@@ -128,6 +128,22 @@ def test_instruct_routes_refuse_a_classify_run(classify_client: TestClient) -> N
         assert "task is classify" in chat.json()["detail"]
 
 
+def test_an_api_key_guards_every_route_but_health(classify_loaded: LoadedRun) -> None:
+    client = TestClient(create_app(classify_loaded, api_key="s3cret"))
+    assert client.get("/health").status_code == 200
+    body = {"texts": TEXTS[:1]}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+        for response in (client.get("/info", headers=headers),
+                         client.post("/predict", json=body, headers=headers)):  # fmt: skip
+            assert response.status_code == 401
+            assert response.json()["detail"] == "missing or wrong API key"
+            assert response.headers["www-authenticate"] == "Bearer"
+    good = {"Authorization": "Bearer s3cret"}
+    assert client.get("/info", headers=good).json()["task"] == "classify"
+    response = client.post("/predict", json=body, headers=good)
+    assert response.status_code == 200 and response.json()["predictions"][0]["label"]
+
+
 # ---- instruct ----------------------------------------------------------------------------------
 
 
