@@ -448,6 +448,17 @@ def _verify_written(check: _Check, reference: Any, written: Any, v: Verification
         )
 
 
+def _verify_gguf(check: _Check, path: Path, reference: Any, v: Verification) -> None:
+    """llama.cpp on the written GGUF against the adapter model, where llama.cpp is installed."""
+    if not llama_cpp_check.available():
+        v.gguf_note = f"llama.cpp check skipped: {llama_cpp_check.INSTALL_HINT} to run it"
+        return
+    found = check.gguf(path, reference)
+    v.gguf_checked, v.gguf_n = True, check.n
+    v.gguf_agreement, v.gguf_tokens_equal = found.agreement, found.tokens_equal
+    v.gguf_max_abs_loglik_diff, v.gguf_accuracy = found.max_abs_loglik_diff, found.accuracy
+
+
 # ---- the checks, by task ------------------------------------------------------------------------
 
 
@@ -471,16 +482,8 @@ class _LabelCheck:
         v.max_abs_logit_diff, v.label_agreement = compare_scores(reference, candidate)
         v.accuracy = accuracy(candidate.labels, self.sample.gold)
 
-    def gguf(self, path: Path, reference: LabelScores, v: Verification) -> None:
-        if not llama_cpp_check.available():
-            v.gguf_note = f"llama.cpp check skipped: {llama_cpp_check.INSTALL_HINT} to run it"
-            return
-        found = gguf_label_check(path, self.ctx.codec, self.sample, reference)
-        v.gguf_checked, v.gguf_n = True, self.n
-        v.gguf_agreement = found.agreement
-        v.gguf_tokens_equal = found.tokens_equal
-        v.gguf_max_abs_loglik_diff = found.max_abs_loglik_diff
-        v.gguf_accuracy = accuracy(found.labels, self.sample.gold)
+    def gguf(self, path: Path, reference: LabelScores) -> llama_cpp_check.Agreement:
+        return gguf_label_check(path, self.ctx.codec, self.sample, reference)
 
 
 class _AnswerCheck:
@@ -508,15 +511,8 @@ class _AnswerCheck:
         v.token_agreement = agreement(reference.predicted, candidate.predicted)
         v.answer_tokens = self.sample.tokens
 
-    def gguf(self, path: Path, reference: TokenScores, v: Verification) -> None:
-        if not llama_cpp_check.available():
-            v.gguf_note = f"llama.cpp check skipped: {llama_cpp_check.INSTALL_HINT} to run it"
-            return
-        found = gguf_token_check(path, self.ctx.codec, self.sample, reference)
-        v.gguf_checked, v.gguf_n = True, self.n
-        v.gguf_agreement = found.agreement
-        v.gguf_tokens_equal = found.tokens_equal
-        v.gguf_max_abs_loglik_diff = found.max_abs_logp_diff
+    def gguf(self, path: Path, reference: TokenScores) -> llama_cpp_check.Agreement:
+        return gguf_token_check(path, self.ctx.codec, self.sample, reference)
 
 
 class _Check(Protocol):
@@ -529,7 +525,7 @@ class _Check(Protocol):
 
     def scores(self, model: Any) -> Any: ...
     def compare(self, reference: Any, candidate: Any, v: Verification) -> None: ...
-    def gguf(self, path: Path, reference: Any, v: Verification) -> None: ...
+    def gguf(self, path: Path, reference: Any) -> llama_cpp_check.Agreement: ...
 
 
 CHECKS: dict[str, Callable[[_Context, int | None], _Check]] = {
@@ -570,7 +566,7 @@ def export_run(
             written = RELOADERS[options.format](ctx, tmp, merged)
             _verify_written(check, reference, written, v)
             if options.format == "gguf":
-                check.gguf(tmp / files[0], reference, v)
+                _verify_gguf(check, tmp / files[0], reference, v)
         if options.format == "hf":
             # Written after the verification, whose figures it quotes.
             atomic.write_text(tmp / "README.md", _model_card(ctx, options, v))

@@ -49,15 +49,6 @@ class LabelScores:
     loglik: torch.Tensor  # label log-likelihoods, (N, K) in prompt order
 
 
-@dataclass
-class GgufLabelCheck:
-    agreement: float  # llama.cpp's labels equal to the adapter model's
-    tokens_equal: float  # sentences llama.cpp tokenizes exactly as finlora
-    # Largest |label log-likelihood difference|, over the sentences tokenized alike (None: none).
-    max_abs_loglik_diff: float | None
-    labels: list[int]
-
-
 def label_sample(
     run_split: dict[str, Any], cfg: RunConfig, codec: LabelCodec, n: int | None
 ) -> LabelSample:
@@ -113,7 +104,7 @@ def accuracy(labels: Sequence[int], gold: list[int] | None) -> float | None:
 
 def gguf_label_check(
     path: Path, codec: LabelCodec, sample: LabelSample, reference: LabelScores
-) -> GgufLabelCheck:
+) -> llama_cpp_check.Agreement:
     """llama.cpp's labels (its own tokenization included) against the adapter model's."""
     scorer = llama_cpp_check.LlamaCppScorer(path, codec)
     labels: list[int] = []
@@ -130,4 +121,6 @@ def gguf_label_check(
         scorer.close()
     n = len(labels)
     agree = sum(a == b for a, b in zip(labels, reference.labels, strict=True)) / n
-    return GgufLabelCheck(agree, same_tokens / n, diff if same_tokens else None, labels)
+    return llama_cpp_check.Agreement(
+        agree, same_tokens / n, diff if same_tokens else None, accuracy(labels, sample.gold)
+    )

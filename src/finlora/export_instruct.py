@@ -102,17 +102,11 @@ def token_scores(model: Any, codec: InstructCodec, sample: InstructSample) -> To
     return TokenScores(logits_out, predicted, torch.cat(logp))
 
 
-@dataclass
-class GgufTokenCheck:
-    agreement: float  # answer tokens whose most likely next token llama.cpp and the adapter share
-    max_abs_logp_diff: float  # over the answer tokens' log-probabilities
-    tokens_equal: float  # prompts llama.cpp tokenizes exactly as finlora
-
-
 def gguf_token_check(
     path: Path, codec: InstructCodec, sample: InstructSample, reference: TokenScores
-) -> GgufTokenCheck:
-    """llama.cpp on the GGUF against the adapter model, on the same token sequences."""
+) -> llama_cpp_check.Agreement:
+    """llama.cpp on the GGUF against the adapter model, on the same token sequences: how often
+    their most likely next token is the same, and their answer tokens' log-probabilities."""
     width = max(len(f.ids) for f in sample.features)
     scorer = llama_cpp_check.LlamaCppTokens(path, width + 8)
     predicted: list[int] = []
@@ -128,9 +122,10 @@ def gguf_token_check(
             same_tokens += scorer.tokenize(text) == _hf_tokens(codec, text)
     finally:
         scorer.close()
-    agree = sum(a == b for a, b in zip(predicted, reference.predicted, strict=True))
     diff = np.abs(np.concatenate(logp) - reference.logp.double().numpy()).max()
-    return GgufTokenCheck(agree / len(predicted), float(diff), same_tokens / len(sample.features))
+    return llama_cpp_check.Agreement(
+        agreement(reference.predicted, predicted), same_tokens / len(sample.features), float(diff)
+    )
 
 
 def _hf_tokens(codec: InstructCodec, text: str) -> list[int]:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_export import export  # the same call, on the whole test split
 
 from finlora.chat import answer, instruction_prompt
 from finlora.config import load_config
 from finlora.errors import FinloraError
-from finlora.export import ExportOptions, ExportResult, export_run
 from finlora.export_instruct import FIXED_RECORDS, instruct_sample, order, token_scores
 from finlora.generate import GenerationOptions
 from finlora.predict import load_run
@@ -43,10 +43,6 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_overrides: list[str])
     output = tmp_path_factory.mktemp("instruct-export") / "run"
     train(cfg, output, progress_bar=False, log=lambda _msg: None)
     return output
-
-
-def export(run: Path, fmt: str, out: Path, **kwargs: object) -> ExportResult:
-    return export_run(run, ExportOptions(fmt, out, verify_n=None, **kwargs))  # type: ignore[arg-type]
 
 
 def test_hf_export_answers_as_the_run_does(run_dir: Path, tmp_path: Path) -> None:

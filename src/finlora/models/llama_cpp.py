@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,17 @@ import numpy as np
 from finlora.tasks.classify import LabelCodec
 
 INSTALL_HINT = "pip install 'finlora[llama]' (llama-cpp-python)"
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How llama.cpp's scores of a GGUF match the adapter model's."""
+
+    agreement: float  # labels (classify) or most likely next tokens (instruct) equal
+    tokens_equal: float  # texts llama.cpp tokenizes exactly as finlora
+    # Largest |label or answer-token log-likelihood difference|; None: no text tokenized alike.
+    max_abs_loglik_diff: float | None
+    accuracy: float | None = None  # llama.cpp's labels against the gold ones, where known
 
 
 def available() -> bool:
