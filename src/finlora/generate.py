@@ -7,7 +7,6 @@ own end-of-turn tokens (its generation config), whichever comes first.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import TextStreamer
 
 from finlora.errors import FinloraError
-from finlora.scoring import autocast, is_prompt_learning
+from finlora.scoring import autocast, cache_argument, is_prompt_learning
 from finlora.tasks.classify import sorted_batches
 
 
@@ -110,7 +109,7 @@ def _generate_after_virtual_tokens(
         # The virtual tokens are keys and values, handed over as the cache; placeholder ids
         # stand in their positions, and generate reads only what follows the cache.
         placeholders = ids.new_full((batch, n), pad)
-        cache = {_cache_argument(base): model.get_prompt(batch)}
+        cache = {cache_argument(base): model.get_prompt(batch)}
         out = base.generate(
             input_ids=torch.cat([placeholders, ids], 1), attention_mask=mask, **cache, **kwargs
         )
@@ -120,11 +119,6 @@ def _generate_after_virtual_tokens(
     embeds = torch.cat([prompts, embeddings(ids)], 1)  # (B, n + T, D)
     # Given embeddings alone, generate returns the new tokens only.
     return base.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
-
-
-def _cache_argument(model: Any) -> str:
-    """transformers 5.2x calls the cache `cache`; earlier releases, `past_key_values`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()

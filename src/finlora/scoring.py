@@ -119,6 +119,12 @@ def sequence_logprob(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return (picked * (targets != IGNORE)).sum(-1)
 
 
+def cache_argument(module: Any) -> str:
+    """The name `module.forward` takes a key/value cache by: transformers 5.24 renamed
+    `past_key_values` to `cache` (the old name goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
 def _shared_prompt_loglik(
     model: Any, codec: LabelCodec, prompts: Sequence[list[int]], device: torch.device | None
 ) -> torch.Tensor:
@@ -133,10 +139,7 @@ def _shared_prompt_loglik(
     n, k = len(prompts), len(codec.labels)
     lengths = prompt.attention_mask.sum(1)  # (N,)
     cache = DynamicCache(config=base.config)
-    # transformers 5.24 renamed past_key_values to cache (the old name goes in 5.40).
-    cache_arg = (
-        "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-    )
+    cache_arg = cache_argument(decoder)
     hidden = decoder(
         input_ids=prompt.input_ids,
         attention_mask=prompt.attention_mask,
