@@ -193,6 +193,18 @@ def _shared_encoder_loglik(
     return sequence_logprob(logits, targets).view(n, k)
 
 
+def _within_window(model: Any, codec: LabelCodec, prompts: Sequence[list[int]]) -> bool:
+    """Whether the longest prompt and label fit a sliding attention window, if the model has one.
+
+    A sliding-window cache drops keys older than the window, and the labels' pass over the
+    right-padded prompts' cache (shared-prompt scoring) then lines up with the wrong ones; past
+    the window, labels are scored a row each (tested on a Mistral with a 4-token window).
+    """
+    window = getattr(unwrap(model).config, "sliding_window", None)
+    longest = max(len(p) for p in prompts) + max(len(ids) for ids in codec.label_ids)
+    return window is None or longest <= window
+
+
 @torch.no_grad()
 def label_loglik(
     model: Any,
@@ -204,7 +216,8 @@ def label_loglik(
 ) -> torch.Tensor:
     """Log-likelihood of every label's tokens after each prompt. (N, K)"""
     if fast and shared_prompt and not is_prompt_learning(model):
-        if codec.kind == "causal" and not codec.single_token_labels:
+        causal_multi = codec.kind == "causal" and not codec.single_token_labels
+        if causal_multi and _within_window(model, codec, prompts):
             return _shared_prompt_loglik(model, codec, prompts, device)
         if codec.kind == "seq2seq":
             return _shared_encoder_loglik(model, codec, prompts, device)

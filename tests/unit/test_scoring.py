@@ -142,6 +142,39 @@ def test_shared_prompt_scoring_equals_one_row_per_label(
     torch.testing.assert_close(shared, rows, atol=1e-5, rtol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def tiny_sliding_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """A 2-layer Mistral whose attention window (4) is shorter than every prompt."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir, local_files_only=True)
+    config = MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        sliding_window=4, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny-mistral")
+    MistralForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_shared_prompt_scoring_with_a_sliding_window(
+    tiny_cfg: Callable[..., RunConfig], tiny_sliding_dir: Path
+) -> None:
+    base, model = adapted(tiny_cfg(model=tiny_sliding_dir), tiny_sliding_dir, "eager")
+    codec = codec_for(base, MULTI_TOKEN_LABELS)
+    prompts = [codec.encode_text(t) for t in TEXTS]
+    assert min(len(p) for p in prompts) > 4
+    shared = label_loglik(model, codec, prompts, shared_prompt=True)
+    rows = label_loglik(model, codec, prompts, shared_prompt=False)
+    manual = manual_loglik(model, codec, prompts).float()
+    torch.testing.assert_close(rows, manual, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(shared, rows, atol=1e-5, rtol=1e-6)
+
+
 def test_single_token_shortcut_equals_general_path(causal: tuple[BaseModel, Any]) -> None:
     # The same labels scored through the general (prompt, label) batch the multi-token path uses.
     base, model = causal
