@@ -618,7 +618,7 @@ def chat(run_dir: Path, options: Any, system: str | None, zero_shot: bool) -> No
     "--host",
     default="127.0.0.1",
     show_default=True,
-    help="Address to listen on; 0.0.0.0 opens it to the network (no authentication).",
+    help="Address to listen on; 0.0.0.0 opens it to the network (set FINLORA_API_KEY).",
 )
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--zero-shot", is_flag=True, help="Serve the base model without the adapter.")
