@@ -67,3 +67,25 @@ def test_run_is_an_instruct_run_on_the_packaged_set(measured: dict[str, Any]) ->
     for stem in ("test", "zero-shot-test"):
         assert (run / "eval" / f"{stem}.json").is_file()
         assert (run / "eval" / f"{stem}_answers.jsonl").is_file()
+
+
+def test_served_chat_answers_as_the_library_does(measured: dict[str, Any]) -> None:
+    """The OpenAI-style route on the real chat template: the answer and token counts of the
+    library call behind `finlora chat`."""
+    from fastapi.testclient import TestClient
+
+    from finlora.chat import answer, fit_conversation
+    from finlora.data.instruct import Message
+    from finlora.generate import GenerationOptions
+    from finlora.predict import load_run
+    from finlora.serve import create_app
+
+    loaded = load_run(measured["run"])
+    question = "What is EBITDA?"
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": 24}
+    served = TestClient(create_app(loaded)).post("/v1/chat/completions", json=body).json()
+    prompt = fit_conversation(loaded, [], [Message("user", question)], 24)
+    expected = answer(loaded, prompt, GenerationOptions(max_new_tokens=24), lambda _: None)
+    assert served["choices"][0]["message"]["content"] == expected.text != ""
+    assert served["usage"]["prompt_tokens"] == len(prompt)
+    assert served["usage"]["completion_tokens"] == expected.new_tokens
