@@ -325,6 +325,10 @@ class TrainConfig:
     # Under bf16 autocast, keep the frozen linear weights in bf16 instead of re-casting them at
     # every forward pass (autocast caches casts only for weights that require grad).
     bf16_frozen_weights: bool = True
+    # Under bf16 autocast, scoring casts each norm output to bf16 once instead of once per
+    # projection that reads it (q, k, v; gate, up). Same scores to the bit; off until timed on
+    # a bf16 CPU (`finlora bench infer --variant train.cast_norms_once=true`).
+    cast_norms_once: bool = False
     # Padded tokens per forward/backward pass: a longer batch is split into micro-batches whose
     # gradients add up to the whole batch's (same update), bounding peak activation memory.
     # 448 keeps a whole FPB training run under 2.5 GB (at 512 it peaked at 2.37 GiB = 2.54 GB);

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from finlora.config import RunConfig
+from finlora.config import RunConfig, load_config
 from finlora.data import FPB_LABELS, synthetic_sentiment
 from finlora.errors import FinloraError
 from finlora.methods import build_method
@@ -23,6 +23,7 @@ from finlora.models import Placement, freeze_to_dtype, load_base_model
 from finlora.models.device import compile_layers, set_gradient_checkpointing
 from finlora.models.fused_lora import fuse_lora_layers
 from finlora.models.lean_mlp import lean_mlps
+from finlora.models.norm_cast import cast_norms_once
 from finlora.prompts import PromptTemplate
 from finlora.scoring import autocast, label_loglik, loss_fn, unwrap
 from finlora.tasks.classify import (
@@ -387,3 +388,42 @@ def test_lean_mlp_gives_bit_identical_gradients_and_keeps_less(
     # (tokens x 64) tensors gone is a clear cut in what the step keeps.
     assert lean_kept < 0.95 * kept
     assert lean_mlps(torch.nn.Linear(2, 2)) == 0  # nothing gated to make lean
+
+
+@pytest.mark.parametrize("form", ["peft", "fused", "merged"])
+def test_norms_cast_once_give_bit_identical_bf16_scores(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path, form: str
+) -> None:
+    def build() -> Any:
+        model, codec = _model(tiny_cfg(), tiny_causal_dir, "eager")
+        if form == "merged":
+            model = model.merge_and_unload()
+        freeze_to_dtype(model, torch.bfloat16)
+        if form == "fused":
+            assert fuse_lora_layers(model) > 0
+        return model.eval(), codec
+
+    (plain, codec), (cast, _) = build(), build()
+    assert cast_norms_once(cast) == 4  # 2 layers x (input, post-attention) norms
+    plain_loss, plain_scores = _loss_and_scores(plain, codec, True, torch.bfloat16)
+    cast_loss, cast_scores = _loss_and_scores(cast, codec, True, torch.bfloat16)
+    assert torch.equal(cast_scores, plain_scores) and torch.equal(cast_loss, plain_loss)
+    # The hook did act: the norm hands bf16 on in inference, fp32 while gradients are taken.
+    layer = unwrap(cast).get_decoder().layers[0]
+    x = torch.randn(1, 3, layer.input_layernorm.weight.numel())
+    with autocast(CPU, torch.bfloat16):
+        with torch.no_grad():
+            assert layer.input_layernorm(x).dtype == torch.bfloat16
+        assert layer.input_layernorm(x).dtype == torch.float32
+
+
+def test_norms_cast_once_leaves_other_consumers_alone(
+    tiny_overrides: list[str], tiny_causal_dir: Path
+) -> None:
+    """An IA3 projection scales its input in fp32 first: its norm keeps handing on fp32."""
+    shared = [o for o in tiny_overrides if not o.startswith("lora.")]
+    cfg = load_config(None, [*shared, "method.name=ia3",
+                             "ia3.target_modules=[q_proj,k_proj,v_proj,down_proj]",
+                             "ia3.feedforward_modules=[q_proj]"])  # fmt: skip
+    model, _ = _model(cfg, tiny_causal_dir, "eager")
+    assert cast_norms_once(model) == 2  # only the post-attention norms (gate, up are plain)

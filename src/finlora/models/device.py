@@ -15,6 +15,7 @@ from finlora.config import TrainConfig
 from finlora.errors import FinloraError
 from finlora.models.fused_lora import fuse_lora_layers
 from finlora.models.lean_mlp import lean_mlps
+from finlora.models.norm_cast import cast_norms_once
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -174,6 +175,7 @@ class Placement:
     fused_lora: bool = True
     compile: bool = False
     lean_mlp: bool = True
+    cast_norms_once: bool = False
 
     @classmethod
     def from_config(cls, tc: TrainConfig) -> Placement:
@@ -191,11 +193,13 @@ class Placement:
             tc.fused_lora,
             tc.compile,
             tc.lean_mlp,
+            tc.cast_norms_once,
         )
 
     def place(self, model: Any) -> Any:
         """Move a (wrapped) model to the device; store frozen weights in bf16 where it pays;
-        give LoRA layers and gated MLPs their leaner forwards and compile layers when asked."""
+        give LoRA layers and gated MLPs their leaner forwards, norms their single cast, and
+        compile layers when asked."""
         model = model.to(self.device)
         if self.dtype == torch.bfloat16 and self.bf16_frozen_weights:
             freeze_to_dtype(model, torch.bfloat16)
@@ -203,6 +207,8 @@ class Placement:
             fuse_lora_layers(model)
         if self.lean_mlp:
             lean_mlps(model)
+        if self.dtype is not None and self.cast_norms_once:
+            cast_norms_once(model)
         if self.compile:
             compile_layers(model)
         return model
