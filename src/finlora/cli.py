@@ -637,7 +637,7 @@ def serve(run_dir: Path, host: str, port: int, zero_shot: bool) -> None:
 
     from finlora.predict import load_run
     from finlora.runs import RunDir
-    from finlora.serve import API_KEY_ENV, check_bindable, create_app, is_loopback
+    from finlora.serve import API_KEY_ENV, ROUTES, check_bindable, create_app, is_loopback
 
     RunDir(run_dir).require_trained()
     check_bindable(host, port)  # before the model loads (~20 s): a taken port fails at once
@@ -648,10 +648,8 @@ def serve(run_dir: Path, host: str, port: int, zero_shot: bool) -> None:
             "use the model"
         )
     loaded = load_run(run_dir, zero_shot)
-    routes = (
-        "POST /predict" if loaded.task == "classify" else "POST /generate, /v1/chat/completions"
-    )
-    _echo_err(f"finlora serve: {run_dir} ({loaded.task}): {routes}; API docs at /docs")
+    routes = ", ".join(ROUTES[loaded.task])
+    _echo_err(f"finlora serve: {run_dir} ({loaded.task}): POST {routes}; API docs at /docs")
     uvicorn.run(create_app(loaded, api_key), host=host, port=port, log_level="info")
 
 

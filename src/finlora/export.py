@@ -203,6 +203,7 @@ class _Context:
     codec: Any  # LabelCodec (classify) or InstructCodec (instruct)
     base_name: str
     gguf_sources: list[str]
+    split: dict[str, Any]  # split.json: labels, data files and their sha256, test rows
     # Freeze / full runs: the base weights as loaded, before the tuned ones replaced them.
     base_state: dict[str, torch.Tensor] | None = None
 
@@ -295,7 +296,17 @@ def _load(run: RunDir, method: str) -> _Context:
         codec = LabelCodec.for_data(tokenizer, cfg.data, split["labels"], base.kind)
     sources = [p for p in base.weights_sha256 if p.lower().endswith(".gguf")]
     return _Context(
-        run, cfg, method, base.kind, model, tokenizer, codec, cfg.model.name, sources, base_state
+        run,
+        cfg,
+        method,
+        base.kind,
+        model,
+        tokenizer,
+        codec,
+        cfg.model.name,
+        sources,
+        split,
+        base_state,
     )
 
 
@@ -470,7 +481,7 @@ class _LabelCheck:
 
     def __init__(self, ctx: _Context, n: int | None) -> None:
         self.ctx = ctx
-        self.sample = label_sample(ctx.run.read_json(ctx.run.split), ctx.cfg, ctx.codec, n)
+        self.sample = label_sample(ctx.split, ctx.cfg, ctx.codec, n)
         self.description = self.sample.description
         self.n = len(self.sample.texts)
         self.prompts = [ctx.codec.encode_text(t) for t in self.sample.texts]
@@ -494,9 +505,7 @@ class _AnswerCheck:
 
     def __init__(self, ctx: _Context, n: int | None) -> None:
         self.ctx = ctx
-        self.sample: InstructSample = instruct_sample(
-            ctx.run.read_json(ctx.run.split), ctx.cfg, ctx.codec, n
-        )
+        self.sample: InstructSample = instruct_sample(ctx.split, ctx.cfg, ctx.codec, n)
         if not self.sample.features:
             raise FinloraError(f"{ctx.run.root}: no record to verify the export on")
         self.description = self.sample.description

@@ -17,7 +17,7 @@ import torch
 from finlora.config import RunConfig
 from finlora.data.prepare import prepare_data
 from finlora.models import llama_cpp as llama_cpp_check
-from finlora.models.loading import sha256_file
+from finlora.models.loading import files_unchanged
 from finlora.scoring import label_logits, sequence_logprob
 from finlora.tasks.classify import IGNORE, LabelCodec, sorted_batches
 
@@ -53,9 +53,7 @@ def label_sample(
     run_split: dict[str, Any], cfg: RunConfig, codec: LabelCodec, n: int | None
 ) -> LabelSample:
     """The run's test sentences (the first `n`, or all), else a few fixed financial sentences."""
-    recorded = run_split.get("files", {}).items()
-    unchanged = all(Path(f).is_file() and sha256_file(Path(f)) == d for f, d in recorded)
-    if unchanged:
+    if files_unchanged(run_split.get("files", {})):
         data = prepare_data(cfg.data, cfg.seed)
         rows = [data.examples[i] for i in run_split["test"]][:n]
         gold = [codec.labels.index(e.label) for e in rows]

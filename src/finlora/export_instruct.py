@@ -9,7 +9,7 @@ of the prompts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from finlora.config import RunConfig
 from finlora.data.instruct import InstructRecord, alpaca_record
 from finlora.data.prepare import prepare_instruct
 from finlora.models import llama_cpp as llama_cpp_check
-from finlora.models.loading import sha256_file
+from finlora.models.loading import files_unchanged
 from finlora.scoring import label_logits
 from finlora.tasks.classify import IGNORE, sorted_batches
 from finlora.tasks.instruct import InstructCodec, InstructFeature
@@ -64,8 +64,7 @@ def instruct_sample(
     run_split: dict[str, Any], cfg: RunConfig, codec: InstructCodec, n: int | None
 ) -> InstructSample:
     """The run's test records (the first `n`, or all), else a few fixed financial records."""
-    recorded = run_split.get("files", {}).items()
-    unchanged = all(Path(f).is_file() and sha256_file(Path(f)) == d for f, d in recorded)
+    unchanged = files_unchanged(run_split.get("files", {}))
     data = prepare_instruct(cfg.data, cfg.seed) if unchanged else None
     digest = run_split.get("records_sha256")
     if data is not None and (not digest or digest == data.records_sha256):
@@ -77,10 +76,14 @@ def instruct_sample(
     return InstructSample([r for r, _ in pairs], [f for _, f in pairs], description)
 
 
+def _batches(sample: InstructSample) -> Iterator[list[int]]:
+    """The records' indices, batched by length as `token_scores` reads them."""
+    return sorted_batches([len(f.ids) for f in sample.features], VERIFY_BATCH)
+
+
 def order(sample: InstructSample) -> list[int]:
-    """The records in the order `token_scores` reads them (by length, as batches)."""
-    widths = [len(f.ids) for f in sample.features]
-    return [i for idx in sorted_batches(widths, VERIFY_BATCH) for i in idx]
+    """The records in the order `token_scores` reads them."""
+    return [i for idx in _batches(sample) for i in idx]
 
 
 @torch.no_grad()
@@ -90,8 +93,7 @@ def token_scores(model: Any, codec: InstructCodec, sample: InstructSample) -> To
     logits_out: list[torch.Tensor] = []
     predicted: list[int] = []
     logp: list[torch.Tensor] = []
-    widths = [len(f.ids) for f in sample.features]
-    for idx in sorted_batches(widths, VERIFY_BATCH):
+    for idx in _batches(sample):
         batch = codec.training_batch([sample.features[i] for i in idx])
         logits = label_logits(model, batch, "causal", fast=False).float()  # (B, L, V)
         real = batch.targets != IGNORE  # (B, L), row by row: each record's answer in order

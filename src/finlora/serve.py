@@ -38,6 +38,7 @@ from finlora.predict import LoadedRun
 MAX_TEXTS = 1024  # sentences in one /predict request
 MAX_NEW_TOKENS = 4096
 API_KEY_ENV = "FINLORA_API_KEY"
+ROUTES = {"classify": ("/predict",), "instruct": ("/generate", "/v1/chat/completions")}
 
 
 def _not_blank(text: str) -> str:
@@ -151,9 +152,7 @@ class _Server:
         }
         if cfg.task == "classify":
             info["labels"] = self.loaded.labels
-            info["endpoints"] = ["/predict"]
-        else:
-            info["endpoints"] = ["/generate", "/v1/chat/completions"]
+        info["endpoints"] = list(ROUTES[cfg.task])
         return info
 
     def predict(self, request: PredictRequest) -> dict[str, Any]:

@@ -65,6 +65,11 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def files_unchanged(recorded: dict[str, str]) -> bool:
+    """Whether every file of a `{path: sha256}` record is still there with that content."""
+    return all(Path(f).is_file() and sha256_file(Path(f)) == d for f, d in recorded.items())
+
+
 def _hub_hint(name: str) -> str:
     return (
         f"model '{name}' is not a registered name (see `finlora models`), a local model "
