@@ -113,6 +113,14 @@ def _default_output(config: Path | None) -> Path:
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty run directory.")
 @click.option("--resume", is_flag=True, help="Continue the stopped run in --output.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Train data-parallel in this many processes (one a GPU; on a CPU they share its "
+    "cores). Same results as one process, batch for batch.",
+)
 def train(
     config: Path | None,
     overrides: tuple[str, ...],
@@ -120,6 +128,7 @@ def train(
     overwrite: bool,
     resume: bool,
     no_progress: bool,
+    nproc: int,
 ) -> None:
     """Fine-tune a model as CONFIG says (method.name: lora, prefix, prompt, ptuning, ia3,
     freeze or full), into a run directory.
@@ -128,8 +137,10 @@ def train(
     Example:
       finlora train configs/fpb-smollm2-lora.yaml --set train.epochs=1 --output runs/fpb
       finlora train --resume --output runs/fpb        # continue after a stop
+      finlora train configs/fpb-smollm2-lora.yaml --nproc 4 --output runs/fpb4  # 4 GPUs
     """
     from finlora.config import load_config
+    from finlora.runs import RunDir
     from finlora.train import resume_config
     from finlora.train import train as run_training
 
@@ -142,6 +153,11 @@ def train(
             raise FinloraError("train needs a CONFIG file (e.g. configs/fpb-smollm2-lora.yaml)")
         cfg = load_config(config, list(overrides))
         output = output or _default_output(config)
+    if nproc > 1:
+        if not resume:
+            RunDir(output).check_new(overwrite)
+        _train_processes(nproc, config, overrides, output, overwrite, resume, no_progress)
+        return
     result = run_training(
         cfg, output, overwrite=overwrite, resume=resume, progress_bar=not no_progress, log=_echo_err
     )
@@ -156,6 +172,30 @@ def train(
         f"{best}"
     )
     click.echo(f"run directory: {result.run_dir}")
+
+
+def _train_processes(
+    nproc: int,
+    config: Path | None,
+    overrides: tuple[str, ...],
+    output: Path,
+    overwrite: bool,
+    resume: bool,
+    no_progress: bool,
+) -> None:
+    """`finlora train` again in `nproc` processes, after this one has checked the config and
+    the output directory (so a mistake is one line, not one a process)."""
+    from finlora.distributed import World, launch
+
+    if World.from_env().distributed:
+        raise FinloraError("--nproc: this process was already started by a launcher (torchrun)")
+    args = ["train", *([str(config)] if config and not resume else [])]
+    args += [f"--set={o}" for o in overrides] + ["--output", str(output)]
+    args += [flag for flag, on in [("--overwrite", overwrite), ("--resume", resume),
+                                   ("--no-progress", no_progress)] if on]  # fmt: skip
+    status = launch(nproc, args)
+    if status:
+        sys.exit(status)
 
 
 def _loader_options(

@@ -30,6 +30,7 @@ from finlora import atomic
 from finlora.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from finlora.config import RunConfig, TrainConfig, apply_overrides, config_from_dict, read_yaml
 from finlora.data.prepare import PreparedData, PreparedInstruct, prepare_data, prepare_instruct
+from finlora.distributed import World
 from finlora.errors import FinloraError
 from finlora.memory import process_peak_mib
 from finlora.methods import build_method, save_adapter, trainable_parameters
@@ -195,36 +196,52 @@ def _save_dir(target: Path, save: Callable[[Path], Any]) -> None:
 
 
 @torch.no_grad()
-def validate(model: Any, s: _Setup, fast: bool) -> dict[str, float]:
-    """Validation loss (per label or answer token), perplexity and, for classify, accuracy."""
+def validate(model: Any, s: _Setup, fast: bool, world: World | None = None) -> dict[str, float]:
+    """Validation loss (per label or answer token), perplexity and, for classify, accuracy.
+
+    Under several processes each scores its share of the rows and the sums are exchanged, so
+    every process gets the same figures.
+    """
     if not s.validation:
         return {}
+    world = world or World()
+    mine = world.rows(range(len(s.validation)))
     if s.cfg.task == "instruct":
         model.eval()
         nll, count = response_nll(
-            model, s.codec, s.validation, s.cfg.train.eval_batch_size, s.device, s.dtype, fast
+            model,
+            s.codec,
+            [s.validation[i] for i in mine],
+            s.cfg.train.eval_batch_size,
+            s.device,
+            s.dtype,
+            fast,
         )
         model.train()
-        return {"val_loss": nll / count, "val_perplexity": math.exp(min(nll / count, 700.0))}
+        nll_sum, tokens = world.sum([nll, count], s.device)
+        loss = nll_sum / tokens
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0))}
     model.eval()
-    prompts = [f.prompt_ids for f in s.validation]
     gold = np.array([f.label for f in s.validation])
-    loglik = np.zeros((len(prompts), len(s.codec.labels)))
+    loglik = torch.zeros(len(s.validation), len(s.codec.labels), dtype=torch.float64)
     with autocast(s.device, s.dtype):
+        prompts = [s.validation[i].prompt_ids for i in mine]
         lengths = [len(p) for p in prompts]
         tc = s.cfg.train
         for idx in inference_batches(lengths, tc.eval_batch_size, tc.trim_padding):
             chunk = [prompts[i] for i in idx]
             shared = tc.shared_prompt_scoring
             scores = label_loglik(model, s.codec, chunk, fast, s.device, shared)
-            loglik[idx] = scores.float().cpu().numpy()
+            loglik[[mine[i] for i in idx]] = scores.double().cpu()
     model.train()
+    # Rows another process scored are zero here, so the sum is every process's rows once.
+    scored = world.sum_tensor(loglik.to(s.device)).cpu().numpy()
     tokens = sum(len(s.codec.label_ids[g]) for g in gold)
-    loss = float(-loglik[np.arange(len(gold)), gold].sum() / tokens)
+    loss = float(-scored[np.arange(len(gold)), gold].sum() / tokens)
     return {
         "val_loss": loss,
         "val_perplexity": math.exp(min(loss, 700.0)),
-        "val_accuracy": float((loglik.argmax(1) == gold).mean()),
+        "val_accuracy": float((scored.argmax(1) == gold).mean()),
     }
 
 
@@ -238,8 +255,10 @@ def _selection_score(metrics: dict[str, float]) -> float | None:
     return metrics["val_accuracy"] - 1e-6 * metrics["val_loss"]
 
 
-def _end_epoch(model: Any, s: _Setup, run: RunDir, progress: Progress, log: Log) -> dict[str, Any]:
-    metrics = validate(model, s, s.cfg.train.label_logits_only)
+def _end_epoch(
+    model: Any, s: _Setup, run: RunDir, progress: Progress, log: Log, world: World
+) -> dict[str, Any]:
+    metrics = validate(model, s, s.cfg.train.label_logits_only, world)
     train_loss = progress.epoch_loss_sum / max(progress.epoch_loss_count, 1)
     row: dict[str, Any] = {
         "kind": "epoch",
@@ -254,9 +273,11 @@ def _end_epoch(model: Any, s: _Setup, run: RunDir, progress: Progress, log: Log)
     if score is None or progress.best_metric is None or score > progress.best_metric:
         progress.best_metric = score
         progress.best_epoch = progress.epoch + 1
-        _save_dir(run.adapter, lambda tmp: save_adapter(model, s.cfg, tmp))
+        if world.is_main:
+            _save_dir(run.adapter, lambda tmp: save_adapter(model, s.cfg, tmp))
         row["best"] = True
-    run.append_metrics(row)
+    if world.is_main:
+        run.append_metrics(row)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
     log(f"epoch {row['epoch']}: {shown}{' (best so far)' if row.get('best') else ''}")
     return row
@@ -276,29 +297,40 @@ def accumulate_batch(
     features: list[Any],
     tc: TrainConfig,
     placement: Placement,
+    world: World | None = None,
 ) -> tuple[float, int]:
     """Accumulate one batch's gradients; returns its mean target-token loss and real tokens.
 
     Targets are the label tokens (classify) or the answer tokens (instruct). The batch runs in
     micro-batches of at most `tc.max_batch_tokens` padded tokens. Each micro-batch's mean loss
     is weighted by its share of the batch's target tokens, so the summed gradients equal those
-    of the whole batch at once.
+    of the whole batch at once. Under several processes, this one takes its rows of the batch
+    (`World.rows`) with the same weights, and the loss and tokens returned are the whole
+    batch's; the gradients are summed at the optimizer step (`World.sum_gradients`).
     """
+    world = world or World()
+    total_targets = sum(codec.target_count(f) for f in features)
+    features = world.rows(features)
     label_tokens = [codec.target_count(f) for f in features]
     widths = [codec.width(f) for f in features]
     loss_sum, real = 0.0, 0
     # Not cut further to trim padding (as scoring is): batches are already grouped by length,
     # and a training pass has so many operators (backward included) that two more passes cost
     # more than the ~10% of padding they would save, measured on fp32 and bf16 CPUs.
-    for chunk in token_budget_chunks(widths, tc.max_batch_tokens):
+    for chunk in token_budget_chunks(widths, tc.max_batch_tokens) if features else []:
         batch = codec.training_batch([features[i] for i in chunk]).to(placement.device)
-        share = sum(label_tokens[i] for i in chunk) / sum(label_tokens)
+        share = sum(label_tokens[i] for i in chunk) / total_targets
         with autocast(placement.device, placement.dtype):
             loss = loss_fn(model, batch, codec.kind, tc.label_logits_only) * share
         (loss / tc.grad_accum).backward()
         loss_sum += loss.item()
         real += batch.real_tokens
-    return loss_sum, real
+    loss_sum, whole = world.sum([loss_sum, real], placement.device)
+    return loss_sum, int(whole)
+
+
+def _quiet(message: str) -> None:
+    """The log of a process other than rank 0: rank 0 speaks for all."""
 
 
 def train(
@@ -310,32 +342,42 @@ def train(
     progress_bar: bool = True,
     log: Log = _stderr,
 ) -> TrainResult:
-    """Fine-tune per `cfg` into the run directory `output`; with `resume`, continue it."""
+    """Fine-tune per `cfg` into the run directory `output`; with `resume`, continue it.
+
+    Started by `torchrun --nproc-per-node N` (or `accelerate launch`), the N processes train
+    one model data-parallel (`finlora.distributed`); rank 0 writes the run.
+    """
+    world = World.from_env()
+    log = log if world.is_main else _quiet
     run = RunDir(output)
-    if not resume:
+    if world.is_main and not resume:
         run.check_new(overwrite)
     s = _setup(cfg, log)
-    if not resume:
-        run.create(overwrite)
-        _write_run_header(run, s)
+    s.placement = dataclasses.replace(s.placement, device=world.device(s.placement.device))
+    with world.group(s.device):
+        if world.is_main and not resume:
+            run.create(overwrite)
+            _write_run_header(run, s)
+        return _train(s, run, world, resume, progress_bar and world.is_main, log)
 
+
+def _train(
+    s: _Setup, run: RunDir, world: World, resume: bool, progress_bar: bool, log: Log
+) -> TrainResult:
+    cfg, tc = s.cfg, s.cfg.train
     model = s.placement.place(s.model)
-    set_gradient_checkpointing(
-        model, cfg.train.gradient_checkpointing, cfg.train.gradient_checkpointing_every
-    )
+    set_gradient_checkpointing(model, tc.gradient_checkpointing, tc.gradient_checkpointing_every)
+    world.broadcast_trainable(model)
     trainable, total = trainable_parameters(model)
+    processes = f" x {world.size} processes" if world.distributed else ""
     log(
         f"model: {cfg.model.name} ({s.base.kind}), method {cfg.method.name}, "
         f"trainable {trainable:,} of {total:,} "
-        f"({100 * trainable / total:.2f}%), device {s.device}, "
+        f"({100 * trainable / total:.2f}%), device {s.device}{processes}, "
         f"{'bf16 autocast' if s.dtype else 'fp32'}"
     )
-    tc = cfg.train
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.learning_rate,
-        weight_decay=tc.weight_decay,
-    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=tc.weight_decay)
     lengths = [s.codec.width(f) for f in s.train]
     batches_per_epoch = math.ceil(len(s.train) / tc.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / tc.grad_accum)
@@ -349,10 +391,15 @@ def train(
     if resume:
         found = latest_checkpoint(run.checkpoints)
         if found is None:
-            raise FinloraError(f"{output}: no checkpoint to resume from")
+            raise FinloraError(f"{run.root}: no checkpoint to resume from")
         progress = load_checkpoint(found, model, optimizer, scheduler)
-        run.truncate_metrics(progress.step)
+        if world.is_main:
+            run.truncate_metrics(progress.step)
         log(f"resuming from {found.name} (epoch {progress.epoch + 1}, step {progress.step})")
+
+    def checkpoint() -> None:
+        if world.is_main:
+            _checkpoint(run, model, optimizer, scheduler, progress)
 
     model.train()
     bar = tqdm(
@@ -372,7 +419,7 @@ def train(
         )
         for bi in range(progress.batch_in_epoch, len(batches)):
             loss, real_tokens = accumulate_batch(
-                model, s.codec, [s.train[i] for i in batches[bi]], tc, s.placement
+                model, s.codec, [s.train[i] for i in batches[bi]], tc, s.placement, world
             )
             tokens_seen += real_tokens
             progress.epoch_loss_sum += loss
@@ -380,6 +427,7 @@ def train(
             recent.append(loss)
             if (bi + 1) % tc.grad_accum and bi + 1 < len(batches):
                 continue
+            world.sum_gradients(params)
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -389,7 +437,7 @@ def train(
             rate = tokens_seen / max(time.perf_counter() - start, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", tok_s=f"{rate:.0f}")
-            if progress.step % tc.log_every == 0:
+            if progress.step % tc.log_every == 0 and world.is_main:
                 run.append_metrics(
                     {
                         "kind": "step",
@@ -401,23 +449,26 @@ def train(
                     }
                 )
             if progress.step % tc.checkpoint_every == 0:
-                _checkpoint(run, model, optimizer, scheduler, progress)
+                checkpoint()
             if progress.step >= total_steps:
                 done = True
                 break
-        _end_epoch(model, s, run, progress, log)
+        _end_epoch(model, s, run, progress, log, world)
         if progress.batch_in_epoch >= len(batches):
             # A run stopped by max_steps stays inside its epoch, so extending it continues there.
             progress.epoch += 1
             progress.batch_in_epoch = 0
             progress.epoch_loss_sum, progress.epoch_loss_count = 0.0, 0
-        _checkpoint(run, model, optimizer, scheduler, progress)
+        checkpoint()
     bar.close()
     seconds = time.perf_counter() - start
-    peak_mib = _finish(run, s, progress, seconds, tokens_seen, (trainable, total))
+    peak_mib = process_peak_mib()
+    if world.is_main:
+        _finish(run, s, progress, seconds, tokens_seen, (trainable, total), world.size)
+    world.barrier()  # the others read the metrics rank 0 has just finished writing
     rows = [r for r in run.read_metrics() if r.get("best")]
     return TrainResult(
-        run_dir=output,
+        run_dir=run.root,
         steps=progress.step,
         best_epoch=progress.best_epoch,
         best_val_accuracy=rows[-1].get("val_accuracy") if rows else None,
@@ -435,8 +486,9 @@ def _finish(
     seconds: float,
     tokens: int,
     params: tuple[int, int],
-) -> float:
-    """Write the loss curve and the manifest; returns the peak RSS (MiB) recorded there."""
+    processes: int,
+) -> None:
+    """Write the loss curve and the manifest."""
     trainable, total = params
     peak_mib = process_peak_mib()
     rows = run.read_metrics()
@@ -470,6 +522,7 @@ def _finish(
             "steps": progress.step,
             "best_epoch": progress.best_epoch,
             "device": str(s.device),
+            "processes": processes,
             "precision": "bf16-autocast" if s.dtype else "fp32",
             "attention": s.placement.attention,
             "versions": library_versions(),
@@ -479,10 +532,10 @@ def _finish(
                 # A resumed run adds its own training time to what came before.
                 "train_s": round(timings.get("train_s", 0.0) + seconds, 2),
                 "real_tokens": timings.get("real_tokens", 0) + tokens,
-                # This process's peak (a resumed run's: since it resumed), loading included.
+                # This process's peak (a resumed run's: since it resumed), loading included;
+                # under several processes, rank 0's.
                 "peak_rss_mib": round(peak_mib, 1),
             },
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     )
-    return peak_mib

@@ -1,0 +1,197 @@
+"""Data-parallel training over several processes, as `torchrun` or `accelerate launch` start them.
+
+Every process holds the whole model and reads the whole data. Each takes its own rows of every
+batch, weights its micro-batches by their share of the *whole* batch's target tokens, and the
+processes then sum their gradients before the optimizer step. The summed gradient is the one a
+single process computes on the same batch, so the number of processes changes speed, not
+results (tests/unit/test_distributed.py checks 2 processes against 1). Rank 0 alone writes the
+run directory and talks to the terminal.
+
+Gradients are summed with one `all_reduce` of a flat buffer instead of wrapping the model in
+DistributedDataParallel: the wrapper would stand between finlora and the PEFT model it saves,
+merges and hooks (fused LoRA layers, lean MLPs), and its gradient averaging would have to be
+undone to keep the token weighting exact. Adapters are small, so overlapping the reduction
+with the backward pass (DDP's gain) buys little.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from finlora.errors import FinloraError
+
+T = TypeVar("T")
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise FinloraError(f"${name}={value!r} is not an integer") from None
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the training processes; one process is a world of size 1."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> World:
+        """The world a launcher describes in $WORLD_SIZE, $RANK and $LOCAL_RANK (torchrun and
+        accelerate set them); without them, a single process."""
+        size = _env_int("WORLD_SIZE", 1)
+        rank = _env_int("RANK", 0)
+        if size < 1 or not 0 <= rank < size:
+            raise FinloraError(f"$RANK={rank} does not fit $WORLD_SIZE={size}")
+        return cls(rank, size, _env_int("LOCAL_RANK", rank))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def device(self, device: torch.device) -> torch.device:
+        """The process's own accelerator: cuda:LOCAL_RANK when several share a machine."""
+        if not self.distributed or device.type != "cuda":
+            return device
+        if self.local_rank >= torch.cuda.device_count():
+            raise FinloraError(
+                f"process {self.rank} wants cuda:{self.local_rank}, but this machine has "
+                f"{torch.cuda.device_count()} GPU(s): start at most that many per machine"
+            )
+        torch.cuda.set_device(self.local_rank)
+        return torch.device("cuda", self.local_rank)
+
+    @contextlib.contextmanager
+    def group(self, device: torch.device) -> Iterator[None]:
+        """Join the process group for the duration (NCCL on GPUs, gloo on CPUs); a single
+        process joins nothing."""
+        if not self.distributed or dist.is_initialized():
+            yield
+            return
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # An evaluation on rank 0 may keep the others waiting at a collective for a while.
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+    def rows(self, items: Sequence[T]) -> list[T]:
+        """This process's share of a batch: every size-th item from its rank (lengths stay
+        mixed alike on every process, as batches are grouped by length)."""
+        return list(items[self.rank :: self.size])
+
+    def sum(self, values: Sequence[float], device: torch.device) -> list[float]:
+        """Each value summed over the processes (float64)."""
+        if not self.distributed:
+            return list(values)
+        buffer = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(buffer)
+        return buffer.tolist()
+
+    def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` summed over the processes, in place."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def broadcast_trainable(self, model: Any) -> None:
+        """Give every process rank 0's trainable weights: each starts from the same seed, so
+        this only guards against an initialisation that draws differently per process."""
+        if not self.distributed:
+            return
+        for param in model.parameters():
+            if param.requires_grad:
+                dist.broadcast(param.data, src=0)
+
+    def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
+        """Sum the gradients of `params` over the processes, in one reduction.
+
+        A process whose rows of a batch gave a parameter no gradient (it had no rows, say)
+        adds zeros; a parameter that got a gradient on no process keeps none, as it would in
+        a single process, so AdamW skips it alike.
+        """
+        if not self.distributed or not params:
+            return
+        device = params[0].device
+
+        def flat_grad(p: torch.nn.Parameter) -> torch.Tensor:
+            if p.grad is None:
+                return torch.zeros(p.numel(), device=device)
+            return p.grad.reshape(-1).float()
+
+        grads = [flat_grad(p) for p in params]
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+        flat = torch.cat([*grads, present.to(device)])  # (sum of numels + len(params),)
+        dist.all_reduce(flat)
+        present_anywhere = flat[-len(params) :] > 0
+        offset = 0
+        for param, anywhere in zip(params, present_anywhere.tolist(), strict=True):
+            piece = flat[offset : offset + param.numel()].view_as(param)
+            offset += param.numel()
+            if anywhere:
+                param.grad = piece.to(param.dtype).clone()
+            else:
+                param.grad = None
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def launch(processes: int, args: Sequence[str]) -> int:
+    """Run `finlora ARGS` in `processes` processes on this machine, as `torchrun --standalone
+    --nproc-per-node N -m finlora ARGS` would; returns the exit status (rank 0's first).
+
+    Each process gets an equal share of the CPU's threads unless $OMP_NUM_THREADS says
+    otherwise (torchrun alone would give each one thread). A process that fails has already
+    said why on stderr, so the launcher's own report of it is kept off the terminal.
+    """
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if processes < 1:
+        raise FinloraError(f"--nproc must be at least 1 (got {processes})")
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=processes,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+    )
+    elastic = logging.getLogger("torch.distributed.elastic")
+    level = elastic.level
+    elastic.setLevel(logging.CRITICAL)
+    try:
+        elastic_launch(config, sys.executable)("-m", "finlora", *args)
+    except ChildFailedError as exc:
+        failures = sorted(exc.failures.items())
+        return next((f.exitcode for _, f in failures if f.exitcode > 0), 1)
+    finally:
+        elastic.setLevel(level)
+    return 0
