@@ -140,6 +140,7 @@ def train(
       finlora train configs/fpb-smollm2-lora.yaml --nproc 4 --output runs/fpb4  # 4 GPUs
     """
     from finlora.config import load_config
+    from finlora.distributed import World
     from finlora.runs import RunDir
     from finlora.train import resume_config
     from finlora.train import train as run_training
@@ -161,6 +162,8 @@ def train(
     result = run_training(
         cfg, output, overwrite=overwrite, resume=resume, progress_bar=not no_progress, log=_echo_err
     )
+    if not World.from_env().is_main:
+        return  # rank 0 reports for every process
     best = ""
     if result.best_val_accuracy is not None:
         best = f", best epoch {result.best_epoch} (val accuracy {result.best_val_accuracy:.4f})"

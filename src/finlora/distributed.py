@@ -1,4 +1,4 @@
-"""Data-parallel training over several processes, as `torchrun` or `accelerate launch` start them.
+"""Data-parallel training in several processes, started by `finlora train --nproc N` or torchrun.
 
 Every process holds the whole model and reads the whole data. Each takes its own rows of every
 batch, weights its micro-batches by their share of the *whole* batch's target tokens, and the
@@ -53,7 +53,7 @@ class World:
     @classmethod
     def from_env(cls) -> World:
         """The world a launcher describes in $WORLD_SIZE, $RANK and $LOCAL_RANK (torchrun and
-        accelerate set them); without them, a single process."""
+        other launchers set them); without them, a single process."""
         size = _env_int("WORLD_SIZE", 1)
         rank = _env_int("RANK", 0)
         if size < 1 or not 0 <= rank < size:

@@ -344,7 +344,7 @@ def train(
 ) -> TrainResult:
     """Fine-tune per `cfg` into the run directory `output`; with `resume`, continue it.
 
-    Started by `torchrun --nproc-per-node N` (or `accelerate launch`), the N processes train
+    Started by `finlora train --nproc N` or `torchrun --nproc-per-node N`, the N processes train
     one model data-parallel (`finlora.distributed`); rank 0 writes the run.
     """
     world = World.from_env()

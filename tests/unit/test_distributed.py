@@ -18,7 +18,7 @@ from finlora.config import RunConfig
 from finlora.distributed import World
 from finlora.errors import FinloraError
 from finlora.runs import RunDir
-from finlora.train import train
+from finlora.train import resume_config, train
 
 
 def quiet(message: str) -> None:
@@ -87,6 +87,7 @@ def launch_alike(
     config.write_text(cfg.to_yaml(), encoding="utf-8")
     done = launcher(config, several)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run directory:") == 1  # rank 0 reports for both processes
     return single, several
 
 
@@ -101,6 +102,14 @@ def test_two_processes_train_what_one_trains(
     assert [r["kind"] for r in rows(several)].count("step") == 6
     done = torchrun(tmp_path / "config.yaml", several)  # rank 0 refuses a non-empty run
     assert done.returncode != 0 and "output directory exists" in done.stderr
+    # A second epoch by --resume: every process loads rank 0's checkpoint.
+    train(resume_config(single, ["train.epochs=2"]), single, resume=True, log=quiet,
+          progress_bar=False)  # fmt: skip
+    args = ["train", "--resume", "--output", str(several), "--set", "train.epochs=2"]
+    done = launched("finlora", *args, "--nproc", "2", "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_trained_alike(single, several)
+    assert [r["kind"] for r in rows(several)].count("epoch") == 2
 
 
 def test_two_processes_with_accumulation_on_instructions(
