@@ -9,7 +9,9 @@
   `Authorization: Bearer <key>`.
 
 One model serves one request at a time (a lock): torch's threads already use every core, so a
-second forward pass beside the first would only slow both down.
+second forward pass beside the first would only slow both down. /predict requests that arrive
+while the model is busy are scored together when it is free (`PredictQueue`): one batched
+pass instead of one each, with no waiting added to a request that finds the model idle.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException
@@ -33,7 +36,7 @@ from finlora.chat import answer, fit_conversation, instruction_prompt
 from finlora.data.instruct import Message
 from finlora.errors import FinloraError
 from finlora.generate import GenerationOptions, Reply
-from finlora.predict import LoadedRun
+from finlora.predict import LoadedRun, Prediction
 
 MAX_TEXTS = 1024  # sentences in one /predict request
 MAX_NEW_TOKENS = 4096
@@ -124,12 +127,60 @@ def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
+@dataclass
+class _Waiting:
+    """One /predict request's texts, and what scoring them gave."""
+
+    texts: list[str]
+    predictions: list[Prediction] | None = None
+    error: BaseException | None = None
+
+
+class PredictQueue:
+    """/predict requests waiting for the model. Whichever gets the model scores every request
+    waiting at that moment in one call; the others find their answers ready when their turn
+    comes. Under load this turns many one-sentence passes into a few batched ones."""
+
+    def __init__(self, model_lock: threading.Lock, score: Callable[[list[str]], list[Any]]):
+        self.model_lock = model_lock
+        self.score = score
+        self.guard = threading.Lock()  # held only to change `waiting`
+        self.waiting: list[_Waiting] = []
+
+    def predict(self, texts: list[str]) -> list[Prediction]:
+        mine = _Waiting(list(texts))
+        with self.guard:
+            self.waiting.append(mine)
+        with self.model_lock:
+            if mine.predictions is None and mine.error is None:
+                with self.guard:
+                    batch, self.waiting = self.waiting, []
+                self._score(batch)
+        if mine.error is not None:
+            raise mine.error
+        assert mine.predictions is not None
+        return mine.predictions
+
+    def _score(self, batch: list[_Waiting]) -> None:
+        try:
+            predictions = self.score([text for w in batch for text in w.texts])
+        except Exception as exc:  # every request of the batch gets the error
+            for waiting in batch:
+                waiting.error = exc
+            return
+        start = 0
+        for waiting in batch:
+            waiting.predictions = predictions[start : start + len(waiting.texts)]
+            start += len(waiting.texts)
+
+
 class _Server:
     """The loaded run, the lock around it, and the work behind each route."""
 
     def __init__(self, loaded: LoadedRun) -> None:
         self.loaded = loaded
         self.lock = threading.Lock()
+        self.queue = PredictQueue(self.lock, lambda texts: loaded.predict(texts, progress=False))
         self.name = "base model (zero-shot)" if loaded.zero_shot else loaded.run.root.name
 
     def require(self, task: str, instead: str) -> None:
@@ -157,8 +208,7 @@ class _Server:
 
     def predict(self, request: PredictRequest) -> dict[str, Any]:
         self.require("classify", "/generate or /v1/chat/completions")
-        with self.lock:
-            predictions = self.loaded.predict(request.texts, progress=False)
+        predictions = self.queue.predict(request.texts)
         return {"predictions": [p.to_dict() for p in predictions]}
 
     def generate(self, request: GenerateRequest) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from finlora.chat import answer, instruction_prompt
 from finlora.config import load_config
 from finlora.generate import GenerationOptions
 from finlora.predict import LoadedRun, load_run
-from finlora.serve import create_app, is_loopback
+from finlora.serve import PredictQueue, create_app, is_loopback
 from finlora.train import train
 
 TEXTS = [
@@ -99,6 +100,58 @@ def test_predict_answers_as_the_library_does(
     for row in served:
         assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
         assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def _queued(queue: PredictQueue, lock: threading.Lock, requests: list[list[str]]) -> list[Any]:
+    """Send `requests` from threads while the model is busy; what each got back (or raised)."""
+    results: list[Any] = [None] * len(requests)
+
+    def send(i: int) -> None:
+        try:
+            results[i] = queue.predict(requests[i])
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+    with lock:  # the model is busy: every request has to wait
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while len(queue.waiting) < len(requests) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for thread in threads:
+        thread.join(timeout=60)
+    return results
+
+
+def test_predict_requests_waiting_for_the_model_are_scored_together(
+    classify_loaded: LoadedRun,
+) -> None:
+    calls: list[list[str]] = []
+
+    def score(texts: list[str]) -> list[Any]:
+        calls.append(texts)
+        return classify_loaded.predict(texts, progress=False)
+
+    lock = threading.Lock()
+    requests = [[TEXTS[0]], [TEXTS[1], TEXTS[2]], [TEXTS[2]]]
+    results = _queued(PredictQueue(lock, score), lock, requests)
+    assert len(calls) == 1 and sorted(calls[0]) == sorted(t for r in requests for t in r)
+    for texts, got in zip(requests, results, strict=True):
+        alone = classify_loaded.predict(texts, progress=False)
+        assert [p.text for p in got] == texts
+        assert [p.label for p in got] == [p.label for p in alone]
+        for a, b in zip(got, alone, strict=True):
+            assert a.probabilities == pytest.approx(b.probabilities, abs=1e-5)
+
+
+def test_a_failed_batch_fails_every_request_in_it() -> None:
+    def score(texts: list[str]) -> list[Any]:
+        raise RuntimeError("out of memory")
+
+    lock = threading.Lock()
+    results = _queued(PredictQueue(lock, score), lock, [["a"], ["b"]])
+    assert [str(r) for r in results] == ["out of memory", "out of memory"]
 
 
 @pytest.mark.parametrize(
