@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import finlora.train as train_module
 from finlora.config import (
@@ -24,6 +25,7 @@ from finlora.data import FPB_LABELS, synthetic_sentiment
 from finlora.errors import FinloraError
 from finlora.methods import METHODS, build_method, trainable_parameters
 from finlora.models import load_base_model
+from finlora.models.loading import _model_kind
 from finlora.predict import load_run
 from finlora.prompts import PromptTemplate
 from finlora.runs import RunDir
@@ -313,11 +315,32 @@ def test_method_that_cannot_serve_the_model_is_refused(
     assert not output.exists()
 
 
-def test_bare_encoder_checkpoint_needs_model_kind(
-    method_cfg: Callable[..., RunConfig], tiny_encoder_dir: Path
-) -> None:
+def test_bare_encoder_checkpoint_loads_as_a_classifier(tiny_encoder_dir: Path) -> None:
+    # Saved as BertModel, as sentence-embedding models are: a new head is drawn for the labels.
+    base = load_base_model(str(tiny_encoder_dir), labels=["a", "b", "c"])
+    assert base.kind == "encoder" and base.model.config.num_labels == 3
+
+
+@pytest.mark.parametrize(
+    ("config", "kind"),
+    [
+        (transformers.GPT2Config(architectures=["GPT2LMHeadModel"]), "causal"),
+        (transformers.LlamaConfig(architectures=["LlamaForCausalLM"]), "causal"),
+        (transformers.LlamaConfig(), "causal"),  # no architecture saved
+        (transformers.BertConfig(architectures=["BertForMaskedLM"]), "encoder"),
+        (transformers.RobertaConfig(architectures=["RobertaModel"]), "encoder"),
+        (transformers.T5Config(architectures=["T5ForConditionalGeneration"]), "seq2seq"),
+    ],
+)
+def test_model_kind_from_the_saved_architecture(config: Any, kind: str) -> None:
+    assert _model_kind(config, Path("m")) == kind
+
+
+def test_an_ambiguous_architecture_needs_model_kind() -> None:
+    # A bare decoder could be meant for generation or for a classification head.
+    config = transformers.LlamaConfig(architectures=["LlamaModel"])
     with pytest.raises(FinloraError, match="set model.kind to causal, seq2seq or encoder"):
-        load_base_model(str(tiny_encoder_dir))
+        _model_kind(config, Path("m"))
 
 
 def test_trainable_share_orders_the_methods(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,13 +116,26 @@ def convert_gguf(gguf: Path, digest: str) -> Path:
     return target
 
 
+def _class_names(mapping: Mapping[str, Any]) -> set[str]:
+    """The model class names of one of transformers' auto mappings (model type -> class)."""
+    return {n for names in mapping.values() for n in ([names] if isinstance(names, str) else names)}
+
+
 def _model_kind(config: Any, where: Path) -> str:
+    """causal, seq2seq or encoder, from the config's saved architecture (its class name)."""
+    from transformers.models.auto import modeling_auto
+
     if getattr(config, "is_encoder_decoder", False):
         return "seq2seq"
     architectures = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForCausalLM") for a in architectures) or not architectures:
+    # Older causal LMs are named *LMHeadModel (GPT2LMHeadModel), hence the mapping.
+    causal = _class_names(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    if any(a.endswith("ForCausalLM") or a in causal for a in architectures) or not architectures:
         return "causal"
     if any(a.endswith(_ENCODER_HEADS) for a in architectures):
+        return "encoder"
+    # A bare encoder (BertModel, as sentence-embedding models are saved): a classifier to be.
+    if getattr(config, "model_type", None) in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
         return "encoder"
     raise FinloraError(
         f"{where}: cannot tell what kind of model architecture {architectures[0]} is "
