@@ -106,6 +106,28 @@ def tiny_seq2seq_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_di
     return directory
 
 
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """A 2-layer BERT encoder without a head (as MiniLM ships), with the tiny tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer = _tokenizer(tiny_tokenizer_dir)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread() -> None:
     """One intra-op thread: tiny models gain nothing from more, and on a busy machine two

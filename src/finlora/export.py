@@ -272,16 +272,13 @@ def _load(run: RunDir, method: str) -> _Context:
     cfg = config_from_dict(read_yaml(run.config))
     split = run.read_json(run.split)
     kind = getattr(cfg.model, "kind", "auto")
-    if kind == "encoder":
-        raise FinloraError(f"{run.root}: export covers causal and seq2seq language-model runs")
     base = load_base_model(
         cfg.model.name,
         cfg.model.trust_remote_code,
         "eager",
         **({} if kind == "auto" else {"kind": kind}),
+        labels=split["labels"],  # an encoder's head: one logit per label
     )
-    if base.kind not in ("causal", "seq2seq"):
-        raise FinloraError(f"{run.root}: export covers causal and seq2seq language-model runs")
     tokenizer = load_tokenizer(run.tokenizer, cfg.model.trust_remote_code)
     base_state = None
     if method in WEIGHT_METHODS.values():
@@ -339,8 +336,13 @@ def _merge(ctx: _Context, dtype: str) -> tuple[Any, int, int]:
 def _base_state(peft_model: Any) -> dict[str, torch.Tensor]:
     """The base model's weights, named as after merge_and_unload, read under the adapter."""
     state = peft_model.get_base_model().state_dict()
-    # Under PEFT a wrapped layer's weight is named `...q_proj.base_layer.weight`.
-    return {k.replace(".base_layer.", "."): v for k, v in state.items() if "lora_" not in k}
+    # Under PEFT a wrapped layer's weight is named `...q_proj.base_layer.weight`, and an
+    # encoder's trained head keeps its starting copy as `classifier.original_module.weight`.
+    return {
+        k.replace(".base_layer.", ".").replace(".original_module.", "."): v
+        for k, v in state.items()
+        if "lora_" not in k and ".modules_to_save." not in k
+    }
 
 
 # ---- writers ------------------------------------------------------------------------------------
@@ -369,10 +371,6 @@ def _write_state_dict(ctx: _Context, merged: Any, tmp: Path, options: ExportOpti
 
 
 def _write_gguf(ctx: _Context, merged: Any, tmp: Path, options: ExportOptions) -> list[str]:
-    if ctx.kind != "causal":
-        raise FinloraError(
-            "GGUF export covers causal (Llama) models; export seq2seq with --format hf"
-        )
     name = f"{ctx.run.root.name}-{options.tensor_type}.gguf"
     write_llama_gguf(
         merged,
@@ -560,6 +558,10 @@ def export_run(
     check_adapter_not_empty(run)
     say(f"loading {run.root} ...")
     ctx = _load(run, method)
+    if options.format == "gguf" and ctx.kind != "causal":
+        raise FinloraError(
+            f"GGUF export covers causal (Llama) models; export {ctx.kind} models with --format hf"
+        )
     v = Verification()
     check = CHECKS[ctx.cfg.task](ctx, options.verify_n)
     v.data = check.description
@@ -628,6 +630,8 @@ def _record(ctx: _Context, options: ExportOptions, files: list[str], v: Verifica
 def _prompt_record(ctx: _Context) -> dict[str, Any]:
     """How to prompt the exported model: the label prompt, or the instruction template."""
     template = ctx.codec.template
+    if ctx.kind == "encoder":  # no prompt: the sentence itself, one head logit per label
+        return {"labels": ctx.codec.labels, "id2label": ctx.codec.labels}
     if ctx.cfg.task == "classify":
         return {
             "labels": ctx.codec.labels,
@@ -715,6 +719,18 @@ def _card_metrics(ctx: _Context) -> str:
 
 
 def _card_use_labels(ctx: _Context) -> list[str]:
+    if ctx.kind == "encoder":
+        return [
+            "A sequence classifier with one logit per label (`config.id2label`); it reads the",
+            "bare sentence:",
+            "",
+            "```python",
+            "from transformers import pipeline",
+            "",
+            'classify = pipeline("text-classification", model="path/to/this/directory")',
+            'classify("Operating profit rose to EUR 13.1 mn from EUR 8.7 mn.")',
+            "```",
+        ]
     before, after = ctx.codec.template.parts(ctx.codec.labels)
     labels = ", ".join(f"`{ctx.codec.template.verbalize(label)}`" for label in ctx.codec.labels)
     return [

@@ -42,8 +42,8 @@ def capture_epoch_probs(
         seen: dict[str, np.ndarray] = {}
         original = train_module._end_epoch
 
-        def end_epoch(model: Any, s: Any, run: Any, progress: Any, log: Any) -> dict[str, Any]:
-            row = original(model, s, run, progress, log)
+        def end_epoch(model: Any, s: Any, *rest: Any) -> dict[str, Any]:
+            row = original(model, s, *rest)
             seen["probs"] = predict_proba(model, s.codec, texts, progress=False)
             model.train()
             return row

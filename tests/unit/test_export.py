@@ -249,3 +249,38 @@ def test_mergeable_methods_export_and_reload_exactly(
 
     ours = predict_proba(exported, loaded.codec, texts, progress=False, fast=False)
     np.testing.assert_allclose(ours, loaded.proba(texts, progress=False), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_encoder_classifier_exports_for_the_classification_pipeline(
+    tiny_overrides: list[str], tiny_encoder_dir: Path, tmp_path: Path, method: str
+) -> None:
+    shared = [o for o in tiny_overrides if not o.startswith("lora.")]
+    cfg = load_config(
+        None, [*shared, f"model.name={tiny_encoder_dir}", f"method.name={method}", "seed=4"]
+    )
+    run = tmp_path / method
+    train(cfg, run, progress_bar=False, log=lambda _msg: None)
+    out = tmp_path / "hf"
+    result = export(run, "hf", out)
+    v = result.verification
+    assert result.verified and v.label_agreement == 1.0
+    assert v.max_abs_logit_diff is not None and v.max_abs_logit_diff < 1e-5
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    assert 'pipeline("text-classification"' in (out / "README.md").read_text()
+    # Plain transformers, as a user would call it, gives the run's own probabilities.
+    from transformers import pipeline
+
+    texts = ["Net sales fell 30 %.", "The company opened an office.", "Profit doubled."]
+    classify = pipeline("text-classification", model=str(out), top_k=None)
+    served = [{d["label"]: d["score"] for d in row} for row in classify(texts)]
+    expected = load_run(run).proba(texts, progress=False)
+    for row, probs in zip(served, expected, strict=True):
+        assert [row[label] for label in FPB_ORDER] == pytest.approx(list(probs), abs=1e-5)
+    with pytest.raises(FinloraError, match="export encoder models with --format hf"):
+        export(run, "gguf", tmp_path / "gguf")
+    assert not (tmp_path / "gguf").exists()
+
+
+FPB_ORDER = ["negative", "neutral", "positive"]

@@ -51,28 +51,6 @@ def quiet(message: str) -> None:
     pass
 
 
-@pytest.fixture(scope="session")
-def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
-    """A 2-layer BERT encoder without a head (as MiniLM ships), with the tiny tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir, local_files_only=True)
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    BertModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def tiny_mt5_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
     """A 2-layer mT5 (the mT0 family's architecture: gated-GELU, untied output head), saved the
@@ -133,8 +111,8 @@ def capture_saved(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, np.ndar
     seen: dict[str, np.ndarray] = {}
     original = train_module._end_epoch
 
-    def end_epoch(model: Any, s: Any, run: Any, progress: Any, log: Any) -> dict[str, Any]:
-        row = original(model, s, run, progress, log)
+    def end_epoch(model: Any, s: Any, *rest: Any) -> dict[str, Any]:
+        row = original(model, s, *rest)
         if row.get("best"):
             fast = s.cfg.train.label_logits_only
             seen["probs"] = predict_proba(model, s.codec, TEXTS, fast=fast, progress=False)
@@ -304,7 +282,7 @@ def test_method_that_cannot_serve_the_model_is_refused(
     with pytest.raises(FinloraError) as err:
         _train(method_cfg("prefix", "encoder"), output)
     assert str(err.value) == (
-        "method prefix cannot tune a encoder model (it serves causal, seq2seq); "
+        "method prefix cannot tune an encoder model (it serves causal, seq2seq); "
         "for encoder models use lora, prompt, ptuning, ia3, freeze, full"
     )
     assert not output.exists()  # refused before the run directory was made

@@ -44,8 +44,10 @@ def _method(name: str, kind: str) -> Method:
     method = METHODS[name]
     if kind not in method.kinds:
         serving = [n for n, m in METHODS.items() if kind in m.kinds]
+        article = "an" if kind[0] in "aeiou" else "a"
         raise FinloraError(
-            f"method {name} cannot tune a {kind} model (it serves {', '.join(method.kinds)}); "
+            f"method {name} cannot tune {article} {kind} model (it serves "
+            f"{', '.join(method.kinds)}); "
             f"for {kind} models use {', '.join(serving)}"
         )
     return method
