@@ -117,7 +117,7 @@ def _queued(queue: PredictQueue, lock: threading.Lock, requests: list[list[str]]
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + 30
-        while len(queue.waiting) < len(requests) and time.monotonic() < deadline:
+        while queue.pending < len(requests) and time.monotonic() < deadline:
             time.sleep(0.01)
     for thread in threads:
         thread.join(timeout=60)
