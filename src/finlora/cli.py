@@ -157,7 +157,11 @@ def train(
     if nproc > 1:
         if not resume:
             RunDir(output).check_new(overwrite)
-        _train_processes(nproc, config, overrides, output, overwrite, resume, no_progress)
+        args = ["train", *([str(config)] if config and not resume else [])]
+        args += [f"--set={o}" for o in overrides] + ["--output", str(output)]
+        args += [flag for flag, on in [("--overwrite", overwrite), ("--resume", resume),
+                                       ("--no-progress", no_progress)] if on]  # fmt: skip
+        _train_processes(nproc, cfg.train.device, args)
         return
     result = run_training(
         cfg, output, overwrite=overwrite, resume=resume, progress_bar=not no_progress, log=_echo_err
@@ -177,26 +181,14 @@ def train(
     click.echo(f"run directory: {result.run_dir}")
 
 
-def _train_processes(
-    nproc: int,
-    config: Path | None,
-    overrides: tuple[str, ...],
-    output: Path,
-    overwrite: bool,
-    resume: bool,
-    no_progress: bool,
-) -> None:
-    """`finlora train` again in `nproc` processes, after this one has checked the config and
-    the output directory (so a mistake is one line, not one a process)."""
+def _train_processes(nproc: int, device: str, args: list[str]) -> None:
+    """`finlora ARGS` (a train command) again in `nproc` processes, after this one has checked
+    the config and the output directory (so a mistake is one line, not one a process)."""
     from finlora.distributed import World, launch
 
     if World.from_env().distributed:
         raise FinloraError("--nproc: this process was already started by a launcher (torchrun)")
-    args = ["train", *([str(config)] if config and not resume else [])]
-    args += [f"--set={o}" for o in overrides] + ["--output", str(output)]
-    args += [flag for flag, on in [("--overwrite", overwrite), ("--resume", resume),
-                                   ("--no-progress", no_progress)] if on]  # fmt: skip
-    status = launch(nproc, args)
+    status = launch(nproc, args, device)
     if status:
         sys.exit(status)
 

@@ -158,9 +158,10 @@ class World:
             dist.barrier()
 
 
-def launch(processes: int, args: Sequence[str]) -> int:
+def launch(processes: int, args: Sequence[str], device: str = "auto") -> int:
     """Run `finlora ARGS` in `processes` processes on this machine, as `torchrun --standalone
     --nproc-per-node N -m finlora ARGS` would; returns the exit status (rank 0's first).
+    `device` is the run's train.device: on GPUs, each process takes one.
 
     Each process gets an equal share of the CPU's threads unless $OMP_NUM_THREADS says
     otherwise (torchrun alone would give each one thread). A process that fails has already
@@ -174,6 +175,12 @@ def launch(processes: int, args: Sequence[str]) -> int:
 
     if processes < 1:
         raise FinloraError(f"--nproc must be at least 1 (got {processes})")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device in ("auto", "cuda") and 0 < gpus < processes:
+        raise FinloraError(
+            f"--nproc {processes}: this machine has {gpus} GPU(s), one a process "
+            "(or set train.device=cpu)"
+        )
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     config = LaunchConfig(
         min_nodes=1,
