@@ -317,7 +317,8 @@ def accumulate_batch(
     # Not cut further to trim padding (as scoring is): batches are already grouped by length,
     # and a training pass has so many operators (backward included) that two more passes cost
     # more than the ~10% of padding they would save, measured on fp32 and bf16 CPUs.
-    for chunk in token_budget_chunks(widths, tc.max_batch_tokens) if features else []:
+    # A process may have no rows of a short last batch: then no chunk, and zeros to the sum.
+    for chunk in token_budget_chunks(widths, tc.max_batch_tokens):
         batch = codec.training_batch([features[i] for i in chunk]).to(placement.device)
         share = sum(label_tokens[i] for i in chunk) / total_targets
         with autocast(placement.device, placement.dtype):

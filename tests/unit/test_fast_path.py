@@ -112,6 +112,7 @@ def test_token_budget_chunks_cap_padded_tokens() -> None:
     assert chunks[0] == [1, 3]  # the two long rows together, longest first
     assert token_budget_chunks(lengths, None) == [[1, 3, 2, 4, 0, 5]]
     assert token_budget_chunks([100, 5], 50) == [[0], [1]]  # too long for the budget: alone
+    assert token_budget_chunks([], None) == token_budget_chunks([], 80) == []  # no rows
 
 
 def _brute_force_cost(lengths: list[int], max_rows: int, pass_cost: int) -> int:

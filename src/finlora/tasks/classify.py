@@ -267,7 +267,7 @@ def token_budget_chunks(lengths: Sequence[int], budget: int | None) -> list[list
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     if budget is None:
-        return [order]
+        return [order] if order else []
     chunks: list[list[int]] = []
     for i in order:
         # Sorted longest first, so a chunk's padded width is the length of its first row.
