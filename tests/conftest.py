@@ -53,6 +53,17 @@ def _tokenizer(directory: Path) -> Any:
     return AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 
+def _save_tiny(
+    factory: pytest.TempPathFactory, name: str, build: Callable[[], Any], tokenizer: Any
+) -> Path:
+    """Build a model (seed 0) and save it as safetensors with the tokenizer beside it."""
+    torch.manual_seed(0)
+    directory = factory.mktemp(name)
+    build().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_causal_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
     """A 2-layer Llama (hidden 32) saved as safetensors with the tiny tokenizer beside it."""
@@ -72,12 +83,23 @@ def tiny_causal_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir
         bos_token_id=None,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return _save_tiny(tmp_path_factory, "tiny-llama", lambda: LlamaForCausalLM(config), tokenizer)
+
+
+def _t5_sizes(tokenizer: Any) -> dict[str, Any]:
+    """A 2-layer T5-family encoder-decoder (d_model 32) for the tiny tokenizer."""
+    return {
+        "vocab_size": len(tokenizer),
+        "d_model": 32,
+        "d_ff": 64,
+        "d_kv": 8,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "num_heads": 4,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "decoder_start_token_id": tokenizer.pad_token_id,
+    }
 
 
 @pytest.fixture(scope="session")
@@ -86,24 +108,10 @@ def tiny_seq2seq_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_di
     from transformers import T5Config, T5ForConditionalGeneration
 
     tokenizer = _tokenizer(tiny_tokenizer_dir)
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        d_ff=64,
-        d_kv=8,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
+    config = T5Config(**_t5_sizes(tokenizer))
+    return _save_tiny(
+        tmp_path_factory, "tiny-t5", lambda: T5ForConditionalGeneration(config), tokenizer
     )
-    torch.manual_seed(0)
-    model = T5ForConditionalGeneration(config)
-    directory = tmp_path_factory.mktemp("tiny-t5")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="session")
@@ -121,11 +129,22 @@ def tiny_encoder_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_di
         max_position_embeddings=256,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    BertModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return _save_tiny(tmp_path_factory, "tiny-bert", lambda: BertModel(config), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_mt5_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
+    """A 2-layer mT5 (the mT0 family's architecture: gated-GELU, untied output head), saved the
+    way a real mt0 checkout is: config.json naming MT5ForConditionalGeneration, safetensors."""
+    from transformers import MT5Config, MT5ForConditionalGeneration
+
+    tokenizer = _tokenizer(tiny_tokenizer_dir)
+    config = MT5Config(
+        **_t5_sizes(tokenizer), feed_forward_proj="gated-gelu", tie_word_embeddings=False
+    )
+    return _save_tiny(
+        tmp_path_factory, "tiny-mt5", lambda: MT5ForConditionalGeneration(config), tokenizer
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)

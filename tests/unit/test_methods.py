@@ -51,34 +51,6 @@ def quiet(message: str) -> None:
     pass
 
 
-@pytest.fixture(scope="module")
-def tiny_mt5_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> Path:
-    """A 2-layer mT5 (the mT0 family's architecture: gated-GELU, untied output head), saved the
-    way a real mt0 checkout is: config.json naming MT5ForConditionalGeneration, safetensors."""
-    from transformers import AutoTokenizer, MT5Config, MT5ForConditionalGeneration
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir, local_files_only=True)
-    config = MT5Config(
-        vocab_size=len(tokenizer),
-        d_model=32,
-        d_ff=64,
-        d_kv=8,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny-mt5")
-    MT5ForConditionalGeneration(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture
 def models(
     tiny_causal_dir: Path, tiny_seq2seq_dir: Path, tiny_encoder_dir: Path, tiny_mt5_dir: Path
