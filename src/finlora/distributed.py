@@ -104,9 +104,7 @@ class World:
         """Each value summed over the processes (float64)."""
         if not self.distributed:
             return list(values)
-        buffer = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(buffer)
-        return buffer.tolist()
+        return self.sum_tensor(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
     def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` summed over the processes, in place."""

@@ -232,6 +232,29 @@ def test_load_json_one_object_per_line(tmp_path: Path) -> None:
     assert load_examples(path) == [Example("A .", "neutral", f"{path}:1")]
 
 
+def test_load_json_list_of_objects(tmp_path: Path) -> None:
+    content = '[\n {"text": "A .", "label": "neutral"},\n\n {"text": "B .", "label": 2}\n]\n'
+    path = write(tmp_path / "a.json", content)
+    assert load_examples(path) == [
+        Example("A .", "neutral", f"{path}:2"),
+        Example("B .", "2", f"{path}:4"),
+    ]
+
+
+@pytest.mark.parametrize("delimiter", [";", "|"])
+def test_load_csv_written_with_another_delimiter(tmp_path: Path, delimiter: str) -> None:
+    # As a spreadsheet in a European locale saves "CSV": semicolons, decimal commas.
+    rows = ["id;text;label", '1;"Sales rose 3,5 %; margin held";positive', "2;Flat year;neutral"]
+    path = write(tmp_path / "a.csv", "\n".join(rows).replace(";", delimiter) + "\n")
+    assert load_table(path) == [
+        Example(f"Sales rose 3,5 %{delimiter} margin held", "positive", f"{path}:2"),
+        Example("Flat year", "neutral", f"{path}:3"),
+    ]
+    # A comma header keeps the comma, whatever the text holds.
+    path = write(tmp_path / "b.csv", 'text,label\n"A; B",neutral\n')
+    assert load_table(path) == [Example("A; B", "neutral", f"{path}:2")]
+
+
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
@@ -249,7 +272,13 @@ def test_load_json_one_object_per_line(tmp_path: Path) -> None:
         ("a.jsonl", '{"text": "A", "lbl": "x"}\n', ":1: no column 'label' (columns: text, lbl)"),
         ("a.jsonl", '{"text": "A", "label": null}\n', ":1: missing label in column 'label'"),
         ("a.jsonl", '{"text": ["A"], "label": "x"}\n', ":1: column 'text' holds a list"),
-        ("a.json", '[\n {"text": "A", "label": "x"}\n]\n', ":1: malformed JSON (Expecting value"),
+        (
+            "a.json",
+            '[\n {"text": "A", "label": "x"},\n {"text": \n]',
+            ":4: malformed JSON (Expecting value",
+        ),
+        ("a.json", '[\n {"text": "A", "label": "x"},\n ["B"]\n]', ":3: expected a JSON object"),
+        ("a.json", '[\n {"text": "A", "label": "x"}\n', ": unterminated JSON list"),
     ],
 )
 def test_table_errors_name_file_and_line(

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finlora import atomic
-from finlora.data.textfile import read_text
+from finlora.data.textfile import json_array, read_text
 from finlora.errors import FinloraError
 
 ROLES = ("system", "user", "assistant")
@@ -141,28 +141,6 @@ def parse_record(where: str, record: Any) -> InstructRecord:
     return alpaca_record(instruction, output, input_text, where, label, labels)
 
 
-def _json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    """(line, record) for each element of a top-level JSON array, with the line it starts on."""
-    decoder = json.JSONDecoder()
-    pos = len(text) - len(text.lstrip())
-    if not text.startswith("[", pos):
-        raise FinloraError(f"{path}: a .json instruction file must hold a list of records")
-    pos += 1
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text):
-            raise FinloraError(f"{path}: unterminated JSON list")
-        if text[pos] == "]":
-            return
-        line = text.count("\n", 0, pos) + 1
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            raise FinloraError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
-        yield line, record
-
-
 def _json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -180,7 +158,7 @@ def load_instruct(path: Path) -> list[InstructRecord]:
         raise FinloraError(f"{path}: is a directory; give an instruction .json or .jsonl file")
     text = read_text(path)
     stripped = text.lstrip()
-    rows = _json_array(path, text) if stripped.startswith("[") else _json_lines(path, text)
+    rows = json_array(path, text) if stripped.startswith("[") else _json_lines(path, text)
     records = [parse_record(f"{path}:{line}", record) for line, record in rows]
     if not records:
         raise FinloraError(f"{path}: no instruction records")

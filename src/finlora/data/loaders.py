@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from finlora.data.examples import Example
-from finlora.data.textfile import read_text
+from finlora.data.textfile import json_array, read_text
 from finlora.errors import FinloraError
 
 __all__ = [
@@ -98,7 +98,21 @@ def parse_label_map(spec: str) -> dict[str, str]:
 _Rows = Iterator[tuple[int, dict[str, Any]]]
 
 
-def _delimited_rows(path: Path, text: str, columns: Sequence[str], delimiter: str) -> _Rows:
+def _csv_delimiter(text: str, columns: Sequence[str]) -> str:
+    """ "," unless the header names the columns only when split at ";" or "|": spreadsheets set
+    to a European locale write ";" (the decimal comma) into files they still call .csv."""
+    header = text.split("\n", 1)[0]
+    for delimiter in (",", ";", "|"):
+        if all(c in (name.strip().strip('"') for name in header.split(delimiter)) for c in columns):
+            return delimiter
+    return ","
+
+
+def _delimited_rows(
+    path: Path, text: str, columns: Sequence[str], delimiter: str | None = None
+) -> _Rows:
+    """A CSV (`delimiter` None: ",", or ";" / "|" where the header says so) or TSV table."""
+    delimiter = delimiter or _csv_delimiter(text, columns)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = [name.strip() for name in next(reader)]
@@ -118,17 +132,23 @@ def _delimited_rows(path: Path, text: str, columns: Sequence[str], delimiter: st
         ) from None
 
 
-def _jsonl_rows(path: Path, text: str, columns: Sequence[str]) -> _Rows:
+def _json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     for number, line in _lines(text):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as err:
             raise FinloraError(
                 f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}; "
                 "expected one JSON object per line)"
             ) from None
+
+
+def _jsonl_rows(path: Path, text: str, columns: Sequence[str]) -> _Rows:
+    """JSON Lines; a .json file may instead hold one list of objects."""
+    is_list = path.suffix.lower() == ".json" and text.lstrip().startswith("[")
+    for number, row in json_array(path, text) if is_list else _json_lines(path, text):
         if not isinstance(row, dict):
             raise FinloraError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
         _check_columns(f"{path}:{number}", columns, list(row))
@@ -142,7 +162,7 @@ def _check_columns(where: object, wanted: Sequence[str], present: Sequence[str])
 
 
 _TABLE_READERS: dict[str, Callable[[Path, str, Sequence[str]], _Rows]] = {
-    "csv": partial(_delimited_rows, delimiter=","),
+    "csv": _delimited_rows,
     "tsv": partial(_delimited_rows, delimiter="\t"),
     "jsonl": _jsonl_rows,
 }

@@ -6,8 +6,11 @@ setting: it is decided per file, and binary files are refused rather than decode
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from finlora.errors import FinloraError
 
@@ -51,3 +54,26 @@ def read_text(path: Path) -> str:
     if not text.strip():
         raise FinloraError(f"{path}: file is empty")
     return text
+
+
+def json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """(line, element) for each element of a top-level JSON array, with the line it starts on
+    (a list is what Alpaca-style .json files and many exports hold)."""
+    decoder = json.JSONDecoder()
+    pos = len(text) - len(text.lstrip())
+    if not text.startswith("[", pos):
+        raise FinloraError(f"{path}: expected a JSON list")
+    pos += 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text):
+            raise FinloraError(f"{path}: unterminated JSON list")
+        if text[pos] == "]":
+            return
+        line = text.count("\n", 0, pos) + 1
+        try:
+            element, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise FinloraError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        yield line, element
