@@ -288,7 +288,7 @@ def _load(run: RunDir, method: str) -> _Context:
     model.requires_grad_(False)
     codec: Any
     if cfg.task == "instruct":
-        codec = InstructCodec.for_data(tokenizer, cfg.data)
+        codec = InstructCodec.for_data(tokenizer, cfg.data, base.kind)
     else:
         codec = LabelCodec.for_data(tokenizer, cfg.data, split["labels"], base.kind)
     sources = [p for p in base.weights_sha256 if p.lower().endswith(".gguf")]

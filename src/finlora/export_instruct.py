@@ -95,7 +95,7 @@ def token_scores(model: Any, codec: InstructCodec, sample: InstructSample) -> To
     logp: list[torch.Tensor] = []
     for idx in _batches(sample):
         batch = codec.training_batch([sample.features[i] for i in idx])
-        logits = label_logits(model, batch, "causal", fast=False).float()  # (B, L, V)
+        logits = label_logits(model, batch, codec.kind, fast=False).float()  # (B, L, V)
         real = batch.targets != IGNORE  # (B, L), row by row: each record's answer in order
         picked = logits[real]  # (M, V)
         logits_out.append(picked)

@@ -17,8 +17,16 @@ from tqdm.auto import tqdm
 from transformers import TextStreamer
 
 from finlora.errors import FinloraError
-from finlora.scoring import autocast, cache_argument, is_prompt_learning
+from finlora.scoring import autocast, cache_argument, is_prompt_learning, unwrap
 from finlora.tasks.classify import sorted_batches
+
+# PEFT puts virtual tokens in front of both the encoder's and the decoder's input of a seq2seq
+# model; generating after the decoder's is not built (`finlora train` refuses such runs first).
+SEQ2SEQ_VIRTUAL_TOKENS = (
+    "methods prefix, prompt and ptuning cannot be used for instruction tuning of a seq2seq "
+    "model (generation after their virtual tokens is built for causal models only); use lora, "
+    "ia3, freeze or full"
+)
 
 
 @dataclass(frozen=True)
@@ -69,11 +77,23 @@ def _generate(
     device: torch.device,
     streamer: Any = None,
 ) -> torch.Tensor:
-    """New tokens for left-padded prompts. (B, new)"""
+    """New tokens for the prompts, left-padded (a seq2seq encoder's: right-padded). (B, new)"""
     pad = int(tokenizer.pad_token_id)
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    seq2seq = bool(getattr(unwrap(model).config, "is_encoder_decoder", False))
+    rows, masks = [], []
+    for p in prompts:
+        padding = width - len(p)
+        # A decoder continues each row from its last token, so rows must end together; an
+        # encoder reads its rows whole, padded on the right as in training.
+        if seq2seq:
+            rows.append([*p, *[pad] * padding])
+            masks.append([1] * len(p) + [0] * padding)
+        else:
+            rows.append([*[pad] * padding, *p])
+            masks.append([0] * padding + [1] * len(p))
+    ids = torch.tensor(rows, device=device)
+    mask = torch.tensor(masks, device=device)
     if options.seed is not None:
         torch.manual_seed(options.seed)
     kwargs = {
@@ -84,7 +104,12 @@ def _generate(
         **options.generate_kwargs(),
     }
     if is_prompt_learning(model):
+        if seq2seq:
+            raise FinloraError(SEQ2SEQ_VIRTUAL_TOKENS)
         return _generate_after_virtual_tokens(model, ids, mask, pad, kwargs)
+    if seq2seq:
+        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        return out[:, 1:]  # after the decoder's start token
     out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     return out[:, width:]
 

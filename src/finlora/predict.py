@@ -121,7 +121,7 @@ def load_run(run_dir: Path, zero_shot: bool = False) -> LoadedRun:
     model = placement.place(model).eval()
     codec: Any
     if cfg.task == "instruct":
-        codec = InstructCodec.for_data(tokenizer, cfg.data)
+        codec = InstructCodec.for_data(tokenizer, cfg.data, base.kind)
     else:
         codec = LabelCodec.for_data(tokenizer, cfg.data, split["labels"], base.kind)
     return LoadedRun(run, cfg, split, model, codec, placement.device, placement.dtype, zero_shot)

@@ -32,6 +32,7 @@ from finlora.config import RunConfig, TrainConfig, apply_overrides, config_from_
 from finlora.data.prepare import PreparedData, PreparedInstruct, prepare_data, prepare_instruct
 from finlora.distributed import World
 from finlora.errors import FinloraError
+from finlora.generate import SEQ2SEQ_VIRTUAL_TOKENS
 from finlora.memory import process_peak_mib
 from finlora.methods import build_method, save_adapter, trainable_parameters
 from finlora.models import BaseModel, Placement, load_base_model
@@ -39,7 +40,7 @@ from finlora.models.device import set_gradient_checkpointing
 from finlora.models.loading import sha256_file
 from finlora.plots import plot_loss_curve
 from finlora.runs import RunDir, git_commit, library_versions
-from finlora.scoring import autocast, label_loglik, loss_fn, response_nll
+from finlora.scoring import autocast, is_prompt_learning, label_loglik, loss_fn, response_nll
 from finlora.tasks.classify import (
     LabelCodec,
     inference_batches,
@@ -135,18 +136,15 @@ def _setup(cfg: RunConfig, log: Log) -> _Setup:
         labels=data.labels,
     )
     load_seconds = time.perf_counter() - start
-    if cfg.task == "instruct" and base.kind != "causal":
-        raise FinloraError(
-            f"task instruct needs a causal language model; {cfg.model.name} is a {base.kind} "
-            "model (use task: classify)"
-        )
     torch.manual_seed(cfg.seed)
     # Built here, before the run directory exists: a method that cannot serve this kind of
     # model is a user mistake like any other.
     model = build_method(base.model, cfg, base.kind)
+    if cfg.task == "instruct" and base.kind == "seq2seq" and is_prompt_learning(model):
+        raise FinloraError(SEQ2SEQ_VIRTUAL_TOKENS)
     codec: Any
     if cfg.task == "instruct":
-        codec = InstructCodec.for_data(base.tokenizer, cfg.data)
+        codec = InstructCodec.for_data(base.tokenizer, cfg.data, base.kind)
     else:
         codec = LabelCodec.for_data(base.tokenizer, cfg.data, data.labels, base.kind)
     sizes = {name: len(getattr(data.split, name)) for name in ("train", "validation", "test")}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from cli_support import Result, assert_user_error, set_args
 
 from finlora.config import load_config
@@ -362,3 +363,48 @@ def test_eval_refuses_a_packaged_set_that_changed_since_training(
     monkeypatch.setattr(prepare, "fin_instruct_set", lambda: changed)
     result = cli("eval", run, "--max-new-tokens", "2")
     assert_user_error(result, "changed since training", "--data")
+
+
+def test_a_seq2seq_model_trains_answers_evaluates_and_exports(
+    cli: Callable[..., Result],
+    instruct_overrides: list[str],
+    tiny_seq2seq_dir: Path,
+    config_file: Path,
+    tmp_path: Path,
+) -> None:
+    """T5 / mT0 / BART: the prompt goes to the encoder, the answer is the decoder's."""
+    run = tmp_path / "t5"
+    args = set_args([*instruct_overrides, f"model.name={tiny_seq2seq_dir}", "train.max_steps=4"])
+    result = cli("train", config_file, "--output", run, "--no-progress", *args)
+    assert result.code == 0, result.err
+    epoch = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "epoch"][-1]  # fmt: skip
+    assert epoch["val_loss"] < epoch["train_loss"] + 1.0  # finite, and on the answer tokens
+    result = cli("generate", run, "--instruction", "What is EBITDA?", "--json",
+                 "--max-new-tokens", "6")  # fmt: skip
+    assert result.code == 0, result.err
+    answer = json.loads(result.out)["answer"]
+    result = cli("eval", run, "--json", "--max-new-tokens", "6")
+    assert result.code == 0, result.err
+    metrics = json.loads(result.out)
+    assert metrics["task"] == "instruct" and metrics["n"] > 0 and metrics["perplexity"] > 1
+    out = tmp_path / "hf"
+    result = cli("export", run, "--format", "hf", "--out", out)
+    assert result.code == 0, result.err
+    assert result.out.splitlines()[1].endswith("next tokens agree 100.0%")
+    # The export answers as the run did, in plain transformers.
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from finlora.predict import load_run
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    exported = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+    prompt = load_run(run).codec.chat_prompt([Message("user", "What is EBITDA?")])
+    ids = exported.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False)
+    assert tokenizer.decode(ids[0], skip_special_tokens=True).strip() == answer
+    result = cli("export", run, "--format", "gguf", "--out", tmp_path / "gguf")
+    assert result.code == 2 and not (tmp_path / "gguf").exists()
+    assert result.err.splitlines()[-1] == (
+        "finlora: error: GGUF export covers causal (Llama) models; export seq2seq models with "
+        "--format hf"
+    )

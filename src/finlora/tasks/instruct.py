@@ -4,6 +4,9 @@ A record becomes one token sequence of alternating segments: prompt segments (th
 text, the user's turns) and response segments (the assistant's answers, with the end-of-turn
 token so the model learns to stop). Only response tokens are targets; prompt tokens are masked.
 
+A seq2seq model (T5, mT0, BART) reads the prompt with its encoder and is trained to write the
+response with its decoder: the same records, with prompt and response in separate rows.
+
 Two kinds of template:
 - "chat": the model's own chat template (tokenizer.apply_chat_template); every assistant turn of
   a multi-turn conversation is a target;
@@ -17,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from finlora.config import DataConfig
 from finlora.data.instruct import InstructRecord, Message
 from finlora.errors import FinloraError
@@ -26,6 +31,7 @@ from finlora.tasks.classify import IGNORE, Batch, pad_rows
 
 @dataclass(frozen=True)
 class InstructFeature:
+    # Causal: one sequence. Seq2seq: the encoder's prompt, then the decoder's response.
     ids: list[int]
     targets: tuple[int, ...]  # indices into `ids` of the response tokens (the trained ones)
 
@@ -33,10 +39,19 @@ class InstructFeature:
 class InstructCodec:
     """Turns instruction records into token features, and features into padded batches."""
 
-    kind = "causal"
-    prompt_only = False
-
-    def __init__(self, tokenizer: Any, template: InstructTemplate, max_length: int = 512) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        template: InstructTemplate,
+        max_length: int = 512,
+        kind: str = "causal",
+    ) -> None:
+        if kind not in ("causal", "seq2seq"):
+            raise FinloraError(
+                f"task instruct needs a causal or seq2seq language model, not an {kind} model "
+                "(use task: classify)"
+            )
+        self.kind = kind
         if template.is_chat and not getattr(tokenizer, "chat_template", None):
             raise FinloraError(
                 "data.template: chat needs a model with a chat template, and this tokenizer has "
@@ -50,8 +65,13 @@ class InstructCodec:
         self.eos_ids = [int(eos)] if eos is not None else []
 
     @classmethod
-    def for_data(cls, tokenizer: Any, data: DataConfig) -> InstructCodec:
-        return cls(tokenizer, InstructTemplate.load(data.template), data.max_length)
+    def for_data(cls, tokenizer: Any, data: DataConfig, kind: str = "causal") -> InstructCodec:
+        return cls(tokenizer, InstructTemplate.load(data.template), data.max_length, kind)
+
+    @property
+    def prompt_only(self) -> bool:
+        """The model reads the prompt alone; the response is the decoder's (seq2seq)."""
+        return self.kind == "seq2seq"
 
     def _tokens(self, text: str, special: bool = False) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -98,6 +118,15 @@ class InstructCodec:
 
     def encode(self, record: InstructRecord) -> InstructFeature | None:
         """Token ids and target positions; None when `max_length` leaves no response token."""
+        if self.prompt_only:
+            answer = list(self.tokenizer(text_target=record.response)["input_ids"])
+            if answer[-1:] != self.eos_ids:  # T5's tokenizer ends targets with </s>; others not
+                answer += self.eos_ids
+            prompt = self.generation_prompt(record)
+            answer = answer[: self.max_length]
+            start = len(prompt)
+            kept = tuple(range(start, start + len(answer)))
+            return InstructFeature(prompt + answer, kept) if kept else None
         ids: list[int] = []
         targets: list[int] = []
         # A chat template writes its own BOS (as `{{ bos_token }}`) where the model wants one, so
@@ -124,7 +153,8 @@ class InstructCodec:
     def generation_prompt(self, record: InstructRecord) -> list[int]:
         """The tokens of `prompt_text`, cut from the left to `max_length`: no longer than what
         training read."""
-        # Alpaca text gets the tokenizer's special tokens (BOS); a chat template writes its own.
+        # Alpaca text gets the tokenizer's special tokens (BOS; a T5 encoder's closing </s>);
+        # a chat template writes its own.
         ids = self._tokens(self.prompt_text(record), special=not self.template.is_chat)
         return ids[-self.max_length :]
 
@@ -145,7 +175,18 @@ class InstructCodec:
         return len(feature.targets)
 
     def training_batch(self, features: Sequence[InstructFeature]) -> Batch:
-        """Right-padded rows; a target token i is predicted at position i - 1."""
+        """Right-padded rows; a target token i is predicted at position i - 1. Seq2seq: the
+        prompts are the rows and the responses the decoder's targets."""
+        if self.prompt_only:
+            prompts = [f.ids[: f.targets[0]] for f in features]
+            targets = pad_rows([f.ids[f.targets[0] :] for f in features], IGNORE)
+            return Batch(
+                pad_rows(prompts, self.pad_id),
+                pad_rows([[1] * len(p) for p in prompts], 0),
+                torch.zeros_like(targets),
+                targets,
+                sum(len(f.ids) for f in features),
+            )
         rows = [f.ids for f in features]
         return Batch(
             pad_rows(rows, self.pad_id),
