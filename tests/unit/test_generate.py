@@ -71,16 +71,24 @@ def _reference(model: Any, tokenizer: Any, prompt: list[int]) -> list[int]:
     return new
 
 
-@pytest.mark.parametrize("method", list(PEFT_CONFIGS))
-def test_greedy_answers_equal_the_uncached_forward(tokenizer: Any, method: str) -> None:
-    model = _model(tokenizer, method)
-    new_ids = [_reference(model, tokenizer, p) for p in PROMPTS]
+def assert_answers(
+    model: Any, tokenizer: Any, prompts: list[list[int]], new_ids: list[list[int]]
+) -> list[str]:
+    """finlora's greedy answers, batched and streamed, are those of the reference token ids;
+    returns them."""
     expected = [tokenizer.decode(n, skip_special_tokens=True).strip() for n in new_ids]
     options = GenerationOptions(max_new_tokens=NEW)
-    batched = generate_answers(model, tokenizer, PROMPTS, options, batch_size=3, progress=False)
+    batched = generate_answers(model, tokenizer, prompts, options, batch_size=3, progress=False)
     assert batched == expected
     pieces: list[str] = []
-    reply = stream_reply(model, tokenizer, PROMPTS[0], options, pieces.append)
+    reply = stream_reply(model, tokenizer, prompts[0], options, pieces.append)
     assert reply.text == expected[0] == "".join(pieces).strip()
     assert reply.new_tokens == len(new_ids[0])
     assert reply.hit_limit == (tokenizer.eos_token_id not in new_ids[0])
+    return expected
+
+
+@pytest.mark.parametrize("method", list(PEFT_CONFIGS))
+def test_greedy_answers_equal_the_uncached_forward(tokenizer: Any, method: str) -> None:
+    model = _model(tokenizer, method)
+    assert_answers(model, tokenizer, PROMPTS, [_reference(model, tokenizer, p) for p in PROMPTS])

@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 import torch
 from peft import IA3Config, LoraConfig, PromptTuningConfig, TaskType, get_peft_model
+from test_generate import NEW, assert_answers
 
 from finlora.data.instruct import alpaca_record
-from finlora.generate import GenerationOptions, generate_answers, stream_reply
+from finlora.generate import GenerationOptions, generate_answers
 from finlora.prompts import InstructTemplate
 from finlora.scoring import loss_fn
 from finlora.tasks.classify import IGNORE
 from finlora.tasks.instruct import InstructCodec
 
-NEW = 8
 RECORDS = [
     alpaca_record("What is EBITDA?", "Earnings before interest, taxes and amortisation."),
     alpaca_record("Classify the sentiment.", "positive", "Profit rose to EUR 13.1 mn."),
@@ -106,15 +106,7 @@ def test_greedy_answers_equal_the_uncached_forward(
     prompts = [codec.generation_prompt(r) for r in RECORDS]
     assert len({len(p) for p in prompts}) == len(prompts)  # the batch needs padding
     new_ids = [_reference(model, tokenizer, p) for p in prompts]
-    expected = [tokenizer.decode(n, skip_special_tokens=True).strip() for n in new_ids]
-    assert any(expected)
-    options = GenerationOptions(max_new_tokens=NEW)
-    batched = generate_answers(model, tokenizer, prompts, options, batch_size=3, progress=False)
-    assert batched == expected
-    pieces: list[str] = []
-    reply = stream_reply(model, tokenizer, prompts[0], options, pieces.append)
-    assert reply.text == expected[0] == "".join(pieces).strip()
-    assert reply.new_tokens == len(new_ids[0])
+    assert any(assert_answers(model, tokenizer, prompts, new_ids))  # not all empty
 
 
 def test_virtual_token_methods_are_refused(
