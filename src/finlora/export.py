@@ -257,6 +257,16 @@ def check_adapter_not_empty(run: RunDir) -> None:
             )
 
 
+def check_gguf_kind(run: RunDir) -> None:
+    """Refuse GGUF for a run of a seq2seq or encoder model, from the kind its manifest records
+    (before the model loads). A run without one meets the GGUF writer's own architecture check."""
+    kind = _manifest(run).get("base_model", {}).get("kind", "causal")
+    if kind != "causal":
+        raise FinloraError(
+            f"GGUF export covers causal (Llama) models; export {kind} models with --format hf"
+        )
+
+
 def check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FinloraError(f"{out}: exists and is not a directory")
@@ -556,12 +566,10 @@ def export_run(
     method = check_mergeable(run)
     check_out(options.out, options.overwrite)
     check_adapter_not_empty(run)
+    if options.format == "gguf":
+        check_gguf_kind(run)
     say(f"loading {run.root} ...")
     ctx = _load(run, method)
-    if options.format == "gguf" and ctx.kind != "causal":
-        raise FinloraError(
-            f"GGUF export covers causal (Llama) models; export {ctx.kind} models with --format hf"
-        )
     v = Verification()
     check = CHECKS[ctx.cfg.task](ctx, options.verify_n)
     v.data = check.description
@@ -603,8 +611,8 @@ def _checked_dtype(options: ExportOptions) -> str:
 # ---- records ------------------------------------------------------------------------------------
 
 
-def _manifest(ctx: _Context) -> dict[str, Any]:
-    return ctx.run.read_json(ctx.run.manifest) if ctx.run.manifest.is_file() else {}
+def _manifest(run: RunDir) -> dict[str, Any]:
+    return run.read_json(run.manifest) if run.manifest.is_file() else {}
 
 
 def _test_metrics(ctx: _Context) -> dict[str, Any] | None:
@@ -623,7 +631,7 @@ def _record(ctx: _Context, options: ExportOptions, files: list[str], v: Verifica
         "task": ctx.cfg.task,
         **_prompt_record(ctx),
         "verification": asdict(v),
-        "manifest": _manifest(ctx),
+        "manifest": _manifest(ctx.run),
     }
 
 
@@ -631,7 +639,7 @@ def _prompt_record(ctx: _Context) -> dict[str, Any]:
     """How to prompt the exported model: the label prompt, or the instruction template."""
     template = ctx.codec.template
     if ctx.kind == "encoder":  # no prompt: the sentence itself, one head logit per label
-        return {"labels": ctx.codec.labels, "id2label": ctx.codec.labels}
+        return {"labels": ctx.codec.labels}
     if ctx.cfg.task == "classify":
         return {
             "labels": ctx.codec.labels,
@@ -657,7 +665,7 @@ def _method_section(ctx: _Context) -> str:
 
 def _model_card(ctx: _Context, options: ExportOptions, v: Verification) -> str:
     """README.md for the hf export: what it is, how it was made and scored, and how to use it."""
-    manifest = _manifest(ctx)
+    manifest = _manifest(ctx.run)
     classify = ctx.cfg.task == "classify"
     tags = "financial-sentiment, text-classification" if classify else "instruction-tuning"
     lines = [

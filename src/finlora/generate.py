@@ -107,11 +107,10 @@ def _generate(
         if seq2seq:
             raise FinloraError(SEQ2SEQ_VIRTUAL_TOKENS)
         return _generate_after_virtual_tokens(model, ids, mask, pad, kwargs)
-    if seq2seq:
-        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        return out[:, 1:]  # after the decoder's start token
     out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-    return out[:, width:]
+    # A decoder-only model returns prompt + answer; an encoder-decoder its decoder's start
+    # token + answer.
+    return out[:, 1:] if seq2seq else out[:, width:]
 
 
 def _generate_after_virtual_tokens(

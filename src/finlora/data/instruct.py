@@ -13,13 +13,12 @@ while loading, so training never starts on a malformed file.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finlora import atomic
-from finlora.data.textfile import json_array, read_text
+from finlora.data.textfile import json_array, json_lines, read_text
 from finlora.errors import FinloraError
 
 ROLES = ("system", "user", "assistant")
@@ -141,16 +140,6 @@ def parse_record(where: str, record: Any) -> InstructRecord:
     return alpaca_record(instruction, output, input_text, where, label, labels)
 
 
-def _json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise FinloraError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
-
-
 def load_instruct(path: Path) -> list[InstructRecord]:
     """Records from a .json list or a .jsonl file; raises FinloraError on the first bad one."""
     path = Path(path).expanduser()
@@ -158,7 +147,7 @@ def load_instruct(path: Path) -> list[InstructRecord]:
         raise FinloraError(f"{path}: is a directory; give an instruction .json or .jsonl file")
     text = read_text(path)
     stripped = text.lstrip()
-    rows = json_array(path, text) if stripped.startswith("[") else _json_lines(path, text)
+    rows = json_array(path, text) if stripped.startswith("[") else json_lines(path, text)
     records = [parse_record(f"{path}:{line}", record) for line, record in rows]
     if not records:
         raise FinloraError(f"{path}: no instruction records")

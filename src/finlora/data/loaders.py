@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from finlora.data.examples import Example
-from finlora.data.textfile import json_array, read_text
+from finlora.data.textfile import json_array, json_lines, read_text
 from finlora.errors import FinloraError
 
 __all__ = [
@@ -132,23 +131,10 @@ def _delimited_rows(
         ) from None
 
 
-def _json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:
-    for number, line in _lines(text):
-        if not line.strip():
-            continue
-        try:
-            yield number, json.loads(line)
-        except json.JSONDecodeError as err:
-            raise FinloraError(
-                f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}; "
-                "expected one JSON object per line)"
-            ) from None
-
-
 def _jsonl_rows(path: Path, text: str, columns: Sequence[str]) -> _Rows:
     """JSON Lines; a .json file may instead hold one list of objects."""
     is_list = path.suffix.lower() == ".json" and text.lstrip().startswith("[")
-    for number, row in json_array(path, text) if is_list else _json_lines(path, text):
+    for number, row in json_array(path, text) if is_list else json_lines(path, text):
         if not isinstance(row, dict):
             raise FinloraError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
         _check_columns(f"{path}:{number}", columns, list(row))

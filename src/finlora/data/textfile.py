@@ -56,6 +56,22 @@ def read_text(path: Path) -> str:
     return text
 
 
+def json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """(line, value) for each non-blank line of JSON Lines text."""
+    # split on "\n" only: str.splitlines also breaks on U+2028, form feeds etc., which would
+    # make line numbers disagree with what an editor shows.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise FinloraError(
+                f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}; "
+                "expected one JSON object per line)"
+            ) from None
+
+
 def json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     """(line, element) for each element of a top-level JSON array, with the line it starts on
     (a list is what Alpaca-style .json files and many exports hold)."""
