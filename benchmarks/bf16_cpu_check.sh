@@ -6,23 +6,18 @@
 # ISA=AVX512_CORE_BF16 to keep oneDNN off AMX (a CPU with AVX512-BF16 alone). It needs what
 # benchmarks/gpu_check.sh needs ($D, default .devdata: site/, smol/, Sentences_AllAgree.txt) and
 # writes its results under $OUT (else /tmp). The model is SmolLM2-135M's architecture with
-# random weights: speed does not depend on the weights' values. About 6 minutes.
+# random weights: speed does not depend on the weights' values. About 7 minutes.
 source "$(dirname "$0")/device_env.sh"
 CPU2="taskset -c 0,1"
 ON_CPU="--set train.device=cpu --set train.threads=2"
 [ -n "${ISA:-}" ] && export ONEDNN_MAX_CPU_ISA=$ISA
-step "matmul rates and a new shape's cost, 2 cores (oneDNN ISA: ${ISA:-all})"
+step "matmul rates, 2 cores (oneDNN ISA: ${ISA:-all})"
 $CPU2 python3 -c "import torch; torch.set_num_threads(2); from finlora.bench import matmul_rate as r; f, b = r(None), r(torch.bfloat16); print(f'fp32 {f/1e9:.0f} GFLOP/s, bf16 {b/1e9:.0f} GFLOP/s, {b/f:.2f}x')"
-$CPU2 python3 benchmarks/mm_shapes.py --dtype bf16
-step "bench train, 2 cores"
-timeout 260 $CPU2 $F bench train configs/fpb-smollm2-lora.yaml $FPB $ON_CPU -n 32 --rounds 2 \
-    --variant train.fused_lora=false --json 2>&1 | tail -c 2000 | tee $OUT/bench_train_cpu2.txt
 step "bench infer, 2 cores"
-timeout 130 $CPU2 $F bench infer configs/fpb-smollm2-lora.yaml $FPB $ON_CPU -n 32 --rounds 2 \
-    --variant train.cast_norms_once=true --variant train.trim_padding=false --json 2>&1 \
-    | tail -c 2000 | tee $OUT/bench_infer_cpu2.txt
-step "profile, 2 cores"
-timeout 90 $CPU2 python3 benchmarks/profile_step.py configs/fpb-smollm2-lora.yaml $FPB $ON_CPU \
-    -n 32 --rows 30 > $OUT/profile_cpu2.txt 2>&1
-grep -E "^===|autocast" $OUT/profile_cpu2.txt
+timeout 170 $CPU2 $F bench infer configs/fpb-smollm2-lora.yaml $FPB $ON_CPU -n 32 --rounds 2 \
+    --variant train.fuse_projections=false --variant train.cast_norms_once=true \
+    --variant train.attention=sdpa 2>&1 | tail -c 2000 | tee $OUT/bench_infer_cpu2.txt
+step "bench train, 2 cores"
+timeout 250 $CPU2 $F bench train configs/fpb-smollm2-lora.yaml $FPB $ON_CPU -n 32 --rounds 2 \
+    --variant train.lean_mlp=false 2>&1 | tail -c 2000 | tee $OUT/bench_train_cpu2.txt
 step done

@@ -6,7 +6,7 @@
 # rouge_score, nltk), smol/ (SmolLM2's config.json, tokenizer and chat template files, copied
 # from ~/.cache/finlora/models/*), and Sentences_AllAgree.txt (Financial PhraseBank). The model
 # is SmolLM2-135M's architecture with random weights: this checks that every path runs and how
-# fast, not what it learns. Results under $OUT when set, else /tmp.
+# fast, not what it learns. Results under $OUT when set, else /tmp. QUICK=1 stops after generate.
 source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 step "classify train on cuda (auto precision), 60 steps"
@@ -20,6 +20,7 @@ timeout 120 $F train configs/fin-instruct-smollm2-lora.yaml --set model.name=/tm
 step "instruct eval + generate"
 timeout 90 $F eval /tmp/r2 --json --max-new-tokens 32 --no-progress | tail -c 400; echo
 timeout 60 $F generate /tmp/r2 --instruction "What is EBITDA?" --max-new-tokens 16
+[ -n "${QUICK:-}" ] && { step done; exit 0; }  # QUICK=1: the train/eval/predict/generate paths only
 step "methods on cuda: prefix, ia3, full (10 steps each)"
 for m in prefix ia3 full; do timeout 90 $F train configs/fpb-smollm2-lora.yaml $FPB --set method.name=$m --set train.max_steps=10 -o /tmp/m-$m --no-progress 2>&1 | tail -2; done
 step "bench train on cuda"

@@ -26,6 +26,7 @@ from finlora.errors import FinloraError
 from finlora.memory import PeakMemory
 from finlora.methods import build_method, merged_for_inference
 from finlora.models import Placement, load_base_model
+from finlora.models.fused_projections import fuse_projections
 from finlora.scoring import predict_proba
 from finlora.tasks.classify import IGNORE, LabelCodec, length_grouped_batches
 from finlora.train import accumulate_batch
@@ -354,6 +355,8 @@ def bench_infer(
     for name, p in s.paths.items():
         if p.cfg.train.merge_for_inference:
             p.model = merged_for_inference(p.model)
+        if p.cfg.train.fuse_projections:
+            fuse_projections(p.model)
         p.model.eval()
         runs[name] = functools.partial(_finlora_infer_round, s, p)
     result = _alternate(runs, rounds)

@@ -353,6 +353,9 @@ class TrainConfig:
     # Prediction and evaluation fold a LoRA/IA3 adapter into the weights first (same scores to
     # float rounding, fewer operations); off keeps the adapter layers as trained.
     merge_for_inference: bool = True
+    # Prediction and evaluation stack the projections that read one input (q, k, v; gate, up)
+    # into one matmul each, without copying a weight. Same scores to float rounding.
+    fuse_projections: bool = True
     checkpoint_every: int = 200
     log_every: int = 10
     eval_batch_size: int = 32

@@ -14,6 +14,7 @@ from finlora.config import RunConfig, config_from_dict, read_yaml
 from finlora.errors import FinloraError
 from finlora.methods import load_adapter, merged_for_inference
 from finlora.models import Placement, load_base_model
+from finlora.models.fused_projections import fuse_projections
 from finlora.models.loading import load_tokenizer
 from finlora.runs import RunDir
 from finlora.scoring import predict_proba
@@ -119,6 +120,8 @@ def load_run(run_dir: Path, zero_shot: bool = False) -> LoadedRun:
         if cfg.train.merge_for_inference:
             model = merged_for_inference(model)
     model = placement.place(model).eval()
+    if cfg.train.fuse_projections:
+        fuse_projections(model)
     codec: Any
     if cfg.task == "instruct":
         codec = InstructCodec.for_data(tokenizer, cfg.data, base.kind)

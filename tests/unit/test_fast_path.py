@@ -24,6 +24,7 @@ from finlora.models.device import compile_layers, set_gradient_checkpointing
 from finlora.models.fused_lora import fuse_lora_layers
 from finlora.models.lean_mlp import lean_mlps
 from finlora.models.norm_cast import cast_norms_once
+from finlora.models.fused_projections import fuse_projections
 from finlora.prompts import PromptTemplate
 from finlora.scoring import autocast, label_loglik, loss_fn, unwrap
 from finlora.tasks.classify import (
@@ -428,3 +429,76 @@ def test_norms_cast_once_leaves_other_consumers_alone(
                              "ia3.feedforward_modules=[q_proj]"])  # fmt: skip
     model, _ = _model(cfg, tiny_causal_dir, "eager")
     assert cast_norms_once(model) == 2  # only the post-attention norms (gate, up are plain)
+
+
+def _merged(cfg: RunConfig, directory: Path, bf16: bool) -> tuple[Any, LabelCodec]:
+    model, codec = _model(cfg, directory, "eager")
+    model = model.merge_and_unload().eval()
+    if bf16:
+        freeze_to_dtype(model, torch.bfloat16)
+        cast_norms_once(model)  # the two compose: q, k and v then get one bf16 tensor
+    return model, codec
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_projections_keep_scores_weights_and_memory(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path, bf16: bool
+) -> None:
+    (plain, codec), (fused, _) = (_merged(tiny_cfg(), tiny_causal_dir, bf16) for _ in range(2))
+    weights = {k: v.clone() for k, v in fused.state_dict().items()}
+    assert fuse_projections(fused) == 4  # 2 layers x (q/k/v, gate/up)
+    dtype = torch.bfloat16 if bf16 else None
+    plain_loss, plain_scores = _loss_and_scores(plain, codec, True, dtype)
+    fused_loss, fused_scores = _loss_and_scores(fused, codec, True, dtype)
+    tol = {"atol": 2e-2, "rtol": 1e-2} if bf16 else {"atol": 1e-5, "rtol": 1e-6}
+    torch.testing.assert_close(fused_scores, plain_scores, **tol)
+    torch.testing.assert_close(fused_loss, plain_loss, **tol)
+    # Same parameters and values; the layers' weights are slices of one tensor, not copies.
+    assert weights.keys() == fused.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in fused.state_dict().items())
+    attention = unwrap(fused).get_decoder().layers[0].self_attn
+    storage = {attention.q_proj.weight.untyped_storage().data_ptr(),
+               attention.k_proj.weight.untyped_storage().data_ptr(),
+               attention.v_proj.weight.untyped_storage().data_ptr()}  # fmt: skip
+    assert len(storage) == 1
+    assert attention.q_proj._finlora_group._input is None  # nothing held after the pass
+    assert fuse_projections(fused) == 0  # already stacked
+
+
+def test_fused_projections_give_the_same_greedy_answers(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
+) -> None:
+    """Generation calls the layers one new token at a time, over a key/value cache."""
+    (plain, _), (fused, _) = (_merged(tiny_cfg(), tiny_causal_dir, False) for _ in range(2))
+    fuse_projections(fused)
+    ids = torch.tensor([[5, 9, 13, 2, 7], [3, 3, 8, 11, 4]])
+    options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        assert torch.equal(fused.generate(ids, **options), plain.generate(ids, **options))
+
+
+def test_fused_projections_step_aside_for_gradients_and_copies(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
+) -> None:
+    (plain, codec), (fused, _) = (_merged(tiny_cfg(), tiny_causal_dir, False) for _ in range(2))
+    fuse_projections(fused)
+    attention = unwrap(fused).get_decoder().layers[0].self_attn
+    x = torch.randn(2, 3, attention.q_proj.in_features, requires_grad=True)
+    y = attention.k_proj(x)  # with gradients: k's own matmul, so x gets k's gradient alone
+    y.sum().backward()
+    expected = attention.k_proj.weight.sum(0).expand_as(x)
+    torch.testing.assert_close(x.grad, expected)
+    # A dtype change copies each weight out of the stacked tensor: the layers compute alone.
+    plain.double(), fused.double()
+    assert not attention.q_proj._finlora_group.intact()
+    _, plain_scores = _loss_and_scores(plain, codec, True, None)
+    _, fused_scores = _loss_and_scores(fused, codec, True, None)
+    assert torch.equal(fused_scores, plain_scores)
+
+
+def test_fused_projections_leave_adapter_layers_alone(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
+) -> None:
+    cfg = tiny_cfg("lora.target_modules=[q_proj,k_proj,v_proj,o_proj]")
+    model, _ = _model(cfg, tiny_causal_dir, "eager")
+    assert fuse_projections(model) == 2  # the MLPs' gate/up; q/k/v are LoRA layers

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 
-def _plain_linear(module: torch.nn.Module) -> bool:
+def plain_linear(module: torch.nn.Module) -> bool:
     """An nn.Linear whose call is just F.linear: no hooks, no replaced forward (as accelerate's
     device-placement hooks do), so computing F.linear directly skips nothing."""
     return (
@@ -38,7 +38,7 @@ def _plain_linear(module: torch.nn.Module) -> bool:
 def _eligible(layer: torch.nn.Module) -> bool:
     return (
         isinstance(layer, LoraLinear)
-        and _plain_linear(layer.base_layer)
+        and plain_linear(layer.base_layer)
         and not layer.fan_in_fan_out
         and all(b.bias is None for b in layer.lora_B.values())
     )
