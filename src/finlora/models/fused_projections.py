@@ -19,7 +19,7 @@ evaluation and serving load their run for inference alone.
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +76,7 @@ class _Group:
         return out
 
 
-def _parameter_view(old: torch.nn.Parameter, view: torch.Tensor) -> torch.nn.Parameter:
+def _parameter_view(old: torch.Tensor, view: torch.Tensor) -> torch.nn.Parameter:
     return torch.nn.Parameter(view, requires_grad=old.requires_grad)
 
 
@@ -84,7 +84,7 @@ def _member_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return self._finlora_group.output(self._finlora_index, x)
 
 
-def _fusable(layers: list[Any]) -> bool:
+def _fusable(layers: list[Any]) -> TypeGuard[list[torch.nn.Linear]]:
     if not all(plain_linear(layer) for layer in layers):
         return False
     first = layers[0].weight
@@ -104,12 +104,12 @@ def fuse_projections(model: torch.nn.Module) -> int:
     for module in list(model.modules()):
         for names in GROUPS:
             layers = [getattr(module, name, None) for name in names]
-            if any(layer is None for layer in layers) or not _fusable(layers):
+            if not _fusable(layers):
                 continue
             group = _Group(layers)
             for index, layer in enumerate(layers):
-                layer._finlora_group = group
-                layer._finlora_index = index
-                layer.forward = types.MethodType(_member_forward, layer)
+                layer._finlora_group = group  # type: ignore[assignment]
+                layer._finlora_index = index  # type: ignore[assignment]
+                layer.forward = types.MethodType(_member_forward, layer)  # type: ignore[method-assign]
             count += 1
     return count
