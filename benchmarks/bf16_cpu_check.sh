@@ -6,7 +6,7 @@
 # ISA=AVX512_CORE_BF16 to keep oneDNN off AMX (a CPU with AVX512-BF16 alone). It needs what
 # benchmarks/gpu_check.sh needs ($D, default .devdata: site/, smol/, Sentences_AllAgree.txt) and
 # writes its results under $OUT (else /tmp). The model is SmolLM2-135M's architecture with
-# random weights: speed does not depend on the weights' values. About 7 minutes.
+# random weights: speed does not depend on the weights' values. About 4 minutes.
 source "$(dirname "$0")/device_env.sh"
 CPU2="taskset -c 0,1"
 ON_CPU="--set train.device=cpu --set train.threads=2"

@@ -326,8 +326,8 @@ class TrainConfig:
     # every forward pass (autocast caches casts only for weights that require grad).
     bf16_frozen_weights: bool = True
     # Under bf16 autocast, scoring casts each norm output to bf16 once instead of once per
-    # projection that reads it (q, k, v; gate, up). Same scores to the bit; off until timed on
-    # a bf16 CPU (`finlora bench infer --variant train.cast_norms_once=true`).
+    # projection that reads it (q, k, v; gate, up). Same scores to the bit; off: on an AMX CPU
+    # it measured slower than fuse_projections alone, whose stacked matmuls cast once anyway.
     cast_norms_once: bool = False
     # Padded tokens per forward/backward pass: a longer batch is split into micro-batches whose
     # gradients add up to the whole batch's (same update), bounding peak activation memory.
