@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from finlora.errors import FinloraError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -69,3 +71,14 @@ def atomic_dir(path: str | os.PathLike[str], replace: bool = True) -> Iterator[P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_new_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an output directory that is a file, or holds files, unless `overwrite`.
+
+    Raises FinloraError naming the path and the option that overrides it.
+    """
+    if out.exists() and not out.is_dir():
+        raise FinloraError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FinloraError(f"{out}: output directory exists and is not empty (use --overwrite)")

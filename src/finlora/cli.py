@@ -384,6 +384,58 @@ def predict(
             click.echo(f"{p.label:<10} [{probs}]  {p.text}")
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("report")
+@click.option("--out", type=click.Path(path_type=Path), help="Directory for sentences.csv, "
+              "summary.json and profile.png.")  # fmt: skip
+@click.option("--top", default=5, show_default=True, help="Sentences to show for each label.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--zero-shot", is_flag=True, help="Use the base model without the adapter.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@click.option("--no-progress", is_flag=True)
+def analyze(
+    run_dir: Path,
+    report: str,
+    out: Path | None,
+    top: int,
+    as_json: bool,
+    zero_shot: bool,
+    overwrite: bool,
+    no_progress: bool,
+) -> None:
+    """Read a financial report sentence by sentence with a classification run: label shares,
+    tone by section, and the sentences that carry each label most.
+
+    REPORT is a .pdf (with a text layer), .html, .md or .txt file, or - for standard input.
+    Headings start sections; table rows and page furniture are skipped.
+
+    \b
+    Example:
+      finlora analyze runs/fpb annual-report-2024.pdf
+      finlora analyze runs/fpb q3-release.html --out q3-analysis --json
+    """
+    from finlora import atomic
+    from finlora.predict import load_run, require_task
+    from finlora.report import analyze as analyze_report
+    from finlora.report import format_summary, read_report, write_analysis
+
+    if top < 0:
+        raise FinloraError(f"--top: must be 0 or more (got {top})")
+    text = sys.stdin.read() if report == "-" else read_report(Path(report))
+    source = "standard input" if report == "-" else report
+    require_task(run_dir, "classify", "finlora generate, with the report's text in the prompt")
+    if out is not None:
+        atomic.check_new_dir(out, overwrite)  # before the model loads
+    loaded = load_run(run_dir, zero_shot)
+    analysis = analyze_report(loaded, text, source, progress=not no_progress)
+    if out is not None:
+        write_analysis(analysis, out, top, overwrite)
+        _echo_err(f"wrote {out}/: sentences.csv, summary.json, profile.png")
+    summary = analysis.summary(top)
+    click.echo(json.dumps(summary) if as_json else format_summary(summary))
+
+
 def _verify_n(value: str) -> int | None:
     if value == "all":
         return None

@@ -267,13 +267,6 @@ def check_gguf_kind(run: RunDir) -> None:
         )
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FinloraError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FinloraError(f"{out}: output directory exists and is not empty (use --overwrite)")
-
-
 # ---- loading ------------------------------------------------------------------------------------
 
 
@@ -564,7 +557,7 @@ def export_run(
     run = RunDir(Path(run_dir))
     run.require_trained()
     method = check_mergeable(run)
-    check_out(options.out, options.overwrite)
+    atomic.check_new_dir(options.out, options.overwrite)
     check_adapter_not_empty(run)
     if options.format == "gguf":
         check_gguf_kind(run)

@@ -337,3 +337,62 @@ def plot_score_histogram(scores: Sequence[float], path: Path, title: str = "") -
     ax.set_ylabel("answers")
     ax.set_title(title or "Score per answer", fontsize=10)
     return _save(fig, path)
+
+
+def plot_report_profile(
+    probs: np.ndarray,
+    labels: Sequence[str],
+    sections: Sequence[dict[str, Any]],
+    path: Path,
+    title: str = "",
+) -> Path:
+    """A report read from start to end: each label's probability, as a moving average over a
+    window of sentences, with the sections' first sentences marked; below it, the share of each
+    label predicted in every section (the 20 largest sections, in document order).
+
+    `probs` is (N, K) in `labels` order; `sections` are `ReportAnalysis.sections()` entries.
+    Raises FinloraError when there is no sentence.
+    """
+    n = len(probs)
+    if n == 0:
+        raise FinloraError("nothing to plot: the report has no scored sentence")
+    window = max(1, min(25, n // 10))
+    shown = sorted(sorted(sections, key=lambda s: -s["sentences"])[:20],
+                   key=lambda s: s["first_sentence"])  # fmt: skip
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(9, 6.5 if len(shown) > 1 else 4.2),
+        height_ratios=[3, 2] if len(shown) > 1 else [1, 0.001],
+    )  # fmt: skip
+    x = np.arange(1, n + 1)
+    kernel = np.ones(window) / window
+    for j, label in enumerate(labels):
+        # Moving average; the ends use the shorter windows they have.
+        smooth = np.convolve(probs[:, j], kernel, mode="same") / np.convolve(
+            np.ones(n), kernel, mode="same"
+        )
+        top.plot(x, smooth, label=label, linewidth=1.6)
+    for s in sections[1:]:
+        top.axvline(s["first_sentence"] + 0.5, color="grey", alpha=0.25, linewidth=0.8)
+    top.set_xlim(1, max(n, 2))
+    top.set_ylim(0, 1)
+    top.set_xlabel("sentence")
+    top.set_ylabel(f"probability ({window}-sentence mean)")
+    top.set_title(title or "Label probabilities through the report", fontsize=10)
+    top.legend(loc="upper right", fontsize=8)
+    top.grid(alpha=0.3)
+    if len(shown) > 1:
+        left = np.zeros(len(shown))
+        y = np.arange(len(shown))
+        for label in labels:
+            shares = np.array([s["shares"][label] for s in shown])
+            bottom.barh(y, shares, left=left, label=label)
+            left += shares
+        names = [f"{s['title'][:40]} ({s['sentences']})" for s in shown]
+        bottom.set_yticks(y, labels=names, fontsize=7)
+        bottom.invert_yaxis()
+        bottom.set_xlim(0, 1)
+        bottom.set_xlabel("share of the section's sentences (sentences in brackets)")
+    else:
+        bottom.set_axis_off()
+    fig.tight_layout()
+    return _save(fig, path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,36 +20,6 @@ from finlora.data import FPB_LABELS, synthetic_sentiment
 
 LABEL_MAP = "0=negative,1=neutral,2=positive"
 TEXTS = [e.text for e in synthetic_sentiment(4, seed=9)]
-
-
-@pytest.fixture(scope="module")
-def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
-    path.write_text(
-        "# finlora train tiny.yaml --set model.name=DIR --set data.path=FILE\nseed: 42\n",
-        encoding="utf-8",
-    )
-    return path
-
-
-@pytest.fixture(scope="module")
-def trained(
-    tmp_path_factory: pytest.TempPathFactory, config_file: Path, tiny_overrides: list[str]
-) -> Path:
-    """One tiny run trained through `finlora train` in a subprocess, shared by this module."""
-    work = tmp_path_factory.mktemp("train-cwd")
-    output = work / "runs" / "tiny"
-    result = run_subprocess(
-        "train", config_file, "--output", output, "--no-progress",
-        *set_args([*tiny_overrides, "train.max_steps=6", "train.learning_rate=0.01"]),
-        cwd=work,
-    )  # fmt: skip
-    assert result.code == 0, result.err
-    assert result.out.splitlines()[0].startswith("trained 6 steps in ")
-    assert re.search(r"tokens/s, peak RSS \d+\.\d\d GiB\)", result.out.splitlines()[0])
-    assert result.out.splitlines()[-1] == f"run directory: {output}"
-    assert "Traceback" not in result.err
-    return output
 
 
 # ---- the real process --------------------------------------------------------------------------

@@ -1,0 +1,97 @@
+"""`finlora analyze`: a report read sentence by sentence with a trained run."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cli_support import Result, assert_user_error
+
+from finlora.report import segment
+
+REPORT = """# Interim report
+
+## Highlights
+
+Net sales rose 12 % to EUR 3.1 mn. Operating profit was EUR 0.4 mn, compared with a loss.
+
+| EUR mn | 2024 | 2023 |
+| Net sales | 3.1 | 2.8 |
+
+## Risks
+
+Demand may weaken in Europe. The company recorded an impairment of EUR 4.2 mn.
+"""
+
+
+@pytest.fixture
+def report(tmp_path: Path) -> Path:
+    path = tmp_path / "q3.md"
+    path.write_text(REPORT, encoding="utf-8")
+    return path
+
+
+def test_analysis_files_summary_and_predict_agree(
+    cli: Callable[..., Result], trained: Path, report: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "q3-analysis"
+    result = cli("analyze", trained, report, "--out", out, "--json", "--top", "1")
+    assert result.code == 0, result.err
+    summary = json.loads(result.out)
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["profile.png", "sentences.csv", "summary.json"]
+    assert (out / "profile.png").read_bytes().startswith(b"\x89PNG")
+    texts = [s.text for s in segment(REPORT).sentences]
+    assert summary["sentences"] == len(texts) == 4 and summary["skipped_fragments"] == 2
+    assert [s["title"] for s in summary["sections"]] == ["Highlights", "Risks"]
+    # Each sentence scored as `finlora predict` scores it.
+    rows = list(csv.DictReader((out / "sentences.csv").open(encoding="utf-8")))
+    predicted = [
+        json.loads(line) for line in cli("predict", trained, "--json", *texts).out.splitlines()
+    ]
+    assert [r["text"] for r in rows] == texts
+    for row, p in zip(rows, predicted, strict=True):
+        assert row["label"] == p["label"]
+        for label, prob in p["probabilities"].items():
+            assert float(row[f"p_{label}"]) == pytest.approx(prob, abs=1e-5)
+    for label, top in summary["top"].items():
+        assert len(top) == min(1, summary["labels"][label]["sentences"])
+
+
+def test_text_summary_and_standard_input(cli: Callable[..., Result], trained: Path) -> None:
+    result = cli("analyze", trained, "-", stdin=REPORT)
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[0] == "standard input: 4 sentences scored (2 table rows and fragments skipped)"
+    assert lines[2].split() == ["label", "sentences", "share", "mean", "p"]
+    assert any(line.startswith("tone (mean P(positive) - P(negative)): ") for line in lines)
+    assert "sections (tone):" in lines
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("12\n\n| 1 | 2 |\n", "no prose sentence found (2 table rows or fragments)"),
+     (None, "no such file")],
+)  # fmt: skip
+def test_reports_without_sentences_are_refused_in_one_line(
+    cli: Callable[..., Result], trained: Path, tmp_path: Path, text: str | None, message: str
+) -> None:
+    path = tmp_path / "report.txt"
+    if text is not None:
+        path.write_text(text, encoding="utf-8")
+    assert_user_error(cli("analyze", trained, path), message)
+
+
+def test_existing_output_is_refused_before_the_model_loads(
+    cli: Callable[..., Result], trained: Path, report: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine", encoding="utf-8")
+    assert_user_error(cli("analyze", trained, report, "--out", out), "use --overwrite")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert cli("analyze", trained, report, "--out", out, "--overwrite").code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["profile.png", "sentences.csv", "summary.json"]
