@@ -320,6 +320,13 @@ def _texts_from_file(file: Path, content: str, text_column: str) -> list[str]:
     return [line.strip() for line in content.splitlines() if line.strip()]
 
 
+def _note_overflow(codec: Any, total: int, what: str) -> None:
+    """Say on stderr when inputs were cut to fit the run's data.max_length."""
+    note = codec.overflow.note(0, total, what, codec.max_length)
+    if note:
+        _echo_err(f"note: {note}")
+
+
 def _write_predictions(out: Path, predictions: list[Any], labels: list[str]) -> None:
     from finlora import atomic
 
@@ -372,6 +379,7 @@ def predict(
     require_task(run_dir, "classify", "finlora generate or finlora chat")
     loaded = load_run(run_dir, zero_shot)
     predictions = loaded.predict(inputs, progress=len(inputs) > 50)
+    _note_overflow(loaded.codec, len(inputs), "text(s)")
     if out is not None:
         _write_predictions(out, predictions, loaded.labels)
         _echo_err(f"wrote {len(predictions)} predictions to {out}")
@@ -429,6 +437,7 @@ def analyze(
         atomic.check_new_dir(out, overwrite)  # before the model loads
     loaded = load_run(run_dir, zero_shot)
     analysis = analyze_report(loaded, text, source, progress=not no_progress)
+    _note_overflow(loaded.codec, len(analysis.sentences), "sentence(s)")
     if out is not None:
         write_analysis(analysis, out, top, overwrite)
         _echo_err(f"wrote {out}/: sentences.csv, summary.json, profile.png")

@@ -111,7 +111,11 @@ def _prepare(cfg: RunConfig) -> PreparedData | PreparedInstruct:
 
 
 def _features(codec: Any, rows: list[Any], split: str, log: Log) -> list[Any]:
+    cut_before = codec.overflow.count
     features = [codec.encode(row) for row in rows]
+    note = codec.overflow.note(cut_before, len(rows), f"{split} record(s)", codec.max_length)
+    if note:
+        log(f"data: {note}")
     kept = [f for f in features if f is not None]
     if len(kept) < len(features):
         # Only instruction records can lose every answer token to data.max_length.

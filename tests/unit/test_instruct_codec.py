@@ -311,3 +311,14 @@ def test_micro_batches_give_the_whole_batch_gradient(
     assert micro_loss == pytest.approx(whole_loss, abs=1e-5)
     for a, b in zip(whole, micro, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_records_cut_to_max_length_are_counted(tokenizer: Any) -> None:
+    full = alpaca(tokenizer).encode(PE)
+    assert full is not None
+    codec = alpaca(tokenizer, len(full.ids) - 1)
+    assert codec.encode(PE) is not None
+    assert (codec.overflow.count, codec.overflow.longest) == (1, len(full.ids))
+    roomy = alpaca(tokenizer, len(full.ids))
+    roomy.encode(PE)
+    assert roomy.overflow.count == 0

@@ -248,3 +248,19 @@ def test_lora_at_init_leaves_logits_unchanged(
     with torch.no_grad():
         after = model(input_ids=ids).logits
     assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_causal_dir", "tiny_seq2seq_dir", "tiny_encoder_dir"])
+def test_texts_cut_to_max_length_are_counted(fixture: str, request: pytest.FixtureRequest) -> None:
+    base = load_base_model(str(request.getfixturevalue(fixture)), labels=["up", "down"])
+    codec = LabelCodec(base.tokenizer, PromptTemplate.load("sentiment"), ["up", "down"],
+                       base.kind, 32)  # fmt: skip
+    short, long = "Sales rose.", "Sales rose again and again " * 8
+    whole = len(codec.encode_text(short))
+    assert codec.overflow.count == 0  # a text that fits is not counted
+    cut = codec.encode_text(long)
+    assert codec.overflow.count == 1 and codec.overflow.longest > 32 >= len(cut)
+    assert len(cut) > whole  # cut to fit, not dropped
+    assert codec.overflow.note(1, 2, "text(s)", 32) is None  # none cut since the first
+    note = codec.overflow.note(0, 2, "text(s)", 32)
+    assert note is not None and note.startswith("1 of 2 text(s) longer than data.max_length=32")

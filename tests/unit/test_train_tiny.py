@@ -253,3 +253,17 @@ def test_seq2seq_trains_and_predicts(
         assert list(p.probabilities) == list(FPB_LABELS)
         assert sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
         assert p.probabilities[p.label] == max(p.probabilities.values())
+
+
+def test_training_says_how_many_texts_max_length_cut(
+    tiny_cfg: Callable[..., RunConfig], tmp_path: Path
+) -> None:
+    lines: list[str] = []
+    train(tiny_cfg("data.max_length=40", "train.max_steps=1"), tmp_path / "run",
+          progress_bar=False, log=lines.append)  # fmt: skip
+    notes = [line for line in lines if "longer than data.max_length=40" in line]
+    assert [n.split(" of ")[1].split()[1] for n in notes] == ["train", "validation"]
+    assert all(n.startswith("data: ") and "raise data.max_length" in n for n in notes)
+    lines.clear()
+    train(tiny_cfg("train.max_steps=1"), tmp_path / "roomy", progress_bar=False, log=lines.append)
+    assert not any("longer than data.max_length" in line for line in lines)

@@ -54,6 +54,33 @@ class Batch:
         )
 
 
+@dataclass
+class Overflow:
+    """Inputs a codec cut to fit `data.max_length`: how many, and the longest one's tokens.
+
+    Counted as they are encoded, so a caller can say so (training logs it per split, predict
+    warns) instead of scoring or training on shortened text unawares.
+    """
+
+    count: int = 0
+    longest: int = 0
+
+    def add(self, tokens: int) -> None:
+        self.count += 1
+        self.longest = max(self.longest, tokens)
+
+    def note(self, since: int, total: int, what: str, max_length: int) -> str | None:
+        """A line on the inputs cut since the count was `since`; None if there were none."""
+        cut = self.count - since
+        if not cut:
+            return None
+        return (
+            f"{cut} of {total} {what} longer than data.max_length={max_length} allows were cut "
+            f"to fit (the longest has {self.longest} tokens); raise data.max_length to keep "
+            "them whole"
+        )
+
+
 def pad_rows(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
     """Right-pad integer rows to the longest one. (B, T)"""
     width = max(len(r) for r in rows)
@@ -77,6 +104,7 @@ class LabelCodec:
         self.kind = kind
         self.max_length = max_length
         self.pad_id = int(tokenizer.pad_token_id)
+        self.overflow = Overflow()
         if kind == "encoder":
             self._before, self._after = [], []
             self.label_ids = [[k] for k in range(len(self.labels))]
@@ -98,6 +126,8 @@ class LabelCodec:
         budget = max_length - len(self._before) - len(self._after)
         if kind == "causal":
             budget -= self.max_label_len
+        elif kind == "seq2seq" and tokenizer.eos_token_id is not None:
+            budget -= 1  # the encoder input's closing </s>
         if budget < 4:
             raise FinloraError(f"data.max_length={max_length} leaves no room for the text")
         self._text_budget = budget
@@ -126,8 +156,16 @@ class LabelCodec:
         """Prompt token ids for `text`, the text cut to fit `max_length`."""
         if self.kind == "encoder":
             encoded = self.tokenizer(text, truncation=True, max_length=self.max_length)
+            if len(encoded["input_ids"]) == self.max_length:  # full: was anything cut?
+                whole = len(self._encode(text)) + self.tokenizer.num_special_tokens_to_add()
+                if whole > self.max_length:
+                    self.overflow.add(whole)
             return list(encoded["input_ids"])
-        ids = self._before + self._encode(text)[: self._text_budget] + self._after
+        text_ids = self._encode(text)
+        if len(text_ids) > self._text_budget:
+            # The max_length that would have kept it whole.
+            self.overflow.add(len(text_ids) + self.max_length - self._text_budget)
+        ids = self._before + text_ids[: self._text_budget] + self._after
         if self.kind == "seq2seq" and self.tokenizer.eos_token_id is not None:
             ids = ids + [self.tokenizer.eos_token_id]
         return ids

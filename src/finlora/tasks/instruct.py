@@ -26,7 +26,7 @@ from finlora.config import DataConfig
 from finlora.data.instruct import InstructRecord, Message
 from finlora.errors import FinloraError
 from finlora.prompts import InstructTemplate
-from finlora.tasks.classify import IGNORE, Batch, pad_rows
+from finlora.tasks.classify import IGNORE, Batch, Overflow, pad_rows
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class InstructCodec:
         self.template = template
         self.max_length = max_length
         self.pad_id = int(tokenizer.pad_token_id)
+        self.overflow = Overflow()
         eos = tokenizer.eos_token_id
         self.eos_ids = [int(eos)] if eos is not None else []
 
@@ -122,7 +123,10 @@ class InstructCodec:
             answer = list(self.tokenizer(text_target=record.response)["input_ids"])
             if answer[-1:] != self.eos_ids:  # T5's tokenizer ends targets with </s>; others not
                 answer += self.eos_ids
-            prompt = self.generation_prompt(record)
+            whole = self._prompt_tokens(record)
+            if len(whole) > self.max_length or len(answer) > self.max_length:
+                self.overflow.add(max(len(whole), len(answer)))
+            prompt = whole[-self.max_length :]
             answer = answer[: self.max_length]
             start = len(prompt)
             kept = tuple(range(start, start + len(answer)))
@@ -140,6 +144,8 @@ class InstructCodec:
             if is_response:
                 targets += range(len(ids), len(ids) + len(piece))
             ids += piece
+        if len(ids) > self.max_length:
+            self.overflow.add(len(ids))
         ids = ids[: self.max_length]
         kept = tuple(t for t in targets if 0 < t < len(ids))
         return InstructFeature(ids, kept) if kept else None
@@ -153,10 +159,12 @@ class InstructCodec:
     def generation_prompt(self, record: InstructRecord) -> list[int]:
         """The tokens of `prompt_text`, cut from the left to `max_length`: no longer than what
         training read."""
+        return self._prompt_tokens(record)[-self.max_length :]
+
+    def _prompt_tokens(self, record: InstructRecord) -> list[int]:
         # Alpaca text gets the tokenizer's special tokens (BOS; a T5 encoder's closing </s>);
         # a chat template writes its own.
-        ids = self._tokens(self.prompt_text(record), special=not self.template.is_chat)
-        return ids[-self.max_length :]
+        return self._tokens(self.prompt_text(record), special=not self.template.is_chat)
 
     def chat_prompt(self, messages: Sequence[Message]) -> list[int]:
         """The tokens for a conversation so far, ending where the assistant speaks next."""
