@@ -436,7 +436,10 @@ def analyze(
     if out is not None:
         atomic.check_new_dir(out, overwrite)  # before the model loads
     loaded = load_run(run_dir, zero_shot)
-    analysis = analyze_report(loaded, text, source, progress=not no_progress)
+    analysis = analyze_report(
+        text, source, loaded.labels,
+        lambda texts: loaded.proba(texts, progress=not no_progress and len(texts) > 50),
+    )  # fmt: skip
     _note_overflow(loaded.codec, len(analysis.sentences), "sentence(s)")
     if out is not None:
         write_analysis(analysis, out, top, overwrite)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -357,21 +357,22 @@ class ReportAnalysis:
         return buffer.getvalue()
 
 
-def analyze(loaded: Any, text: str, source: str, progress: bool = True) -> ReportAnalysis:
-    """Segment a report's text (`read_report`) and score its sentences with a loaded
-    classification run; `source` names the report in the summary.
+def analyze(
+    text: str, source: str, labels: Sequence[str], score: Callable[[list[str]], np.ndarray]
+) -> ReportAnalysis:
+    """Segment a report's text (`read_report`) and score its sentences with `score`, which
+    gives (N, K) probabilities in `labels` order (a classification run's `proba`); `source`
+    names the report in the summary.
 
-    Raises FinloraError for an instruct run, or a text with no prose sentence.
+    Raises FinloraError when the text holds no prose sentence.
     """
-    loaded.require_task("classify", "finlora generate, with the report's text in the prompt")
     parts = segment(text)
     if not parts.sentences:
         raise FinloraError(
             f"{source}: no prose sentence found ({parts.skipped} table rows or fragments)"
         )
-    texts = [s.text for s in parts.sentences]
-    probs = loaded.proba(texts, progress=progress and len(texts) > 50)
-    return ReportAnalysis(source, loaded.labels, parts.sentences, probs, parts.skipped)
+    probs = np.asarray(score([s.text for s in parts.sentences]), dtype=float)
+    return ReportAnalysis(source, list(labels), parts.sentences, probs, parts.skipped)
 
 
 # ---- output --------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """An HTTP server for a trained run (`finlora serve`), built with FastAPI.
 
-- Classification runs answer `POST /predict` (label and probabilities, as `finlora predict`).
+- Classification runs answer `POST /predict` (label and probabilities, as `finlora predict`)
+  and `POST /analyze` (a report's text read sentence by sentence, as `finlora analyze --json`).
 - Instruct runs answer `POST /generate` (as `finlora generate --json`) and an OpenAI-style
   `POST /v1/chat/completions`, streamed as server-sent events when asked, so existing chat
   clients can talk to them.
@@ -28,6 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException
 from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BaseModel, Field, field_validator
@@ -37,11 +39,16 @@ from finlora.data.instruct import Message
 from finlora.errors import FinloraError
 from finlora.generate import GenerationOptions, Reply
 from finlora.predict import LoadedRun, Prediction
+from finlora.report import analyze
 
 MAX_TEXTS = 1024  # sentences in one /predict request
+MAX_REPORT_CHARS = 2_000_000  # one /analyze report: a long annual report's text
 MAX_NEW_TOKENS = 4096
 API_KEY_ENV = "FINLORA_API_KEY"
-ROUTES = {"classify": ("/predict",), "instruct": ("/generate", "/v1/chat/completions")}
+ROUTES = {
+    "classify": ("/predict", "/analyze"),
+    "instruct": ("/generate", "/v1/chat/completions"),
+}
 
 
 def _not_blank(text: str) -> str:
@@ -55,6 +62,12 @@ Text = Annotated[str, AfterValidator(_not_blank)]
 
 class PredictRequest(BaseModel):
     texts: Annotated[list[Text], Field(min_length=1, max_length=MAX_TEXTS)]
+
+
+class AnalyzeRequest(BaseModel):
+    text: Annotated[Text, Field(max_length=MAX_REPORT_CHARS)]
+    top: Annotated[int, Field(ge=0, le=100)] = 5
+    source: str = "request"
 
 
 class Decoding(BaseModel):
@@ -246,6 +259,17 @@ class _Server:
         predictions = self.queue.predict(request.texts)
         return {"predictions": [p.to_dict() for p in predictions]}
 
+    def analyze(self, request: AnalyzeRequest) -> dict[str, Any]:
+        """`finlora analyze --json` on the request's text; its sentences queue as /predict's."""
+        self.require("classify", "/generate or /v1/chat/completions")
+        labels = self.loaded.labels
+
+        def score(texts: list[str]) -> np.ndarray:
+            predictions = self.queue.predict(texts)
+            return np.array([[p.probabilities[label] for label in labels] for p in predictions])
+
+        return analyze(request.text, request.source, labels, score).summary(request.top)
+
     def generate(self, request: GenerateRequest) -> dict[str, Any]:
         self.require("instruct", "/predict")
         options = request.options()
@@ -380,6 +404,10 @@ def create_app(loaded: LoadedRun, api_key: str | None = None) -> FastAPI:
     @guarded.post("/predict")
     def predict(request: PredictRequest) -> dict[str, Any]:
         return _user_errors_as_400(lambda: server.predict(request))
+
+    @guarded.post("/analyze")
+    def analyze_report(request: AnalyzeRequest) -> dict[str, Any]:
+        return _user_errors_as_400(lambda: server.analyze(request))
 
     @guarded.post("/generate")
     def generate(request: GenerateRequest) -> dict[str, Any]:

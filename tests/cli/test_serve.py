@@ -25,6 +25,7 @@ from finlora.chat import answer, instruction_prompt
 from finlora.config import load_config
 from finlora.generate import GenerationOptions
 from finlora.predict import LoadedRun, load_run
+from finlora.report import analyze
 from finlora.serve import PredictQueue, create_app, is_loopback
 from finlora.train import train
 
@@ -85,7 +86,7 @@ def test_health_and_info(classify_client: TestClient, classify_run: Path) -> Non
     assert info["task"] == "classify"
     assert info["labels"] == ["negative", "neutral", "positive"]
     assert info["run"] == str(classify_run)
-    assert info["endpoints"] == ["/predict"]
+    assert info["endpoints"] == ["/predict", "/analyze"]
     assert info["precision"] == "fp32"
 
 
@@ -232,9 +233,37 @@ def test_generate_refuses_bad_bodies(instruct_client: TestClient, body: dict[str
 
 
 def test_predict_refuses_an_instruct_run(instruct_client: TestClient) -> None:
-    response = instruct_client.post("/predict", json={"texts": TEXTS})
-    assert response.status_code == 400
-    assert "task is instruct" in response.json()["detail"]
+    for route, body in (("/predict", {"texts": TEXTS}), ("/analyze", {"text": REPORT})):
+        response = instruct_client.post(route, json=body)
+        assert response.status_code == 400
+        assert "task is instruct" in response.json()["detail"]
+
+
+REPORT = (
+    "# Results\n\nNet sales rose 12 %. Mr. Smith said demand held.\n\n"
+    "# Risks\n\nCosts rose sharply."
+)
+
+
+def test_analyze_answers_as_the_library_does(
+    classify_client: TestClient, classify_loaded: LoadedRun
+) -> None:
+    response = classify_client.post("/analyze", json={"text": REPORT, "top": 1, "source": "q3"})
+    assert response.status_code == 200
+    analysis = analyze(
+        REPORT, "q3", classify_loaded.labels, lambda t: classify_loaded.proba(t, progress=False)
+    )
+    expected = analysis.summary(1)
+    served = response.json()
+    assert served["sentences"] == 3
+    assert [s["title"] for s in served["sections"]] == ["Results", "Risks"]
+    assert served.keys() == expected.keys()
+    for label, row in expected["labels"].items():
+        assert served["labels"][label] == pytest.approx(row, abs=1e-5)
+    assert served["tone"] == pytest.approx(expected["tone"], abs=1e-5)
+    nothing = classify_client.post("/analyze", json={"text": "12\n\n| 3 | 4 |"})
+    assert nothing.status_code == 400 and "no prose sentence" in nothing.json()["detail"]
+    assert classify_client.post("/analyze", json={"text": "  "}).status_code == 422
 
 
 def _chat(client: TestClient, **extra: Any) -> Any:
