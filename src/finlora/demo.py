@@ -59,7 +59,8 @@ def run_demo(
         f"reports: {output / 'eval'})"
     )
     echo(
-        f'next: finlora predict {output} "...", finlora serve {output} (HTTP API), '
+        f'next: finlora predict {output} "...", finlora analyze {output} REPORT.pdf '
+        f"(a report, sentence by sentence), finlora serve {output} (HTTP API), "
         f"finlora export {output} --format gguf --out exports/demo (llama.cpp)"
     )
     return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}

@@ -345,8 +345,14 @@ def test_train_wrong_type(train_cli: Callable[..., tuple[Result, Path]]) -> None
     assert not output.exists()
 
 
-def test_train_needs_config(cli: Callable[..., Result]) -> None:
-    assert_user_error(cli("train"), "train needs a CONFIG file")
+def test_train_without_config_uses_the_defaults(
+    cli: Callable[..., Result], tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    output = tmp_path / "defaults"
+    result = cli("train", "--output", output, "--no-progress",
+                 *set_args([*tiny_overrides, "train.max_steps=1"]))  # fmt: skip
+    assert result.code == 0, result.err
+    assert (output / "adapter").is_dir()
 
 
 def test_train_resume_needs_output(cli: Callable[..., Result]) -> None:

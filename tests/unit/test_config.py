@@ -18,6 +18,12 @@ def error(overrides: list[str], path: Path | None = None) -> str:
     return message
 
 
+def test_defaults_are_the_shipped_fpb_recipe() -> None:
+    """`finlora train` without a CONFIG trains what configs/fpb-smollm2-lora.yaml says."""
+    recipe = Path(__file__).parents[2] / "configs" / "fpb-smollm2-lora.yaml"
+    assert load_config(recipe) == load_config(None)
+
+
 def test_defaults_load() -> None:
     cfg = load_config(None)
     assert cfg == RunConfig()
@@ -25,7 +31,7 @@ def test_defaults_load() -> None:
     assert cfg.model.name == "smollm2-135m-instruct"
     assert cfg.lora.r == 16
     assert cfg.lora.target_modules == "all-linear"
-    assert cfg.train.epochs == 2
+    assert cfg.train.epochs == 1
     assert cfg.train.max_steps is None
     assert cfg.train.learning_rate == 3e-4
     assert cfg.data.labels == []
