@@ -37,8 +37,10 @@ ABBREVIATIONS = frozenset({
 })
 # fmt: on
 # A sentence ends at . ! or ? (closing quotes and brackets included) before white space and a
-# capital, a digit or an opening quote or bracket.
-_END = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*\s+(?=[\"'\u201c\u2018(\[]?[A-Z0-9])")
+# capital or a digit, which may follow an opening quote, bracket or dash.
+_END = re.compile(
+    r"[.!?]+[\"'\u201d\u2019)\]]*\s+(?=[\"'`\u201c\u2018(\[\-\u2013\u2014]{0,2} ?[A-Z0-9])"
+)
 _BULLET = re.compile(r"^\s*(?:[-*\u2022\u25aa\u25cf\u2013\u2014]|\(?(?:\d{1,2}|[a-z])[.)])\s+")
 _MARKDOWN_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$")
 _WORD = re.compile(r"[^\W\d_]{2,}")  # a word of two letters or more
@@ -146,15 +148,15 @@ def read_report(path: Path) -> str:
 
 def split_sentences(text: str) -> list[str]:
     """Sentences of one paragraph, cut after . ! ? unless the word before is an abbreviation,
-    an initial or a number's part."""
+    an initial ("J. Smith": one capital letter) or dotted letters ("U.S.")."""
     sentences, start = [], 0
     for match in _END.finditer(text):
         before = text[start : match.start()].split()
-        word = before[-1].lower().strip("([{\"'\u201c\u2018").rstrip(".") if before else ""
+        word = before[-1].strip("([{\"'\u201c\u2018").rstrip(".") if before else ""
         if (
-            word in ABBREVIATIONS
-            or (len(word) == 1 and word.isalpha())
-            or re.fullmatch(r"(?:[a-z]\.)+[a-z]", word)
+            word.lower() in ABBREVIATIONS
+            or (len(word) == 1 and word.isupper())  # not "m" in "EUR 3.1 m."
+            or re.fullmatch(r"(?:[A-Za-z]\.)+[A-Za-z]", word)
         ):
             continue
         sentences.append(text[start : match.end()].strip())

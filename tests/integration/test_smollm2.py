@@ -45,6 +45,7 @@ def _cfg(data: Path, *extra: str):
             "data.test_fraction=0.25",
             "data.val_fraction=0.2",
             "train.batch_size=8",
+            "train.epochs=2",  # 4 steps an epoch on the sample: the tests take up to 8
             "train.log_every=1",
             "train.learning_rate=5e-4",
             "train.checkpoint_every=3",

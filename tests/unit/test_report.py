@@ -43,7 +43,8 @@ The war in Ukraine may weaken demand. See Fig. 3 for details! "Prices rose sharp
 def test_sentences_end_at_stops_but_not_abbreviations_initials_or_numbers() -> None:
     assert split_sentences(
         "Sales fell to EUR 3.1 mn. Mr. Smith of Acme Inc. said so. Prices rose (approx. 5 %). "
-        'The U.S. unit grew! "Margins held," J. Doe said. Is it 2.5? Yes.'
+        'The U.S. unit grew! "Margins held," J. Doe said. Is it 2.5? Yes. It fell to EUR 3 m. '
+        "Costs rose."
     ) == [
         "Sales fell to EUR 3.1 mn.",
         "Mr. Smith of Acme Inc. said so.",
@@ -52,7 +53,12 @@ def test_sentences_end_at_stops_but_not_abbreviations_initials_or_numbers() -> N
         '"Margins held," J. Doe said.',
         "Is it 2.5?",
         "Yes.",
+        "It fell to EUR 3 m.",
+        "Costs rose.",
     ]  # fmt: skip
+    # A new sentence may open with a dash, a bracket or quotes before its capital.
+    opened = split_sentences("Sales rose. - Profit fell. ( ADP ) Costs held. `` Demand grew.")
+    assert opened == ["Sales rose.", "- Profit fell.", "( ADP ) Costs held.", "`` Demand grew."]
     # No capital after the stop, no cut: "e.g. our" and a lower-case continuation.
     assert split_sentences("Costs, e.g. energy, rose. and more") == [
         "Costs, e.g. energy, rose. and more"
