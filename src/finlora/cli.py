@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from finlora.errors import FinloraError
+from finlora.errors import FinloraError, leave_error
 
 
 def _quiet_libraries() -> None:
@@ -189,9 +189,11 @@ def _train_processes(nproc: int, device: str, args: list[str]) -> None:
 
     if World.from_env().distributed:
         raise FinloraError("--nproc: this process was already started by a launcher (torchrun)")
-    status = launch(nproc, args, device)
-    if status:
-        sys.exit(status)
+    launched = launch(nproc, args, device)
+    for message in launched.errors:
+        _echo_err(f"finlora: error: {message}")
+    if launched.status:
+        sys.exit(launched.status)
 
 
 def _loader_options(
@@ -874,7 +876,8 @@ def main() -> None:
     try:
         cli.main(prog_name="finlora", standalone_mode=False)
     except FinloraError as exc:
-        _echo_err(f"finlora: error: {exc}")
+        if not leave_error(str(exc)):  # under `--nproc`, the launcher prints it once
+            _echo_err(f"finlora: error: {exc}")
         sys.exit(2)
     except click.exceptions.Abort:
         _echo_err("finlora: aborted")

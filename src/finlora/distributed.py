@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from finlora.errors import FinloraError
+from finlora.errors import ERRORS_ENV, FinloraError
 
 T = TypeVar("T")
 
@@ -156,16 +156,24 @@ class World:
             dist.barrier()
 
 
-def launch(processes: int, args: Sequence[str], device: str = "auto") -> int:
+@dataclass(frozen=True)
+class Launched:
+    status: int  # 0, or the first failed process's exit status
+    errors: list[str]  # the distinct user errors the processes left, in rank order
+
+
+def launch(processes: int, args: Sequence[str], device: str = "auto") -> Launched:
     """Run `finlora ARGS` in `processes` processes on this machine, as `torchrun --standalone
-    --nproc-per-node N -m finlora ARGS` would; returns the exit status (rank 0's first).
-    `device` is the run's train.device: on GPUs, each process takes one.
+    --nproc-per-node N -m finlora ARGS` would. `device` is the run's train.device: on GPUs,
+    each process takes one.
 
     Each process gets an equal share of the CPU's threads unless $OMP_NUM_THREADS says
-    otherwise (torchrun alone would give each one thread). A process that fails has already
-    said why on stderr, so the launcher's own report of it is kept off the terminal.
+    otherwise (torchrun alone would give each one thread). The processes leave their user
+    errors (`leave_error`) for the caller to print once; anything else a process prints
+    itself, so the launcher's own report of a failure is kept off the terminal.
     """
     import logging
+    import tempfile
     import uuid
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -192,11 +200,21 @@ def launch(processes: int, args: Sequence[str], device: str = "auto") -> int:
     elastic = logging.getLogger("torch.distributed.elastic")
     level = elastic.level
     elastic.setLevel(logging.CRITICAL)
-    try:
-        elastic_launch(config, sys.executable)("-m", "finlora", *args)
-    except ChildFailedError as exc:
-        failures = sorted(exc.failures.items())
-        return next((f.exitcode for _, f in failures if f.exitcode > 0), 1)
-    finally:
-        elastic.setLevel(level)
-    return 0
+    status = 0
+    with tempfile.TemporaryDirectory(prefix="finlora-errors-") as errors_dir:
+        os.environ[ERRORS_ENV] = errors_dir  # the processes inherit it
+        try:
+            elastic_launch(config, sys.executable)("-m", "finlora", *args)
+        except ChildFailedError as exc:
+            failures = sorted(exc.failures.items())
+            status = next((f.exitcode for _, f in failures if f.exitcode > 0), 1)
+        finally:
+            del os.environ[ERRORS_ENV]
+            elastic.setLevel(level)
+        errors = []
+        for name in sorted(os.listdir(errors_dir)):
+            with open(os.path.join(errors_dir, name), encoding="utf-8") as fh:
+                message = fh.read()
+            if message not in errors:
+                errors.append(message)
+    return Launched(status, errors)

@@ -4,6 +4,24 @@ Anything raised as `FinloraError` is a mistake in the user's input (a file, a co
 the CLI prints its message as one line and exits with status 2. Every other exception is a bug.
 """
 
+import os
+
 
 class FinloraError(Exception):
     """A user-facing error: the message names the file, line or key at fault."""
+
+
+# Where the processes of `finlora train --nproc` leave their one-line user errors, for the
+# launcher (distributed.launch) to print once rather than once a process.
+ERRORS_ENV = "FINLORA_ERRORS_DIR"
+
+
+def leave_error(message: str) -> bool:
+    """In a process `finlora train --nproc` started, leave a user error for the launcher to
+    print; False in any other process, which prints its own."""
+    directory, rank = os.environ.get(ERRORS_ENV), os.environ.get("RANK")
+    if not directory or rank is None or not os.path.isdir(directory):
+        return False
+    with open(os.path.join(directory, f"{int(rank):05d}.txt"), "w", encoding="utf-8") as fh:
+        fh.write(message)
+    return True

@@ -141,6 +141,19 @@ def test_two_processes_with_accumulation_on_instructions(
     ]
 
 
+def test_an_error_of_every_process_is_printed_once(
+    tiny_cfg: Callable[..., RunConfig], tmp_path: Path
+) -> None:
+    """A missing data file fails each process alike: the launcher prints its line once."""
+    missing = tmp_path / "missing.txt"
+    config = tmp_path / "config.yaml"
+    config.write_text(tiny_cfg(f"data.path={missing}").to_yaml(), encoding="utf-8")
+    done = finlora_nproc(config, tmp_path / "run")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [f"finlora: error: {missing}: no such file"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_world_from_launcher_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
