@@ -397,9 +397,10 @@ def predict(
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.argument("report")
+@click.argument("reports", nargs=-1, required=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Directory for sentences.csv, "
-              "summary.json and profile.png.")  # fmt: skip
+              "summary.json and profile.png (several reports: a folder each, and "
+              "comparison.csv and comparison.png).")  # fmt: skip
 @click.option("--top", default=5, show_default=True, help="Sentences to show for each label.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--zero-shot", is_flag=True, help="Use the base model without the adapter.")
@@ -407,7 +408,7 @@ def predict(
 @click.option("--no-progress", is_flag=True)
 def analyze(
     run_dir: Path,
-    report: str,
+    reports: tuple[str, ...],
     out: Path | None,
     top: int,
     as_json: bool,
@@ -415,40 +416,64 @@ def analyze(
     overwrite: bool,
     no_progress: bool,
 ) -> None:
-    """Read a financial report sentence by sentence with a classification run: label shares,
-    tone by section, and the sentences that carry each label most.
+    """Read financial reports sentence by sentence with a classification run: label shares,
+    tone by section, and the sentences that carry each label most; several reports (e.g.
+    quarter by quarter) side by side.
 
-    REPORT is a .pdf (with a text layer), .html, .md or .txt file, or - for standard input.
+    A REPORT is a .pdf (with a text layer), .html, .md or .txt file, or - for standard input.
     Headings start sections; table rows and page furniture are skipped.
 
     \b
     Example:
       finlora analyze runs/fpb annual-report-2024.pdf
       finlora analyze runs/fpb q3-release.html --out q3-analysis --json
+      finlora analyze runs/fpb q1.pdf q2.pdf q3.pdf --out quarters
     """
     from finlora import atomic
     from finlora.predict import load_run, require_task
     from finlora.report import analyze as analyze_report
-    from finlora.report import format_summary, read_report, write_analysis
+    from finlora.report import (
+        comparison,
+        format_comparison,
+        format_summary,
+        read_report,
+        write_analysis,
+        write_comparison,
+    )
 
     if top < 0:
         raise FinloraError(f"--top: must be 0 or more (got {top})")
-    text = sys.stdin.read() if report == "-" else read_report(Path(report))
-    source = "standard input" if report == "-" else report
+    if reports.count("-") > 1:
+        raise FinloraError("standard input (-) can be read once")
+    # Every report is read before the model loads: a bad file is one line, at once.
+    texts = [sys.stdin.read() if r == "-" else read_report(Path(r)) for r in reports]
+    sources = ["standard input" if r == "-" else r for r in reports]
     require_task(run_dir, "classify", "finlora generate, with the report's text in the prompt")
     if out is not None:
-        atomic.check_new_dir(out, overwrite)  # before the model loads
+        atomic.check_new_dir(out, overwrite)
     loaded = load_run(run_dir, zero_shot)
-    analysis = analyze_report(
-        text, source, loaded.labels,
-        lambda texts: loaded.proba(texts, progress=not no_progress and len(texts) > 50),
-    )  # fmt: skip
-    _note_overflow(loaded.codec, len(analysis.sentences), "sentence(s)")
+    analyses = [
+        analyze_report(
+            text, source, loaded.labels,
+            lambda t: loaded.proba(t, progress=not no_progress and len(t) > 50),
+        )
+        for text, source in zip(texts, sources, strict=True)
+    ]  # fmt: skip
+    _note_overflow(loaded.codec, sum(len(a.sentences) for a in analyses), "sentence(s)")
+    if len(analyses) == 1:
+        if out is not None:
+            write_analysis(analyses[0], out, top, overwrite)
+            _echo_err(f"wrote {out}/: sentences.csv, summary.json, profile.png")
+        summary = analyses[0].summary(top)
+        click.echo(json.dumps(summary) if as_json else format_summary(summary))
+        return
     if out is not None:
-        write_analysis(analysis, out, top, overwrite)
-        _echo_err(f"wrote {out}/: sentences.csv, summary.json, profile.png")
-    summary = analysis.summary(top)
-    click.echo(json.dumps(summary) if as_json else format_summary(summary))
+        names = write_comparison(analyses, out, top, overwrite)
+        _echo_err(f"wrote {out}/: comparison.csv, comparison.png, and {', '.join(names)}/")
+    if as_json:
+        click.echo(json.dumps({"reports": [a.summary(top) for a in analyses]}))
+    else:
+        click.echo(format_comparison(comparison(analyses)))
 
 
 def _verify_n(value: str) -> int | None:

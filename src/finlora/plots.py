@@ -396,3 +396,34 @@ def plot_report_profile(
         bottom.set_axis_off()
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_report_comparison(
+    rows: Sequence[dict[str, Any]], labels: Sequence[str], path: Path
+) -> Path:
+    """Several reports side by side: each one's label shares as a stacked bar, in the order
+    given (e.g. quarter by quarter), its tone written beside it where the labels have one.
+
+    `rows` are `report.comparison` rows. Raises FinloraError when there is no row.
+    """
+    if not rows:
+        raise FinloraError("nothing to plot: no report to compare")
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.45 * len(rows)))
+    y = np.arange(len(rows))
+    left = np.zeros(len(rows))
+    for j, label in enumerate(labels):
+        shares = np.array([float(r["shares"][label]) for r in rows])
+        ax.barh(y, shares, left=left, label=label, color=f"C{j % 10}")
+        left += shares
+    for i, r in enumerate(rows):
+        if r["tone"] is not None:
+            ax.text(1.01, i, f"tone {r['tone']:+.2f}", va="center", fontsize=8)
+    names = [f"{Path(str(r['report'])).name[:40]} ({r['sentences']})" for r in rows]
+    ax.set_yticks(y, labels=names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("share of the report's sentences (sentences in brackets)")
+    ax.set_title("Label shares by report", fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(rows) < 4 else -0.12),
+              ncol=len(labels), fontsize=8)  # fmt: skip
+    return _save(fig, path)

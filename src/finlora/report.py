@@ -380,6 +380,20 @@ def analyze(
 # ---- output --------------------------------------------------------------------------------
 
 SENTENCES_FILE, SUMMARY_FILE, PLOT_FILE = "sentences.csv", "summary.json", "profile.png"
+COMPARISON_FILE, COMPARISON_PLOT = "comparison.csv", "comparison.png"
+
+
+def _write_files(analysis: ReportAnalysis, directory: Path, top: int) -> None:
+    from finlora import atomic
+    from finlora.plots import plot_report_profile
+
+    summary = analysis.summary(top)
+    atomic.write_text(directory / SENTENCES_FILE, analysis.sentences_csv())
+    atomic.write_json(directory / SUMMARY_FILE, summary)
+    plot_report_profile(
+        analysis.probs, analysis.labels, summary["sections"], directory / PLOT_FILE,
+        title=f"{Path(analysis.source).name}: label probabilities through the report",
+    )  # fmt: skip
 
 
 def write_analysis(analysis: ReportAnalysis, out: Path, top: int, overwrite: bool) -> Path:
@@ -389,18 +403,66 @@ def write_analysis(analysis: ReportAnalysis, out: Path, top: int, overwrite: boo
     Raises FinloraError when `out` holds files and `overwrite` is not set.
     """
     from finlora import atomic
-    from finlora.plots import plot_report_profile
 
     atomic.check_new_dir(out, overwrite)
-    summary = analysis.summary(top)
     with atomic.atomic_dir(out) as tmp:
-        atomic.write_text(tmp / SENTENCES_FILE, analysis.sentences_csv())
-        atomic.write_json(tmp / SUMMARY_FILE, summary)
-        plot_report_profile(
-            analysis.probs, analysis.labels, summary["sections"], tmp / PLOT_FILE,
-            title=f"{Path(analysis.source).name}: label probabilities through the report",
-        )  # fmt: skip
+        _write_files(analysis, tmp, top)
     return out
+
+
+def _directory_names(sources: Sequence[str]) -> list[str]:
+    """A folder name per report: its file stem, numbered where two would clash."""
+    names: list[str] = []
+    for source in sources:
+        stem = re.sub(r"[^\w.-]+", "_", Path(source).stem) or "report"
+        name, n = stem, 2
+        while name in names:
+            name, n = f"{stem}-{n}", n + 1
+        names.append(name)
+    return names
+
+
+def comparison(analyses: Sequence[ReportAnalysis]) -> list[dict[str, Any]]:
+    """One row per report: sentences, label shares and tone, in the order given."""
+    rows = []
+    for a in analyses:
+        predicted = a.predicted
+        rows.append({
+            "report": a.source,
+            "sentences": len(a.sentences),
+            "shares": {label: predicted.count(label) / len(predicted) for label in a.labels},
+            "tone": a.tone(),
+        })  # fmt: skip
+    return rows
+
+
+def write_comparison(
+    analyses: Sequence[ReportAnalysis], out: Path, top: int, overwrite: bool
+) -> list[str]:
+    """Each report's files (`write_analysis`) in a folder of its own under `out`, beside
+    comparison.csv and comparison.png; `out` appears whole or not at all. Returns the
+    folders' names."""
+    from finlora import atomic
+    from finlora.plots import plot_report_comparison
+
+    atomic.check_new_dir(out, overwrite)
+    names = _directory_names([a.source for a in analyses])
+    rows = comparison(analyses)
+    labels = analyses[0].labels
+    with atomic.atomic_dir(out) as tmp:
+        for analysis, name in zip(analyses, names, strict=True):
+            (tmp / name).mkdir()
+            _write_files(analysis, tmp / name, top)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["report", "folder", "sentences", *[f"share_{x}" for x in labels], "tone"])
+        for row, name in zip(rows, names, strict=True):
+            shares = [round(row["shares"][x], 6) for x in labels]
+            tone = "" if row["tone"] is None else round(row["tone"], 6)
+            writer.writerow([row["report"], name, row["sentences"], *shares, tone])
+        atomic.write_text(tmp / COMPARISON_FILE, buffer.getvalue())
+        plot_report_comparison(rows, labels, tmp / COMPARISON_PLOT)
+    return names
 
 
 def _shorten(text: str, width: int = 110) -> str:
@@ -438,4 +500,19 @@ def format_summary(summary: dict[str, Any], max_sections: int = 15) -> str:
         if rows and label.lower() != "neutral":
             lines += ["", f"most {label}:"]
             lines += [f"  {r['probability']:.3f}  {_shorten(r['text'])}" for r in rows]
+    return "\n".join(lines)
+
+
+def format_comparison(rows: Sequence[dict[str, Any]]) -> str:
+    """Several reports side by side: sentences, label shares and tone, one line each."""
+    labels = list(rows[0]["shares"])
+    names = [r["report"] if len(r["report"]) <= 40 else "..." + r["report"][-37:] for r in rows]
+    width = max(12, *(len(name) for name in names)) + 2
+    has_tone = rows[0]["tone"] is not None
+    head = f"{'report':<{width}}{'sentences':>10}" + "".join(f"{x[:9]:>10}" for x in labels)
+    lines = [head + (f"{'tone':>9}" if has_tone else "")]
+    for name, r in zip(names, rows, strict=True):  # long paths keep their file name
+        line = f"{name:<{width}}{r['sentences']:>10}"
+        line += "".join(f"{100 * r['shares'][x]:>9.1f}%" for x in labels)
+        lines.append(line + (f"{r['tone']:>+9.3f}" if has_tone else ""))
     return "\n".join(lines)

@@ -95,3 +95,48 @@ def test_existing_output_is_refused_before_the_model_loads(
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert cli("analyze", trained, report, "--out", out, "--overwrite").code == 0
     assert sorted(p.name for p in out.iterdir()) == ["profile.png", "sentences.csv", "summary.json"]
+
+
+NEGATIVE = """## Results
+
+Net sales fell 6 % and the operating loss widened. The company lowers its guidance.
+"""
+
+
+def test_several_reports_side_by_side(
+    cli: Callable[..., Result], trained: Path, report: Path, tmp_path: Path
+) -> None:
+    second = tmp_path / "other" / "q3.txt"  # the same stem as the first: folders q3, q3-2
+    second.parent.mkdir()
+    second.write_text(NEGATIVE, encoding="utf-8")
+    out = tmp_path / "quarters"
+    result = cli("analyze", trained, report, second, "--out", out, "--json")
+    assert result.code == 0, result.err
+    summaries = json.loads(result.out)["reports"]
+    alone = [json.loads(cli("analyze", trained, r, "--json").out) for r in (report, second)]
+    assert [s["source"] for s in summaries] == [str(report), str(second)]
+    for together, single in zip(summaries, alone, strict=True):
+        assert together["sentences"] == single["sentences"]
+        assert together["tone"] == pytest.approx(single["tone"], abs=1e-6)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "comparison.csv",
+        "comparison.png",
+        "q3",
+        "q3-2",
+    ]
+    assert json.loads((out / "q3-2" / "summary.json").read_text()) == summaries[1]
+    rows = list(csv.DictReader((out / "comparison.csv").open(encoding="utf-8")))
+    assert [(r["folder"], int(r["sentences"])) for r in rows] == [("q3", 4), ("q3-2", 2)]
+    assert float(rows[1]["tone"]) == pytest.approx(summaries[1]["tone"], abs=1e-5)
+    table = cli("analyze", trained, report, second).out.splitlines()
+    assert table[0].split() == ["report", "sentences", "negative", "neutral", "positive", "tone"]
+    assert [line.split()[1] for line in table[1:]] == ["4", "2"]
+    assert table[1].split()[0].endswith("/q3.md") and table[2].split()[0].endswith("/q3.txt")
+
+
+def test_several_reports_are_all_read_before_the_model_loads(
+    cli: Callable[..., Result], trained: Path, report: Path, tmp_path: Path
+) -> None:
+    missing = tmp_path / "missing.pdf"
+    assert_user_error(cli("analyze", trained, report, missing), f"{missing}: no such file")
+    assert_user_error(cli("analyze", trained, "-", "-", stdin=REPORT), "read once")

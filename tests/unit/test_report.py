@@ -11,8 +11,15 @@ import numpy as np
 import pytest
 
 from finlora.errors import FinloraError
-from finlora.plots import plot_report_profile
-from finlora.report import ReportAnalysis, read_report, segment, split_sentences
+from finlora.plots import plot_report_comparison, plot_report_profile
+from finlora.report import (
+    ReportAnalysis,
+    comparison,
+    format_comparison,
+    read_report,
+    segment,
+    split_sentences,
+)
 
 REPORT = """ANNUAL REPORT 2024
 
@@ -221,3 +228,10 @@ def test_labels_without_positive_and_negative_have_no_tone(tmp_path: Path) -> No
     assert path.read_bytes().startswith(b"\x89PNG")
     with pytest.raises(FinloraError, match="no scored sentence"):
         plot_report_profile(np.zeros((0, 2)), analysis.labels, [], tmp_path / "q.png")
+    rows = comparison([analysis, analysis])
+    assert [r["tone"] for r in rows] == [None, None]
+    assert format_comparison(rows).splitlines()[0].split() == ["report", "sentences", "bullish",
+                                                               "bearish"]  # fmt: skip
+    assert plot_report_comparison(rows, analysis.labels, tmp_path / "c.png").is_file()
+    with pytest.raises(FinloraError, match="no report"):
+        plot_report_comparison([], analysis.labels, tmp_path / "d.png")
