@@ -289,6 +289,11 @@ def _read_inputs(texts: tuple[str, ...], file: Path | None, text_column: str) ->
     if file is not None:
         from finlora.data.loaders import read_text
 
+        if file.suffix.lower() in (".pdf", ".html", ".htm"):
+            raise FinloraError(
+                f"{file}: --file reads sentences (CSV/TSV, JSONL, one a line); "
+                "read a report with finlora analyze RUN REPORT"
+            )
         return _texts_from_file(file, read_text(file), text_column)
     if texts and texts != ("-",):
         return list(texts)

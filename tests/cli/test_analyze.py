@@ -140,3 +140,11 @@ def test_several_reports_are_all_read_before_the_model_loads(
     missing = tmp_path / "missing.pdf"
     assert_user_error(cli("analyze", trained, report, missing), f"{missing}: no such file")
     assert_user_error(cli("analyze", trained, "-", "-", stdin=REPORT), "read once")
+
+
+def test_predict_points_a_report_to_analyze(
+    cli: Callable[..., Result], trained: Path, tmp_path: Path
+) -> None:
+    report = tmp_path / "annual.pdf"
+    report.write_bytes(b"%PDF-1.4 ...")
+    assert_user_error(cli("predict", trained, "--file", report), "finlora analyze RUN REPORT")
