@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from finlora.data.documents import segment
 from finlora.data.textfile import read_text
-from finlora.report import segment
 
 default = Path(os.environ.get("FINLORA_FPB_DIR", ".")) / "Sentences_AllAgree.txt"
 path = Path(sys.argv[1]) if len(sys.argv) > 1 else default

@@ -435,13 +435,13 @@ def analyze(
       finlora analyze runs/fpb q1.pdf q2.pdf q3.pdf --out quarters
     """
     from finlora import atomic
+    from finlora.data.documents import read_report
     from finlora.predict import load_run, require_task
     from finlora.report import analyze as analyze_report
     from finlora.report import (
         comparison,
         format_comparison,
         format_summary,
-        read_report,
         write_analysis,
         write_comparison,
     )

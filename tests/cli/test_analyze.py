@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cli_support import Result, assert_user_error
 
-from finlora.report import segment
+from finlora.data.documents import segment
 
 REPORT = """# Interim report
 

@@ -1,5 +1,5 @@
-"""Report analysis without a model: reading (text, HTML, PDF), cutting into sections and
-sentences, and the summary of given probabilities."""
+"""Report analysis without a model: reading documents (text, HTML, PDF), cutting them into
+sections and sentences, and the summary of given probabilities."""
 
 from __future__ import annotations
 
@@ -10,16 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from finlora.data.documents import read_report, segment, split_sentences
 from finlora.errors import FinloraError
 from finlora.plots import plot_report_comparison, plot_report_profile
-from finlora.report import (
-    ReportAnalysis,
-    comparison,
-    format_comparison,
-    read_report,
-    segment,
-    split_sentences,
-)
+from finlora.report import ReportAnalysis, comparison, format_comparison
 
 REPORT = """ANNUAL REPORT 2024
 
