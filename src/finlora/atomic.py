@@ -54,12 +54,12 @@ def atomic_dir(path: str | os.PathLike[str], replace: bool = True) -> Iterator[P
     new one is discarded. On an exception nothing at `path` changes.
     """
     target = Path(path)
+    old = target.with_name(f".{target.name}.old")  # raises for "." before anything is made
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)
-    old = target.with_name(f".{target.name}.old")
     try:
         yield tmp
         if target.exists():
@@ -78,7 +78,10 @@ def check_new_dir(out: Path, overwrite: bool) -> None:
 
     Raises FinloraError naming the path and the option that overrides it.
     """
-    if out.exists() and not out.is_dir():
-        raise FinloraError(f"{out}: exists and is not a directory")
+    if out.name in ("", ".", ".."):
+        raise FinloraError(f"{out}: give the output directory a name of its own")
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            raise FinloraError(f"{path}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise FinloraError(f"{out}: output directory exists and is not empty (use --overwrite)")

@@ -435,13 +435,15 @@ def analyze(
       finlora analyze runs/fpb q1.pdf q2.pdf q3.pdf --out quarters
     """
     from finlora import atomic
-    from finlora.data.documents import read_report
+    from finlora.data.documents import read_report, read_report_stream
+    from finlora.data.textfile import STDIN
     from finlora.predict import load_run, require_task
-    from finlora.report import analyze as analyze_report
     from finlora.report import (
         comparison,
         format_comparison,
         format_summary,
+        score_report,
+        sentences_of,
         write_analysis,
         write_comparison,
     )
@@ -450,19 +452,21 @@ def analyze(
         raise FinloraError(f"--top: must be 0 or more (got {top})")
     if reports.count("-") > 1:
         raise FinloraError("standard input (-) can be read once")
-    # Every report is read before the model loads: a bad file is one line, at once.
-    texts = [sys.stdin.read() if r == "-" else read_report(Path(r)) for r in reports]
-    sources = ["standard input" if r == "-" else r for r in reports]
+    # Every report is read and cut into sentences before the model loads: a bad file is one
+    # line, at once.
+    sources = [STDIN if r == "-" else r for r in reports]
+    texts = [read_report_stream(sys.stdin) if r == "-" else read_report(Path(r)) for r in reports]
+    parts = [sentences_of(text, source) for text, source in zip(texts, sources, strict=True)]
     require_task(run_dir, "classify", "finlora generate, with the report's text in the prompt")
     if out is not None:
         atomic.check_new_dir(out, overwrite)
     loaded = load_run(run_dir, zero_shot)
     analyses = [
-        analyze_report(
-            text, source, loaded.labels,
+        score_report(
+            part, source, loaded.labels,
             lambda t: loaded.proba(t, progress=not no_progress and len(t) > 50),
         )
-        for text, source in zip(texts, sources, strict=True)
+        for part, source in zip(parts, sources, strict=True)
     ]  # fmt: skip
     _note_overflow(loaded.codec, sum(len(a.sentences) for a in analyses), "sentence(s)")
     if len(analyses) == 1:

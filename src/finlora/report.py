@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from finlora.data.documents import Sentence, segment
+from finlora.data.documents import Segmented, Sentence, segment
 from finlora.errors import FinloraError
 
 # ---- the analysis --------------------------------------------------------------------------
@@ -114,12 +114,8 @@ class ReportAnalysis:
         return buffer.getvalue()
 
 
-def analyze(
-    text: str, source: str, labels: Sequence[str], score: Callable[[list[str]], np.ndarray]
-) -> ReportAnalysis:
-    """Segment a report's text (`read_report`) and score its sentences with `score`, which
-    gives (N, K) probabilities in `labels` order (a classification run's `proba`); `source`
-    names the report in the summary.
+def sentences_of(text: str, source: str) -> Segmented:
+    """A report's sections and sentences (`segment`), before any model is loaded.
 
     Raises FinloraError when the text holds no prose sentence.
     """
@@ -128,8 +124,23 @@ def analyze(
         raise FinloraError(
             f"{source}: no prose sentence found ({parts.skipped} table rows or fragments)"
         )
+    return parts
+
+
+def score_report(
+    parts: Segmented, source: str, labels: Sequence[str], score: Callable[[list[str]], Any]
+) -> ReportAnalysis:
+    """Score a report's sentences with `score`, which gives (N, K) probabilities in `labels`
+    order (a classification run's `proba`); `source` names the report in the summary."""
     probs = np.asarray(score([s.text for s in parts.sentences]), dtype=float)
     return ReportAnalysis(source, list(labels), parts.sentences, probs, parts.skipped)
+
+
+def analyze(
+    text: str, source: str, labels: Sequence[str], score: Callable[[list[str]], Any]
+) -> ReportAnalysis:
+    """`sentences_of` a report's text (`read_report`), then `score_report`."""
+    return score_report(sentences_of(text, source), source, labels, score)
 
 
 # ---- output --------------------------------------------------------------------------------
@@ -169,7 +180,7 @@ def _directory_names(sources: Sequence[str]) -> list[str]:
     """A folder name per report: its file stem, numbered where two would clash."""
     names: list[str] = []
     for source in sources:
-        stem = re.sub(r"[^\w.-]+", "_", Path(source).stem) or "report"
+        stem = re.sub(r"[^\w.-]+", "_", Path(source).stem).strip(".") or "report"
         name, n = stem, 2
         while name in names:
             name, n = f"{stem}-{n}", n + 1

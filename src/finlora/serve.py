@@ -35,6 +35,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from finlora.chat import answer, fit_conversation, instruction_prompt
+from finlora.data.documents import report_text
 from finlora.data.instruct import Message
 from finlora.errors import FinloraError
 from finlora.generate import GenerationOptions, Reply
@@ -268,7 +269,8 @@ class _Server:
             predictions = self.queue.predict(texts)
             return np.array([[p.probabilities[label] for label in labels] for p in predictions])
 
-        return analyze(request.text, request.source, labels, score).summary(request.top)
+        text = report_text(request.text, request.source)  # an HTML page: its visible text
+        return analyze(text, request.source, labels, score).summary(request.top)
 
     def generate(self, request: GenerateRequest) -> dict[str, Any]:
         self.require("instruct", "/predict")

@@ -148,3 +148,15 @@ def test_predict_points_a_report_to_analyze(
     report = tmp_path / "annual.pdf"
     report.write_bytes(b"%PDF-1.4 ...")
     assert_user_error(cli("predict", trained, "--file", report), "finlora analyze RUN REPORT")
+
+
+def test_bad_outputs_and_damaged_pdfs_are_one_line(
+    cli: Callable[..., Result], trained: Path, report: Path, tmp_path: Path
+) -> None:
+    assert_user_error(cli("analyze", trained, report, "--out", report / "sub"),
+                      f"{report}: exists and is not a directory")  # fmt: skip
+    assert_user_error(cli("analyze", trained, report, "--out", "."), "a name of its own")
+    damaged = tmp_path / "damaged.pdf"  # pypdf logs its repair attempts: none may show
+    damaged.write_bytes(b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog /Pages 2 0 R >>\nendobj\n")
+    assert_user_error(cli("analyze", trained, damaged), "not a readable PDF")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "damaged.pdf", "q3.md"]

@@ -10,10 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finlora.data.documents import read_report, segment, split_sentences
+from finlora.data.documents import (
+    Sentence,
+    read_report,
+    read_report_stream,
+    segment,
+    split_sentences,
+)
 from finlora.errors import FinloraError
 from finlora.plots import plot_report_comparison, plot_report_profile
-from finlora.report import ReportAnalysis, comparison, format_comparison
+from finlora.report import ReportAnalysis, _directory_names, comparison, format_comparison
 
 REPORT = """ANNUAL REPORT 2024
 
@@ -124,18 +130,21 @@ def test_html_reports_read_their_visible_text(tmp_path: Path) -> None:
     ]
 
 
-def _pdf(lines: list[str]) -> bytes:
-    """A one-page PDF whose text layer holds `lines` (Helvetica, one line each)."""
-    shown = " ".join(f"({line}) Tj 0 -16 Td" for line in lines)
-    stream = f"BT /F1 12 Tf 72 720 Td {shown} ET"
-    objects = [
-        "<< /Type /Catalog /Pages 2 0 R >>",
-        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-        "/Resources << /Font << /F1 5 0 R >> >> >>",
-        f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream",
-        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    ]
+def _pdf(*pages: list[str]) -> bytes:
+    """A PDF whose pages' text layers hold `pages` (Helvetica, one line each)."""
+    n = len(pages)
+    kids = " ".join(f"{3 + 2 * i} 0 R" for i in range(n))
+    font = 3 + 2 * n
+    objects = ["<< /Type /Catalog /Pages 2 0 R >>", f"<< /Type /Pages /Kids [{kids}] /Count {n} >>"]
+    for i, lines in enumerate(pages):
+        shown = " ".join(f"({line}) Tj 0 -16 Td" for line in lines)
+        stream = f"BT /F1 12 Tf 72 720 Td {shown} ET"
+        objects.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {4 + 2 * i} 0 R "
+            f"/Resources << /Font << /F1 {font} 0 R >> >> >>"
+        )
+        objects.append(f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream")
+    objects.append("<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
     out, offsets = b"%PDF-1.4\n", []
     for number, body in enumerate(objects, 1):
         offsets.append(len(out))
@@ -161,6 +170,7 @@ def test_pdf_reports_read_their_text_layer(tmp_path: Path) -> None:
     ("name", "content", "message"),
     [
         ("scan.pdf", _pdf([]), "no text layer"),
+        ("cut.pdf", _pdf(["Net sales rose."])[:300], "not a readable PDF"),
         ("broken.pdf", b"%PDF-1.4\nnot really a pdf", "not a readable PDF"),
         ("missing.pdf", None, "no such file"),
         ("empty.txt", b"  \n", "file is empty"),
@@ -229,3 +239,99 @@ def test_labels_without_positive_and_negative_have_no_tone(tmp_path: Path) -> No
     assert plot_report_comparison(rows, analysis.labels, tmp_path / "c.png").is_file()
     with pytest.raises(FinloraError, match="no report"):
         plot_report_comparison([], analysis.labels, tmp_path / "d.png")
+
+
+def test_pdf_page_furniture_goes_and_sentences_run_over_pages(tmp_path: Path) -> None:
+    header = "Example Oyj Annual Report 2024"
+    report = tmp_path / "annual.pdf"
+    report.write_bytes(_pdf(
+        [header, "Financial review", "Net sales rose 12 % to EUR 450 million, and the", "1"],
+        [header, "margin improved in all of our markets.", "Demand may weaken next year.", "2"],
+        [header, "Costs rose sharply in the fourth quarter.", "3"],
+    ))  # fmt: skip
+    parts = segment(read_report(report))
+    assert [(s.section, s.text) for s in parts.sentences] == [
+        ("Financial review", "Net sales rose 12 % to EUR 450 million, and the margin improved "
+                             "in all of our markets."),
+        ("Financial review", "Demand may weaken next year."),
+        ("Financial review", "Costs rose sharply in the fourth quarter."),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("password", "readable"), [("", True), ("secret", False)])
+def test_encrypted_pdfs_open_with_an_empty_password_only(
+    tmp_path: Path, password: str, readable: bool
+) -> None:
+    from pypdf import PdfReader, PdfWriter
+
+    plain = tmp_path / "plain.pdf"
+    plain.write_bytes(_pdf(["Net sales rose 12 % to EUR 3.1 mn."]))
+    writer = PdfWriter(clone_from=PdfReader(plain))
+    writer.encrypt(user_password=password, owner_password="owner", algorithm="AES-256")
+    locked = tmp_path / "locked.pdf"
+    with locked.open("wb") as fh:
+        writer.write(fh)
+    if readable:  # permissions-only encryption, common in published reports
+        assert [s.text for s in segment(read_report(locked)).sentences] == [
+            "Net sales rose 12 % to EUR 3.1 mn."
+        ]
+    else:
+        with pytest.raises(FinloraError, match="encrypted; save a decrypted copy"):
+            read_report(locked)
+
+
+def test_bullets_headings_and_wrapped_figures() -> None:
+    text = (
+        "Highlights\n"
+        "- Net sales increased by 12 percent\n"
+        "- Operating profit fell sharply in Europe\n\n"
+        "Outlook\n=======\n\n"
+        "Net sales rose to EUR 112.4 m\n"
+        "in 2024 from EUR 105.3 m in 2023,\n"
+        "while operating profit improved.  Demand   held. Profit fell.\n\n"
+        "**Risks**\n\n"
+        "Personnel   1,204   1,180\n"
+        "Costs may rise."
+    )
+    assert [(s.section, s.text) for s in segment(text).sentences] == [
+        ("Highlights", "Net sales increased by 12 percent"),  # a bullet is never a heading
+        ("Highlights", "Operating profit fell sharply in Europe"),
+        ("Outlook", "Net sales rose to EUR 112.4 m in 2024 from EUR 105.3 m in 2023, while "
+                    "operating profit improved."),
+        ("Outlook", "Demand held."),
+        ("Outlook", "Profit fell."),  # two words, but a sentence
+        ("Risks", "Costs may rise."),
+    ]  # fmt: skip
+
+
+def test_html_without_head_end_and_with_tables(tmp_path: Path) -> None:
+    page = tmp_path / "release.html"
+    page.write_text(
+        "<html><head><title>Release</title><body><h1>Results</h1>"
+        "<table><tr><td>Operating profit before tax and amortization</td><td>12</td></tr>"
+        "<tr><td><p>Net sales rose in all regions.</p></td></tr></table></body></html>",
+        encoding="utf-8",
+    )
+    parts = segment(read_report(page))
+    # The two-cell row is a table row; the one-cell row is layout around prose.
+    assert [(s.section, s.text) for s in parts.sentences] == [
+        ("Results", "Net sales rose in all regions.")
+    ]
+    assert parts.skipped == 1
+
+
+def test_standard_input_is_decoded_as_files_are() -> None:
+    latin1 = "# Résultats\n\nNet sales in München rose by 12 %.\n".encode("latin-1")
+    stream = io.TextIOWrapper(io.BytesIO(latin1))
+    text = read_report_stream(stream)
+    assert segment(text).sentences[0] == Sentence(
+        0, "Résultats", "Net sales in München rose by 12 %."
+    )
+    html = io.TextIOWrapper(io.BytesIO(b"<html><body><p>Net sales rose sharply.</p></body></html>"))
+    assert segment(read_report_stream(html)).sentences[0].text == "Net sales rose sharply."
+
+
+def test_report_folder_names_are_safe_and_distinct() -> None:
+    assert _directory_names(["a/q3.md", "b/q3.pdf", "..txt", ".", "standard input"]) == [
+        "q3", "q3-2", "report", "report-2", "standard_input"
+    ]  # fmt: skip

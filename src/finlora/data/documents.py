@@ -15,7 +15,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from finlora.data.textfile import read_text
+from finlora.data.textfile import STDIN, decode_text, read_text
 from finlora.errors import FinloraError
 
 # Words that end in a full stop without ending a sentence. Single letters (initials, "U.S.")
@@ -58,11 +58,12 @@ class Segmented:
 
 
 class _HTMLText(HTMLParser):
-    """The visible text of an HTML page, with block elements on lines of their own and headings
-    marked as Markdown headings."""
+    """The visible text of an HTML page, with block elements on lines of their own, headings
+    marked as Markdown headings and table rows of several cells as Markdown table rows (so the
+    segmenter sets them aside; a one-cell row, as layout tables make, stays prose)."""
 
     # fmt: off
-    BLOCKS = frozenset({"p", "div", "br", "li", "tr", "table", "section", "article", "header",
+    BLOCKS = frozenset({"p", "div", "br", "li", "table", "section", "article", "header",
                         "footer", "ul", "ol", "dd", "dt"})
     # fmt: on
     HEADINGS = frozenset({"h1", "h2", "h3", "h4", "h5", "h6"})
@@ -72,12 +73,17 @@ class _HTMLText(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
         self._hidden = 0
+        self._row: tuple[int, int] | None = None  # (where the open row's text starts, cells)
 
     def handle_starttag(self, tag: str, attrs: Any) -> None:
-        if tag in self.HIDDEN:
+        if tag == "body":
+            self._hidden = 0  # a <head> left open ends here
+        elif tag in self.HIDDEN:
             self._hidden += 1
         elif tag in self.HEADINGS:
             self.parts.append("\n\n# ")
+        elif tag == "tr":
+            self._row = (len(self.parts), 0)
         elif tag in self.BLOCKS:
             self.parts.append("\n\n" if tag == "p" else "\n")
 
@@ -88,6 +94,14 @@ class _HTMLText(HTMLParser):
             self.parts.append("\n\n")
         elif tag in ("td", "th"):
             self.parts.append(" ")
+            if self._row is not None:
+                self._row = (self._row[0], self._row[1] + 1)
+        elif tag == "tr" and self._row is not None:
+            start, cells = self._row
+            text = " ".join("".join(self.parts[start:]).split())
+            del self.parts[start:]
+            self.parts.append(f"\n| {text} |\n" if cells > 1 else f"\n{text}\n")
+            self._row = None
 
     def handle_data(self, data: str) -> None:
         if not self._hidden:
@@ -95,18 +109,88 @@ class _HTMLText(HTMLParser):
             self.parts.append(re.sub(r"\s+", " ", data))
 
 
-def _pdf_text(path: Path) -> str:
-    from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
+def _looks_like_html(text: str) -> bool:
+    return re.match(r"\s*<(!doctype html|html|head|body)\b", text, re.IGNORECASE) is not None
 
+
+def report_text(text: str, name: str, html: bool = False) -> str:
+    """The text to segment from a report's content: an HTML page's visible text (`html`, or
+    content that starts like a page), or else `text`.
+
+    Raises FinloraError (starting with `name`) for a page with no visible text.
+    """
+    if not (html or _looks_like_html(text)):
+        return text
+    parser = _HTMLText()
+    parser.feed(text)
+    parser.close()
+    visible = "".join(parser.parts)
+    if not visible.strip():
+        raise FinloraError(f"{name}: the page has no visible text")
+    return visible
+
+
+# A page number alone ("12", "Page 3", "3 / 40"), as page headers and footers hold them.
+_PAGE_NUMBER = re.compile(r"(page\s*)?\d{1,4}(\s*(of|/)\s*\d{1,4})?", re.IGNORECASE)
+
+
+def _join_pages(pages: list[str]) -> str:
+    """The pages' text as one, without running headers and footers (a line at the top or the
+    bottom of at least half the pages, digits aside) or page numbers, and with a sentence that
+    runs on over a page break joined again."""
+    edges: list[set[str]] = []
+    for page in pages:
+        lines = [line.strip() for line in page.splitlines() if line.strip()]
+        edges.append({re.sub(r"\d+", "#", line) for line in lines[:2] + lines[-2:]})
+    seen: dict[str, int] = {}
+    for found in edges:
+        for line in found:
+            seen[line] = seen.get(line, 0) + 1
+    running = {line for line, n in seen.items() if n >= max(2, len(pages) / 2)}
+    kept = []
+    for page in pages:
+        lines = page.splitlines()
+        body = [i for i, line in enumerate(lines) if line.strip()]
+        edge = set(body[:2] + body[-2:])
+        kept.append("\n".join(
+            line for i, line in enumerate(lines)
+            if i not in edge or not (re.sub(r"\d+", "#", line.strip()) in running
+                                     or _PAGE_NUMBER.fullmatch(line.strip()))
+        ))  # fmt: skip
+    return "\n".join(kept)
+
+
+def _pdf_text(path: Path) -> str:
+    import logging
+
+    from pypdf import PdfReader
+    from pypdf.errors import DependencyError, FileNotDecryptedError
+
+    encrypted = f"{path}: the PDF is encrypted; save a decrypted copy first"
+    # pypdf logs what it repairs in a damaged file: lines above the one-line error.
+    logger = logging.getLogger("pypdf")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
         reader = PdfReader(path)
         if reader.is_encrypted and not reader.decrypt(""):
-            raise FinloraError(f"{path}: the PDF is encrypted; save a decrypted copy first")
+            raise FinloraError(encrypted)
         pages = [page.extract_text() or "" for page in reader.pages]
-    except (PdfReadError, ValueError, KeyError) as err:
-        raise FinloraError(f"{path}: not a readable PDF ({err})") from None
-    text = "\n\n".join(pages)
+    except FinloraError:
+        raise
+    except DependencyError:
+        raise FinloraError(
+            f"{path}: the PDF is AES-encrypted, which needs the 'cryptography' package to "
+            "decrypt (pip install cryptography); or save a decrypted copy"
+        ) from None
+    except FileNotDecryptedError:
+        raise FinloraError(encrypted) from None
+    except Exception as err:  # a damaged file can fail anywhere inside the parser
+        detail = " ".join(f"{type(err).__name__}: {err}".split())
+        raise FinloraError(f"{path}: not a readable PDF ({detail})") from None
+    finally:
+        logger.setLevel(level)
+    text = _join_pages(pages)
     if not text.strip():
         raise FinloraError(
             f"{path}: the PDF has no text layer (scanned pages?); run OCR on it first"
@@ -115,26 +199,26 @@ def _pdf_text(path: Path) -> str:
 
 
 def read_report(path: Path) -> str:
-    """The text of a report: .pdf (its text layer), .html/.htm (visible text), anything else
-    as text (UTF-8 or Latin-1, as data files are read).
+    """The text of a report: .pdf (its text layer), HTML (.html/.htm, or a page in any file:
+    its visible text), anything else as text (UTF-8 or Latin-1, as data files are read).
 
-    Raises FinloraError for a missing, empty, binary or unreadable file.
+    Raises FinloraError for a missing, empty, binary or unreadable file, or a directory.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".pdf":
-        if not path.is_file():
+    if path.is_dir():
+        raise FinloraError(f"{path}: is a directory, expected a report file")
+    if path.suffix.lower() == ".pdf":
+        if not path.exists():
             raise FinloraError(f"{path}: no such file")
         return _pdf_text(path)
-    text = read_text(path)
-    if suffix in (".html", ".htm"):
-        parser = _HTMLText()
-        parser.feed(text)
-        parser.close()
-        text = "".join(parser.parts)
-        if not text.strip():
-            raise FinloraError(f"{path}: the page has no visible text")
-    return text
+    return report_text(read_text(path), str(path), html=path.suffix.lower() in (".html", ".htm"))
+
+
+def read_report_stream(stream: Any) -> str:
+    """A report from standard input, decoded and read as `read_report` reads a file."""
+    buffer = getattr(stream, "buffer", None)
+    data = buffer.read() if buffer is not None else stream.read().encode("utf-8")
+    return report_text(decode_text(data, STDIN), STDIN)
 
 
 # ---- segmenting ----------------------------------------------------------------------------
@@ -145,7 +229,9 @@ def split_sentences(text: str) -> list[str]:
     an initial ("J. Smith": one capital letter) or dotted letters ("U.S.")."""
     sentences, start = [], 0
     for match in _END.finditer(text):
-        before = text[start : match.start()].split()
+        # The word before the stop, read from a short window: slicing from the last cut would
+        # make a long run of abbreviations cost the square of its length.
+        before = text[max(start, match.start() - 40) : match.start()].split()
         word = before[-1].strip("([{\"'\u201c\u2018").rstrip(".") if before else ""
         if (
             word.lower() in ABBREVIATIONS
@@ -160,20 +246,25 @@ def split_sentences(text: str) -> list[str]:
 
 
 def is_prose(text: str) -> bool:
-    """Three words or more, and more letters than digits: not a table row, a date line or a
-    page number."""
+    """More letters than digits, and three words or more (two when it ends like a sentence:
+    "Profit fell."): not a table row, a date line or a page number."""
     letters = sum(c.isalpha() for c in text)
     digits = sum(c.isdigit() for c in text)
-    return len(_WORD.findall(text)) >= 3 and letters > 2 * digits
+    words = len(_WORD.findall(text))
+    ends = re.search(r"[.!?][\"'\u201d\u2019)\]]*$", text) is not None
+    return letters > 2 * digits and (words >= 3 or (words == 2 and ends))
 
 
 def _tabular(line: str) -> bool:
-    """A table row: a Markdown one, cells apart by tabs or wide spaces, or more digits than
-    half its letters."""
+    """A table row: a Markdown one, three cells or more apart by tabs or wide spaces, or more
+    digits than half its letters and no punctuation at its end (a line of prose that is full
+    of figures ends a clause or a sentence, or runs on)."""
     cells = line.strip()
+    if cells.startswith("|") or len(re.split(r"\t|\s{3,}", cells)) >= 3:
+        return True
     letters = sum(c.isalpha() for c in cells)
     digits = sum(c.isdigit() for c in cells)
-    return cells.startswith("|") or "\t" in cells or "   " in cells or 2 * digits > letters
+    return 2 * digits > letters and not re.search(r"[.,;:!?]$", cells)
 
 
 def _title_like(line: str) -> bool:
@@ -192,36 +283,44 @@ def _starts_new(line: str | None) -> bool:
     return line is None or line[:1].isupper() or line[:1].isdigit() or bool(_BULLET.match(line))
 
 
-Paragraph = tuple[str, str]  # (kind: "heading", "table" or "prose"; text)
+_UNDERLINE = re.compile(r"\s*(=+|-+)\s*")  # under a Markdown (setext) heading
+_EMPHASIS_HEADING = re.compile(r"\s*(\*\*|__)([^*_].*?)\1\s*")  # **Risks** on its own line
+
+Paragraph = tuple[str, str]  # (kind: "heading", "table", "bullet" or "prose"; text)
 
 
 def _paragraphs(block: list[str]) -> list[Paragraph]:
-    """A block's paragraphs. Markdown headings, table rows and bullet items stand alone; so does
-    a short title-like line before a line that starts anew (PDF text layers keep headings on
-    lines of their own, but not the blank lines around them). Other lines are line wraps and
-    join the paragraph before them. A lone title-like line is a heading."""
+    """A block's paragraphs. Headings (Markdown, underlined or bold), table rows and bullet
+    items stand alone; so does a short title-like line before a line that starts anew (PDF
+    text layers keep headings on lines of their own, but not the blank lines around them).
+    Other lines are line wraps and join the paragraph before them. A lone title-like line is
+    a heading; a bullet item never is."""
     width = max(len(line) for line in block)
     out: list[tuple[str, list[str]]] = []
-    joinable = False  # whether the next line may continue the last paragraph
     for i, raw in enumerate(block):
         line = raw.strip()
+        after = block[i + 1].strip() if i + 1 < len(block) else None
         markdown = _MARKDOWN_HEADING.match(line)
+        bold = _EMPHASIS_HEADING.fullmatch(line)
         bullet = _BULLET.match(line)
+        if len(line) >= 3 and _UNDERLINE.fullmatch(line):
+            continue  # the line above was made a heading
         if markdown:
             out.append(("heading", [markdown.group(1)]))
+        elif bold:
+            out.append(("heading", [bold.group(2)]))
+        elif after is not None and len(after) >= 3 and _UNDERLINE.fullmatch(after):
+            out.append(("heading", [line]))
         elif _tabular(line):
             out.append(("table", [line]))
-        elif (
-            _title_like(line)
-            and len(line) <= 0.6 * width
-            and _starts_new(block[i + 1].strip() if i + 1 < len(block) else None)
-        ):
+        elif bullet:
+            out.append(("bullet", [line[bullet.end() :]]))
+        elif _title_like(line) and len(line) <= 0.6 * width and _starts_new(after):
             out.append(("heading", [line]))
-        elif bullet or not joinable:
-            out.append(("prose", [line[bullet.end() :] if bullet else line]))
+        elif not out or out[-1][0] not in ("prose", "bullet"):
+            out.append(("prose", [line]))
         else:
-            out[-1][1].append(line)
-        joinable = out[-1][0] == "prose"
+            out[-1][1].append(line)  # a wrapped line
     paragraphs = []
     for kind, lines in out:
         text = " ".join(lines)

@@ -15,6 +15,7 @@ from typing import Any
 from finlora.errors import FinloraError
 
 _BOM = b"\xef\xbb\xbf"
+STDIN = "standard input"
 # Real text never holds NUL, C0 controls other than tab/newline/carriage return, or C1 controls
 # (U+0080..U+009F): in Latin-1 those bytes mean the file is binary or in another encoding
 # (e.g. cp1252), so accepting them would silently corrupt the text.
@@ -36,6 +37,16 @@ def read_text(path: Path) -> str:
         raise FinloraError(f"{path}: no such file") from None
     except OSError as err:
         raise FinloraError(f"{path}: cannot read ({err.strerror})") from None
+    return decode_text(data, str(path))
+
+
+def decode_text(data: bytes, name: str) -> str:
+    """`data` decoded as `read_text` decodes a file; `name` (a path, "standard input") starts
+    the error messages.
+
+    Raises FinloraError for empty or whitespace-only text, or bytes that are neither UTF-8 nor
+    Latin-1 text.
+    """
     offset = len(_BOM) if data.startswith(_BOM) else 0
     try:
         text = data[offset:].decode("utf-8")
@@ -48,11 +59,11 @@ def read_text(path: Path) -> str:
     if bad:
         byte_offset = offset + len(text[: bad.start()].encode(encoding))
         raise FinloraError(
-            f"{path}: undecodable bytes at byte offset {byte_offset} "
+            f"{name}: undecodable bytes at byte offset {byte_offset} "
             f"(control character U+{ord(bad.group()):04X}; neither UTF-8 nor Latin-1 text)"
         )
     if not text.strip():
-        raise FinloraError(f"{path}: file is empty")
+        raise FinloraError(f"{name}: file is empty" if name != STDIN else f"{name}: no text")
     return text
 
 
