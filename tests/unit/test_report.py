@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from finlora.data.documents import (
+    Segmented,
     Sentence,
     read_report,
     read_report_stream,
@@ -113,16 +114,21 @@ def test_headings_on_lines_of_their_own_without_blank_lines() -> None:
     assert parts.skipped == 1
 
 
-def test_html_reports_read_their_visible_text(tmp_path: Path) -> None:
+def _page(tmp_path: Path, html: str) -> Segmented:
+    """An .html report of `html`, read and cut."""
     page = tmp_path / "release.html"
-    page.write_text(
+    page.write_text(html, encoding="utf-8")
+    return segment(read_report(page))
+
+
+def test_html_reports_read_their_visible_text(tmp_path: Path) -> None:
+    parts = _page(
+        tmp_path,
         "<html><head><title>ignored</title><style>p {color: red}</style></head><body>"
         "<h2>Outlook</h2><p>Net sales are expected to grow.\nMargins &amp; volumes\nimprove."
         "</p><script>var x = 'Not text.';</script><table><tr><td>Net sales</td><td>3,100</td>"
         "</tr></table><h2>Risks</h2><p>Demand may weaken.</p></body></html>",
-        encoding="utf-8",
     )
-    parts = segment(read_report(page))
     assert [(s.section, s.text) for s in parts.sentences] == [
         ("Outlook", "Net sales are expected to grow."),
         ("Outlook", "Margins & volumes improve."),
@@ -305,14 +311,12 @@ def test_bullets_headings_and_wrapped_figures() -> None:
 
 
 def test_html_without_head_end_and_with_tables(tmp_path: Path) -> None:
-    page = tmp_path / "release.html"
-    page.write_text(
+    parts = _page(
+        tmp_path,
         "<html><head><title>Release</title><body><h1>Results</h1>"
         "<table><tr><td>Operating profit before tax and amortization</td><td>12</td></tr>"
         "<tr><td><p>Net sales rose in all regions.</p></td></tr></table></body></html>",
-        encoding="utf-8",
     )
-    parts = segment(read_report(page))
     # The two-cell row is a table row; the one-cell row is layout around prose.
     assert [(s.section, s.text) for s in parts.sentences] == [
         ("Results", "Net sales rose in all regions.")
