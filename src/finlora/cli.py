@@ -916,6 +916,14 @@ def main() -> None:
     except click.exceptions.Abort:
         _echo_err("finlora: aborted")
         sys.exit(130)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        exc.show()  # `finlora` alone: the help, as for --help
+        sys.exit(exc.exit_code)
+    except click.exceptions.UsageError as exc:
+        # One line, as for every other mistake, with where to look instead of the usage text.
+        command = exc.ctx.command_path if exc.ctx is not None else "finlora"
+        _echo_err(f"finlora: error: {exc.format_message()} (see {command} --help)")
+        sys.exit(2)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

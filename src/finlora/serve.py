@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from finlora.chat import answer, fit_conversation, instruction_prompt
@@ -394,6 +396,13 @@ def create_app(loaded: LoadedRun, api_key: str | None = None) -> FastAPI:
         summary=f"{server.name}: a {loaded.task} run of {loaded.cfg.model.name}",
     )
     guarded = APIRouter(dependencies=[Depends(_bearer_check(api_key))])
+
+    @app.exception_handler(RequestValidationError)
+    def invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer repeats each faulty value: a whole report, or confidential text,
+        # sent back (and into whatever logs the response). Where and what is wrong is enough.
+        errors = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in exc.errors()]
+        return JSONResponse(status_code=422, content={"detail": jsonable_encoder(errors)})
 
     @app.get("/health")
     def health() -> dict[str, str]:

@@ -160,3 +160,16 @@ def test_bad_outputs_and_damaged_pdfs_are_one_line(
     damaged.write_bytes(b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog /Pages 2 0 R >>\nendobj\n")
     assert_user_error(cli("analyze", trained, damaged), "not a readable PDF")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "damaged.pdf", "q3.md"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(("analyze", "RUN", "r.md", "--top", "x"),
+      "Invalid value for '--top': 'x' is not a valid integer. (see finlora analyze --help)"),
+     (("bogus",), "No such command 'bogus'. (see finlora --help)"),
+     (("analyze", "RUN"), "Missing argument 'REPORTS...'. (see finlora analyze --help)")],
+)  # fmt: skip
+def test_usage_mistakes_are_one_line(
+    cli: Callable[..., Result], args: tuple[str, ...], message: str
+) -> None:
+    assert_user_error(cli(*args), message)

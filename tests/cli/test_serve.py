@@ -264,6 +264,10 @@ def test_analyze_answers_as_the_library_does(
     nothing = classify_client.post("/analyze", json={"text": "12\n\n| 3 | 4 |"})
     assert nothing.status_code == 400 and "no prose sentence" in nothing.json()["detail"]
     assert classify_client.post("/analyze", json={"text": "  "}).status_code == 422
+    secret = "Confidential: net sales fell. " * 70_000  # over the 2 MB a report may have
+    too_long = classify_client.post("/analyze", json={"text": secret})
+    assert too_long.status_code == 422 and "Confidential" not in too_long.text
+    assert too_long.json()["detail"][0]["loc"] == ["body", "text"]
 
 
 def _chat(client: TestClient, **extra: Any) -> Any:
