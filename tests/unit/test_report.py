@@ -339,3 +339,54 @@ def test_report_folder_names_are_safe_and_distinct() -> None:
     assert _directory_names(["a/q3.md", "b/q3.pdf", "..txt", ".", "standard input"]) == [
         "q3", "q3-2", "report", "report-2", "standard_input"
     ]  # fmt: skip
+
+
+def test_bold_sentences_rules_and_wrapped_bullets_stay_prose() -> None:
+    text = (
+        "**Highlights**\n\n"
+        "**Net sales rose 12 %.**\n"
+        "Costs rose in\n"
+        "Europe, and margins fell.\n"
+        "---\n"
+        "- Order intake grew in\n"
+        "  Europe and Asia\n"
+        "- Demand held.\n"
+    )
+    assert [(s.section, s.text) for s in segment(text).sentences] == [
+        ("Highlights", "Net sales rose 12 %."),
+        ("Highlights", "Costs rose in Europe, and margins fell."),
+        ("Highlights", "Order intake grew in Europe and Asia"),
+        ("Highlights", "Demand held."),
+    ]
+
+
+def test_pdf_headings_and_sentences_that_repeat_are_not_furniture(tmp_path: Path) -> None:
+    report = tmp_path / "notes.pdf"
+    report.write_bytes(_pdf(
+        ["Note 1", "Our strategy delivers growth.", "Net sales rose in Europe."],
+        ["Note 2", "Our strategy delivers growth.", "Costs rose sharply in Asia."],
+    ))  # fmt: skip
+    assert [(s.section, s.text) for s in segment(read_report(report)).sentences] == [
+        ("Note 1", "Our strategy delivers growth."),
+        ("Note 1", "Net sales rose in Europe."),
+        ("Note 2", "Our strategy delivers growth."),
+        ("Note 2", "Costs rose sharply in Asia."),
+    ]
+
+
+def test_html_prose_in_layout_tables_and_pages_after_comments(tmp_path: Path) -> None:
+    parts = _page(
+        tmp_path,
+        "<!-- generated --><table><tr><td><h2>Outlook</h2><p>Net sales will grow.</p>"
+        "<p>Margins will improve further.</p></td></tr><tr><td></td><td>Demand in Europe "
+        "weakened in the fourth quarter of the year.</td></tr><tr><td>EBIT</td><td>12.1</td>"
+        "</tr></table>",
+    )
+    assert [(s.section, s.text) for s in parts.sentences] == [
+        ("Outlook", "Net sales will grow."),
+        ("Outlook", "Margins will improve further."),
+        ("Outlook", "Demand in Europe weakened in the fourth quarter of the year."),
+    ]
+    assert parts.skipped == 1  # the EBIT row
+    stream = io.TextIOWrapper(io.BytesIO(b"<?xml version='1.0'?><h2>Risks</h2><p>Costs rose.</p>"))
+    assert segment(read_report_stream(stream)).sentences == [Sentence(0, "Risks", "Costs rose.")]

@@ -9,6 +9,7 @@ rows, page numbers). `finlora.report` scores the sentences.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from html.parser import HTMLParser
@@ -59,8 +60,9 @@ class Segmented:
 
 class _HTMLText(HTMLParser):
     """The visible text of an HTML page, with block elements on lines of their own, headings
-    marked as Markdown headings and table rows of several cells as Markdown table rows (so the
-    segmenter sets them aside; a one-cell row, as layout tables make, stays prose)."""
+    marked as Markdown headings, and table rows of short cells (figures, labels) as Markdown
+    table rows, which the segmenter sets aside. Rows that hold prose, as layout tables do,
+    keep each cell as paragraphs of its own."""
 
     # fmt: off
     BLOCKS = frozenset({"p", "div", "br", "li", "table", "section", "article", "header",
@@ -68,12 +70,13 @@ class _HTMLText(HTMLParser):
     # fmt: on
     HEADINGS = frozenset({"h1", "h2", "h3", "h4", "h5", "h6"})
     HIDDEN = frozenset({"script", "style", "head", "template", "noscript"})
+    CELL_WORDS = 8  # a cell of more words is prose, not a table entry
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
         self._hidden = 0
-        self._row: tuple[int, int] | None = None  # (where the open row's text starts, cells)
+        self._rows: list[tuple[int, list[int]]] = []  # open rows: (first part, cell starts)
 
     def handle_starttag(self, tag: str, attrs: Any) -> None:
         if tag == "body":
@@ -83,25 +86,25 @@ class _HTMLText(HTMLParser):
         elif tag in self.HEADINGS:
             self.parts.append("\n\n# ")
         elif tag == "tr":
-            self._row = (len(self.parts), 0)
+            self._rows.append((len(self.parts), []))
+        elif tag in ("td", "th") and self._rows:
+            self._rows[-1][1].append(len(self.parts))
         elif tag in self.BLOCKS:
             self.parts.append("\n\n" if tag == "p" else "\n")
 
     def handle_endtag(self, tag: str) -> None:
         if tag in self.HIDDEN:
             self._hidden = max(0, self._hidden - 1)
-        elif tag in self.HEADINGS or tag == "p":
+        elif tag in self.HEADINGS or tag == "p" or tag in ("td", "th"):
             self.parts.append("\n\n")
-        elif tag in ("td", "th"):
-            self.parts.append(" ")
-            if self._row is not None:
-                self._row = (self._row[0], self._row[1] + 1)
-        elif tag == "tr" and self._row is not None:
-            start, cells = self._row
-            text = " ".join("".join(self.parts[start:]).split())
-            del self.parts[start:]
-            self.parts.append(f"\n| {text} |\n" if cells > 1 else f"\n{text}\n")
-            self._row = None
+        elif tag == "tr" and self._rows:
+            start, cell_starts = self._rows.pop()
+            bounds = [*cell_starts, len(self.parts)]
+            pieces = ("".join(self.parts[a:b]) for a, b in itertools.pairwise(bounds))
+            cells = [" ".join(p.split()) for p in pieces if p.strip()]
+            if len(cells) > 1 and all(len(c.split()) <= self.CELL_WORDS for c in cells):
+                del self.parts[start:]
+                self.parts.append("\n| " + " | ".join(cells) + " |\n")
 
     def handle_data(self, data: str) -> None:
         if not self._hidden:
@@ -109,8 +112,18 @@ class _HTMLText(HTMLParser):
             self.parts.append(re.sub(r"\s+", " ", data))
 
 
+# Content that starts as HTML does: after comments or an XML declaration, a page's or a
+# fragment's first tag.
+_HTML_START = re.compile(
+    r"\s*(<!--.*?-->\s*|<\?xml[^>]*>\s*)*<(!doctype\s+html|html|head|body|div|p|h[1-6]|table"
+    r"|section|article|span|ul|ol|br|meta|title)\b",
+    re.IGNORECASE | re.DOTALL,
+)
+HTML_SUFFIXES = (".html", ".htm", ".xhtml")
+
+
 def _looks_like_html(text: str) -> bool:
-    return re.match(r"\s*<(!doctype html|html|head|body)\b", text, re.IGNORECASE) is not None
+    return _HTML_START.match(text[:4096]) is not None
 
 
 def report_text(text: str, name: str, html: bool = False) -> str:
@@ -134,19 +147,28 @@ def report_text(text: str, name: str, html: bool = False) -> str:
 _PAGE_NUMBER = re.compile(r"(page\s*)?\d{1,4}(\s*(of|/)\s*\d{1,4})?", re.IGNORECASE)
 
 
+def _running_key(line: str) -> str | None:
+    """What a page header or footer line keeps from page to page: the line without a leading
+    or trailing page number. None for lines that cannot be furniture: a sentence, or a single
+    word once the number is gone ("Note 3" is a heading)."""
+    if re.search(r"[.!?]$", line):
+        return None
+    key = re.sub(r"^\d{1,4}\s+|\s+\d{1,4}$", "", line)
+    return key if len(key.split()) >= 2 else None
+
+
 def _join_pages(pages: list[str]) -> str:
-    """The pages' text as one, without running headers and footers (a line at the top or the
-    bottom of at least half the pages, digits aside) or page numbers, and with a sentence that
-    runs on over a page break joined again."""
-    edges: list[set[str]] = []
+    """The pages' text as one, without running headers and footers (the same line at the top
+    or the bottom of at least half the pages, page numbers aside) or page numbers, and with a
+    sentence that runs on over a page break joined again."""
+    seen: dict[str, int] = {}
     for page in pages:
         lines = [line.strip() for line in page.splitlines() if line.strip()]
-        edges.append({re.sub(r"\d+", "#", line) for line in lines[:2] + lines[-2:]})
-    seen: dict[str, int] = {}
-    for found in edges:
-        for line in found:
-            seen[line] = seen.get(line, 0) + 1
-    running = {line for line, n in seen.items() if n >= max(2, len(pages) / 2)}
+        keys = {_running_key(line) for line in lines[:2] + lines[-2:]}
+        for key in keys:
+            if key is not None:
+                seen[key] = seen.get(key, 0) + 1
+    running = {key for key, n in seen.items() if n >= max(2, len(pages) / 2)}
     kept = []
     for page in pages:
         lines = page.splitlines()
@@ -154,7 +176,7 @@ def _join_pages(pages: list[str]) -> str:
         edge = set(body[:2] + body[-2:])
         kept.append("\n".join(
             line for i, line in enumerate(lines)
-            if i not in edge or not (re.sub(r"\d+", "#", line.strip()) in running
+            if i not in edge or not (_running_key(line.strip()) in running
                                      or _PAGE_NUMBER.fullmatch(line.strip()))
         ))  # fmt: skip
     return "\n".join(kept)
@@ -211,7 +233,7 @@ def read_report(path: Path) -> str:
         if not path.exists():
             raise FinloraError(f"{path}: no such file")
         return _pdf_text(path)
-    return report_text(read_text(path), str(path), html=path.suffix.lower() in (".html", ".htm"))
+    return report_text(read_text(path), str(path), html=path.suffix.lower() in HTML_SUFFIXES)
 
 
 def read_report_stream(stream: Any) -> str:
@@ -267,14 +289,22 @@ def _tabular(line: str) -> bool:
     return 2 * digits > letters and not re.search(r"[.,;:!?]$", cells)
 
 
+# Words a heading does not end with, but a line that runs on often does.
+# fmt: off
+_RUNS_ON = frozenset({"a", "an", "the", "and", "or", "of", "in", "on", "at", "to", "for", "by",
+                      "with", "from", "as", "than", "that", "which", "its", "their", "our"})
+# fmt: on
+
+
 def _title_like(line: str) -> bool:
     """Up to 12 words with a letter, starting with a capital or digit, not ending like a
-    sentence or a clause."""
+    sentence or a clause, nor with a word that leaves it running on ("rose in")."""
     words = line.split()
     return (
         1 <= len(words) <= 12
         and (line[0].isupper() or line[0].isdigit())
         and not re.search(r"[.!?,;]$", line)
+        and words[-1].lower() not in _RUNS_ON
         and _WORD.search(line) is not None
     )
 
@@ -303,18 +333,25 @@ def _paragraphs(block: list[str]) -> list[Paragraph]:
         markdown = _MARKDOWN_HEADING.match(line)
         bold = _EMPHASIS_HEADING.fullmatch(line)
         bullet = _BULLET.match(line)
+        unfinished = bool(out) and out[-1][0] in ("prose", "bullet")
+        unfinished = unfinished and not re.search(r"[.!?:]$", out[-1][1][-1])
         if len(line) >= 3 and _UNDERLINE.fullmatch(line):
-            continue  # the line above was made a heading
+            continue  # a rule, or the underline of the heading above
         if markdown:
             out.append(("heading", [markdown.group(1)]))
-        elif bold:
-            out.append(("heading", [bold.group(2)]))
-        elif after is not None and len(after) >= 3 and _UNDERLINE.fullmatch(after):
+        elif bold:  # a bold title is a heading; a bold sentence is prose, without the stars
+            out.append(("heading" if _title_like(bold.group(2)) else "prose", [bold.group(2)]))
+        elif (
+            after is not None and len(after) >= 3 and _UNDERLINE.fullmatch(after)
+            and _title_like(line) and not unfinished
+        ):  # fmt: skip
             out.append(("heading", [line]))
         elif _tabular(line):
             out.append(("table", [line]))
         elif bullet:
             out.append(("bullet", [line[bullet.end() :]]))
+        elif unfinished and out[-1][0] == "bullet" and raw[:2].isspace():
+            out[-1][1].append(line)  # an indented line goes on with the bullet item
         elif _title_like(line) and len(line) <= 0.6 * width and _starts_new(after):
             out.append(("heading", [line]))
         elif not out or out[-1][0] not in ("prose", "bullet"):
