@@ -313,7 +313,7 @@ def _starts_new(line: str | None) -> bool:
     return line is None or line[:1].isupper() or line[:1].isdigit() or bool(_BULLET.match(line))
 
 
-_UNDERLINE = re.compile(r"\s*(=+|-+)\s*")  # under a Markdown (setext) heading
+_UNDERLINE = re.compile(r"\s*(={3,}|-{3,})\s*")  # a rule, or under a Markdown (setext) heading
 _EMPHASIS_HEADING = re.compile(r"\s*(\*\*|__)([^*_].*?)\1\s*")  # **Risks** on its own line
 
 Paragraph = tuple[str, str]  # (kind: "heading", "table", "bullet" or "prose"; text)
@@ -335,14 +335,14 @@ def _paragraphs(block: list[str]) -> list[Paragraph]:
         bullet = _BULLET.match(line)
         unfinished = bool(out) and out[-1][0] in ("prose", "bullet")
         unfinished = unfinished and not re.search(r"[.!?:]$", out[-1][1][-1])
-        if len(line) >= 3 and _UNDERLINE.fullmatch(line):
+        if _UNDERLINE.fullmatch(line):
             continue  # a rule, or the underline of the heading above
         if markdown:
             out.append(("heading", [markdown.group(1)]))
         elif bold:  # a bold title is a heading; a bold sentence is prose, without the stars
             out.append(("heading" if _title_like(bold.group(2)) else "prose", [bold.group(2)]))
         elif (
-            after is not None and len(after) >= 3 and _UNDERLINE.fullmatch(after)
+            after is not None and _UNDERLINE.fullmatch(after)
             and _title_like(line) and not unfinished
         ):  # fmt: skip
             out.append(("heading", [line]))
