@@ -287,9 +287,10 @@ def _read_inputs(texts: tuple[str, ...], file: Path | None, text_column: str) ->
     if texts and file:
         raise FinloraError("give texts as arguments or --file, not both")
     if file is not None:
+        from finlora.data.documents import HTML_SUFFIXES
         from finlora.data.loaders import read_text
 
-        if file.suffix.lower() in (".pdf", ".html", ".htm"):
+        if file.suffix.lower() in (".pdf", *HTML_SUFFIXES):
             raise FinloraError(
                 f"{file}: --file reads sentences (CSV/TSV, JSONL, one a line); "
                 "read a report with finlora analyze RUN REPORT"
@@ -341,12 +342,9 @@ def _write_predictions(out: Path, predictions: list[Any], labels: list[str]) -> 
     if out.suffix.lower() == ".jsonl":
         atomic.write_text(out, "".join(json.dumps(p.to_dict()) + "\n" for p in predictions))
         return
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["text", "label", *[f"p_{label}" for label in labels]])
-    for p in predictions:
-        writer.writerow([p.text, p.label, *[p.probabilities[label] for label in labels]])
-    atomic.write_text(out, buffer.getvalue())
+    header = ["text", "label", *[f"p_{label}" for label in labels]]
+    rows = [[p.text, p.label, *[p.probabilities[label] for label in labels]] for p in predictions]
+    atomic.write_text(out, atomic.csv_text([header, *rows]))
 
 
 @cli.command()
@@ -448,7 +446,7 @@ def analyze(
         write_comparison,
     )
 
-    if top < 0:
+    if top < 0:  # not click.IntRange: its message calls 'x' "not a valid integer range"
         raise FinloraError(f"--top: must be 0 or more (got {top})")
     if reports.count("-") > 1:
         raise FinloraError("standard input (-) can be read once")

@@ -8,8 +8,7 @@ results are written out (CSV, JSON, plots).
 
 from __future__ import annotations
 
-import csv
-import io
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from finlora.atomic import csv_text
 from finlora.data.documents import Segmented, Sentence, segment
 from finlora.errors import FinloraError
 
@@ -41,9 +41,14 @@ class ReportAnalysis:
     probs: np.ndarray
     skipped: int
 
-    @property
+    @functools.cached_property
     def predicted(self) -> list[str]:
         return [self.labels[int(i)] for i in self.probs.argmax(axis=1)]
+
+    def shares(self, rows: Sequence[int] | None = None) -> dict[str, float]:
+        """Each label's share of the rows' (all by default) predicted labels."""
+        chosen = self.predicted if rows is None else [self.predicted[i] for i in rows]
+        return {label: chosen.count(label) / len(chosen) for label in self.labels}
 
     def tone(self, rows: Sequence[int] | None = None) -> float | None:
         """Mean P(positive) - P(negative) over the rows (all by default), for runs whose
@@ -61,18 +66,11 @@ class ReportAnalysis:
             if not runs or runs[-1][0] != s.section:
                 runs.append((s.section, []))
             runs[-1][1].append(s.index)
-        predicted = self.predicted
-        out = []
-        for title, rows in runs:
-            counts = {label: sum(predicted[i] == label for i in rows) for label in self.labels}
-            out.append({
-                "title": title or "(before the first heading)",
-                "first_sentence": rows[0],
-                "sentences": len(rows),
-                "tone": self.tone(rows),
-                "shares": {label: counts[label] / len(rows) for label in self.labels},
-            })  # fmt: skip
-        return out
+        return [
+            {"title": title or "(before the first heading)", "first_sentence": rows[0],
+             "sentences": len(rows), "tone": self.tone(rows), "shares": self.shares(rows)}
+            for title, rows in runs
+        ]  # fmt: skip
 
     def top(self, label: str, k: int) -> list[dict[str, Any]]:
         """The k sentences predicted `label` with the highest probability of it."""
@@ -86,16 +84,15 @@ class ReportAnalysis:
         ]  # fmt: skip
 
     def summary(self, top: int = 5) -> dict[str, Any]:
-        predicted = self.predicted
-        n = len(self.sentences)
+        shares = self.shares()
         return {
             "source": self.source,
-            "sentences": n,
+            "sentences": len(self.sentences),
             "skipped_fragments": self.skipped,
             "labels": {
                 label: {
-                    "sentences": predicted.count(label),
-                    "share": predicted.count(label) / n,
+                    "sentences": self.predicted.count(label),
+                    "share": shares[label],
                     "mean_probability": float(self.probs[:, j].mean()),
                 }
                 for j, label in enumerate(self.labels)
@@ -106,12 +103,12 @@ class ReportAnalysis:
         }
 
     def sentences_csv(self) -> str:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["index", "section", "label", *[f"p_{x}" for x in self.labels], "text"])
-        for s, label, row in zip(self.sentences, self.predicted, self.probs, strict=True):
-            writer.writerow([s.index, s.section, label, *[round(float(p), 6) for p in row], s.text])
-        return buffer.getvalue()
+        header = ["index", "section", "label", *[f"p_{x}" for x in self.labels], "text"]
+        rows = (
+            [s.index, s.section, label, *[round(float(p), 6) for p in row], s.text]
+            for s, label, row in zip(self.sentences, self.predicted, self.probs, strict=True)
+        )
+        return csv_text([header, *rows])
 
 
 def sentences_of(text: str, source: str) -> Segmented:
@@ -190,16 +187,10 @@ def _directory_names(sources: Sequence[str]) -> list[str]:
 
 def comparison(analyses: Sequence[ReportAnalysis]) -> list[dict[str, Any]]:
     """One row per report: sentences, label shares and tone, in the order given."""
-    rows = []
-    for a in analyses:
-        predicted = a.predicted
-        rows.append({
-            "report": a.source,
-            "sentences": len(a.sentences),
-            "shares": {label: predicted.count(label) / len(predicted) for label in a.labels},
-            "tone": a.tone(),
-        })  # fmt: skip
-    return rows
+    return [
+        {"report": a.source, "sentences": len(a.sentences), "shares": a.shares(), "tone": a.tone()}
+        for a in analyses
+    ]
 
 
 def write_comparison(
@@ -219,14 +210,12 @@ def write_comparison(
         for analysis, name in zip(analyses, names, strict=True):
             (tmp / name).mkdir()
             _write_files(analysis, tmp / name, top)
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["report", "folder", "sentences", *[f"share_{x}" for x in labels], "tone"])
+        table = [["report", "folder", "sentences", *[f"share_{x}" for x in labels], "tone"]]
         for row, name in zip(rows, names, strict=True):
             shares = [round(row["shares"][x], 6) for x in labels]
             tone = "" if row["tone"] is None else round(row["tone"], 6)
-            writer.writerow([row["report"], name, row["sentences"], *shares, tone])
-        atomic.write_text(tmp / COMPARISON_FILE, buffer.getvalue())
+            table.append([row["report"], name, row["sentences"], *shares, tone])
+        atomic.write_text(tmp / COMPARISON_FILE, csv_text(table))
         plot_report_comparison(rows, labels, tmp / COMPARISON_PLOT)
     return names
 
