@@ -264,3 +264,8 @@ def test_texts_cut_to_max_length_are_counted(fixture: str, request: pytest.Fixtu
     assert codec.overflow.note(1, 2, "text(s)", 32) is None  # none cut since the first
     note = codec.overflow.note(0, 2, "text(s)", 32)
     assert note is not None and note.startswith("1 of 2 text(s) longer than data.max_length=32")
+    # A later, shorter cut text is described on its own: "longest" counts from `since` on.
+    codec.encode_text(long[: len(long) // 2] + "and more")
+    first, second = codec.overflow.lengths
+    assert second < first
+    assert f"(the longest has {second} tokens)" in str(codec.overflow.note(1, 1, "text(s)", 32))

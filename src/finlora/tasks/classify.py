@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -56,28 +56,34 @@ class Batch:
 
 @dataclass
 class Overflow:
-    """Inputs a codec cut to fit `data.max_length`: how many, and the longest one's tokens.
+    """Inputs a codec cut to fit `data.max_length`: the token count of each, in order.
 
     Counted as they are encoded, so a caller can say so (training logs it per split, predict
     warns) instead of scoring or training on shortened text unawares.
     """
 
-    count: int = 0
-    longest: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def longest(self) -> int:
+        return max(self.lengths, default=0)
 
     def add(self, tokens: int) -> None:
-        self.count += 1
-        self.longest = max(self.longest, tokens)
+        self.lengths.append(tokens)
 
     def note(self, since: int, total: int, what: str, max_length: int) -> str | None:
         """A line on the inputs cut since the count was `since`; None if there were none."""
-        cut = self.count - since
+        cut = self.lengths[since:]
         if not cut:
             return None
         return (
-            f"{cut} of {total} {what} longer than data.max_length={max_length} allows were cut "
-            f"to fit (the longest has {self.longest} tokens); raise data.max_length to keep "
-            "them whole"
+            f"{len(cut)} of {total} {what} longer than data.max_length={max_length} allows "
+            f"were cut to fit (the longest has {max(cut)} tokens); raise data.max_length to "
+            "keep them whole"
         )
 
 
