@@ -390,3 +390,20 @@ def test_html_prose_in_layout_tables_and_pages_after_comments(tmp_path: Path) ->
     assert parts.skipped == 1  # the EBIT row
     stream = io.TextIOWrapper(io.BytesIO(b"<?xml version='1.0'?><h2>Risks</h2><p>Costs rose.</p>"))
     assert segment(read_report_stream(stream)).sentences == [Sentence(0, "Risks", "Costs rose.")]
+
+
+def test_words_hyphenated_over_line_breaks() -> None:
+    text = (
+        "The finan-\ncial position of the company im-\nproved markedly this year.\n"
+        "Long-\nterm debt fell and a one-\noff charge was booked for the year.\n"
+        "The cost-\ncutting programme, unlike earlier costcutting, ran to plan.\n"
+        "Our self-\nfunded growth and cost-cutting-\nfree model both held up.\n"
+    )
+    assert [s.text for s in segment(text).sentences] == [
+        # A word broken in two is joined; a compound head keeps its hyphen.
+        "The financial position of the company improved markedly this year.",
+        "Long-term debt fell and a one-off charge was booked for the year.",
+        # The report decides where it writes the word elsewhere.
+        "The costcutting programme, unlike earlier costcutting, ran to plan.",
+        "Our self-funded growth and cost-cutting-free model both held up.",
+    ]

@@ -39,7 +39,16 @@ _END = re.compile(
 _BULLET = re.compile(r"^\s*(?:[-*\u2022\u25aa\u25cf\u2013\u2014]|\(?(?:\d{1,2}|[a-z])[.)])\s+")
 _MARKDOWN_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$")
 _WORD = re.compile(r"[^\W\d_]{2,}")  # a word of two letters or more
-_HYPHEN_BREAK = re.compile(r"(\w)-\n(?=[a-z])")
+_HYPHEN_BREAK = re.compile(r"((?:\w+-)*\w+)-\n([a-z]\w*)")
+# Words that head compounds in financial prose ("long-term", "non-recurring", "year-end"): a
+# line break after their hyphen keeps it, where a break inside a word ("finan-cial") does not.
+# fmt: off
+_COMPOUND_HEADS = frozenset({
+    "long", "short", "medium", "mid", "near", "year", "quarter", "half", "full", "non", "pre",
+    "post", "self", "cross", "multi", "well", "one", "two", "three", "low", "high", "fixed",
+    "floating", "single", "double", "risk", "market", "cash", "tax", "like", "all", "re", "co",
+})
+# fmt: on
 
 
 @dataclass(frozen=True)
@@ -367,14 +376,36 @@ def _paragraphs(block: list[str]) -> list[Paragraph]:
     return paragraphs
 
 
+def _join_hyphen_breaks(text: str) -> str:
+    """Join words hyphenated over a line break: "finan-\\ncial" is "financial" but "long-\\nterm"
+    stays "long-term". The report itself decides where it can (the word written whole, or with
+    its hyphen, elsewhere in it); otherwise a chain of hyphens or a compound head
+    (`_COMPOUND_HEADS`) keeps the hyphen.
+    """
+    words = set(re.findall(r"\w+(?:-\w+)*", text.lower()))
+
+    def join(match: re.Match[str]) -> str:
+        left, right = match.group(1), match.group(2)
+        whole, hyphened = (left + right).lower(), f"{left}-{right}".lower()
+        if "-" in left or (hyphened in words and whole not in words):
+            keep = True  # a hyphenated chain ("cost-cutting-free") or the report's own spelling
+        elif whole in words:
+            keep = False
+        else:
+            keep = left.lower() in _COMPOUND_HEADS
+        return f"{left}-{right}" if keep else left + right
+
+    return _HYPHEN_BREAK.sub(join, text)
+
+
 def segment(text: str) -> Segmented:
     """Cut a report's text into sentences, each with the heading above it.
 
     Blocks are separated by blank lines, and cut into paragraphs (`_paragraphs`); hyphenated
-    line breaks are joined. Table rows and fragments that are not prose (`is_prose`) are
-    counted, not kept.
+    line breaks are joined (`_join_hyphen_breaks`). Table rows and fragments that are not prose
+    (`is_prose`) are counted, not kept.
     """
-    text = _HYPHEN_BREAK.sub(r"\1", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = _join_hyphen_breaks(text.replace("\r\n", "\n").replace("\r", "\n"))
     section, skipped = "", 0
     sentences: list[Sentence] = []
     for raw in re.split(r"\n\s*\n", text):
