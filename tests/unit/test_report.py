@@ -407,3 +407,17 @@ def test_words_hyphenated_over_line_breaks() -> None:
         "The costcutting programme, unlike earlier costcutting, ran to plan.",
         "Our self-funded growth and cost-cutting-free model both held up.",
     ]
+
+
+def test_text_all_in_lower_case_is_cut_into_sentences() -> None:
+    text = "sales rose 5 % in q3. margins improved, e.g. in retail. profit fell approx. 3 %.\n"
+    assert [s.text for s in segment(text).sentences] == [
+        "sales rose 5 % in q3.",
+        "margins improved, e.g. in retail.",
+        "profit fell approx. 3 %.",
+    ]
+    # With capitals about, a lower-case word after a stop goes on the same sentence.
+    assert split_sentences("Sales were EUR 3.1 mn. in the quarter. Profit rose.") == [
+        "Sales were EUR 3.1 mn. in the quarter.",
+        "Profit rose.",
+    ]

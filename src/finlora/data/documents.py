@@ -37,6 +37,9 @@ _END = re.compile(
     r"[.!?]+[\"'\u201d\u2019)\]]*\s+(?=[\"'`\u201c\u2018(\[\-\u2013\u2014]{0,2} ?[A-Z0-9])"
 )
 _BULLET = re.compile(r"^\s*(?:[-*\u2022\u25aa\u25cf\u2013\u2014]|\(?(?:\d{1,2}|[a-z])[.)])\s+")
+# Text written all in lower case (chat logs, transcripts) has no capitals to start sentences:
+# there a stop before white space and any letter or digit ends one.
+_END_LOWER = re.compile(r"[.!?]+[\"'\u201d\u2019)\]]*\s+(?=[\"'`\u201c\u2018(\[]{0,2}[a-z0-9])")
 _MARKDOWN_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$")
 _WORD = re.compile(r"[^\W\d_]{2,}")  # a word of two letters or more
 _HYPHEN_BREAK = re.compile(r"((?:\w+-)*\w+)-\n([a-z]\w*)")
@@ -259,7 +262,8 @@ def split_sentences(text: str) -> list[str]:
     """Sentences of one paragraph, cut after . ! ? unless the word before is an abbreviation,
     an initial ("J. Smith": one capital letter) or dotted letters ("U.S.")."""
     sentences, start = [], 0
-    for match in _END.finditer(text):
+    ends = _END_LOWER if text == text.lower() else _END
+    for match in ends.finditer(text):
         # The word before the stop, read from a short window: slicing from the last cut would
         # make a long run of abbreviations cost the square of its length.
         before = text[max(start, match.start() - 40) : match.start()].split()
