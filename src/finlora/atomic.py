@@ -82,6 +82,21 @@ def atomic_dir(path: str | os.PathLike[str], replace: bool = True) -> Iterator[P
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_output_file(out: Path, suffixes: Sequence[str]) -> None:
+    """Refuse, before any work, an output file that cannot be written where it is named: a
+    directory, a path under a file, or a suffix not in `suffixes`.
+
+    Raises FinloraError naming the path.
+    """
+    if out.is_dir():
+        raise FinloraError(f"{out}: is a directory; name a file")
+    for path in out.parents:
+        if path.exists() and not path.is_dir():
+            raise FinloraError(f"{path}: exists and is not a directory")
+    if out.suffix.lower() not in suffixes:
+        raise FinloraError(f"{out}: name a {' or '.join(suffixes)} file")
+
+
 def check_new_dir(out: Path, overwrite: bool) -> None:
     """Refuse an output directory that is a file, or holds files, unless `overwrite`.
 

@@ -6,9 +6,7 @@ A user mistake (FinloraError) becomes one line on stderr and exit status 2, neve
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
-import io
 import json
 import os
 import sys
@@ -284,49 +282,27 @@ def eval_(
 
 
 def _read_inputs(texts: tuple[str, ...], file: Path | None, text_column: str) -> list[str]:
+    from finlora.data.loaders import load_texts
+    from finlora.data.textfile import STDIN, from_terminal, read_stream, read_text
+
     if texts and file:
         raise FinloraError("give texts as arguments or --file, not both")
-    if file is not None:
+    if file is not None and str(file) != "-":
         from finlora.data.documents import HTML_SUFFIXES
-        from finlora.data.loaders import read_text
 
         if file.suffix.lower() in (".pdf", *HTML_SUFFIXES):
             raise FinloraError(
                 f"{file}: --file reads sentences (CSV/TSV, JSONL, one a line); "
                 "read a report with finlora analyze RUN REPORT"
             )
-        return _texts_from_file(file, read_text(file), text_column)
+        return load_texts(file, read_text(file), text_column)
     if texts and texts != ("-",):
-        return list(texts)
-    if sys.stdin.isatty() and not texts:
+        if not all(t.strip() for t in texts):
+            raise FinloraError("a text argument is blank")
+        return [from_terminal(t).strip() for t in texts]
+    if file is None and not texts and sys.stdin.isatty():
         raise FinloraError("no input: give texts as arguments, --file PATH, or lines on stdin")
-    lines = [line.strip() for line in sys.stdin.read().splitlines()]
-    return [line for line in lines if line]
-
-
-def _texts_from_file(file: Path, content: str, text_column: str) -> list[str]:
-    suffix = file.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(io.StringIO(content), delimiter="\t" if suffix == ".tsv" else ",")
-        if text_column not in (reader.fieldnames or []):
-            raise FinloraError(
-                f"{file}: no column '{text_column}' (columns: {', '.join(reader.fieldnames or [])})"
-            )
-        return [row[text_column] for row in reader if (row[text_column] or "").strip()]
-    if suffix in (".jsonl", ".json"):
-        texts = []
-        for number, line in enumerate(content.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FinloraError(f"{file}:{number}: malformed JSON ({exc.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_column), str):
-                raise FinloraError(f"{file}:{number}: no string field '{text_column}'")
-            texts.append(record[text_column])
-        return texts
-    return [line.strip() for line in content.splitlines() if line.strip()]
+    return load_texts(STDIN, read_stream(sys.stdin), text_column)
 
 
 def _note_overflow(codec: Any, total: int, what: str) -> None:
@@ -354,11 +330,13 @@ def _write_predictions(out: Path, predictions: list[Any], labels: list[str]) -> 
     "--file",
     "file",
     type=click.Path(path_type=Path),
-    help="CSV/TSV (with --text-column), JSONL, or plain text with one sentence a line.",
+    help="CSV/TSV (with --text-column), JSONL or a .json list, or plain text with one "
+    "sentence a line; - for stdin.",
 )
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), help="Write predictions to .csv or .jsonl.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per input line.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per input line "
+              "(with --out too).")  # fmt: skip
 @click.option("--zero-shot", is_flag=True, help="Use the base model without the adapter.")
 def predict(
     run_dir: Path,
@@ -377,8 +355,11 @@ def predict(
       finlora predict runs/fpb --file news.csv --text-column headline --out labelled.csv
       cat headlines.txt | finlora predict runs/fpb --json
     """
+    from finlora import atomic
     from finlora.predict import load_run, require_task
 
+    if out is not None:
+        atomic.check_output_file(out, (".csv", ".jsonl"))
     inputs = _read_inputs(texts, file, text_column)
     if not inputs:
         raise FinloraError("no input text")
@@ -389,7 +370,8 @@ def predict(
     if out is not None:
         _write_predictions(out, predictions, loaded.labels)
         _echo_err(f"wrote {len(predictions)} predictions to {out}")
-        return
+        if not as_json:
+            return
     for p in predictions:
         if as_json:
             click.echo(json.dumps(p.to_dict()))
@@ -713,7 +695,10 @@ def generate(
           --input "Share price EUR 42.00, EPS EUR 3.50."
     """
     from finlora.chat import answer, instruction_prompt
+    from finlora.data.textfile import from_terminal
 
+    instruction, input_text = from_terminal(instruction), from_terminal(input_text)
+    system = None if system is None else from_terminal(system)
     if not instruction.strip():
         raise FinloraError("--instruction is empty")
     loaded = _load_instruct_run(run_dir, zero_shot)
@@ -738,12 +723,20 @@ def chat(run_dir: Path, options: Any, system: str | None, zero_shot: bool) -> No
       finlora chat runs/fin-instruct --temperature 0.7 --top-p 0.9
     """
     from finlora.chat import ChatSession, chat_loop, describe
+    from finlora.data.textfile import from_terminal
 
+    system = None if system is None else from_terminal(system)
     loaded = _load_instruct_run(run_dir, zero_shot)
     _echo_err(describe(loaded))
     with contextlib.suppress(ImportError):  # not on every platform
         import readline  # noqa: F401  (line editing and history for input())
-    chat_loop(ChatSession(loaded, options, system), input, _stdout_stream)
+    chat_loop(ChatSession(loaded, options, system), _read_line, _stdout_stream)
+
+
+def _read_line(prompt: str) -> str:
+    from finlora.data.textfile import from_terminal
+
+    return from_terminal(input(prompt))
 
 
 @cli.command()
@@ -801,9 +794,11 @@ def data_fin_instruct(out: Path, overwrite: bool) -> None:
     Generated sentiment questions with labelled answers, and authored Q&A on financial
     concepts; not real data. An instruct recipe with an empty data.path uses this set.
     """
+    from finlora import atomic
     from finlora.data.fin_instruct import FIN_INSTRUCT_NOTE, fin_instruct_set
     from finlora.data.instruct import write_jsonl
 
+    atomic.check_output_file(out, (".jsonl", ".json"))
     if out.exists() and not overwrite:
         raise FinloraError(f"{out}: exists (use --overwrite to replace it)")
     records = fin_instruct_set()

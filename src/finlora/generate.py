@@ -7,6 +7,7 @@ own end-of-turn tokens (its generation config), whichever comes first.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,9 +41,9 @@ class GenerationOptions:
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
             raise FinloraError(f"--max-new-tokens must be positive (got {self.max_new_tokens})")
-        if self.temperature < 0:
-            raise FinloraError(f"--temperature must be >= 0 (got {self.temperature})")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise FinloraError(f"--temperature must be a number >= 0 (got {self.temperature})")
+        if not 0 < self.top_p <= 1:  # false for NaN too
             raise FinloraError(f"--top-p must be in (0, 1] (got {self.top_p})")
         if self.top_k < 0:
             raise FinloraError(f"--top-k must be >= 0 (got {self.top_k})")

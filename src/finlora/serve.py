@@ -17,6 +17,8 @@ pass instead of one each, with no waiting added to a request that finds the mode
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import hmac
 import ipaddress
 import json
@@ -25,12 +27,12 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -54,13 +56,23 @@ ROUTES = {
 }
 
 
+def _unicode(text: str) -> str:
+    # JSON may escape a lone surrogate ("\\ud800"), which is no character: no tokenizer takes it.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (it holds a lone surrogate)") from None
+    return text
+
+
 def _not_blank(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
     return text
 
 
-Text = Annotated[str, AfterValidator(_not_blank)]
+Unicode = Annotated[str, AfterValidator(_unicode)]
+Text = Annotated[Unicode, AfterValidator(_not_blank)]
 
 
 class PredictRequest(BaseModel):
@@ -70,7 +82,7 @@ class PredictRequest(BaseModel):
 class AnalyzeRequest(BaseModel):
     text: Annotated[Text, Field(max_length=MAX_REPORT_CHARS)]
     top: Annotated[int, Field(ge=0, le=100)] = 5
-    source: str = "request"
+    source: Unicode = "request"
 
 
 class Decoding(BaseModel):
@@ -90,13 +102,26 @@ class Decoding(BaseModel):
 
 class GenerateRequest(Decoding):
     instruction: Text
-    input: str = ""
-    system: str | None = None
+    input: Unicode = ""
+    system: Unicode | None = None
+
+
+class TextPart(BaseModel):
+    """One part of an OpenAI message's content given as a list; finlora reads text only."""
+
+    type: Literal["text"]
+    text: Unicode
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Unicode | list[TextPart]
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
 
 
 class ChatRequest(BaseModel):
@@ -110,6 +135,17 @@ class ChatRequest(BaseModel):
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     seed: int | None = None
     stream: bool = False
+    # Refused rather than ignored: an answer that silently ran past a stop sequence, or one
+    # choice where n were asked for, would mislead the client.
+    n: Annotated[int, Field(ge=1, le=1)] = 1
+    stop: str | list[str] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _no_stop(cls, stop: str | list[str] | None) -> None:
+        if stop:
+            raise ValueError("stop sequences are not supported")
+        return None
 
     @field_validator("messages")
     @classmethod
@@ -125,7 +161,7 @@ class ChatRequest(BaseModel):
 
 def _split_system(messages: list[ChatMessage]) -> tuple[list[Message], list[Message]]:
     """Leading system messages (always kept) and the conversation after them."""
-    as_messages = [Message(m.role, m.content) for m in messages]
+    as_messages = [Message(m.role, m.text) for m in messages]
     n = next((i for i, m in enumerate(as_messages) if m.role != "system"), len(as_messages))
     return as_messages[:n], as_messages[n:]
 
@@ -215,9 +251,13 @@ class PredictQueue:
     def _score(self, batch: list[_Waiting]) -> None:
         try:
             predictions = self.score([text for w in batch for text in w.texts])
-        except Exception as exc:  # every request of the batch gets the error
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].error = exc
+                return
+            # One request's texts failed the whole pass: score each alone, so only it fails.
             for waiting in batch:
-                waiting.error = exc
+                self._score([waiting])
             return
         start = 0
         for waiting in batch:
@@ -318,41 +358,58 @@ class _Server:
             },
         }
 
-    def chat_stream(self, request: ChatRequest) -> Iterator[str]:
-        """Server-sent events: a chunk per piece of text as it is generated, then [DONE]."""
+    async def chat_stream(self, request: ChatRequest) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per piece of text as it is generated, then [DONE]. A
+        client that goes away stops the generation, which would otherwise hold the model."""
         options = request.options()
         pieces: queue.Queue[str | Reply | BaseException] = queue.Queue()
+        gone = threading.Event()
+
+        def write(text: str) -> None:
+            if gone.is_set():
+                raise _ClientGone  # out of generate, and the model lock is released
+            pieces.put(text)
+
         # Generation runs in its own thread, so text reaches the client while the model works.
         worker = threading.Thread(
-            target=self._generate_into, args=(request, options, pieces), daemon=True
+            target=self._generate_into, args=(request, options, pieces, write), daemon=True
         )
         worker.start()
         chunk = _chunk_maker(_completion_id(), self.name)
-        yield _sse(chunk({"role": "assistant", "content": ""}, None))
-        while True:
-            item = pieces.get()
-            if isinstance(item, str):
-                yield _sse(chunk({"content": item}, None))
-                continue
-            if isinstance(item, Reply):
-                yield _sse(chunk({}, _finish_reason(item)))
-            else:  # the model failed mid-answer: say so in the stream, the status is sent
-                yield _sse({"error": {"message": str(item), "type": type(item).__name__}})
-            yield _sse("[DONE]")
-            return
+        loop = asyncio.get_running_loop()
+        try:
+            yield _sse(chunk({"role": "assistant", "content": ""}, None))
+            while True:
+                item = await loop.run_in_executor(None, pieces.get)
+                if isinstance(item, str):
+                    yield _sse(chunk({"content": item}, None))
+                    continue
+                if isinstance(item, Reply):
+                    yield _sse(chunk({}, _finish_reason(item)))
+                else:  # the model failed mid-answer: say so in the stream, the status is sent
+                    yield _sse({"error": {"message": str(item), "type": type(item).__name__}})
+                yield _sse("[DONE]")
+                return
+        finally:  # also when the client disconnected (cancelled, or closed at a yield)
+            gone.set()
 
     def _generate_into(
         self,
         request: ChatRequest,
         options: GenerationOptions,
         pieces: queue.Queue[str | Reply | BaseException],
+        write: Callable[[str], None],
     ) -> None:
         try:
             with self.lock:
                 prompt = self._chat_prompt(request, options)
-                pieces.put(answer(self.loaded, prompt, options, pieces.put))
+                pieces.put(answer(self.loaded, prompt, options, write))
         except Exception as exc:  # handed to the stream, which reports it to the client
             pieces.put(exc)
+
+
+class _ClientGone(Exception):
+    """Raised into a streamed generation whose client has disconnected."""
 
 
 def _chunk_maker(
@@ -372,19 +429,10 @@ def _chunk_maker(
     return chunk
 
 
-def _bearer_check(api_key: str | None) -> Callable[..., None]:
-    """A dependency that wants `Authorization: Bearer <api_key>` (as OpenAI clients send it)."""
-
-    def check(authorization: Annotated[str | None, Header()] = None) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_key):
-            raise HTTPException(
-                401, "missing or wrong API key", headers={"WWW-Authenticate": "Bearer"}
-            )
-
-    return check
+def _authorized(authorization: str | None, api_key: str) -> bool:
+    """Whether `Authorization: Bearer <api_key>` (as OpenAI clients send it) was given."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), api_key)
 
 
 def create_app(loaded: LoadedRun, api_key: str | None = None) -> FastAPI:
@@ -395,7 +443,22 @@ def create_app(loaded: LoadedRun, api_key: str | None = None) -> FastAPI:
         title="finlora",
         summary=f"{server.name}: a {loaded.task} run of {loaded.cfg.model.name}",
     )
-    guarded = APIRouter(dependencies=[Depends(_bearer_check(api_key))])
+
+    if api_key is not None:
+
+        @app.middleware("http")
+        async def require_key(request: Request, call_next: Callable[..., Any]) -> Any:
+            # Before routing and body parsing: /docs and /openapi.json are guarded too, and a
+            # request without the key learns nothing about what its body should be.
+            if request.url.path == "/health" or _authorized(
+                request.headers.get("authorization"), api_key
+            ):
+                return await call_next(request)
+            return JSONResponse(
+                status_code=401,
+                content={"detail": "missing or wrong API key"},
+                headers={"WWW-Authenticate": "Bearer"},
+            )
 
     @app.exception_handler(RequestValidationError)
     def invalid_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -408,30 +471,29 @@ def create_app(loaded: LoadedRun, api_key: str | None = None) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @guarded.get("/info")
+    @app.get("/info")
     def info() -> dict[str, Any]:
         return server.info()
 
-    @guarded.post("/predict")
+    @app.post("/predict")
     def predict(request: PredictRequest) -> dict[str, Any]:
         return _user_errors_as_400(lambda: server.predict(request))
 
-    @guarded.post("/analyze")
+    @app.post("/analyze")
     def analyze_report(request: AnalyzeRequest) -> dict[str, Any]:
         return _user_errors_as_400(lambda: server.analyze(request))
 
-    @guarded.post("/generate")
+    @app.post("/generate")
     def generate(request: GenerateRequest) -> dict[str, Any]:
         return _user_errors_as_400(lambda: server.generate(request))
 
-    @guarded.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None)
     def chat_completions(request: ChatRequest) -> dict[str, Any] | StreamingResponse:
         if request.stream:
             server.require("instruct", "/predict")  # before the stream starts: a real status
             return StreamingResponse(server.chat_stream(request), media_type="text/event-stream")
         return _user_errors_as_400(lambda: server.chat(request))
 
-    app.include_router(guarded)
     return app
 
 
@@ -456,8 +518,9 @@ def check_bindable(host: str, port: int) -> None:
         try:
             probe.bind(address)
         except OSError as exc:
+            fix = "pick another --port" if exc.errno == errno.EADDRINUSE else "check --host"
             raise FinloraError(
-                f"{host}:{port}: cannot listen there ({exc.strerror}); pick another --port"
+                f"{host}:{port}: cannot listen there ({exc.strerror}); {fix}"
             ) from None
 
 

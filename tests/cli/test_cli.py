@@ -186,6 +186,44 @@ def test_predict_stdin_dash(cli: Callable[..., Result], trained: Path) -> None:
     assert [json.loads(line)["text"] for line in result.out.splitlines()] == TEXTS[:2]
 
 
+def test_predict_reads_stdin_and_arguments_as_files_are_read(
+    cli: Callable[..., Result], trained: Path, tmp_path: Path
+) -> None:
+    plain = cli("predict", trained, TEXTS[0], "--json")
+    assert plain.code == 0, plain.err
+    # A byte-order mark on stdin is not part of the first text.
+    with_bom = cli("predict", trained, "--json", stdin=f"\ufeff{TEXTS[0]}\n")
+    assert with_bom.out == plain.out
+    # An argument whose bytes were not UTF-8 (Latin-1 "Café") reaches Python as surrogates.
+    latin1 = cli("predict", trained, "Caf\udce9 sales rose.", "--json")
+    assert latin1.code == 0, latin1.err
+    assert json.loads(latin1.out)["text"] == "Café sales rose."
+    assert_user_error(cli("predict", trained, TEXTS[0], "  "), "a text argument is blank")
+    # --file - reads stdin; a ";"-separated CSV and a .json list as training reads them.
+    dash = cli("predict", trained, "--file", "-", "--json", stdin=f"{TEXTS[0]}\n")
+    assert dash.out == plain.out
+    semi = tmp_path / "news.csv"
+    semi.write_text(f"id;text\n1;{TEXTS[0]}\n", encoding="utf-8")
+    listed = tmp_path / "news.json"
+    listed.write_text(json.dumps([{"text": TEXTS[0]}]), encoding="utf-8")
+    for file in (semi, listed):
+        assert cli("predict", trained, "--file", file, "--json").out == plain.out
+
+
+def test_predict_refuses_an_unwritable_out_before_scoring(
+    cli: Callable[..., Result], trained: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "a-file.csv").write_text("x", encoding="utf-8")
+    for out, fragment in [
+        (tmp_path, "is a directory"),
+        (tmp_path / "a-file.csv" / "x.csv", "exists and is not a directory"),
+        (tmp_path / "out.txt", "name a .csv or .jsonl file"),
+    ]:
+        assert_user_error(cli("predict", tmp_path / "no-run", "x", "--out", out), fragment)
+    both = cli("predict", trained, TEXTS[0], "--json", "--out", tmp_path / "p.jsonl")
+    assert both.code == 0 and json.loads(both.out)["text"] == TEXTS[0]
+
+
 def test_predict_csv_to_csv(
     cli: Callable[..., Result], trained: Path, csv_file: Path, tmp_path: Path
 ) -> None:
@@ -471,7 +509,7 @@ def test_predict_texts_and_file(cli: Callable[..., Result], trained: Path, csv_f
 
 
 def test_predict_empty_stdin(cli: Callable[..., Result], trained: Path) -> None:
-    assert_user_error(cli("predict", trained, stdin="\n  \n"), "no input text")
+    assert_user_error(cli("predict", trained, stdin="\n  \n"), "standard input: no text")
 
 
 def test_bench_train_prints_json_on_the_last_line(

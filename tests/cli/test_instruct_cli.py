@@ -274,6 +274,8 @@ def test_data_fin_instruct_writes_the_packaged_set(
     assert [(r.messages, r.label) for r in records] == [(r.messages, r.label) for r in expected]
     assert_user_error(cli("data", "fin-instruct", out), f"{out}: exists (use --overwrite")
     assert cli("data", "fin-instruct", out, "--overwrite").code == 0
+    assert_user_error(cli("data", "fin-instruct", tmp_path, "--overwrite"), "is a directory")
+    assert_user_error(cli("data", "fin-instruct", tmp_path / "fin.csv"), "name a .jsonl or .json")
 
 
 # ---- chat in a real terminal -------------------------------------------------------------------

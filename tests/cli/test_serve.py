@@ -155,6 +155,21 @@ def test_a_failed_batch_fails_every_request_in_it() -> None:
     assert [str(r) for r in results] == ["out of memory", "out of memory"]
 
 
+def test_one_failing_request_does_not_fail_the_others_in_its_batch(
+    classify_loaded: LoadedRun,
+) -> None:
+    def score(texts: list[str]) -> list[Any]:
+        if "poison" in texts:
+            raise ValueError("cannot score 'poison'")
+        return classify_loaded.predict(texts, progress=False)
+
+    lock = threading.Lock()
+    results = _queued(PredictQueue(lock, score), lock, [[TEXTS[0]], ["poison"], [TEXTS[1]]])
+    assert [p.text for p in results[0]] == [TEXTS[0]]
+    assert str(results[1]) == "cannot score 'poison'"
+    assert [p.text for p in results[2]] == [TEXTS[1]]
+
+
 @pytest.mark.parametrize(
     "body",
     [{"texts": []}, {"texts": ["ok", "  "]}, {"text": "one"}, {"texts": "not a list"}],
@@ -163,6 +178,15 @@ def test_predict_refuses_bad_bodies(classify_client: TestClient, body: dict[str,
     response = classify_client.post("/predict", json=body)
     assert response.status_code == 422
     assert response.json()["detail"]
+
+
+def test_predict_refuses_a_lone_surrogate(classify_client: TestClient) -> None:
+    # Valid JSON, but no character: no tokenizer takes it.
+    body = b'{"texts": ["Sales rose.", "lone \\ud800 surrogate"]}'
+    headers = {"content-type": "application/json"}
+    response = classify_client.post("/predict", content=body, headers=headers)
+    assert response.status_code == 422
+    assert "lone surrogate" in response.json()["detail"][0]["msg"]
 
 
 def test_predict_refuses_too_many_texts(classify_client: TestClient) -> None:
@@ -192,7 +216,12 @@ def test_an_api_key_guards_every_route_but_health(classify_loaded: LoadedRun) ->
             assert response.status_code == 401
             assert response.json()["detail"] == "missing or wrong API key"
             assert response.headers["www-authenticate"] == "Bearer"
+    # The API's description is guarded too, and a body is not looked at before the key.
+    for path in ("/docs", "/openapi.json"):
+        assert client.get(path).status_code == 401
+    assert client.post("/predict", json={"texts": []}).status_code == 401
     good = {"Authorization": "Bearer s3cret"}
+    assert client.get("/openapi.json", headers=good).status_code == 200
     assert client.get("/info", headers=good).json()["task"] == "classify"
     response = client.post("/predict", json=body, headers=good)
     assert response.status_code == 200 and response.json()["predictions"][0]["label"]
@@ -316,6 +345,68 @@ def test_chat_completion_streams_the_same_answer(instruct_client: TestClient) ->
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert text.strip() == whole["message"]["content"]
     assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
+
+
+def test_chat_reads_openai_content_parts(instruct_client: TestClient) -> None:
+    as_text = _chat(instruct_client, max_tokens=4).json()["choices"][0]["message"]
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+        {"role": "user", "content": [{"type": "text", "text": "What is EBITDA?"}]},
+    ]
+    body = {"messages": messages, "max_tokens": 4}
+    response = instruct_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"] == as_text
+
+
+@pytest.mark.parametrize("extra", [{"n": 2}, {"stop": ["\n"]}, {"stop": "END"}])
+def test_chat_refuses_options_it_cannot_honour(
+    instruct_client: TestClient, extra: dict[str, Any]
+) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi"}], **extra}
+    response = instruct_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"][-1] == next(iter(extra))
+    # What clients send by default still goes through.
+    ok = {"messages": [{"role": "user", "content": "Hi"}], "n": 1, "stop": None, "max_tokens": 2}
+    assert instruct_client.post("/v1/chat/completions", json=ok).status_code == 200
+
+
+def test_a_stream_whose_client_left_stops_generating(
+    instruct_loaded: LoadedRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from finlora import serve
+
+    written: list[str] = []
+    stopped = threading.Event()
+
+    def endless(loaded: Any, prompt: Any, options: Any, write: Callable[[str], None]) -> Any:
+        try:
+            while True:  # a model that would talk on and on
+                write("word ")
+                written.append("word ")
+                time.sleep(0.001)
+        finally:
+            stopped.set()
+
+    monkeypatch.setattr(serve, "answer", endless)
+    server = serve._Server(instruct_loaded)
+    request = serve.ChatRequest.model_validate(
+        {"messages": [{"role": "user", "content": "Hi"}], "stream": True}
+    )
+
+    async def leave_early() -> None:
+        stream = server.chat_stream(request)
+        await stream.__anext__()  # the role chunk
+        await stream.__anext__()  # the first words: generation is under way
+        await stream.aclose()  # as the server does when the client is gone
+
+    asyncio.run(leave_early())
+    assert stopped.wait(timeout=10)  # the generation was stopped ...
+    assert server.lock.acquire(timeout=10)  # ... and the model is free for the next request
+    assert written
 
 
 @pytest.mark.parametrize(

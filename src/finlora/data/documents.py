@@ -16,7 +16,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from finlora.data.textfile import STDIN, decode_text, read_text
+from finlora.data.textfile import STDIN, read_stream, read_text
 from finlora.errors import FinloraError
 
 # Words that end in a full stop without ending a sentence. Single letters (initials, "U.S.")
@@ -250,9 +250,7 @@ def read_report(path: Path) -> str:
 
 def read_report_stream(stream: Any) -> str:
     """A report from standard input, decoded and read as `read_report` reads a file."""
-    buffer = getattr(stream, "buffer", None)
-    data = buffer.read() if buffer is not None else stream.read().encode("utf-8")
-    return report_text(decode_text(data, STDIN), STDIN)
+    return report_text(read_stream(stream), STDIN)
 
 
 # ---- segmenting ----------------------------------------------------------------------------

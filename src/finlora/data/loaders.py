@@ -23,6 +23,7 @@ __all__ = [
     "load_examples",
     "load_fpb",
     "load_table",
+    "load_texts",
     "parse_label_map",
     "read_text",
 ]
@@ -227,6 +228,24 @@ def load_table(
             f"(expected one of {allowed})"
         )
     return _load_table_as(fmt, path, text_column, label_column, label_map, labels)
+
+
+def load_texts(name: Path | str, text: str, text_column: str = "text") -> list[str]:
+    """The non-blank texts of unlabelled data, as `predict --file` reads it: a table's
+    `text_column` (read as training reads tables: ";"-split CSVs, a .json list), else one text
+    a line. `name` is the file's path (its suffix says which) or "standard input"."""
+    path = Path(name)
+    fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
+    if fmt not in _TABLE_READERS:
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    texts = []
+    for number, row in _TABLE_READERS[fmt](path, text, (text_column,)):
+        value = row.get(text_column)
+        if value is not None and not isinstance(value, str):
+            raise FinloraError(f"{path}:{number}: column '{text_column}' is not text")
+        if value and value.strip():
+            texts.append(value.strip())
+    return texts
 
 
 _LOADERS: dict[str, Callable[..., list[Example]]] = {

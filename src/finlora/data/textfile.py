@@ -67,6 +67,29 @@ def decode_text(data: bytes, name: str) -> str:
     return text
 
 
+def read_stream(stream: Any) -> str:
+    """Standard input (or any text stream), decoded from its bytes as `read_text` decodes a
+    file: the locale's decoder would keep a BOM and turn Latin-1 into surrogates."""
+    buffer = getattr(stream, "buffer", None)
+    data = buffer.read() if buffer is not None else stream.read().encode("utf-8")
+    return decode_text(data, STDIN)
+
+
+def from_terminal(text: str) -> str:
+    """`text` as typed or piped in: bytes the locale could not decode reach Python as lone
+    surrogates (surrogateescape), which no tokenizer takes; they are decoded as files are,
+    Latin-1 where the whole is not UTF-8."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        data = text.encode("utf-8", "surrogateescape")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
 def json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:
     """(line, value) for each non-blank line of JSON Lines text."""
     # split on "\n" only: str.splitlines also breaks on U+2028, form feeds etc., which would
