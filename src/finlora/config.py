@@ -9,6 +9,7 @@ and every error names the dotted key and what was allowed, e.g.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -101,6 +102,8 @@ class DataConfig:
             _fail(f"{prefix}.max_length", f"must be at least 8 tokens (got {self.max_length})")
         if len(set(self.labels)) != len(self.labels):
             _fail(f"{prefix}.labels", f"has duplicates ({self.labels})")
+        if self.text_column == self.label_column:
+            _fail(f"{prefix}.label_column", f"must differ from {prefix}.text_column")
 
     def resolved_path(self) -> str | None:
         """The data path to read, after the $FINLORA_FPB_DIR fallback; None means synthetic."""
@@ -387,6 +390,8 @@ class TrainConfig:
             _fail(f"{prefix}.threads", f"must be a positive integer or null (got {self.threads})")
         if self.learning_rate <= 0:
             _fail(f"{prefix}.learning_rate", f"must be positive (got {self.learning_rate})")
+        if self.max_grad_norm <= 0:  # clipping to a negative norm would climb the loss
+            _fail(f"{prefix}.max_grad_norm", f"must be positive (got {self.max_grad_norm})")
         if self.weight_decay < 0:
             _fail(f"{prefix}.weight_decay", f"must be >= 0 (got {self.weight_decay})")
         _check_fraction(f"{prefix}.warmup_ratio", self.warmup_ratio, allow_zero=True)
@@ -424,6 +429,8 @@ class RunConfig:
 
     def validate(self, prefix: str) -> None:
         _check_choice("task", self.task, TASKS)
+        if not 0 <= self.seed < 2**32:  # what numpy and scikit-learn take
+            _fail("seed", f"must be between 0 and 2**32 - 1 (got {self.seed})")
         if self.task == "instruct" and self.data.format not in ("auto", "jsonl"):
             _fail(
                 "data.format",
@@ -482,6 +489,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 return _coerce(key, value, option)
             except FinloraError as exc:
                 errors.append(exc)
+        if len(errors) == 1:  # `float | None`: the float's own reason ("must be finite")
+            raise errors[0]
         allowed = " or ".join(_type_name(o) for o in options if o is not type(None))
         _fail(key, f"must be {allowed} (got {value!r})")
     if origin is list:
@@ -496,11 +505,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
         # YAML 1.1 reads `1e-4` (no dot) as a string; accept what is plainly a number.
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-            return float(value)
+        numeric = isinstance(value, str) and _NUMBER.fullmatch(value.strip())
+        if numeric or (isinstance(value, int | float) and not isinstance(value, bool)):
+            number = float(value)
+            if not math.isfinite(number):  # YAML's .inf and .nan: no setting wants them
+                _fail(key, f"must be a finite number (got {value!r})")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -548,6 +559,20 @@ def _check_method_sections(data: dict[str, Any], chosen: str) -> None:
         )
 
 
+def _plain_data_options(section: Any) -> Any:
+    """The data section with two natural YAML spellings turned into the settings' own:
+    `agreement: 75` (an integer) and `label_map` as a mapping (`0: negative`)."""
+    if not isinstance(section, dict):
+        return section
+    section = dict(section)
+    agreement = section.get("agreement")
+    if isinstance(agreement, int) and not isinstance(agreement, bool):
+        section["agreement"] = str(agreement)
+    if isinstance(section.get("label_map"), dict):
+        section["label_map"] = ",".join(f"{k}={v}" for k, v in section["label_map"].items())
+    return section
+
+
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Build and validate a RunConfig; raises FinloraError naming the offending key."""
     data_section = data.get("data")
@@ -557,6 +582,7 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         # The data section's default template is the classifier's; an instruct recipe that
         # names none means the model's own chat template.
         data = {**data, "data": {**(data_section or {}), "template": INSTRUCT_TEMPLATE}}
+    data = {**data, "data": _plain_data_options(data.get("data"))}
     cfg = typing.cast(RunConfig, _build(RunConfig, data, ""))
     _check_method_sections(data, cfg.method.name)
     return cfg

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,20 @@ def _run_test_rows(loaded: LoadedRun) -> EvalData:
     """The exact rows the run held out, after checking the data has not changed since."""
     check_training_files(loaded)
     data = prepare_data(loaded.cfg.data, loaded.cfg.seed)
+    if any(i >= len(data.examples) for i in loaded.split["test"]):
+        raise FinloraError(
+            f"{loaded.run.split}: test rows past the data's {len(data.examples)} examples"
+        )
     test = [data.examples[i] for i in loaded.split["test"]]
     return EvalData("test", f"test split of {data.description}", test)
+
+
+def data_report_stem(path: Path, *variant: str) -> str:
+    """The report name for `eval --data FILE`: "data-<stem>-<6 hex digits of its absolute path
+    and variant>". Never "test", the run's own held-out split (which export quotes), and never
+    that of another file with the same name."""
+    key = "\0".join([str(path.resolve()), *variant])
+    return f"data-{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:6]}"
 
 
 def _file_rows(loaded: LoadedRun, path: Path, options: LoaderOptions) -> EvalData:
@@ -74,7 +87,7 @@ def _file_rows(loaded: LoadedRun, path: Path, options: LoaderOptions) -> EvalDat
         raise FinloraError(
             f"{where}: unknown label {unknown[0]!r} (the run knows {', '.join(loaded.labels)})"
         )
-    return EvalData(path.stem, str(path), examples)
+    return EvalData(data_report_stem(path, options.agreement), str(path), examples)
 
 
 def evaluate_run(

@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from finlora import atomic
-from finlora.config import RunConfig, config_from_dict, read_yaml
+from finlora.config import RunConfig
 from finlora.errors import FinloraError
 from finlora.export_classify import (
     LabelScores,
@@ -272,8 +272,8 @@ def check_gguf_kind(run: RunDir) -> None:
 
 def _load(run: RunDir, method: str) -> _Context:
     """The run's adapter model in fp32 on the CPU: no bf16 weights, no autocast, exact merges."""
-    cfg = config_from_dict(read_yaml(run.config))
-    split = run.read_json(run.split)
+    cfg = run.read_config()
+    split = run.read_split()
     kind = getattr(cfg.model, "kind", "auto")
     base = load_base_model(
         cfg.model.name,
@@ -610,7 +610,11 @@ def _manifest(run: RunDir) -> dict[str, Any]:
 
 def _test_metrics(ctx: _Context) -> dict[str, Any] | None:
     path = ctx.run.eval_dir / "test.json"
-    return ctx.run.read_json(path) if path.is_file() else None
+    metrics = ctx.run.read_json(path) if path.is_file() else None
+    # Before eval named its --data reports apart, a file called test.csv wrote this one.
+    if not isinstance(metrics, dict) or not str(metrics.get("data", "")).startswith("test split"):
+        return None
+    return metrics
 
 
 def _record(ctx: _Context, options: ExportOptions, files: list[str], v: Verification) -> Any:

@@ -20,7 +20,7 @@ from finlora import atomic
 from finlora.data.instruct import InstructRecord, load_instruct
 from finlora.data.prepare import prepare_instruct
 from finlora.errors import FinloraError
-from finlora.evaluate import check_training_files, report_title
+from finlora.evaluate import check_training_files, data_report_stem, report_title
 from finlora.generate import GenerationOptions, generate_answers
 from finlora.plots import plot_score_histogram
 from finlora.predict import LoadedRun
@@ -31,7 +31,7 @@ from finlora.textmetrics import generation_metrics, label_answer_metrics, rouge_
 def _test_records(loaded: LoadedRun, data_path: Path | None) -> tuple[str, str, list[Any]]:
     """(report stem, description, records): the run's test split, or every record of a file."""
     if data_path is not None:
-        return data_path.stem, str(data_path), load_instruct(data_path)
+        return data_report_stem(data_path), str(data_path), load_instruct(data_path)
     check_training_files(loaded)
     data = prepare_instruct(loaded.cfg.data, loaded.cfg.seed)
     recorded = loaded.split.get("records_sha256")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finlora.config import RunConfig, config_from_dict, read_yaml
+from finlora.config import RunConfig
 from finlora.errors import FinloraError
 from finlora.methods import load_adapter, merged_for_inference
 from finlora.models import Placement, load_base_model
@@ -96,15 +96,15 @@ def require_task(run_dir: Path, task: str, instead: str) -> None:
     """Refuse a run of another task from its config alone, before any model is loaded."""
     run = RunDir(Path(run_dir))
     run.require_trained()
-    _check_task(run.root, config_from_dict(read_yaml(run.config)).task, task, instead)
+    _check_task(run.root, run.read_config().task, task, instead)
 
 
 def load_run(run_dir: Path, zero_shot: bool = False) -> LoadedRun:
     """Load a finished run; with `zero_shot`, its base model without the adapter."""
     run = RunDir(Path(run_dir))
     run.require_trained()
-    cfg = config_from_dict(read_yaml(run.config))
-    split = run.read_json(run.split)
+    cfg = run.read_config()
+    split = run.read_split()
     placement = Placement.from_config(cfg.train)
     base = load_base_model(
         cfg.model.name,

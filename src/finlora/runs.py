@@ -20,12 +20,16 @@ import json
 import platform
 import shutil
 import subprocess
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finlora import atomic
 from finlora.errors import FinloraError
+
+if TYPE_CHECKING:
+    from finlora.config import RunConfig
 
 VERSIONED = ("finlora", "torch", "transformers", "peft", "accelerate", "safetensors", "numpy")
 
@@ -45,13 +49,22 @@ class RunDir:
     eval_dir = property(lambda self: self.root / "eval")
 
     def check_new(self, overwrite: bool) -> None:
-        """Refuse an existing non-empty directory unless `overwrite`; then it is emptied."""
-        if self.root.exists() and not self.root.is_dir():
-            raise FinloraError(f"{self.root}: exists and is not a directory")
-        if self.root.is_dir() and any(self.root.iterdir()) and not overwrite:
+        """Refuse an existing non-empty directory unless `overwrite`; then it is emptied. Only
+        a finlora run is ever emptied: --overwrite on any other folder (or `.`) is refused."""
+        for path in (self.root, *self.root.parents):
+            if path.exists() and not path.is_dir():
+                raise FinloraError(f"{path}: exists and is not a directory")
+        if not (self.root.is_dir() and any(self.root.iterdir())):
+            return
+        if not overwrite:
             raise FinloraError(
                 f"{self.root}: output directory exists and is not empty "
                 "(use --overwrite to replace it, or --resume to continue it)"
+            )
+        if not any(p.exists() for p in (self.config, self.split, self.manifest)):
+            raise FinloraError(
+                f"{self.root}: not a finlora run, so --overwrite leaves it alone "
+                "(name a new --output)"
             )
 
     def create(self, overwrite: bool) -> None:
@@ -61,12 +74,42 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def require_trained(self) -> None:
-        """Raise unless this is a finished run directory."""
-        if not self.root.is_dir():
+        """Raise unless this is a finished run directory, with every file loading it reads."""
+        if not self.root.exists():
             raise FinloraError(f"{self.root}: no such run directory")
+        if not self.root.is_dir():
+            raise FinloraError(f"{self.root}: is a file, not a run directory")
         markers = ("adapter_config.json", "finlora_method.json")
         if not any((self.adapter / m).is_file() for m in markers) or not self.split.is_file():
             raise FinloraError(f"{self.root}: not a finished finlora run (no adapter or split)")
+        if not self.config.is_file():
+            raise FinloraError(f"{self.config}: missing (the run's configuration)")
+        if not any(self.adapter.glob("*.safetensors")):
+            raise FinloraError(f"{self.adapter}: no adapter weights (*.safetensors)")
+        if not (self.tokenizer.is_dir() and any(self.tokenizer.iterdir())):
+            raise FinloraError(f"{self.tokenizer}: missing (the tokenizer the run trained with)")
+
+    def read_config(self) -> RunConfig:
+        """config.yaml, as the run trained with it; errors name the file."""
+        from finlora.config import config_from_dict, read_yaml
+
+        data = read_yaml(self.config)  # its own errors name the file
+        try:
+            return config_from_dict(data)
+        except FinloraError as exc:
+            raise FinloraError(f"{self.config}: {exc}") from None
+
+    def read_split(self) -> dict[str, Any]:
+        """split.json, checked for what loading and evaluation read from it."""
+        split = self.read_json(self.split)
+        labels = split.get("labels") if isinstance(split, dict) else None
+        if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
+            raise FinloraError(f"{self.split}: malformed (no list of labels)")
+        for name in ("train", "validation", "test"):
+            rows = split.get(name, [])
+            if not (isinstance(rows, list) and all(type(i) is int and i >= 0 for i in rows)):
+                raise FinloraError(f"{self.split}: malformed ('{name}' is not a list of rows)")
+        return typing.cast(dict[str, Any], split)
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics.open("a", encoding="utf-8") as fh:

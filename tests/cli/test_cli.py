@@ -146,7 +146,18 @@ def test_eval_csv_with_columns_and_label_map(
     metrics = json.loads(result.out)
     assert metrics["n"] == 15 and metrics["data"] == str(csv_file)
     assert [metrics["per_class"][label]["support"] for label in FPB_LABELS] == [5, 5, 5]
-    assert (trained / "eval" / "news.json").is_file()
+    report = Path(metrics["report_files"]["json"])
+    assert report.parent == trained / "eval" and report.name.startswith("data-news-")
+    # Another file of the same name, even one called test.csv, never replaces a report: not
+    # this one, nor the run's own test split's (which export quotes).
+    for other in ("other/news.csv", "test.csv"):
+        copy = csv_file.parent / other
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_bytes(csv_file.read_bytes())
+        options = ["--text-column", "headline", "--label-column", "y", "--label-map", LABEL_MAP]
+        again = cli("eval", trained, "--data", copy, *options, "--json", "--no-progress")
+        written = Path(json.loads(again.out)["report_files"]["json"])
+        assert written != report and written.name != "test.json"
 
 
 def test_eval_zero_shot(cli: Callable[..., Result], trained: Path) -> None:
@@ -409,6 +420,21 @@ def test_train_refuses_non_empty_output(
     assert (output / "notes.txt").read_text(encoding="utf-8") == "keep me\n"
 
 
+def test_train_overwrite_replaces_runs_only(
+    train_cli: Callable[..., tuple[Result, Path]], tmp_path: Path
+) -> None:
+    output = train_cli("lora.rank=8")[1]
+    output.mkdir(parents=True)
+    (output / "notes.txt").write_text("keep me\n", encoding="utf-8")
+    result, _ = train_cli(extra=("--overwrite",))
+    assert_user_error(result, str(output), "not a finlora run", "--overwrite leaves it alone")
+    assert [p.name for p in output.iterdir()] == ["notes.txt"]
+    afile = tmp_path / "afile"
+    afile.write_text("x", encoding="utf-8")
+    under, _ = train_cli(extra=("--output", str(afile / "sub")))  # the last --output counts
+    assert_user_error(under, f"{afile}: exists and is not a directory")
+
+
 @pytest.mark.parametrize("what", ["empty_dir", "text_file", "no_such_path", "bin_weights"])
 def test_train_model_that_is_not_a_model(
     train_cli: Callable[..., tuple[Result, Path]], tmp_path: Path, what: str
@@ -486,6 +512,52 @@ def test_eval_missing_run(cli: Callable[..., Result], tmp_path: Path) -> None:
 def test_eval_unfinished_run(cli: Callable[..., Result], tmp_path: Path) -> None:
     (tmp_path / "half").mkdir()
     assert_user_error(cli("eval", tmp_path / "half"), f"{tmp_path / 'half'}: not a finished")
+
+
+def _damage(run: Path, what: str) -> str:
+    """Break one part of a copied run; returns what the error must name."""
+    import shutil
+
+    weights = run / "adapter" / "adapter_model.safetensors"
+    if what == "no_weights":
+        weights.unlink()
+        return f"{run / 'adapter'}: no adapter weights"
+    if what == "truncated_weights":
+        weights.write_bytes(weights.read_bytes()[:50])
+        return f"{run / 'adapter'}: cannot load the adapter"
+    if what == "bad_adapter_config":
+        (run / "adapter" / "adapter_config.json").write_text("{not json", encoding="utf-8")
+        return f"{run / 'adapter'}: cannot load the adapter"
+    if what == "no_tokenizer":
+        shutil.rmtree(run / "tokenizer")
+        return f"{run / 'tokenizer'}: missing"
+    if what == "no_labels":
+        split = json.loads((run / "split.json").read_text(encoding="utf-8"))
+        del split["labels"]
+        (run / "split.json").write_text(json.dumps(split), encoding="utf-8")
+        return f"{run / 'split.json'}: malformed"
+    if what == "unknown_config_key":
+        with (run / "config.yaml").open("a", encoding="utf-8") as fh:
+            fh.write("foo: 1\n")
+        return f"{run / 'config.yaml'}: config: unknown key"
+    raise AssertionError(what)
+
+
+@pytest.mark.parametrize(
+    "what",
+    ["no_weights", "truncated_weights", "bad_adapter_config", "no_tokenizer", "no_labels",
+     "unknown_config_key"],
+)  # fmt: skip
+def test_a_damaged_run_is_named_in_one_line(
+    cli: Callable[..., Result], trained: Path, tmp_path: Path, what: str
+) -> None:
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    expected = _damage(run, what)
+    assert_user_error(cli("predict", run, TEXTS[0]), expected)
+    assert_user_error(cli("eval", run, "--no-progress"), expected)
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "undecodable", "csv_no_column", "bad_jsonl"])

@@ -143,6 +143,13 @@ def test_override_into_a_value_is_not_a_section(tmp_path: Path) -> None:
         ("lora.target_modules=[q_proj, 3]", "config: lora.target_modules must be "),
         ("train.max_steps=x", "config: train.max_steps must be an integer (got 'x')"),
         ("train=3", "config: train must be a mapping (got 3)"),
+        ("train.learning_rate=.inf", "config: train.learning_rate must be a finite number"),
+        ("lora.learning_rate=.nan", "config: lora.learning_rate must be a finite number"),
+        ("train.max_grad_norm=-1", "config: train.max_grad_norm must be positive (got -1.0)"),
+        ("train.max_grad_norm=0", "config: train.max_grad_norm must be positive (got 0.0)"),
+        ("seed=-5", "config: seed must be between 0 and 2**32 - 1 (got -5)"),
+        ("seed=4294967296", "config: seed must be between 0 and 2**32 - 1"),
+        ("data.label_column=text", "config: data.label_column must differ from data.text_column"),
     ],
 )
 def test_wrong_type_names_the_key(override: str, expected: str) -> None:
@@ -235,3 +242,15 @@ def test_range_error_lists_allowed_values() -> None:
     assert error(["data.test_fraction=1"]) == (
         "config: data.test_fraction must be a fraction with 0 < x < 1 (got 1.0)"
     )
+
+
+def test_natural_yaml_spellings_of_data_options(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "data:\n  agreement: 75\n  label_map:\n    0: negative\n    1: positive\n",
+        encoding="utf-8",
+    )
+    cfg = load_config(path)
+    assert cfg.data.agreement == "75"
+    assert cfg.data.label_map == "0=negative,1=positive"
+    assert load_config(None, ["data.agreement=50"]).data.agreement == "50"

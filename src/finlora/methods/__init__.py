@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from finlora.config import RunConfig
 from finlora.errors import FinloraError
 from finlora.methods import freeze, full, ia3, lora, prefix, prompt, ptuning, storage
@@ -82,7 +84,13 @@ def load_adapter(model: Any, cfg: RunConfig, kind: str, directory: Path) -> Any:
             f"{directory}: adapter was saved by method {saved}, config says {cfg.method.name}"
         )
     method = _method(saved, kind)
-    return _LOAD[method.storage](model, cfg, kind, directory, method.build)
+    try:
+        return _LOAD[method.storage](model, cfg, kind, directory, method.build)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        # A truncated weights file, a malformed adapter_config.json, or a base model that is
+        # not the one the adapter was trained on: name the directory, not a library's internals.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FinloraError(f"{directory}: cannot load the adapter ({reason[:200]})") from None
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:

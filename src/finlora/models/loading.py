@@ -181,9 +181,19 @@ def resolve(name: str) -> tuple[Path, dict[str, str]]:
 
 
 def load_tokenizer(directory: Path, trust_remote_code: bool = False) -> Any:
-    tokenizer = AutoTokenizer.from_pretrained(
-        directory, local_files_only=True, trust_remote_code=trust_remote_code
-    )
+    """The tokenizer saved in `directory`; raises FinloraError when there is none to read."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            directory, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        # transformers reads a directory without tokenizer files as a hub repo id, or fails
+        # deep in a backend: neither names the directory's real problem.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FinloraError(
+            f"{directory}: no usable tokenizer (tokenizer.json or tokenizer_config.json and "
+            f"its vocabulary; {reason[:160]})"
+        ) from None
     if tokenizer.pad_token_id is None:
         # Causal LMs often ship without a pad token; padding is masked out, so eos serves.
         tokenizer.pad_token = tokenizer.eos_token
