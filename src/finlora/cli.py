@@ -149,6 +149,10 @@ def train(
     if resume:
         if output is None:
             raise FinloraError("--resume needs --output RUN_DIR (the run to continue)")
+        if config is not None:
+            raise FinloraError(
+                f"{config}: --resume continues with the run's own config.yaml; drop CONFIG"
+            )
         cfg = resume_config(output, list(overrides))
     else:
         cfg = load_config(config, list(overrides))

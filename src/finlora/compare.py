@@ -33,7 +33,8 @@ from finlora.config import (
 from finlora.errors import FinloraError
 from finlora.evaluate import evaluate_run
 from finlora.memory import PeakMemory
-from finlora.methods import METHODS
+from finlora.methods import METHODS, check_method
+from finlora.models.loading import model_kind
 from finlora.plots import plot_method_comparison
 from finlora.runs import RunDir
 from finlora.train import train
@@ -257,6 +258,12 @@ def compare(
     for a bad config, an unknown method or an existing non-empty `output`.
     """
     configs = plan(config, overrides, methods, seeds)
+    # Every method against the model's kind before anything trains: a method that cannot tune
+    # it would otherwise stop the comparison midway, its first runs written and no table.
+    model = configs[0].model
+    kind = model_kind(model.name, model.kind, model.trust_remote_code)
+    for name in methods:
+        check_method(name, kind)
     if output.exists() and not output.is_dir():
         raise FinloraError(f"{output}: exists and is not a directory")
     if output.is_dir() and any(output.iterdir()):

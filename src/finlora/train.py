@@ -91,12 +91,42 @@ class _Setup:
         return self.placement.dtype
 
 
+# What a resumed run may change: how long it goes on, how often it logs and saves, and how it
+# computes. The data, seed, model, method and optimizer settings are the checkpoint's: a new
+# learning rate would be overwritten by the restored scheduler, and new data or a new seed would
+# train the rest of the run on rows the split never held.
+RESUME_FIXED = {
+    "train.learning_rate", "train.batch_size", "train.grad_accum", "train.weight_decay",
+    "train.warmup_ratio", "train.max_grad_norm",
+}  # fmt: skip
+
+
 def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
-    """The config a stopped run was started with, plus `--set` overrides (e.g. more epochs)."""
+    """The config a stopped run was started with, plus `--set` overrides of `train.` settings
+    that do not change what it learns (e.g. more epochs or steps)."""
     run = RunDir(run_dir)
     if not run.config.is_file():
         raise FinloraError(f"{run_dir}: nothing to resume (no config.yaml)")
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if not key.startswith("train.") or key in RESUME_FIXED:
+            raise FinloraError(
+                f"--set {key}: a resumed run keeps the settings it started with; only "
+                "train. settings such as train.epochs or train.max_steps may change "
+                "(start a new run to change the rest)"
+            )
     return config_from_dict(apply_overrides(read_yaml(run.config), overrides))
+
+
+def _check_same_split(run: RunDir, s: _Setup) -> None:
+    """Refuse to resume on data that no longer splits into the rows the run started with."""
+    recorded = run.read_split()
+    now = s.data.split.to_dict()
+    if any(recorded.get(name) != now.get(name) for name in ("train", "validation", "test")):
+        raise FinloraError(
+            f"{run.root}: the data no longer gives the split this run started with "
+            f"({s.data.description} changed since); start a new run"
+        )
 
 
 def _prepare(cfg: RunConfig) -> PreparedData | PreparedInstruct:
@@ -356,12 +386,24 @@ def train(
     if world.is_main and not resume:
         run.check_new(overwrite)
     s = _setup(cfg, log)
+    if resume:
+        _check_same_split(run, s)
     s.placement = dataclasses.replace(s.placement, device=world.device(s.placement.device))
     with world.group(s.device):
-        if world.is_main and not resume:
+        if resume:
+            return _train(s, run, world, resume, progress_bar and world.is_main, log)
+        if world.is_main:
             run.create(overwrite)
-            _write_run_header(run, s)
-        return _train(s, run, world, resume, progress_bar and world.is_main, log)
+        try:
+            if world.is_main:
+                _write_run_header(run, s)
+            return _train(s, run, world, resume, progress_bar and world.is_main, log)
+        except Exception:
+            # A new run that failed (a diverged loss, a model that cannot take the inputs) is
+            # not left half-written; an interrupted one (Ctrl-C) keeps its checkpoints.
+            if world.is_main:
+                shutil.rmtree(run.root, ignore_errors=True)
+            raise
 
 
 def _train(
@@ -424,6 +466,11 @@ def _train(
             loss, real_tokens = accumulate_batch(
                 model, s.codec, [s.train[i] for i in batches[bi]], tc, s.placement, world
             )
+            if not math.isfinite(loss):
+                raise FinloraError(
+                    f"training diverged: the loss is {loss} at step {progress.step + 1} "
+                    f"(learning rate {cfg.learning_rate:g}; try a lower one)"
+                )
             tokens_seen += real_tokens
             progress.epoch_loss_sum += loss
             progress.epoch_loss_count += 1

@@ -455,9 +455,21 @@ def test_train_model_that_is_not_a_model(
         fragments = [f"{model}: only pickle weights"]
     else:
         model = tmp_path / "no-such-model"
-        fragments = [f"model '{model}' is not a registered name"]
+        fragments = [f"{model}: no such model directory or file"]
     result, output = train_cli(f"model.name={model}")
     assert_user_error(result, *fragments)
+    assert not output.exists()
+
+
+def test_train_refuses_virtual_tokens_past_the_models_positions(
+    train_cli: Callable[..., tuple[Result, Path]], tiny_encoder_dir: Path
+) -> None:
+    # The tiny BERT has 256 positions: 200 prompt vectors and 128 tokens of text do not fit.
+    result, output = train_cli(
+        f"model.name={tiny_encoder_dir}", "method.name=prompt", "lora=null",
+        "prompt.num_virtual_tokens=200", "data.max_length=128",
+    )  # fmt: skip
+    assert_user_error(result, "prompt.num_virtual_tokens=200 and data.max_length=128 take 328")
     assert not output.exists()
 
 

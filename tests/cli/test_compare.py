@@ -134,6 +134,19 @@ def test_compare_refuses_options_for_a_method_it_does_not_run(
     assert not output.exists()
 
 
+def test_compare_checks_every_method_against_the_model_first(
+    cli: Invoke, tiny_overrides: list[str], tiny_encoder_dir: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "cmp"
+    code, _, err = cli(
+        "compare", "--methods", "lora,prefix", "--output", output,
+        *set_args([*tiny_overrides, f"model.name={tiny_encoder_dir}"]),
+    )  # fmt: skip
+    assert code == 2
+    assert err.startswith("finlora: error: method prefix cannot tune an encoder model")
+    assert not output.exists()  # lora did not train first
+
+
 def test_compare_refuses_a_non_empty_output(
     cli: Invoke, tiny_overrides: list[str], tmp_path: Path
 ) -> None:

@@ -188,6 +188,39 @@ def test_resume_without_checkpoint_or_run(
         run(resume_config(output, []), output, resume=True)
 
 
+def test_resume_keeps_what_the_run_learns_from(
+    tiny_cfg: Callable[..., RunConfig], tmp_path: Path
+) -> None:
+    from finlora.errors import FinloraError
+
+    output = tmp_path / "run"
+    run(tiny_cfg("train.max_steps=2"), output)
+    for item in ("data.path=other.csv", "seed=7", "lora.r=8", "method.name=ia3",
+                 "train.learning_rate=0.1", "train.batch_size=4"):  # fmt: skip
+        with pytest.raises(FinloraError, match="a resumed run keeps the settings it started"):
+            resume_config(output, [item])
+    # Data that changed under the run (here: one row fewer) no longer gives its split.
+    cfg = resume_config(output, ["train.max_steps=4"])
+    rows = Path(cfg.data.path).read_text(encoding="utf-8").splitlines()
+    changed = tmp_path / "changed.txt"
+    changed.write_text("\n".join(rows[1:]) + "\n", encoding="utf-8")
+    cfg.data.path = str(changed)
+    with pytest.raises(FinloraError, match="no longer gives the split this run started with"):
+        run(cfg, output, resume=True)
+
+
+def test_a_diverged_run_stops_in_one_line_and_leaves_nothing(
+    tiny_cfg: Callable[..., RunConfig], tmp_path: Path
+) -> None:
+    from finlora.errors import FinloraError
+
+    output = tmp_path / "run"
+    cfg = tiny_cfg("train.max_steps=6", "train.learning_rate=1e30")
+    with pytest.raises(FinloraError, match=r"training diverged: the loss is (nan|inf) at step"):
+        run(cfg, output)
+    assert not output.exists()
+
+
 def test_reloaded_run_scores_as_in_memory_model(
     tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path, tmp_path: Path
 ) -> None:

@@ -55,13 +55,37 @@ def _method(name: str, kind: str) -> Method:
     return method
 
 
+def check_method(name: str, kind: str) -> None:
+    """Raise FinloraError unless method `name` can tune a model of `kind`."""
+    _method(name, kind)
+
+
+VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning")
+
+
+def _check_positions(model: Any, cfg: RunConfig) -> None:
+    """Virtual tokens take positions before the text: together they must fit the model."""
+    if cfg.method.name not in VIRTUAL_TOKEN_METHODS:
+        return
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    n = cfg.method_options.num_virtual_tokens
+    if isinstance(limit, int) and n + cfg.data.max_length > limit:
+        raise FinloraError(
+            f"{cfg.method.name}.num_virtual_tokens={n} and data.max_length="
+            f"{cfg.data.max_length} take {n + cfg.data.max_length} positions; the model has "
+            f"{limit}"
+        )
+
+
 def build_method(model: Any, cfg: RunConfig, kind: str) -> Any:
     """Wrap or mark `model` (a transformers model of `kind`) for the configured method.
 
-    Raises FinloraError for a method that cannot serve `kind`, or options the model refuses
-    (e.g. ia3.target_modules naming modules it does not have).
+    Raises FinloraError for a method that cannot serve `kind`, virtual tokens and text that do
+    not fit the model's positions, or options the model refuses (e.g. ia3.target_modules
+    naming modules it does not have).
     """
     method = _method(cfg.method.name, kind)
+    _check_positions(model, cfg)
     try:
         return method.build(model, cfg, kind)
     except ValueError as exc:

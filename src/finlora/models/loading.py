@@ -71,6 +71,9 @@ def files_unchanged(recorded: dict[str, str]) -> bool:
 
 
 def _hub_hint(name: str) -> str:
+    # A path (a hub name is ORG/NAME, never /..., ./..., ~/... or a .gguf file) that is absent.
+    if name.startswith(("/", ".", "~")) or name.lower().endswith(".gguf"):
+        return f"{name}: no such model directory or file"
     return (
         f"model '{name}' is not a registered name (see `finlora models`), a local model "
         "directory or a .gguf file; finlora works offline: copy the model to this machine "
@@ -213,6 +216,23 @@ def _head_options(kind: str, labels: Sequence[str] | None, name: str) -> dict[st
         # A checkpoint fine-tuned on another label set gets a fresh head of the right size.
         "ignore_mismatched_sizes": True,
     }
+
+
+def model_kind(name: str, kind: str = "auto", trust_remote_code: bool = False) -> str:
+    """What `load_base_model` would load `name` as (causal, seq2seq, encoder), from its config
+    alone: for checks worth making before any weights are read."""
+    if kind != "auto":
+        return kind
+    if name in EMBEDDED:
+        return EMBEDDED[name].kind
+    directory, _ = resolve(name)
+    try:
+        config = AutoConfig.from_pretrained(
+            directory, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (ValueError, OSError) as exc:
+        raise FinloraError(f"{directory}: not a model transformers can read ({exc})") from None
+    return _model_kind(config, directory)
 
 
 def load_base_model(
