@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 import sys
 import time
@@ -35,7 +36,7 @@ from finlora.errors import FinloraError
 from finlora.generate import SEQ2SEQ_VIRTUAL_TOKENS
 from finlora.memory import process_peak_mib
 from finlora.methods import build_method, save_adapter, trainable_parameters
-from finlora.models import BaseModel, Placement, load_base_model
+from finlora.models import EMBEDDED, BaseModel, Placement, load_base_model
 from finlora.models.device import set_gradient_checkpointing
 from finlora.models.loading import sha256_file
 from finlora.plots import plot_loss_curve
@@ -129,12 +130,24 @@ def _check_same_split(run: RunDir, s: _Setup) -> None:
         )
 
 
+def _absolute_paths(cfg: RunConfig) -> None:
+    """Record the data and a model given by a relative path as absolute paths: the run is
+    evaluated, served and exported from other working directories."""
+    if cfg.data.path:
+        cfg.data.path = os.path.abspath(os.path.expanduser(cfg.data.path))
+    name = cfg.model.name
+    if name not in EMBEDDED and Path(name).expanduser().exists():
+        cfg.model.name = os.path.abspath(os.path.expanduser(name))
+
+
 def _prepare(cfg: RunConfig) -> PreparedData | PreparedInstruct:
+    _absolute_paths(cfg)
     if cfg.task == "instruct":
         # Instruction data is never Financial PhraseBank: no $FINLORA_FPB_DIR fallback.
         return prepare_instruct(cfg.data, cfg.seed)
     # Record where the data came from ($FINLORA_FPB_DIR may differ when the run is evaluated).
     cfg.data.path = cfg.data.resolved_path()
+    _absolute_paths(cfg)  # $FINLORA_FPB_DIR may be relative too
     if cfg.data.path is None:
         cfg.data.format = "synthetic"
     return prepare_data(cfg.data, cfg.seed)
@@ -399,9 +412,10 @@ def train(
                 _write_run_header(run, s)
             return _train(s, run, world, resume, progress_bar and world.is_main, log)
         except Exception:
-            # A new run that failed (a diverged loss, a model that cannot take the inputs) is
-            # not left half-written; an interrupted one (Ctrl-C) keeps its checkpoints.
-            if world.is_main:
+            # A new run that failed before its first checkpoint (a diverged loss, a model that
+            # cannot take the inputs) is not left half-written; one with a checkpoint keeps it
+            # for --resume, as an interrupted one (Ctrl-C) does.
+            if world.is_main and latest_checkpoint(run.checkpoints) is None:
                 shutil.rmtree(run.root, ignore_errors=True)
             raise
 

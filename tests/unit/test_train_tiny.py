@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -207,6 +208,22 @@ def test_resume_keeps_what_the_run_learns_from(
     cfg.data.path = str(changed)
     with pytest.raises(FinloraError, match="no longer gives the split this run started with"):
         run(cfg, output, resume=True)
+
+
+def test_relative_data_and_model_paths_are_recorded_absolute(
+    tiny_cfg: Callable[..., RunConfig],
+    tiny_causal_dir: Path,
+    fpb_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(fpb_file.parent)
+    model = os.path.relpath(tiny_causal_dir, fpb_file.parent)
+    output = tmp_path / "run"
+    run(tiny_cfg("train.max_steps=1", f"data.path={fpb_file.name}", f"model.name={model}"), output)
+    saved = RunDir(output).read_config()
+    assert saved.data.path == str(fpb_file) and saved.model.name == str(tiny_causal_dir)
+    assert list(RunDir(output).read_split()["files"]) == [str(fpb_file)]
 
 
 def test_a_diverged_run_stops_in_one_line_and_leaves_nothing(
