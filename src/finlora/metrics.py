@@ -121,12 +121,18 @@ def classification_metrics(
         for i, label in enumerate(labels)
     }
     cm = confusion_matrix(y_true, y_pred, labels=labels)
+    # Macro-F1 averages the labels that occur (in the data or the predictions), as scikit-learn
+    # does by default: a label the evaluated data never holds and the model never predicts
+    # would add a 0 that no classifier could avoid.
+    seen = set(y_true) | set(y_pred)
+    present = [label for label in labels if label in seen]
     return {
         "n": len(y_true),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(
-            f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+            f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
         ),
+        "absent_labels": [label for label in labels if label not in seen],
         "weighted_f1": float(
             f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)
         ),
@@ -163,6 +169,10 @@ def format_classification_report(m: dict[str, Any], title: str | None = None) ->
         f"accuracy {m['accuracy']:.4f}   macro-F1 {m['macro_f1']:.4f}   "
         f"weighted-F1 {m['weighted_f1']:.4f}   ECE {m['ece']:.4f}   n {m['n']}"
     )
+    if m.get("absent_labels"):
+        lines.append(
+            f"(macro-F1 averages the labels present; absent here: {', '.join(m['absent_labels'])})"
+        )
     lines += ["", *_per_class_table(m), "", *_confusion_table(m)]
     return "\n".join(lines) + "\n"
 

@@ -241,7 +241,7 @@ def test_load_json_list_of_objects(tmp_path: Path) -> None:
     ]
 
 
-@pytest.mark.parametrize("delimiter", [";", "|"])
+@pytest.mark.parametrize("delimiter", [";", "|", "\t"])
 def test_load_csv_written_with_another_delimiter(tmp_path: Path, delimiter: str) -> None:
     # As a spreadsheet in a European locale saves "CSV": semicolons, decimal commas.
     rows = ["id;text;label", '1;"Sales rose 3,5 %; margin held";positive', "2;Flat year;neutral"]
@@ -279,6 +279,9 @@ def test_load_csv_written_with_another_delimiter(tmp_path: Path, delimiter: str)
         ),
         ("a.json", '[\n {"text": "A", "label": "x"},\n ["B"]\n]', ":3: expected a JSON object"),
         ("a.json", '[\n {"text": "A", "label": "x"}\n', ": unterminated JSON list"),
+        # A stray quote would swallow the rows after it into one text.
+        ("a.csv", 'text,label\nA,x\n"B rose 5 %,x\nC "fell",y\nD,x\n', ":3: malformed ',' table"),
+        ("a.csv", "text,label,text\nA,x,B\n", ":1: column 'text' appears more than once"),
     ],
 )
 def test_table_errors_name_file_and_line(
@@ -341,3 +344,41 @@ def test_load_examples_errors(tmp_path: Path) -> None:
     odd = write(tmp_path / "a.dat", "x")
     with pytest.raises(FinloraError, match=r"a\.dat: cannot tell the format from suffix '\.dat'"):
         load_examples(odd)
+
+
+def test_windows_1252_csv_reads_as_excel_wrote_it(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes(
+        "text,label\n\u201cProfit\u201d rose \u20ac5 mn \u2013 up,x\n".encode("cp1252")
+    )
+    assert load_table(path) == [
+        Example("\u201cProfit\u201d rose \u20ac5 mn \u2013 up", "x", f"{path}:2")
+    ]
+
+
+def test_labels_as_pandas_and_json_write_them(tmp_path: Path) -> None:
+    csv_path = write(tmp_path / "a.csv", "text,label\nA,1.0\nB,0.0\n")
+    assert [e.label for e in load_table(csv_path, label_map={"0": "down", "1": "up"})] == [
+        "up",
+        "down",
+    ]
+    json_path = write(
+        tmp_path / "a.jsonl", '{"text": "A", "label": true}\n{"text": "B", "label": 2.0}\n'
+    )
+    assert [e.label for e in load_table(json_path)] == ["true", "2"]
+
+
+def test_labels_that_differ_only_in_case_are_refused(tmp_path: Path) -> None:
+    from finlora.config import DataConfig
+    from finlora.data.prepare import prepare_data
+
+    rows = "".join(
+        f"Row {i},{'Positive' if i % 3 == 0 else 'positive' if i % 3 == 1 else 'negative'}\n"
+        for i in range(30)
+    )
+    path = write(tmp_path / "a.csv", "text,label\n" + rows)
+    with pytest.raises(FinloraError, match="labels 'Positive' and 'positive' differ only in case"):
+        prepare_data(DataConfig(path=str(path)), seed=0)
+    fpb = write(tmp_path / "fpb.txt", "Sales rose .@positive\n")
+    with pytest.raises(FinloraError, match="a label map applies to CSV, TSV and JSON tables"):
+        prepare_data(DataConfig(path=str(fpb), label_map="1=positive"), seed=0)

@@ -118,6 +118,19 @@ def test_class_never_predicted_scores_zero_without_warning() -> None:
     assert m["per_class"]["negative"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
 
 
+def test_macro_f1_averages_the_labels_that_occur() -> None:
+    # Two labels in the data and the predictions, a third the run knows: perfect is 1.0.
+    y_true = y_pred = ["negative", "positive", "positive"]
+    m = classification_metrics(y_true, y_pred, _probs(y_pred), LABELS)
+    assert m["macro_f1"] == 1.0 and m["absent_labels"] == ["neutral"]
+    assert "absent here: neutral" in format_classification_report(m)
+    # A label predicted but never true still counts (its F1 is 0).
+    wrong = classification_metrics(
+        ["negative"] * 2, ["negative", "neutral"], _probs(["negative", "neutral"]), LABELS
+    )
+    assert wrong["macro_f1"] == pytest.approx((2 / 3 + 0) / 2)
+
+
 def test_confusion_matrix_rows_are_true_columns_predicted() -> None:
     y_true, y_pred = ["negative", "negative"], ["positive", "positive"]
     m = classification_metrics(y_true, y_pred, _probs(y_pred), LABELS)

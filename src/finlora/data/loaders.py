@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -99,10 +100,11 @@ _Rows = Iterator[tuple[int, dict[str, Any]]]
 
 
 def _csv_delimiter(text: str, columns: Sequence[str]) -> str:
-    """ "," unless the header names the columns only when split at ";" or "|": spreadsheets set
-    to a European locale write ";" (the decimal comma) into files they still call .csv."""
+    """ "," unless the header names the columns only when split at ";", "|" or a tab:
+    spreadsheets set to a European locale write ";" (the decimal comma) into files they still
+    call .csv, and tab-separated exports are often saved as .csv too."""
     header = text.split("\n", 1)[0]
-    for delimiter in (",", ";", "|"):
+    for delimiter in (",", ";", "|", "\t"):
         if all(c in (name.strip().strip('"') for name in header.split(delimiter)) for c in columns):
             return delimiter
     return ","
@@ -111,12 +113,19 @@ def _csv_delimiter(text: str, columns: Sequence[str]) -> str:
 def _delimited_rows(
     path: Path, text: str, columns: Sequence[str], delimiter: str | None = None
 ) -> _Rows:
-    """A CSV (`delimiter` None: ",", or ";" / "|" where the header says so) or TSV table."""
+    """A CSV (`delimiter` None: ",", or ";", "|" or a tab where the header says so) or TSV
+    table."""
     delimiter = delimiter or _csv_delimiter(text, columns)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    # strict: a stray quote ('"Sales rose,positive') is an error at its line, not a field that
+    # silently swallows the rows after it.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    start = 1  # the line the row being read starts on: where a stray quote would be
     try:
         header = [name.strip() for name in next(reader)]
         _check_columns(path, columns, header)
+        repeated = sorted({c for c in columns if header.count(c) > 1})
+        if repeated:
+            raise FinloraError(f"{path}:1: column '{repeated[0]}' appears more than once")
         start = reader.line_num + 1
         for cells in reader:
             if cells and any(cell.strip() for cell in cells):
@@ -128,7 +137,7 @@ def _delimited_rows(
             start = reader.line_num + 1
     except csv.Error as err:
         raise FinloraError(
-            f"{path}:{reader.line_num}: malformed {delimiter!r} table ({err})"
+            f"{path}:{start}: malformed {delimiter!r} table in the row from this line ({err})"
         ) from None
 
 
@@ -159,7 +168,12 @@ _SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "js
 def _cell(where: str, column: str, value: Any) -> str:
     if isinstance(value, dict | list):
         raise FinloraError(f"{where}: column '{column}' holds a {type(value).__name__}")
-    # JSON labels are often ints (0, 1, 2); label maps and label sets are strings
+    # JSON labels are often ints (0, 1, 2), floats from a pandas export (1.0) or booleans;
+    # label maps and label sets are strings, written as people write them ("1", "true").
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return "" if value is None else str(value).strip()
 
 
@@ -175,6 +189,9 @@ def _canonical_label(
 ) -> str:
     label = raw
     if label_map is not None:
+        whole = re.fullmatch(r"(-?\d+)\.0+", raw)  # "1.0" in a CSV from pandas is label 1
+        if raw not in label_map and whole and whole.group(1) in label_map:
+            raw = whole.group(1)
         if raw not in label_map:
             raise FinloraError(f"{where}: {_unknown_label(raw, list(label_map))}")
         label = label_map[raw]

@@ -54,6 +54,11 @@ def load_labelled(
 ) -> list[Example]:
     """Load a labelled file with loader options as the config and the CLI name them."""
     if fmt == "fpb" or (fmt == "auto" and (path.is_dir() or path.suffix.lower() == ".txt")):
+        if label_map:
+            raise FinloraError(
+                f"{path}: a label map applies to CSV, TSV and JSON tables; Financial "
+                "PhraseBank files have their own labels"
+            )
         return load_examples(path, "fpb", agreement=agreement)
     return load_examples(
         path,
@@ -74,6 +79,19 @@ def _label_set(cfg: DataConfig, examples: list[Example], is_fpb: bool) -> list[s
     if is_fpb:
         return list(FPB_LABELS)
     return sorted({e.label for e in examples})
+
+
+def _check_label_case(labels: list[str], description: str, listed: bool) -> None:
+    """Labels found in the data that differ only in case ("Positive", "positive") are almost
+    always one label written two ways: refused, unless data.labels lists both."""
+    seen: dict[str, str] = {}
+    for label in labels:
+        other = seen.setdefault(label.casefold(), label)
+        if other != label and not listed:
+            raise FinloraError(
+                f"{description}: labels {other!r} and {label!r} differ only in case (write "
+                "them one way, or map every raw label with data.label_map)"
+            )
 
 
 def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
@@ -99,6 +117,7 @@ def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
         is_fpb = cfg.format == "fpb" or path.is_dir() or path.suffix.lower() == ".txt"
         description = ", ".join(str(f) for f in files)
     labels = _label_set(cfg, examples, is_fpb)
+    _check_label_case(labels, description, listed=bool(cfg.labels))
     if len(labels) < 2:
         raise FinloraError(f"{description}: needs at least two labels (found {labels})")
     try:

@@ -1,4 +1,4 @@
-"""Read a data file as text, choosing UTF-8 or Latin-1 per file.
+"""Read a data file as text, choosing UTF-8, Windows-1252 or Latin-1 per file.
 
 Financial PhraseBank ships some files in Latin-1 and one in UTF-8, so the encoding cannot be a
 setting: it is decided per file, and binary files are refused rather than decoded into noise.
@@ -23,7 +23,8 @@ _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x80-\x9f]")
 
 
 def read_text(path: Path) -> str:
-    """Return the text of `path`, decoded as UTF-8 (BOM stripped) or else Latin-1.
+    """Return the text of `path`, decoded as UTF-8 (BOM stripped), else Windows-1252, else
+    Latin-1.
 
     Raises FinloraError if the file is missing, a directory, empty or whitespace-only, or
     holds control characters / bytes that are neither UTF-8 nor Latin-1 text.
@@ -52,9 +53,15 @@ def decode_text(data: bytes, name: str) -> str:
         text = data[offset:].decode("utf-8")
         encoding = "utf-8"
     except UnicodeDecodeError:
-        text = data.decode("latin-1")
-        encoding = "latin-1"
         offset = 0
+        try:
+            # Excel on Windows saves CSV as Windows-1252: Latin-1 with curly quotes, dashes and
+            # the euro sign where Latin-1 has control characters. Latin-1 files decode alike.
+            text = data.decode("cp1252")
+            encoding = "cp1252"
+        except UnicodeDecodeError:
+            text = data.decode("latin-1")
+            encoding = "latin-1"
     bad = _CONTROL.search(text)
     if bad:
         byte_offset = offset + len(text[: bad.start()].encode(encoding))
