@@ -15,7 +15,7 @@ from finlora.errors import FinloraError
 from finlora.methods import load_adapter, merged_for_inference
 from finlora.models import Placement, load_base_model
 from finlora.models.fused_projections import fuse_projections
-from finlora.models.loading import load_tokenizer
+from finlora.models.loading import load_tokenizer, model_kind
 from finlora.runs import RunDir
 from finlora.scoring import predict_proba
 from finlora.tasks.classify import LabelCodec
@@ -105,6 +105,11 @@ def load_run(run_dir: Path, zero_shot: bool = False) -> LoadedRun:
     run.require_trained()
     cfg = run.read_config()
     split = run.read_split()
+    if zero_shot and model_kind(cfg.model.name, cfg.model.kind) == "encoder":
+        raise FinloraError(
+            f"{run.root}: an encoder's classification head is trained by the run, so its base "
+            "model has no zero-shot answer (only a random head)"
+        )
     placement = Placement.from_config(cfg.train)
     base = load_base_model(
         cfg.model.name,

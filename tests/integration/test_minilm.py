@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import finlora.train as train_module
 from finlora.config import load_config
 from finlora.data import synthetic_sentiment
+from finlora.errors import FinloraError
 from finlora.models.registry import EMBEDDED
 from finlora.predict import load_run
 
@@ -100,5 +101,6 @@ def test_minilm_full_fine_tuning_trains_and_reloads_exactly(
 
     loaded = load_run(out)
     np.testing.assert_allclose(loaded.proba(TEXTS, progress=False), seen["probs"], atol=1e-6)
-    zero_shot = load_run(out, zero_shot=True).proba(TEXTS, progress=False)
-    assert not np.allclose(zero_shot, seen["probs"], atol=1e-4)
+    # Without the run there is only a random head: no zero-shot model to score.
+    with pytest.raises(FinloraError, match="has no zero-shot answer"):
+        load_run(out, zero_shot=True)

@@ -63,6 +63,14 @@ def test_alpaca_jsonl(tmp_path: Path) -> None:
     assert plain.label is None and plain.labels == ()
 
 
+def test_alpaca_input_null_means_no_input(tmp_path: Path) -> None:
+    (record,) = load_instruct(jsonl(tmp_path / "a.jsonl", {**ALPACA, "input": None}))
+    assert (
+        record.input == ""
+        and record.messages == load_instruct(jsonl(tmp_path / "b.jsonl", ALPACA))[0].messages
+    )
+
+
 def test_json_list_records_start_on_their_own_lines(tmp_path: Path) -> None:
     path = tmp_path / "a.json"
     path.write_text(json.dumps([ALPACA, CHAT, WITH_INPUT], indent=2), encoding="utf-8")

@@ -78,6 +78,8 @@ def _text(where: str, record: dict[str, Any], key: str, *, required: bool) -> st
             raise FinloraError(f"{where}: missing '{key}'")
         return ""
     value = record[key]
+    if value is None and not required:
+        return ""  # exports often write "input": null for "no input"
     if not isinstance(value, str):
         raise FinloraError(f"{where}: '{key}' must be a string (got {type(value).__name__})")
     if required and not value.strip():
