@@ -311,7 +311,8 @@ def _read_inputs(texts: tuple[str, ...], file: Path | None, text_column: str) ->
 
 def _note_overflow(codec: Any, total: int, what: str) -> None:
     """Say on stderr when inputs were cut to fit the run's data.max_length."""
-    note = codec.overflow.note(0, total, what, codec.max_length)
+    fix = "the run was trained to read that many tokens at most"
+    note = codec.overflow.note(0, total, what, codec.max_length, fix)
     if note:
         _echo_err(f"note: {note}")
 
@@ -670,6 +671,14 @@ def _load_instruct_run(run_dir: Path, zero_shot: bool) -> Any:
     return load_run(run_dir, zero_shot)
 
 
+def _note_no_system(loaded: Any, system: str | None) -> None:
+    if system and not loaded.codec.template.is_chat:
+        _echo_err(
+            f"note: the {loaded.codec.template.name} template has no system prompt; "
+            "--system is not used"
+        )
+
+
 def _stdout_stream(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -706,7 +715,9 @@ def generate(
     if not instruction.strip():
         raise FinloraError("--instruction is empty")
     loaded = _load_instruct_run(run_dir, zero_shot)
+    _note_no_system(loaded, system)
     prompt = instruction_prompt(loaded, instruction, input_text, system)
+    _note_overflow(loaded.codec, 1, "prompt(s)")
     if as_json:
         text = answer(loaded, prompt, options, lambda _: None).text
         click.echo(json.dumps({"instruction": instruction, "input": input_text, "answer": text}))
@@ -732,6 +743,7 @@ def chat(run_dir: Path, options: Any, system: str | None, zero_shot: bool) -> No
     system = None if system is None else from_terminal(system)
     loaded = _load_instruct_run(run_dir, zero_shot)
     _echo_err(describe(loaded))
+    _note_no_system(loaded, system)
     with contextlib.suppress(ImportError):  # not on every platform
         import readline  # noqa: F401  (line editing and history for input())
     chat_loop(ChatSession(loaded, options, system), _read_line, _stdout_stream)

@@ -48,7 +48,7 @@ class ReportAnalysis:
     def shares(self, rows: Sequence[int] | None = None) -> dict[str, float]:
         """Each label's share of the rows' (all by default) predicted labels."""
         chosen = self.predicted if rows is None else [self.predicted[i] for i in rows]
-        return {label: chosen.count(label) / len(chosen) for label in self.labels}
+        return {label: round(chosen.count(label) / len(chosen), 6) for label in self.labels}
 
     def tone(self, rows: Sequence[int] | None = None) -> float | None:
         """Mean P(positive) - P(negative) over the rows (all by default), for runs whose
@@ -57,7 +57,8 @@ class ReportAnalysis:
         if columns is None:
             return None
         probs = self.probs if rows is None else self.probs[list(rows)]
-        return float((probs[:, columns[0]] - probs[:, columns[1]]).mean())
+        # Six digits, as the probabilities are given: more is float noise, not tone.
+        return round(float((probs[:, columns[0]] - probs[:, columns[1]]).mean()), 6)
 
     def sections(self) -> list[dict[str, Any]]:
         """Consecutive runs of sentences under one heading, in document order."""
@@ -93,7 +94,7 @@ class ReportAnalysis:
                 label: {
                     "sentences": self.predicted.count(label),
                     "share": shares[label],
-                    "mean_probability": float(self.probs[:, j].mean()),
+                    "mean_probability": round(float(self.probs[:, j].mean()), 6),
                 }
                 for j, label in enumerate(self.labels)
             },

@@ -201,6 +201,18 @@ def test_generate_streams_without_json(cli: Callable[..., Result], run_dir: Path
     assert result.out.endswith("\n")
 
 
+def test_generate_notes_a_cut_prompt_and_an_unused_system(
+    cli: Callable[..., Result], run_dir: Path
+) -> None:
+    result = cli("generate", run_dir, "--instruction", "Summarise.", "--input", "word " * 600,
+                 "--system", "Be brief.", "--max-new-tokens", "2", "--json")  # fmt: skip
+    assert result.code == 0, result.err
+    notes = [line for line in result.err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 2, result.err
+    assert "template has no system prompt" in notes[0]
+    assert notes[1].startswith("note: 1 of 1 prompt(s) longer than data.max_length=")
+
+
 def test_export_checks_answer_tokens(
     cli: Callable[..., Result], run_dir: Path, tmp_path: Path
 ) -> None:

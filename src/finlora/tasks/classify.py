@@ -75,15 +75,22 @@ class Overflow:
     def add(self, tokens: int) -> None:
         self.lengths.append(tokens)
 
-    def note(self, since: int, total: int, what: str, max_length: int) -> str | None:
-        """A line on the inputs cut since the count was `since`; None if there were none."""
+    def note(
+        self,
+        since: int,
+        total: int,
+        what: str,
+        max_length: int,
+        fix: str = "raise data.max_length to keep them whole",
+    ) -> str | None:
+        """A line on the inputs cut since the count was `since`, ending with `fix`; None if
+        there were none."""
         cut = self.lengths[since:]
         if not cut:
             return None
         return (
             f"{len(cut)} of {total} {what} longer than data.max_length={max_length} allows "
-            f"were cut to fit (the longest has {max(cut)} tokens); raise data.max_length to "
-            "keep them whole"
+            f"were cut to fit (the longest has {max(cut)} tokens); {fix}"
         )
 
 

@@ -158,8 +158,11 @@ class InstructCodec:
 
     def generation_prompt(self, record: InstructRecord) -> list[int]:
         """The tokens of `prompt_text`, cut from the left to `max_length`: no longer than what
-        training read."""
-        return self._prompt_tokens(record)[-self.max_length :]
+        training read (counted in `overflow` when cut)."""
+        tokens = self._prompt_tokens(record)
+        if len(tokens) > self.max_length:
+            self.overflow.add(len(tokens))
+        return tokens[-self.max_length :]
 
     def _prompt_tokens(self, record: InstructRecord) -> list[int]:
         # Alpaca text gets the tokenizer's special tokens (BOS; a T5 encoder's closing </s>);
