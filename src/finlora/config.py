@@ -622,7 +622,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for part in parts[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise FinloraError(f"--set {item!r}: '{part}' is not a section")
+                # The file (or an earlier --set) gave this name a value, not a section.
+                raise FinloraError(
+                    f"--set {item!r}: '{part}' holds a value ({child!r}), not a section"
+                )
             node = child
         node[parts[-1]] = value
     return result
@@ -630,6 +633,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping; raises FinloraError for a missing, empty or malformed file."""
+    if path.is_dir():
+        raise FinloraError(f"{path}: is a directory, not a YAML config file")
     if not path.is_file():
         raise FinloraError(f"{path}: no such file")
     try:
@@ -665,6 +670,9 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> RunCon
     try:
         return config_from_dict(data)
     except FinloraError as exc:
-        if path is None:
+        # Name the file only for what the file set: a bad --set value is the flag's.
+        keys = {item.partition("=")[0].strip() for item in overrides or []}
+        message = str(exc)
+        if path is None or any(message.startswith(f"config: {k} ") for k in keys):
             raise
         raise FinloraError(f"{path}: {exc}") from None

@@ -31,6 +31,7 @@ from finlora import atomic
 from finlora.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from finlora.config import RunConfig, TrainConfig, apply_overrides, config_from_dict, read_yaml
 from finlora.data.prepare import PreparedData, PreparedInstruct, prepare_data, prepare_instruct
+from finlora.data.split import conflicting_labels
 from finlora.distributed import World
 from finlora.errors import FinloraError
 from finlora.generate import SEQ2SEQ_VIRTUAL_TOKENS
@@ -198,6 +199,13 @@ def _setup(cfg: RunConfig, log: Log) -> _Setup:
     log(f"data: {data.description} -> {sizes}")
     if data.duplicates:
         log(f"data: {len(data.duplicates)} exact duplicate text(s) appear in more than one split")
+    if isinstance(data, PreparedData):
+        conflicts = conflicting_labels(data.examples)
+        if conflicts:
+            log(
+                f"data: {len(conflicts)} text(s) appear with different labels, e.g. "
+                f"{conflicts[0][:80]!r}"
+            )
     train = _features(codec, data.rows("train"), "train", log)
     if not train:
         raise FinloraError("data: no training example fits data.max_length")

@@ -126,7 +126,7 @@ def test_override_without_equals() -> None:
 def test_override_into_a_value_is_not_a_section(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("seed: 1\n", encoding="utf-8")
-    assert error(["seed.x=1"], path) == "--set 'seed.x=1': 'seed' is not a section"
+    assert error(["seed.x=1"], path) == "--set 'seed.x=1': 'seed' holds a value (1), not a section"
     # Without a value there to collide with, the new section fails the type check instead.
     assert error(["seed.x=1"]) == "config: seed must be an integer (got {'x': 1})"
 
@@ -160,6 +160,11 @@ def test_wrong_type_in_file_names_file_and_key(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  epochs: many\n", encoding="utf-8")
     assert error([], path) == f"{path}: config: train.epochs must be an integer (got 'many')"
+    # A bad --set value is the flag's, not the file's.
+    assert error(["train.epochs=2", "train.batch_size=x"], path) == (
+        "config: train.batch_size must be an integer (got 'x')"
+    )
+    assert error([], tmp_path) == f"{tmp_path}: is a directory, not a YAML config file"
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:

@@ -126,3 +126,11 @@ def test_cross_split_duplicates() -> None:
         {"text": "Same .", "splits": ["train", "test"]},
         {"text": "Dup B", "splits": ["train", "validation"]},
     ]
+
+
+def test_conflicting_labels_are_found_in_order() -> None:
+    from finlora.data.split import conflicting_labels
+
+    examples = [Example("A", "x"), Example("B", "x"), Example("A ", "y"), Example("B", "x"),
+                Example("C", "y"), Example("C", "z")]  # fmt: skip
+    assert conflicting_labels(examples) == ["A", "C"]

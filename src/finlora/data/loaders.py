@@ -57,6 +57,11 @@ def load_fpb(path: Path, agreement: str = "all") -> list[Example]:
         raise FinloraError(f"unknown FPB agreement '{agreement}' (expected one of {allowed})")
     path = Path(path)
     if path.is_dir():
+        if not (path / FPB_FILES[agreement]).is_file():
+            raise FinloraError(
+                f"{path}: no {FPB_FILES[agreement]} here; a directory is read as Financial "
+                "PhraseBank (name a CSV, TSV or JSON Lines file for other data)"
+            )
         path = path / FPB_FILES[agreement]
     examples = []
     for number, line in _lines(read_text(path)):

@@ -170,8 +170,11 @@ def prepare_instruct(cfg: DataConfig, seed: int) -> PreparedInstruct:
         flat = [Example(e.text, "all") for e in strata]
         try:
             split = stratified_split(flat, cfg.test_fraction, cfg.val_fraction, seed)
-        except FinloraError as exc:
-            raise FinloraError(f"{description}: {exc}") from None
+        except FinloraError:
+            raise FinloraError(
+                f"{description}: {len(records)} record(s) are too few to hold some out for "
+                "validation and test (data.test_fraction, data.val_fraction)"
+            ) from None
     labels = sorted({x for r in records for x in (r.labels or ((r.label,) if r.label else ()))})
     texts = [Example(str([(m.role, m.content) for m in r.prompt_messages]), "") for r in records]
     return PreparedInstruct(

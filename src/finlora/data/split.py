@@ -155,3 +155,12 @@ def cross_split_duplicates(examples: Sequence[Example], split: Split) -> list[di
         for text in sorted(where, key=first.__getitem__)
         if len(where[text]) > 1
     ]
+
+
+def conflicting_labels(examples: Sequence[Example]) -> list[str]:
+    """Texts (compared after strip) that the data gives more than one label, in order of first
+    appearance: the model is taught both, and one of them is scored wrong whatever it says."""
+    labels: dict[str, set[str]] = {}
+    for e in examples:
+        labels.setdefault(e.text.strip(), set()).add(e.label)
+    return [text for text, found in labels.items() if len(found) > 1]
