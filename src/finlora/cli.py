@@ -269,8 +269,15 @@ def eval_(
     from finlora.evaluate import evaluate_run
     from finlora.instruct_eval import format_instruct_report
     from finlora.metrics import format_classification_report
+    from finlora.runs import RunDir
 
     options = _loader_options(fmt, agreement, text_column, label_column, label_map)
+    run = RunDir(run_dir)
+    if run.root.is_dir() and not run.manifest.is_file() and not zero_shot:
+        _echo_err(
+            f"note: {run_dir} has no manifest.json: its training did not finish, so this "
+            "scores the best adapter it saved so far"
+        )
     metrics = evaluate_run(run_dir, data_path, options, zero_shot, not no_progress, max_new_tokens)
     if as_json:
         click.echo(json.dumps(metrics))

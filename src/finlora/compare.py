@@ -194,6 +194,10 @@ def summarize(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     return rows
 
 
+def _seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"  # a short run is not "0 s"
+
+
 def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -232,7 +236,7 @@ def markdown_table(table: dict[str, Any]) -> str:
             f"| {r['method']} | {' | '.join(_score(r[k], r[f'{k}_std']) for k, _ in scores)} "
             f"| {_count(r['trainable_params'])} "
             f"| {100 * r['trainable_share']:.3f}% | {_size(r['adapter_bytes'])} "
-            f"| {r['train_s']:.0f} s | {peak:.0f} MiB | {r['learning_rate']:g} |"
+            f"| {_seconds(r['train_s'])} | {peak:.0f} MiB | {r['learning_rate']:g} |"
         )
     if table.get("command"):
         lines += ["", "Produced by:", "", "```bash", table["command"], "```"]

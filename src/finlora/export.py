@@ -183,7 +183,7 @@ class ExportResult:
             lines.append(
                 f"llama.cpp: {agreeing} agree {v.gguf_agreement:.1%} on {v.gguf_n} {unit}, "
                 f"tokenization equal {v.gguf_tokens_equal:.1%}, "
-                f"max |{scored} log-likelihood diff| {v.gguf_max_abs_loglik_diff}"
+                f"max |{scored} log-likelihood diff| {v.gguf_max_abs_loglik_diff:.3g}"
             )
         elif v.gguf_note:
             lines.append(v.gguf_note)
@@ -664,7 +664,14 @@ def _model_card(ctx: _Context, options: ExportOptions, v: Verification) -> str:
     """README.md for the hf export: what it is, how it was made and scored, and how to use it."""
     manifest = _manifest(ctx.run)
     classify = ctx.cfg.task == "classify"
-    tags = "financial-sentiment, text-classification" if classify else "instruction-tuning"
+    # Only an encoder export is a pipeline("text-classification") model; a causal or seq2seq
+    # classifier is a language model that writes the label word.
+    encoder = ctx.kind == "encoder"
+    tags = (
+        f"financial-sentiment{', text-classification' if encoder else ''}"
+        if classify
+        else "instruction-tuning"
+    )
     lines = [
         "---",
         "library_name: transformers",

@@ -259,3 +259,9 @@ def test_natural_yaml_spellings_of_data_options(tmp_path: Path) -> None:
     assert cfg.data.agreement == "75"
     assert cfg.data.label_map == "0=negative,1=positive"
     assert load_config(None, ["data.agreement=50"]).data.agreement == "50"
+
+
+def test_a_key_given_twice_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("seed: 1\ntrain:\n  epochs: 2\n  epochs: 3\n", encoding="utf-8")
+    assert error([], path) == f"{path}:4: malformed YAML (key 'epochs' appears twice)"
