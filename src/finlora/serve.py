@@ -294,6 +294,9 @@ class _Server:
         }
         if cfg.task == "classify":
             info["labels"] = self.loaded.labels
+        else:
+            # The Alpaca template has no place for a system prompt: one sent is not used.
+            info["system_prompt"] = bool(self.loaded.codec.template.is_chat)
         info["endpoints"] = list(ROUTES[cfg.task])
         return info
 

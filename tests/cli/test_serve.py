@@ -246,6 +246,8 @@ def test_generate_answers_as_the_library_does(
     assert served["answer"] == _library_answer(instruct_loaded, "What is EBITDA?", 12)
     assert served["instruction"] == "What is EBITDA?"
     assert served["finish_reason"] in ("stop", "length")
+    # The tiny run's Alpaca template has no system prompt, and /info says so.
+    assert instruct_client.get("/info").json()["system_prompt"] is False
 
 
 @pytest.mark.parametrize(
