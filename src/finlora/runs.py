@@ -103,7 +103,13 @@ class RunDir:
         """split.json, checked for what loading and evaluation read from it."""
         split = self.read_json(self.split)
         labels = split.get("labels") if isinstance(split, dict) else None
-        if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
+        # An instruct run's labels (of its label-answer records) may be none at all.
+        needed = split.get("task", "classify") == "classify" if isinstance(split, dict) else True
+        if not (
+            isinstance(labels, list)
+            and (labels or not needed)
+            and all(isinstance(x, str) for x in labels)
+        ):
             raise FinloraError(f"{self.split}: malformed (no list of labels)")
         for name in ("train", "validation", "test"):
             rows = split.get(name, [])
