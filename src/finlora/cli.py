@@ -273,7 +273,8 @@ def eval_(
 
     options = _loader_options(fmt, agreement, text_column, label_column, label_map)
     run = RunDir(run_dir)
-    if run.root.is_dir() and not run.manifest.is_file() and not zero_shot:
+    run.require_trained()  # before the note: a folder that is no run gets its error alone
+    if not run.manifest.is_file() and not zero_shot:
         _echo_err(
             f"note: {run_dir} has no manifest.json: its training did not finish, so this "
             "scores the best adapter it saved so far"

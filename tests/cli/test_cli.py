@@ -572,6 +572,19 @@ def test_a_damaged_run_is_named_in_one_line(
     assert_user_error(cli("eval", run, "--no-progress"), expected)
 
 
+def test_eval_notes_a_run_whose_training_did_not_finish(
+    cli: Callable[..., Result], trained: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    run = tmp_path / "stopped"
+    shutil.copytree(trained, run)
+    (run / "manifest.json").unlink()
+    result = cli("eval", run, "--no-progress")
+    assert result.code == 0, result.err
+    assert result.err.startswith(f"note: {run} has no manifest.json: its training did not finish")
+
+
 @pytest.mark.parametrize("kind", ["missing", "empty", "undecodable", "csv_no_column", "bad_jsonl"])
 def test_predict_bad_file(
     cli: Callable[..., Result], trained: Path, tmp_path: Path, kind: str
