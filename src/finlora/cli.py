@@ -548,7 +548,7 @@ def export(
 )
 @click.option(
     "--max-steps",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="Step budget (default: 50 on FPB, 2 epochs on the synthetic set).",
 )
@@ -647,7 +647,11 @@ def _generation_options(fn: Any) -> Any:
         ),
         click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass."),
         click.option("--top-k", default=0, show_default=True, help="Sample the k best (0: all)."),
-        click.option("--seed", type=int, help="Seed for sampling, for repeatable answers."),
+        click.option(
+            "--seed",
+            type=click.IntRange(0, 2**32 - 1),
+            help="Seed for sampling, for repeatable answers.",
+        ),
         click.option("--system", help="A system message (chat template runs)."),
         click.option("--zero-shot", is_flag=True, help="Use the base model without the adapter."),
     ]
@@ -839,10 +843,14 @@ def _bench_options(fn: Any) -> Any:
     fn = click.option(
         "--json", "as_json", is_flag=True, help="Print one JSON object on the last line."
     )(fn)
-    fn = click.option("--rounds", default=2, show_default=True, help="Timed rounds per path.")(fn)
     fn = click.option(
-        "-n", "--sentences", default=64, show_default=True, help="Sentences per round."
-    )(fn)
+        "--rounds", default=2, show_default=True, type=click.IntRange(min=1),
+        help="Timed rounds per path.",
+    )(fn)  # fmt: skip
+    fn = click.option(
+        "-n", "--sentences", default=64, show_default=True, type=click.IntRange(min=1),
+        help="Sentences per round.",
+    )(fn)  # fmt: skip
     fn = click.option(
         "--variant",
         "variants",
@@ -944,6 +952,12 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        # A path the system refuses (a name too long, a folder that cannot be written): one
+        # line naming it, as for every other mistake.
+        where = f"{exc.filename}: " if exc.filename else ""
+        _echo_err(f"finlora: error: {where}{exc.strerror or exc}")
+        sys.exit(2)
     except KeyboardInterrupt:
         _echo_err("finlora: interrupted")
         sys.exit(130)

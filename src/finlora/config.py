@@ -689,6 +689,9 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> RunCon
         # Name the file only for what the file set: a bad --set value is the flag's.
         keys = {item.partition("=")[0].strip() for item in overrides or []}
         message = str(exc)
-        if path is None or any(message.startswith(f"config: {k} ") for k in keys):
+        from_flags = any(
+            message.startswith((f"config: {k} ", f"config: unknown key '{k}'")) for k in keys
+        )
+        if path is None or from_flags:
             raise
         raise FinloraError(f"{path}: {exc}") from None

@@ -61,11 +61,23 @@ class RunDir:
                 f"{self.root}: output directory exists and is not empty "
                 "(use --overwrite to replace it, or --resume to continue it)"
             )
-        if not any(p.exists() for p in (self.config, self.split, self.manifest)):
+        if not self.is_finlora_run():
             raise FinloraError(
                 f"{self.root}: not a finlora run, so --overwrite leaves it alone "
                 "(name a new --output)"
             )
+
+    def is_finlora_run(self) -> bool:
+        """Whether the directory holds what finlora writes: a manifest that says so, or a
+        split.json of its shape (a run stopped before its manifest)."""
+        for path, keys in ((self.manifest, ("finlora_run",)), (self.split, ("task", "train"))):
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and all(k in data for k in keys):
+                return True
+        return False
 
     def create(self, overwrite: bool) -> None:
         self.check_new(overwrite)

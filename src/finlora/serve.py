@@ -92,7 +92,7 @@ class Decoding(BaseModel):
     temperature: Annotated[float, Field(ge=0.0)] = 0.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
 
     def options(self) -> GenerationOptions:
         return GenerationOptions(
@@ -133,7 +133,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: Annotated[int | None, Field(ge=1, le=MAX_NEW_TOKENS)] = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
     stream: bool = False
     # Refused rather than ignored: an answer that silently ran past a stop sequence, or one
     # choice where n were asked for, would mislead the client.
@@ -152,6 +152,8 @@ class ChatRequest(BaseModel):
     def _ends_with_user(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
         if messages[-1].role != "user":
             raise ValueError("the last message must be the user's")
+        if not messages[-1].text.strip():
+            raise ValueError("the last (user) message must not be empty")
         return messages
 
     def options(self) -> GenerationOptions:

@@ -124,7 +124,10 @@ def _check_same_split(run: RunDir, s: _Setup) -> None:
     """Refuse to resume on data that no longer splits into the rows the run started with."""
     recorded = run.read_split()
     now = s.data.split.to_dict()
-    if any(recorded.get(name) != now.get(name) for name in ("train", "validation", "test")):
+    # The files' contents, not their names (runs before stop 14 recorded relative paths).
+    digests = sorted(sha256_file(f) for f in s.data.files)
+    changed = sorted(recorded.get("files", {}).values()) != digests  # same rows, other text
+    if changed or any(recorded.get(n) != now.get(n) for n in ("train", "validation", "test")):
         raise FinloraError(
             f"{run.root}: the data no longer gives the split this run started with "
             f"({s.data.description} changed since); start a new run"

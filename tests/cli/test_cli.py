@@ -429,6 +429,10 @@ def test_train_overwrite_replaces_runs_only(
     result, _ = train_cli(extra=("--overwrite",))
     assert_user_error(result, str(output), "not a finlora run", "--overwrite leaves it alone")
     assert [p.name for p in output.iterdir()] == ["notes.txt"]
+    # A project folder that happens to hold a config.yaml is no run either.
+    (output / "config.yaml").write_text("db: x\n", encoding="utf-8")
+    assert_user_error(train_cli(extra=("--overwrite",))[0], "not a finlora run")
+    assert (output / "notes.txt").is_file()
     afile = tmp_path / "afile"
     afile.write_text("x", encoding="utf-8")
     under, _ = train_cli(extra=("--output", str(afile / "sub")))  # the last --output counts
@@ -461,6 +465,13 @@ def test_train_model_that_is_not_a_model(
     assert not output.exists()
 
 
+def test_errors_from_the_system_are_one_line(cli: Callable[..., Result], tmp_path: Path) -> None:
+    too_long = tmp_path / ("a" * 300)
+    result = cli("predict", too_long, "Sales rose.")
+    assert_user_error(result, "File name too long")
+    assert_user_error(cli("bench", "train", "-n", "0"), "Invalid value for '-n'")
+
+
 def test_train_refuses_virtual_tokens_past_the_models_positions(
     train_cli: Callable[..., tuple[Result, Path]], tiny_encoder_dir: Path
 ) -> None:
@@ -470,6 +481,9 @@ def test_train_refuses_virtual_tokens_past_the_models_positions(
         "prompt.num_virtual_tokens=200", "data.max_length=128",
     )  # fmt: skip
     assert_user_error(result, "prompt.num_virtual_tokens=200 and data.max_length=128 take 328")
+    assert not output.exists()
+    result, output = train_cli(f"model.name={tiny_encoder_dir}", "data.max_length=1000")
+    assert_user_error(result, "data.max_length=1000: the model has 256 positions")
     assert not output.exists()
 
 

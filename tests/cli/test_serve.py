@@ -417,6 +417,8 @@ def test_a_stream_whose_client_left_stops_generating(
         [],
         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
         [{"role": "robot", "content": "Hi"}],
+        [{"role": "user", "content": "  "}],
+        [{"role": "user", "content": []}],
     ],  # fmt: skip
 )
 def test_chat_refuses_bad_conversations(

@@ -160,10 +160,11 @@ def test_wrong_type_in_file_names_file_and_key(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  epochs: many\n", encoding="utf-8")
     assert error([], path) == f"{path}: config: train.epochs must be an integer (got 'many')"
-    # A bad --set value is the flag's, not the file's.
+    # A bad --set value, or key, is the flag's, not the file's.
     assert error(["train.epochs=2", "train.batch_size=x"], path) == (
         "config: train.batch_size must be an integer (got 'x')"
     )
+    assert error(["train.bogus=1"], path).startswith("config: unknown key 'train.bogus'")
     assert error([], tmp_path) == f"{tmp_path}: is a directory, not a YAML config file"
 
 

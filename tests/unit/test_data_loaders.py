@@ -357,6 +357,11 @@ def test_windows_1252_csv_reads_as_excel_wrote_it(tmp_path: Path) -> None:
 
 
 def test_labels_as_pandas_and_json_write_them(tmp_path: Path) -> None:
+    bools = write(tmp_path / "b.csv", "text,label\nA,True\nB,False\n")
+    assert [e.label for e in load_table(bools, label_map={"true": "up", "false": "down"})] == [
+        "up",
+        "down",
+    ]
     csv_path = write(tmp_path / "a.csv", "text,label\nA,1.0\nB,0.0\n")
     assert [e.label for e in load_table(csv_path, label_map={"0": "down", "1": "up"})] == [
         "up",

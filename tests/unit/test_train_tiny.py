@@ -200,6 +200,14 @@ def test_resume_keeps_what_the_run_learns_from(
                  "train.learning_rate=0.1", "train.batch_size=4"):  # fmt: skip
         with pytest.raises(FinloraError, match="a resumed run keeps the settings it started"):
             resume_config(output, [item])
+    # Data edited in place (same rows, other text) is not what the run started on.
+    cfg = resume_config(output, ["train.max_steps=4"])
+    original = Path(cfg.data.path).read_text(encoding="utf-8")
+    edited = tmp_path / "edited.txt"
+    edited.write_text(original.replace("a", "o", 1), encoding="utf-8")
+    cfg.data.path = str(edited)
+    with pytest.raises(FinloraError, match="no longer gives the split this run started with"):
+        run(cfg, output, resume=True)
     # Data that changed under the run (here: one row fewer) no longer gives its split.
     cfg = resume_config(output, ["train.max_steps=4"])
     rows = Path(cfg.data.path).read_text(encoding="utf-8").splitlines()

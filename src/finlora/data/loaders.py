@@ -179,7 +179,8 @@ def _cell(where: str, column: str, value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return "" if value is None else str(value).strip()
+    text = "" if value is None else str(value).strip()
+    return text.lower() if text.lower() in ("true", "false") else text  # pandas writes True
 
 
 def _unknown_label(label: str, allowed: Sequence[str]) -> str:

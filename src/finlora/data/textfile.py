@@ -53,7 +53,7 @@ def decode_text(data: bytes, name: str) -> str:
         text = data[offset:].decode("utf-8")
         encoding = "utf-8"
     except UnicodeDecodeError:
-        offset = 0
+        data = data[offset:]  # a BOM before bytes that are not UTF-8 is still no text
         try:
             # Excel on Windows saves CSV as Windows-1252: Latin-1 with curly quotes, dashes and
             # the euro sign where Latin-1 has control characters. Latin-1 files decode alike.
@@ -91,10 +91,12 @@ def from_terminal(text: str) -> str:
         return text
     except UnicodeEncodeError:
         data = text.encode("utf-8", "surrogateescape")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
+    for encoding in ("utf-8", "cp1252"):  # as decode_text: Windows-1252 before Latin-1
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    return data.decode("latin-1")
 
 
 def json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:

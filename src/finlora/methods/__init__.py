@@ -64,17 +64,22 @@ VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning")
 
 
 def _check_positions(model: Any, cfg: RunConfig) -> None:
-    """Virtual tokens take positions before the text: together they must fit the model."""
-    if cfg.method.name not in VIRTUAL_TOKEN_METHODS:
-        return
+    """The text (data.max_length) and any virtual tokens before it must fit the positions
+    the model has."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    n = cfg.method_options.num_virtual_tokens
-    if isinstance(limit, int) and n + cfg.data.max_length > limit:
+    if not isinstance(limit, int):
+        return  # relative positions (T5): no fixed limit
+    virtual = cfg.method.name in VIRTUAL_TOKEN_METHODS
+    n = cfg.method_options.num_virtual_tokens if virtual else 0
+    if n + cfg.data.max_length <= limit:
+        return
+    if virtual:
         raise FinloraError(
             f"{cfg.method.name}.num_virtual_tokens={n} and data.max_length="
             f"{cfg.data.max_length} take {n + cfg.data.max_length} positions; the model has "
             f"{limit}"
         )
+    raise FinloraError(f"data.max_length={cfg.data.max_length}: the model has {limit} positions")
 
 
 def build_method(model: Any, cfg: RunConfig, kind: str) -> Any:
