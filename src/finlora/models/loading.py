@@ -218,21 +218,28 @@ def _head_options(kind: str, labels: Sequence[str] | None, name: str) -> dict[st
     }
 
 
-def model_kind(name: str, kind: str = "auto", trust_remote_code: bool = False) -> str:
-    """What `load_base_model` would load `name` as (causal, seq2seq, encoder), from its config
-    alone: for checks worth making before any weights are read."""
-    if kind != "auto":
-        return kind
-    if name in EMBEDDED:
-        return EMBEDDED[name].kind
-    directory, _ = resolve(name)
+def _read_config(directory: Path, trust_remote_code: bool) -> Any:
     try:
-        config = AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(
             directory, local_files_only=True, trust_remote_code=trust_remote_code
         )
     except (ValueError, OSError) as exc:
         raise FinloraError(f"{directory}: not a model transformers can read ({exc})") from None
-    return _model_kind(config, directory)
+
+
+def model_kind(name: str, kind: str = "auto", trust_remote_code: bool = False) -> str:
+    """What `load_base_model` would load `name` as (causal, seq2seq, encoder), from its config
+    alone (no weights hashed or read): for checks worth making before loading."""
+    if kind != "auto":
+        return kind
+    if name in EMBEDDED:
+        return EMBEDDED[name].kind
+    path = Path(name).expanduser()
+    if path.is_dir():
+        _check_model_dir(path)
+        return _model_kind(_read_config(path, trust_remote_code), path)
+    directory, _ = resolve(name)  # a .gguf file (converted once, then cached) or an error
+    return _model_kind(_read_config(directory, trust_remote_code), directory)
 
 
 def load_base_model(
@@ -251,12 +258,7 @@ def load_base_model(
     current random state (seed it first for a reproducible head).
     """
     directory, shas = resolve(name)
-    try:
-        config = AutoConfig.from_pretrained(
-            directory, local_files_only=True, trust_remote_code=trust_remote_code
-        )
-    except (ValueError, OSError) as exc:
-        raise FinloraError(f"{directory}: not a model transformers can read ({exc})") from None
+    config = _read_config(directory, trust_remote_code)
     if kind == "auto":
         kind = EMBEDDED[name].kind if name in EMBEDDED else _model_kind(config, directory)
     transformers.logging.set_verbosity_error()
