@@ -145,15 +145,15 @@ def _absolute_paths(cfg: RunConfig) -> None:
 
 
 def _prepare(cfg: RunConfig) -> PreparedData | PreparedInstruct:
-    _absolute_paths(cfg)
+    if cfg.task != "instruct":
+        # Instruction data is never Financial PhraseBank: no $FINLORA_FPB_DIR fallback. Record
+        # where the data came from ($FINLORA_FPB_DIR may differ when the run is evaluated).
+        cfg.data.path = cfg.data.resolved_path()
+        if cfg.data.path is None:
+            cfg.data.format = "synthetic"
+    _absolute_paths(cfg)  # after the fallback: $FINLORA_FPB_DIR may be relative too
     if cfg.task == "instruct":
-        # Instruction data is never Financial PhraseBank: no $FINLORA_FPB_DIR fallback.
         return prepare_instruct(cfg.data, cfg.seed)
-    # Record where the data came from ($FINLORA_FPB_DIR may differ when the run is evaluated).
-    cfg.data.path = cfg.data.resolved_path()
-    _absolute_paths(cfg)  # $FINLORA_FPB_DIR may be relative too
-    if cfg.data.path is None:
-        cfg.data.format = "synthetic"
     return prepare_data(cfg.data, cfg.seed)
 
 

@@ -41,6 +41,21 @@ def read_text(path: Path) -> str:
     return decode_text(data, str(path))
 
 
+# Excel on Windows saves CSV as Windows-1252: Latin-1 with curly quotes, dashes and the euro
+# sign where Latin-1 has control characters. Latin-1 files decode alike; Latin-1 takes any byte.
+_ENCODINGS = ("utf-8", "cp1252", "latin-1")
+
+
+def _decode(data: bytes) -> tuple[str, str]:
+    """`data` in the first of `_ENCODINGS` that reads it, and that encoding's name."""
+    for encoding in _ENCODINGS[:-1]:
+        try:
+            return data.decode(encoding), encoding
+        except UnicodeDecodeError:
+            continue
+    return data.decode(_ENCODINGS[-1]), _ENCODINGS[-1]
+
+
 def decode_text(data: bytes, name: str) -> str:
     """`data` decoded as `read_text` decodes a file; `name` (a path, "standard input") starts
     the error messages.
@@ -49,19 +64,7 @@ def decode_text(data: bytes, name: str) -> str:
     Latin-1 text.
     """
     offset = len(_BOM) if data.startswith(_BOM) else 0
-    try:
-        text = data[offset:].decode("utf-8")
-        encoding = "utf-8"
-    except UnicodeDecodeError:
-        data = data[offset:]  # a BOM before bytes that are not UTF-8 is still no text
-        try:
-            # Excel on Windows saves CSV as Windows-1252: Latin-1 with curly quotes, dashes and
-            # the euro sign where Latin-1 has control characters. Latin-1 files decode alike.
-            text = data.decode("cp1252")
-            encoding = "cp1252"
-        except UnicodeDecodeError:
-            text = data.decode("latin-1")
-            encoding = "latin-1"
+    text, encoding = _decode(data[offset:])
     bad = _CONTROL.search(text)
     if bad:
         byte_offset = offset + len(text[: bad.start()].encode(encoding))
@@ -90,13 +93,7 @@ def from_terminal(text: str) -> str:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
-        data = text.encode("utf-8", "surrogateescape")
-    for encoding in ("utf-8", "cp1252"):  # as decode_text: Windows-1252 before Latin-1
-        try:
-            return data.decode(encoding)
-        except UnicodeDecodeError:
-            continue
-    return data.decode("latin-1")
+        return _decode(text.encode("utf-8", "surrogateescape"))[0]
 
 
 def json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:
