@@ -1,6 +1,7 @@
 """Where finlora's training step and label scoring spend their time, operator by operator.
 
     .venv/bin/python benchmarks/profile_step.py configs/fpb-smollm2-lora.yaml -n 32 [--set ...]
+        [--infer-only] [--shapes]
 
 Runs finlora's path (as `finlora bench` sets it up) for one warm-up round, then one profiled
 training round and one profiled scoring pass, and prints the operators by self CPU time. It
@@ -17,10 +18,12 @@ from torch.profiler import ProfilerActivity, profile
 
 from finlora.bench import _finlora_infer_round, _finlora_train_round, setup
 from finlora.methods import merged_for_inference
+from finlora.models.fused_projections import fuse_projections
 
 
-def _table(prof: profile, rows: int) -> str:
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+def _table(prof: profile, rows: int, shapes: bool = False) -> str:
+    averages = prof.key_averages(group_by_input_shape=shapes)
+    return averages.table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def main() -> None:
@@ -29,26 +32,31 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("-n", type=int, default=32, help="sentences")
     parser.add_argument("--rows", type=int, default=25, help="operators to print")
+    parser.add_argument("--infer-only", action="store_true", help="profile scoring alone")
+    parser.add_argument("--shapes", action="store_true", help="one row per operator and shape")
     args = parser.parse_args()
     s = setup(args.config, args.overrides, args.n)
     path = s.paths["finlora"]
     print("autocast dtype", path.placement.dtype, "attention", path.placement.attention)
-    path.model.train()
-    params = [p for p in path.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    _finlora_train_round(s, path, optimizer, 0)  # warm-up
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        r = _finlora_train_round(s, path, optimizer, 1)
-    print(f"\n=== training round: {r.units} real tokens in {r.seconds:.2f} s")
-    print(_table(prof, args.rows))
+    if not args.infer_only:
+        path.model.train()
+        params = [p for p in path.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        _finlora_train_round(s, path, optimizer, 0)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
+            r = _finlora_train_round(s, path, optimizer, 1)
+        print(f"\n=== training round: {r.units} real tokens in {r.seconds:.2f} s")
+        print(_table(prof, args.rows, args.shapes))
     if path.cfg.train.merge_for_inference:
         path.model = merged_for_inference(path.model)
+    if path.cfg.train.fuse_projections:
+        fuse_projections(path.model)  # as prediction runs (and `bench infer`)
     path.model.eval()
     _finlora_infer_round(s, path, 0)  # warm-up
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
         r = _finlora_infer_round(s, path, 1)
     print(f"\n=== scoring: {r.units} sentences in {r.seconds:.2f} s")
-    print(_table(prof, args.rows))
+    print(_table(prof, args.rows, args.shapes))
 
 
 if __name__ == "__main__":

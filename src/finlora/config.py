@@ -329,6 +329,9 @@ class TrainConfig:
     # Under bf16 autocast, keep the frozen linear weights in bf16 instead of re-casting them at
     # every forward pass (autocast caches casts only for weights that require grad).
     bf16_frozen_weights: bool = True
+    # Under bf16 autocast, a frozen output head gets its own bf16 weight (untied from the fp32
+    # input embeddings) instead of autocast re-casting the whole vocabulary matrix every pass.
+    bf16_head: bool = True
     # Under bf16 autocast, scoring casts each norm output to bf16 once instead of once per
     # projection that reads it (q, k, v; gate, up). Same scores to the bit; off: on an AMX CPU
     # it measured slower than fuse_projections alone, whose stacked matmuls cast once anyway.
@@ -347,6 +350,10 @@ class TrainConfig:
     # SiLU-gated (Llama-style) MLPs recompute the SiLU in the backward pass instead of keeping
     # it: the same gradients, with about an eighth less activation memory.
     lean_mlp: bool = True
+    # Inference (scoring, no key/value cache) runs Llama-family eager attention with fewer passes
+    # over memory: rotary embedding, mask and softmax in place, no per-head copies of k and v.
+    # Same scores (bit for bit under bf16 autocast in the tests; to float rounding in fp32).
+    lean_attention: bool = True
     # Keep only each layer's input during the forward pass and recompute the rest in the
     # backward pass: activation memory drops to a small fraction, for about a third more compute.
     gradient_checkpointing: bool = False

@@ -52,13 +52,19 @@ def _gather_positions(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Te
     return tensor.gather(1, index)
 
 
-def _causal_fast(model: Any, batch: Batch) -> torch.Tensor:
+def _causal_fast(model: Any, batch: Batch, vocab: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits at the label positions; with `vocab`, only those token ids' logits (B, L, len)."""
     base = unwrap(model)
     # No key/value cache: nothing continues from this pass (the model's default would build one).
     hidden = base.get_decoder()(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
     ).last_hidden_state  # (B, T, H)
-    return base.get_output_embeddings()(_gather_positions(hidden, batch.positions))  # (B, L, V)
+    picked = _gather_positions(hidden, batch.positions)
+    head = base.get_output_embeddings()
+    if vocab is None:
+        return head(picked)  # (B, L, V)
+    bias = None if head.bias is None else head.bias[vocab]
+    return F.linear(picked, head.weight[vocab], bias)  # (B, L, len(vocab))
 
 
 def _causal_plain(model: Any, batch: Batch) -> torch.Tensor:
@@ -213,9 +219,16 @@ def label_loglik(
     fast: bool = True,
     device: torch.device | None = None,
     shared_prompt: bool = True,
+    normalized: bool = True,
 ) -> torch.Tensor:
-    """Log-likelihood of every label's tokens after each prompt. (N, K)"""
-    if fast and shared_prompt and not is_prompt_learning(model):
+    """Log-likelihood of every label's tokens after each prompt. (N, K)
+
+    With `normalized=False` a row may be off by a constant of its own, which leaves its softmax
+    over the labels unchanged: labels of one token then take the label tokens' logits alone,
+    without the output head over the whole vocabulary for the log-softmax's denominator.
+    """
+    fast = fast and not is_prompt_learning(model)
+    if fast and shared_prompt:
         causal_multi = codec.kind == "causal" and not codec.single_token_labels
         if causal_multi and _within_window(model, codec, prompts):
             return _shared_prompt_loglik(model, codec, prompts, device)
@@ -224,13 +237,15 @@ def label_loglik(
     batch = codec.scoring_batch(prompts)
     if device is not None:
         batch = batch.to(device)
-    logits = label_logits(model, batch, codec.kind, fast)
     n, k = len(prompts), len(codec.labels)
     if codec.single_token_labels:
         # One position per prompt; its next-token distribution scores every label.
-        logp = F.log_softmax(logits[:, 0].float(), dim=-1)  # (N, V)
-        ids = torch.tensor([ids[0] for ids in codec.label_ids], device=logp.device)
-        return logp[:, ids]  # (N, K)
+        ids = torch.tensor([ids[0] for ids in codec.label_ids], device=batch.input_ids.device)
+        if fast and not normalized and codec.kind == "causal":
+            return _causal_fast(model, batch, ids)[:, 0].float()  # (N, K)
+        logits = label_logits(model, batch, codec.kind, fast)
+        return F.log_softmax(logits[:, 0].float(), dim=-1)[:, ids]  # (N, K)
+    logits = label_logits(model, batch, codec.kind, fast)
     return sequence_logprob(logits, batch.targets).view(n, k)
 
 
@@ -256,7 +271,8 @@ def predict_proba(
     with autocast(device, dtype):
         for idx in inference_batches([len(p) for p in prompts], batch_size, trim_padding):
             chunk = [prompts[i] for i in idx]
-            loglik = label_loglik(model, codec, chunk, fast, device, shared_prompt)
+            # Only the softmax over the labels is kept: a constant per row does not matter.
+            loglik = label_loglik(model, codec, chunk, fast, device, shared_prompt, False)
             out[idx] = torch.softmax(loglik.float(), dim=-1).cpu().numpy()
             bar.update(len(idx))
     bar.close()

@@ -20,9 +20,10 @@ from finlora.data import FPB_LABELS, synthetic_sentiment
 from finlora.errors import FinloraError
 from finlora.methods import build_method
 from finlora.models import Placement, freeze_to_dtype, load_base_model
-from finlora.models.device import compile_layers, set_gradient_checkpointing
+from finlora.models.device import compile_layers, head_to_dtype, set_gradient_checkpointing
 from finlora.models.fused_lora import fuse_lora_layers
 from finlora.models.fused_projections import fuse_projections
+from finlora.models.lean_attention import lean_attention
 from finlora.models.lean_mlp import lean_mlps
 from finlora.models.norm_cast import cast_norms_once
 from finlora.prompts import PromptTemplate
@@ -95,6 +96,34 @@ def test_bf16_frozen_weights_compute_what_autocast_computes(
     b = _loss_and_scores(stored.eval(), codec, True, torch.bfloat16)
     torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
     torch.testing.assert_close(a[1], b[1], atol=0, rtol=0)
+
+
+def test_bf16_head_computes_what_autocast_computes(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
+) -> None:
+    cfg = tiny_cfg()
+    recast, codec = _model(cfg, tiny_causal_dir, "eager")
+    stored, _ = _model(cfg, tiny_causal_dir, "eager")
+    for model in (recast, stored):  # tie the head to the embeddings, as SmolLM2's is
+        unwrap(model).lm_head.weight = unwrap(model).model.embed_tokens.weight
+    assert head_to_dtype(stored, torch.bfloat16)
+    head, embeddings = unwrap(stored).lm_head.weight, unwrap(stored).model.embed_tokens.weight
+    assert head.dtype == torch.bfloat16 and not head.requires_grad
+    assert embeddings.dtype == torch.float32  # untied: the input side keeps full precision
+    assert not head_to_dtype(stored, torch.bfloat16)  # already bf16: nothing to do
+    a = _loss_and_scores(recast.eval(), codec, True, torch.bfloat16)
+    b = _loss_and_scores(stored.eval(), codec, True, torch.bfloat16)
+    torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
+    torch.testing.assert_close(a[1], b[1], atol=0, rtol=0)
+
+
+def test_trainable_head_keeps_its_weight(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
+) -> None:
+    model, _ = _model(tiny_cfg(), tiny_causal_dir, "eager")
+    unwrap(model).lm_head.weight.requires_grad_(True)  # e.g. full fine-tuning
+    assert not head_to_dtype(model, torch.bfloat16)
+    assert unwrap(model).lm_head.weight.dtype == torch.float32
 
 
 def test_placement_resolves_auto_for_the_cpu(tiny_cfg: Callable[..., RunConfig]) -> None:
@@ -494,6 +523,67 @@ def test_fused_projections_step_aside_for_gradients_and_copies(
     _, plain_scores = _loss_and_scores(plain, codec, True, None)
     _, fused_scores = _loss_and_scores(fused, codec, True, None)
     assert torch.equal(fused_scores, plain_scores)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("merged", [False, True])
+def test_lean_attention_gives_the_same_scores(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path, bf16: bool, merged: bool
+) -> None:
+    """Rows of unequal length (padded), grouped key/value heads (4 query heads, 2 kv heads),
+    with the adapter merged and stacked projections (prediction) or LoRA layers as trained."""
+    (plain, codec), (lean, _) = (_model(tiny_cfg(), tiny_causal_dir, "eager") for _ in range(2))
+    if merged:
+        plain, lean = plain.merge_and_unload(), lean.merge_and_unload()
+        fuse_projections(lean)
+    if bf16:
+        freeze_to_dtype(plain, torch.bfloat16), freeze_to_dtype(lean, torch.bfloat16)
+    assert lean_attention(lean) == 2
+    dtype = torch.bfloat16 if bf16 else None
+    plain_loss, plain_scores = _loss_and_scores(plain.eval(), codec, True, dtype)
+    lean_loss, lean_scores = _loss_and_scores(lean.eval(), codec, True, dtype)
+    if bf16:  # the same roundings in the same places: equal to the bit
+        assert torch.equal(lean_scores, plain_scores) and torch.equal(lean_loss, plain_loss)
+    else:
+        torch.testing.assert_close(lean_scores, plain_scores, atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(lean_loss, plain_loss, atol=1e-5, rtol=1e-6)
+    assert lean_attention(lean) == 0  # already lean
+
+
+def test_lean_attention_keeps_padding_rows_finite(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
+) -> None:
+    """A left-padded query sees no key at all; under bf16 its weights must not become NaN
+    (fp32's lowest mask value is -inf in bf16) and spread to the real rows."""
+    (plain, _), (lean, _) = (_merged(tiny_cfg(), tiny_causal_dir, True) for _ in range(2))
+    lean_attention(lean)
+    ids = torch.tensor([[5, 9, 13, 2, 7, 4], [3, 3, 8, 11, 4, 6]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    with torch.no_grad(), autocast(CPU, torch.bfloat16):
+        a, b = (unwrap(m).get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)
+                .last_hidden_state for m in (plain, lean))  # fmt: skip
+    assert torch.isfinite(b).all()
+    assert torch.equal(a[mask.bool()], b[mask.bool()])
+
+
+def test_lean_attention_steps_aside_for_gradients_and_caches(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
+) -> None:
+    (plain, codec), (lean, _) = (_merged(tiny_cfg(), tiny_causal_dir, False) for _ in range(2))
+    lean_attention(lean)
+    ids = torch.tensor([[5, 9, 13, 2, 7], [3, 3, 8, 11, 4]])
+    options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():  # generation: one new token at a time over a key/value cache
+        assert torch.equal(lean.generate(ids, **options), plain.generate(ids, **options))
+    (plain, codec), (lean, _) = (_model(tiny_cfg(), tiny_causal_dir, "eager") for _ in range(2))
+    lean_attention(lean)
+    batch = codec.training_batch([codec.encode(e) for e in EXAMPLES])
+    for model in (plain, lean):
+        loss_fn(model, batch, codec.kind, True).backward()
+    grads = [(n, p.grad, q.grad) for (n, p), q in zip(plain.named_parameters(), lean.parameters(),
+                                                      strict=True) if p.requires_grad]  # fmt: skip
+    assert grads  # the LoRA weights; transformers' own forward with gradients: the same bits
+    assert all(torch.equal(a, b) for _, a, b in grads)
 
 
 def test_fused_projections_leave_adapter_layers_alone(

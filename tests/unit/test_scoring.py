@@ -128,6 +128,24 @@ def test_label_loglik_fast_plain_and_manual_agree(
     assert (fast - without).abs().max() > 1e-2  # the perturbed adapter matters
 
 
+@pytest.mark.parametrize("labels", [list(FPB_LABELS), MULTI_TOKEN_LABELS])
+def test_unnormalized_scores_give_the_same_label_probabilities(
+    causal: tuple[BaseModel, Any], labels: list[str]
+) -> None:
+    base, model = causal
+    codec = codec_for(base, labels)
+    prompts = [codec.encode_text(t) for t in TEXTS]
+    full = label_loglik(model, codec, prompts)
+    bare = label_loglik(model, codec, prompts, normalized=False)
+    torch.testing.assert_close(bare.softmax(-1), full.softmax(-1), atol=1e-6, rtol=1e-5)
+    if codec.single_token_labels:  # label logits alone: each row off by its log-normalizer
+        offsets = (bare - full).double()
+        assert offsets.std(dim=1).max() < 1e-5 and offsets.abs().min() > 1e-3
+    expected = full.softmax(-1).double().numpy()
+    proba = predict_proba(model, codec, TEXTS, progress=False)
+    np.testing.assert_allclose(proba, expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_shared_prompt_scoring_equals_one_row_per_label(
     tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path, attention: str

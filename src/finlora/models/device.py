@@ -14,6 +14,7 @@ import torch
 from finlora.config import TrainConfig
 from finlora.errors import FinloraError
 from finlora.models.fused_lora import fuse_lora_layers
+from finlora.models.lean_attention import lean_attention
 from finlora.models.lean_mlp import lean_mlps
 from finlora.models.norm_cast import cast_norms_once
 
@@ -125,6 +126,25 @@ def freeze_to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> int:
     return count
 
 
+def head_to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """Give a frozen linear output head its own weight in `dtype`; True if it got one.
+
+    A head tied to the input embeddings is untied: the embeddings stay fp32 and the head holds
+    a `dtype` copy (57 MB for SmolLM2 in bf16). Autocast would cast the fp32 weight to the same
+    values at every call: a 49,152 x 576 matrix, ~34 ms on 2 cores, every scoring pass and every
+    generated token, more than the head's own matmul at a few label positions. Same numbers.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, torch.nn.Linear):
+        return False
+    weight = head.weight
+    if weight.requires_grad or weight.dtype == dtype:
+        return False
+    head.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+    return True
+
+
 def set_gradient_checkpointing(model: Any, on: bool, every_n_layers: int = 1) -> None:
     """Turn transformers' activation checkpointing on for a (PEFT-wrapped) model, for every
     `every_n_layers`-th layer.
@@ -166,16 +186,18 @@ def compile_layers(model: Any) -> int:
 @dataclass(frozen=True)
 class Placement:
     """Where and how a model runs: device, autocast dtype, attention kernel, weight storage,
-    LoRA layer and MLP forwards, compiled layers."""
+    LoRA layer, MLP and attention forwards, compiled layers."""
 
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype; None means plain fp32
     attention: str
     bf16_frozen_weights: bool = True
+    bf16_head: bool = True
     fused_lora: bool = True
     compile: bool = False
     lean_mlp: bool = True
     cast_norms_once: bool = False
+    lean_attention: bool = True
 
     @classmethod
     def from_config(cls, tc: TrainConfig) -> Placement:
@@ -190,23 +212,29 @@ class Placement:
             pick_autocast_dtype(device, tc.precision),
             pick_attention(device, tc.attention),
             tc.bf16_frozen_weights,
+            tc.bf16_head,
             tc.fused_lora,
             tc.compile,
             tc.lean_mlp,
             tc.cast_norms_once,
+            tc.lean_attention,
         )
 
     def place(self, model: Any) -> Any:
-        """Move a (wrapped) model to the device; store frozen weights in bf16 where it pays;
-        give LoRA layers and gated MLPs their leaner forwards, norms their single cast, and
-        compile layers when asked."""
+        """Move a (wrapped) model to the device; store frozen weights and the output head in
+        bf16 where it pays; give LoRA layers, gated MLPs and attention their leaner forwards,
+        norms their single cast, and compile layers when asked."""
         model = model.to(self.device)
         if self.dtype == torch.bfloat16 and self.bf16_frozen_weights:
             freeze_to_dtype(model, torch.bfloat16)
+        if self.dtype == torch.bfloat16 and self.bf16_head:
+            head_to_dtype(model, torch.bfloat16)
         if self.fused_lora:
             fuse_lora_layers(model)
         if self.lean_mlp:
             lean_mlps(model)
+        if self.lean_attention:
+            lean_attention(model)
         if self.dtype is not None and self.cast_norms_once:
             cast_norms_once(model)
         if self.compile:
