@@ -197,7 +197,7 @@ class Placement:
     compile: bool = False
     lean_mlp: bool = True
     cast_norms_once: bool = False
-    lean_attention: bool = True
+    lean_attention: bool = False
 
     @classmethod
     def from_config(cls, tc: TrainConfig) -> Placement:
