@@ -284,6 +284,7 @@ def bench_train(
             "peak_rss_mib": r["peak_rss_mib"],
             "seconds": r["seconds"],
             "real_tokens": r["units"],
+            "by_round": r["per_s_by_round"],  # the spread tells a switch's effect from noise
         }
     return _with_ratios(out, list(s.paths)[1:], "real_tokens_per_s")
 
@@ -370,6 +371,7 @@ def bench_infer(
             "sentences_per_s": r["per_s"],
             "peak_rss_mib": r["peak_rss_mib"],
             "seconds": r["seconds"],
+            "by_round": r["per_s_by_round"],
         }
     return _with_ratios(out, list(s.paths)[1:], "sentences_per_s")
 

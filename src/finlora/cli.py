@@ -872,9 +872,11 @@ def _print_bench(result: dict[str, Any], unit: str, as_json: bool) -> None:
     for name, r in entries.items():
         mfu = f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
         ratio = f", {r['ratio']:.2f}x classic" if name in variants else ""
+        rounds = r.get("by_round", [])
+        spread = f" (rounds {' '.join(f'{x:.1f}' for x in rounds)})" if len(rounds) > 1 else ""
         click.echo(
             f"{name:<{width}} {r[unit]:10.1f} {unit.replace('_per_s', '/s').replace('_', ' ')}"
-            f", peak RSS {r['peak_rss_mib']:.0f} MiB{mfu}{ratio}"
+            f"{spread}, peak RSS {r['peak_rss_mib']:.0f} MiB{mfu}{ratio}"
         )
     click.echo(f"{'ratio':<{width}} {result['ratio']:.2f}x")
     if "matmul_flops_per_s" in result:

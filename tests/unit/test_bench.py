@@ -48,10 +48,12 @@ def test_bench_refuses_a_thread_count_variant(tiny_overrides: list[str]) -> None
 
 
 def test_bench_infer_reports_both_paths(tiny_overrides: list[str]) -> None:
-    result = bench_infer(None, tiny_overrides, n=6, rounds=1)
+    result = bench_infer(None, tiny_overrides, n=6, rounds=2)
     assert result["classic"]["sentences_per_s"] > 0
     assert result["finlora"]["sentences_per_s"] > 0
     assert result["n_sentences"] == 6
+    rates = result["finlora"]["by_round"]  # each timed round's own rate, for the spread
+    assert len(rates) == 2 and min(rates) <= result["finlora"]["sentences_per_s"] <= max(rates)
 
 
 def test_matmul_params_leaves_out_the_embedding(tiny_causal_dir: Path) -> None:
