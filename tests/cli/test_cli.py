@@ -554,6 +554,21 @@ def _damage(run: Path, what: str) -> str:
     if what == "bad_adapter_config":
         (run / "adapter" / "adapter_config.json").write_text("{not json", encoding="utf-8")
         return f"{run / 'adapter'}: cannot load the adapter"
+    if what in ("renamed_tensors", "nan_weights"):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(weights)
+        if what == "renamed_tensors":  # e.g. an adapter trained on another architecture
+            tensors = {k.replace("q_proj", "query"): v for k, v in tensors.items()}
+            save_file(tensors, weights)
+            return f"{weights}: does not match the model (no tensor for "
+        first = sorted(tensors)[0]
+        tensors[first] = torch.full_like(tensors[first], float("nan"))
+        save_file(tensors, weights)
+        return f"{weights}: {first} holds NaN"
+    if what == "list_adapter_config":
+        (run / "adapter" / "adapter_config.json").write_text("[]", encoding="utf-8")
+        return f"{run / 'adapter'}: cannot load the adapter"
     if what == "no_tokenizer":
         shutil.rmtree(run / "tokenizer")
         return f"{run / 'tokenizer'}: missing"
@@ -571,8 +586,8 @@ def _damage(run: Path, what: str) -> str:
 
 @pytest.mark.parametrize(
     "what",
-    ["no_weights", "truncated_weights", "bad_adapter_config", "no_tokenizer", "no_labels",
-     "unknown_config_key"],
+    ["no_weights", "truncated_weights", "bad_adapter_config", "list_adapter_config",
+     "renamed_tensors", "nan_weights", "no_tokenizer", "no_labels", "unknown_config_key"],
 )  # fmt: skip
 def test_a_damaged_run_is_named_in_one_line(
     cli: Callable[..., Result], trained: Path, tmp_path: Path, what: str

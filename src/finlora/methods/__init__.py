@@ -115,9 +115,10 @@ def load_adapter(model: Any, cfg: RunConfig, kind: str, directory: Path) -> Any:
     method = _method(saved, kind)
     try:
         return _LOAD[method.storage](model, cfg, kind, directory, method.build)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        # A truncated weights file, a malformed adapter_config.json, or a base model that is
-        # not the one the adapter was trained on: name the directory, not a library's internals.
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
+        # A truncated weights file, a malformed adapter_config.json (a list where an object
+        # belongs gives TypeError), or a base model that is not the one the adapter was trained
+        # on: name the directory, not a library's internals.
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FinloraError(f"{directory}: cannot load the adapter ({reason[:200]})") from None
 

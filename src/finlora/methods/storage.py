@@ -9,12 +9,15 @@ those tensors over it. Either way a small JSON names the method, and nothing is 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from finlora.config import RunConfig
@@ -50,7 +53,43 @@ def load_peft(model: Any, cfg: RunConfig, kind: str, directory: Path, build: Bui
     # PEFT reads adapter_model.safetensors; the base weights come from finlora's own loader.
     # Not trainable: that would also re-run prompt tuning's text initialisation, which needs
     # the base model's tokenizer at the path recorded in adapter_config.json.
-    return PeftModel.from_pretrained(model, str(directory), is_trainable=False)
+    with warnings.catch_warnings():
+        # PEFT only warns when tensors are missing; _check_landed refuses the adapter instead.
+        warnings.filterwarnings("ignore", message="Found missing adapter keys")
+        loaded = PeftModel.from_pretrained(model, str(directory), is_trainable=False)
+    _check_landed(loaded, directory / "adapter_model.safetensors")
+    return loaded
+
+
+def _check_landed(model: Any, path: Path) -> None:
+    """Every tensor of the file loaded into the model, and every adapter weight came from it.
+
+    Otherwise the layers PEFT did not fill keep their initial values (LoRA's B is zero: the base
+    model, silently) or the file's tensors are dropped.
+    """
+    if not path.is_file():
+        return  # PEFT's own loader has refused it (or read the legacy .bin; we never write one)
+    with safe_open(str(path), "pt") as f:
+        saved = set(f.keys())
+    expected = get_peft_model_state_dict(model)
+    _check_names(path, saved, set(expected))
+    _check_finite(path, expected)
+
+
+def _check_names(path: Path, saved: set[str], expected: set[str]) -> None:
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if missing:
+        raise FinloraError(f"{path}: does not match the model (no tensor for {missing[0]})")
+    if unexpected:
+        raise FinloraError(f"{path}: does not match the model (no place for {unexpected[0]})")
+
+
+def _check_finite(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    # A run that diverged before finlora checked each loss could have saved NaN weights, which
+    # would predict NaN probabilities for every text.
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FinloraError(f"{path}: {name} holds NaN or infinite values")
 
 
 def save_tensors(model: Any, directory: Path) -> None:
@@ -73,9 +112,8 @@ def load_tensors(model: Any, cfg: RunConfig, kind: str, directory: Path, build: 
     tensors = load_file(str(path))
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
-    if set(tensors) != expected:
-        odd = sorted(set(tensors) ^ expected)[0]
-        raise FinloraError(f"{path}: does not match the model ({odd})")
+    _check_names(path, set(tensors), expected)
+    _check_finite(path, tensors)
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)
