@@ -171,6 +171,23 @@ def test_generation_prompt_is_what_precedes_the_answer(
         assert codec.generation_prompt(record) == feature.ids[: last.start], record.source
 
 
+@pytest.mark.parametrize("field", ["input", "instruction"])
+def test_a_long_alpaca_prompt_loses_the_end_of_its_input(tokenizer: Any, field: str) -> None:
+    """The template's header and its closing "### Response:" stay: only the long field is cut."""
+    long_text = " ".join(f"Revenue in quarter {i} rose to EUR {i}.{i} mn." for i in range(60))
+    record = (alpaca_record("Summarise the report.", "Sales grew.", long_text)
+              if field == "input" else alpaca_record(long_text, "Sales grew."))  # fmt: skip
+    whole = alpaca(tokenizer, max_length=10_000).generation_prompt(record)
+    codec = alpaca(tokenizer, max_length=len(whole) // 3)
+    cut = codec.generation_prompt(record)
+    assert len(whole) // 3 - 4 <= len(cut) <= len(whole) // 3  # fits, cutting little more
+    text = tokenizer.decode(cut, skip_special_tokens=True)
+    full = tokenizer.decode(whole, skip_special_tokens=True)
+    assert text.startswith(full[:60]) and text.endswith(full[-15:])  # header and tail kept
+    assert "Revenue in quarter 0 rose" in text and "quarter 59" not in text
+    assert codec.overflow.lengths == [len(whole)]  # counted for the note
+
+
 @pytest.mark.parametrize("template", ["alpaca", "chat"])
 def test_one_bos_in_training_and_generation(bos_tokenizer: Any, template: str) -> None:
     codec = alpaca(bos_tokenizer) if template == "alpaca" else chat(bos_tokenizer)

@@ -17,7 +17,7 @@ Two kinds of template:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -157,12 +157,39 @@ class InstructCodec:
         return self._render(record.prompt_messages, generation_prompt=True)
 
     def generation_prompt(self, record: InstructRecord) -> list[int]:
-        """The tokens of `prompt_text`, cut from the left to `max_length`: no longer than what
-        training read (counted in `overflow` when cut)."""
+        """The tokens of `prompt_text`, no longer than `max_length`, what training read (counted
+        in `overflow` when cut). An Alpaca prompt loses the end of its input (or, without one,
+        of its instruction), so the template's header and "### Response:" stay; a chat prompt
+        loses its start."""
         tokens = self._prompt_tokens(record)
-        if len(tokens) > self.max_length:
-            self.overflow.add(len(tokens))
+        if len(tokens) <= self.max_length:
+            return tokens
+        self.overflow.add(len(tokens))
+        if not self.template.is_chat:
+            fitted = self._fitted_alpaca(record, len(tokens) - self.max_length)
+            if fitted is not None:
+                return fitted
         return tokens[-self.max_length :]
+
+    def _fitted_alpaca(self, record: InstructRecord, excess: int) -> list[int] | None:
+        """The Alpaca prompt with the end of its input (else instruction) cut until it fits;
+        None when even an empty field would not. Token boundaries move when text is cut, so
+        each try cuts a few tokens more than the last one fell short."""
+        field = "input" if record.input else "instruction"
+        text = getattr(record, field) or ""
+        if field == "instruction" and record.instruction is None:
+            return None  # a chat record under the Alpaca template: its turns are not fields
+        pieces = self._tokens(text)
+        for _ in range(4):
+            keep = len(pieces) - excess
+            if keep <= 0:
+                return None
+            shorter = self.tokenizer.decode(pieces[:keep], skip_special_tokens=True).rstrip()
+            tokens = self._prompt_tokens(replace(record, **{field: shorter}))
+            if len(tokens) <= self.max_length:
+                return tokens
+            excess += len(tokens) - self.max_length + 2
+        return None
 
     def _prompt_tokens(self, record: InstructRecord) -> list[int]:
         # Alpaca text gets the tokenizer's special tokens (BOS; a T5 encoder's closing </s>);
