@@ -84,7 +84,8 @@ def atomic_dir(path: str | os.PathLike[str], replace: bool = True) -> Iterator[P
 
 def check_output_file(out: Path, suffixes: Sequence[str]) -> None:
     """Refuse, before any work, an output file that cannot be written where it is named: a
-    directory, a path under a file, or a suffix not in `suffixes`.
+    directory, a path under a file, a folder that takes no new file, or a suffix not in
+    `suffixes`.
 
     Raises FinloraError naming the path.
     """
@@ -95,6 +96,14 @@ def check_output_file(out: Path, suffixes: Sequence[str]) -> None:
             raise FinloraError(f"{path}: exists and is not a directory")
     if out.suffix.lower() not in suffixes:
         raise FinloraError(f"{out}: name a {' or '.join(suffixes)} file")
+    # The file is written beside itself and renamed, so the directory must take a new file: try
+    # one (a permission check alone passes for root on a read-only mount).
+    folder = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise FinloraError(f"{folder}: cannot create a file here ({exc.strerror or exc})") from None
 
 
 def check_new_dir(out: Path, overwrite: bool) -> None:

@@ -229,6 +229,7 @@ def test_predict_refuses_an_unwritable_out_before_scoring(
         (tmp_path, "is a directory"),
         (tmp_path / "a-file.csv" / "x.csv", "exists and is not a directory"),
         (tmp_path / "out.txt", "name a .csv or .jsonl file"),
+        (Path("/proc/finlora-scores.csv"), "/proc: cannot create a file here"),
     ]:
         assert_user_error(cli("predict", tmp_path / "no-run", "x", "--out", out), fragment)
     both = cli("predict", trained, TEXTS[0], "--json", "--out", tmp_path / "p.jsonl")
