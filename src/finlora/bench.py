@@ -117,6 +117,24 @@ def _finlora_path(cfg: RunConfig, labels: list[str]) -> tuple[FinloraPath, Any]:
     return FinloraPath(cfg, placement.place(model), codec, placement), base
 
 
+# What every path shares: the sentences, their labels and the model they are timed on.
+SHARED_KEYS = ("data.", "model.", "task", "seed")
+
+
+def _check_variant(variant: str) -> None:
+    key = variant.split("=", 1)[0].strip()
+    if "=" not in variant or not key:
+        example = "e.g. train.fused_lora=false"
+        raise FinloraError(f"--variant {variant!r}: expected KEY=VALUE, {example}")
+    if key == "train.threads":
+        raise FinloraError("bench: threads are process-wide; run once per train.threads")
+    if key.startswith(SHARED_KEYS):
+        raise FinloraError(
+            f"--variant {variant!r}: every path runs on the same data and model; "
+            "set it with --set for all of them"
+        )
+
+
 def setup(
     config: Path | None, overrides: list[str], n: int, variants: list[str] | None = None
 ) -> BenchSetup:
@@ -126,15 +144,18 @@ def setup(
     one switch changed, timed beside the others so its effect is measured in the same run.
     """
     for variant in variants or []:
-        if variant.split("=", 1)[0].strip() == "train.threads":
-            raise FinloraError("bench: threads are process-wide; run once per train.threads")
+        _check_variant(variant)
     cfg = load_config(config, overrides)
     data = prepare_data(cfg.data, cfg.seed)
     rows = data.rows("train")[:n]
     main, base = _finlora_path(cfg, data.labels)
     paths = {"finlora": main}
     for variant in variants or []:
-        paths[variant] = _finlora_path(load_config(config, [*overrides, variant]), data.labels)[0]
+        try:
+            variant_cfg = load_config(config, [*overrides, variant])
+        except FinloraError as exc:
+            raise FinloraError(f"--variant {variant!r}: {exc}") from None
+        paths[variant] = _finlora_path(variant_cfg, data.labels)[0]
     classic_cfg = copy.deepcopy(cfg)
     classic_cfg.lora.lora_dropout = CLASSIC_LORA_DROPOUT
     _, classic = _model(classic_cfg, "sdpa")

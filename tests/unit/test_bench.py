@@ -6,6 +6,7 @@ Functional checks only: speed targets live in docs/benchmarks.md, never in timed
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,21 @@ def test_bench_times_variants_beside_both_paths(tiny_overrides: list[str]) -> No
     assert infer["variants"][variant]["sentences_per_s"] > 0
 
 
-def test_bench_refuses_a_thread_count_variant(tiny_overrides: list[str]) -> None:
-    with pytest.raises(FinloraError, match="threads"):
-        bench_train(None, tiny_overrides, n=4, rounds=1, variants=["train.threads=1"])
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        ("train.threads=1", "threads are process-wide"),
+        ("data.path=other.csv", "same data and model"),  # the sentences are shared
+        ("model.name=x", "same data and model"),
+        ("train.fused_lora", "--variant 'train.fused_lora': expected KEY=VALUE"),
+        ("train.batch_size=abc", "--variant 'train.batch_size=abc': config: train.batch_size"),
+    ],
+)
+def test_bench_refuses_a_variant_it_cannot_time(
+    tiny_overrides: list[str], variant: str, message: str
+) -> None:
+    with pytest.raises(FinloraError, match=re.escape(message)):
+        bench_train(None, tiny_overrides, n=4, rounds=1, variants=[variant])
 
 
 def test_bench_infer_reports_both_paths(tiny_overrides: list[str]) -> None:
