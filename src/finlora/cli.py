@@ -176,8 +176,13 @@ def train(
         best = f", best epoch {result.best_epoch} (val accuracy {result.best_val_accuracy:.4f})"
     elif result.best_val_loss is not None:  # instruct runs: answer-token loss
         best = f", best epoch {result.best_epoch} (val loss {result.best_val_loss:.4f})"
+    took = result.train_seconds
+    seconds = f"{took:.1f}s" if took < 10 else f"{took:.0f}s"  # a short run is not "0s"
+    steps = f"{result.steps} steps"
+    if result.steps_now != result.steps:  # resumed: this call's share of the run
+        steps = f"{result.steps_now} more steps (to step {result.steps})"
     click.echo(
-        f"trained {result.steps} steps in {result.train_seconds:.0f}s "
+        f"trained {steps} in {seconds} "
         f"({result.real_tokens_per_s:.0f} tokens/s, peak RSS {result.peak_rss_mib / 1024:.2f} GiB)"
         f"{best}"
     )

@@ -61,7 +61,8 @@ def _stderr(message: str) -> None:
 @dataclass
 class TrainResult:
     run_dir: Path
-    steps: int
+    steps: int  # the run's optimizer steps in all
+    steps_now: int  # of those, the steps this call took (fewer on --resume)
     best_epoch: int | None
     best_val_accuracy: float | None
     best_val_loss: float | None
@@ -466,6 +467,13 @@ def _train(
         if world.is_main:
             run.truncate_metrics(progress.step)
         log(f"resuming from {found.name} (epoch {progress.epoch + 1}, step {progress.step})")
+        if progress.step >= total_steps:
+            log(
+                f"note: step {progress.step} is already at the {total_steps} steps these "
+                "settings allow, so there is nothing to train (raise train.max_steps or "
+                "train.epochs to go on)"
+            )
+    first_step = progress.step
 
     def checkpoint() -> None:
         if world.is_main:
@@ -545,6 +553,7 @@ def _train(
     return TrainResult(
         run_dir=run.root,
         steps=progress.step,
+        steps_now=progress.step - first_step,
         best_epoch=progress.best_epoch,
         best_val_accuracy=rows[-1].get("val_accuracy") if rows else None,
         best_val_loss=rows[-1].get("val_loss") if rows else None,

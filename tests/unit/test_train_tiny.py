@@ -166,10 +166,22 @@ def test_resume_extends_a_finished_run_where_it_stopped(
     run(tiny_cfg("train.max_steps=3", *overrides), output)
     (output / "manifest.json").unlink()
     result = run(resume_config(output, ["train.max_steps=6"]), output, resume=True)
-    assert result.steps == 6
+    assert (result.steps, result.steps_now) == (6, 3)
     assert [(r["step"], r["epoch"]) for r in step_rows(output)] == [
         (r["step"], r["epoch"]) for r in step_rows(tmp_path / "whole")
     ]
+
+
+def test_resume_with_no_steps_left_says_so(
+    tiny_cfg: Callable[..., RunConfig], tmp_path: Path
+) -> None:
+    output = tmp_path / "run"
+    run(tiny_cfg("train.max_steps=4", "train.checkpoint_every=2"), output)
+    lines: list[str] = []
+    cfg = resume_config(output, ["train.max_steps=2"])
+    result = train(cfg, output, progress_bar=False, log=lines.append, resume=True)
+    assert (result.steps, result.steps_now) == (4, 0)
+    assert any("step 4 is already at the 2 steps" in line for line in lines), lines
 
 
 def test_resume_without_checkpoint_or_run(
