@@ -9,6 +9,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -938,7 +939,12 @@ def bench_infer(
     _print_bench(result, "sentences_per_s", as_json)
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # so a `kill` cleans up as Ctrl-C does (partial files, new runs)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         cli.main(prog_name="finlora", standalone_mode=False)
     except FinloraError as exc:

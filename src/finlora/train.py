@@ -423,10 +423,11 @@ def train(
             if world.is_main:
                 _write_run_header(run, s)
             return _train(s, run, world, resume, progress_bar and world.is_main, log)
-        except Exception:
-            # A new run that failed before its first checkpoint (a diverged loss, a model that
-            # cannot take the inputs) is not left half-written; one with a checkpoint keeps it
-            # for --resume, as an interrupted one (Ctrl-C) does.
+        except BaseException:
+            # A new run that failed or was stopped (Ctrl-C; `finlora` turns SIGTERM into the
+            # same) before its first checkpoint is not left half-written: nothing in it could be
+            # resumed, and it would stand in the way of the same command run again. With a
+            # checkpoint it stays, for --resume.
             if world.is_main and latest_checkpoint(run.checkpoints) is None:
                 shutil.rmtree(run.root, ignore_errors=True)
             raise

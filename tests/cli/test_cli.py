@@ -405,6 +405,36 @@ def test_train_without_config_uses_the_defaults(
     assert (output / "adapter").is_dir()
 
 
+def test_a_killed_new_run_leaves_nothing_behind(
+    config_file: Path, tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    """SIGTERM (a `kill`, a scheduler's timeout) before the first checkpoint removes the run, as
+    a failure does: nothing in it could be resumed, and it would block the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    output = tmp_path / "killed"
+    overrides = [*tiny_overrides, "train.epochs=500", "train.checkpoint_every=100000"]
+    args = ["train", config_file, "--output", output, "--no-progress", *set_args(overrides)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finlora.cli", *map(str, args)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    deadline = time.monotonic() + 90
+    while not (output / "metrics.jsonl").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "finlora: aborted"  # as for Ctrl-C
+    assert not output.exists()
+
+
 def test_train_resume_needs_output(cli: Callable[..., Result]) -> None:
     assert_user_error(cli("train", "--resume"), "--resume needs --output")
 
