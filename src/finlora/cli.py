@@ -212,6 +212,16 @@ def _loader_options(
     return LoaderOptions(fmt, agreement, text_column, label_column, label_map)
 
 
+def _refuse_classification_options(run_dir: Path, given: dict[str, bool]) -> None:
+    """An option that only a classification file reads would be silently ignored here."""
+    for option, was_given in given.items():
+        if was_given:
+            raise FinloraError(
+                f"{option}: reads a classification file; {run_dir} is an instruct run "
+                "(its --data is a JSONL of instruction records)"
+            )
+
+
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option(
@@ -280,6 +290,13 @@ def eval_(
     options = _loader_options(fmt, agreement, text_column, label_column, label_map)
     run = RunDir(run_dir)
     run.require_trained()  # before the note: a folder that is no run gets its error alone
+    if run.read_config().task == "instruct":
+        _refuse_classification_options(
+            run_dir,
+            {"--text-column": text_column != "text", "--label-column": label_column != "label",
+             "--label-map": label_map is not None, "--agreement": agreement != "all",
+             "--format fpb": fmt == "fpb"},
+        )  # fmt: skip
     if not run.manifest.is_file() and not zero_shot:
         _echo_err(
             f"note: {run_dir} has no manifest.json: its training did not finish, so this "

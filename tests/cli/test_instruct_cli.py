@@ -184,6 +184,13 @@ def test_eval_text(cli: Callable[..., Result], run_dir: Path, instruct_file: Pat
     assert lines[-1] == f"reports: {run_dir / 'eval'}"
 
 
+def test_eval_refuses_options_for_classification_files(
+    cli: Callable[..., Result], run_dir: Path, instruct_file: Path
+) -> None:
+    result = cli("eval", run_dir, "--data", instruct_file, "--label-map", "0=negative")
+    assert_user_error(result, "--label-map: reads a classification file", "is an instruct run")
+
+
 def test_generate_json(cli: Callable[..., Result], run_dir: Path) -> None:
     result = cli("generate", run_dir, "--instruction", "What is EBITDA?", "--json",
                  "--max-new-tokens", "6")  # fmt: skip
