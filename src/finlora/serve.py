@@ -36,7 +36,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import AfterValidator, BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from finlora.chat import answer, fit_conversation, instruction_prompt
 from finlora.data.documents import report_text
@@ -75,11 +75,18 @@ Unicode = Annotated[str, AfterValidator(_unicode)]
 Text = Annotated[Unicode, AfterValidator(_not_blank)]
 
 
+# finlora's own routes refuse a field they do not know (a misspelt "temprature" would be ignored
+# in silence); the OpenAI route accepts the many options its clients send (ChatRequest).
+STRICT = ConfigDict(extra="forbid")
+
+
 class PredictRequest(BaseModel):
+    model_config = STRICT
     texts: Annotated[list[Text], Field(min_length=1, max_length=MAX_TEXTS)]
 
 
 class AnalyzeRequest(BaseModel):
+    model_config = STRICT
     text: Annotated[Text, Field(max_length=MAX_REPORT_CHARS)]
     top: Annotated[int, Field(ge=0, le=100)] = 5
     source: Unicode = "request"
@@ -87,6 +94,8 @@ class AnalyzeRequest(BaseModel):
 
 class Decoding(BaseModel):
     """Decoding options, with `finlora generate`'s defaults (greedy: reproducible answers)."""
+
+    model_config = STRICT
 
     max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] = 256
     temperature: Annotated[float, Field(ge=0.0)] = 0.0

@@ -172,7 +172,13 @@ def test_one_failing_request_does_not_fail_the_others_in_its_batch(
 
 @pytest.mark.parametrize(
     "body",
-    [{"texts": []}, {"texts": ["ok", "  "]}, {"text": "one"}, {"texts": "not a list"}],
+    [
+        {"texts": []},
+        {"texts": ["ok", "  "]},
+        {"text": "one"},
+        {"texts": "not a list"},
+        {"texts": ["ok"], "top": 3},
+    ],
 )
 def test_predict_refuses_bad_bodies(classify_client: TestClient, body: dict[str, Any]) -> None:
     response = classify_client.post("/predict", json=body)
@@ -257,6 +263,7 @@ def test_generate_answers_as_the_library_does(
         {"instruction": "Define EBIT.", "max_new_tokens": 0},
         {"instruction": "Define EBIT.", "temperature": -1},
         {"instruction": "Define EBIT.", "top_p": 0},
+        {"instruction": "Define EBIT.", "temprature": 0.7},  # misspelt: not silently ignored
     ],
 )
 def test_generate_refuses_bad_bodies(instruct_client: TestClient, body: dict[str, Any]) -> None:
