@@ -46,6 +46,13 @@ from finlora.generate import GenerationOptions, Reply
 from finlora.predict import LoadedRun, Prediction
 from finlora.report import analyze
 
+Writer = Callable[[str], None]  # takes each piece of generated text
+
+
+def _ignore(_text: str) -> None:
+    pass
+
+
 MAX_TEXTS = 1024  # sentences in one /predict request
 MAX_REPORT_CHARS = 2_000_000  # one /analyze report: a long annual report's text
 MAX_NEW_TOKENS = 4096
@@ -328,14 +335,16 @@ class _Server:
         text = report_text(request.text, request.source)  # an HTML page: its visible text
         return analyze(text, request.source, labels, score).summary(request.top)
 
-    def generate(self, request: GenerateRequest) -> dict[str, Any]:
+    def generate(self, request: GenerateRequest, write: Writer = _ignore) -> dict[str, Any]:
+        """/generate's answer; `write` sees each piece of text as it comes (and may raise
+        _ClientGone to stop)."""
         self.require("instruct", "/predict")
         options = request.options()
         with self.lock:
             prompt = instruction_prompt(
                 self.loaded, request.instruction, request.input, request.system
             )
-            reply = answer(self.loaded, prompt, options, lambda _: None)
+            reply = answer(self.loaded, prompt, options, write)
         return {
             "instruction": request.instruction,
             "input": request.input,
@@ -347,12 +356,12 @@ class _Server:
         head, history = _split_system(request.messages)
         return fit_conversation(self.loaded, head, history, options.max_new_tokens)
 
-    def chat(self, request: ChatRequest) -> dict[str, Any]:
+    def chat(self, request: ChatRequest, write: Writer = _ignore) -> dict[str, Any]:
         self.require("instruct", "/predict")
         options = request.options()
         with self.lock:
             prompt = self._chat_prompt(request, options)
-            reply = answer(self.loaded, prompt, options, lambda _: None)
+            reply = answer(self.loaded, prompt, options, write)
         return {
             "id": _completion_id(),
             "object": "chat.completion",
@@ -423,7 +432,35 @@ class _Server:
 
 
 class _ClientGone(Exception):
-    """Raised into a streamed generation whose client has disconnected."""
+    """Raised into a generation whose client has disconnected."""
+
+
+# How often a non-streamed generation looks whether its client is still there.
+DISCONNECT_POLL_S = 0.25
+
+
+async def while_connected(request: Any, work: Callable[[Writer], dict[str, Any]]) -> dict[str, Any]:
+    """`work(write)` in a worker thread, stopped when the client disconnects: its next `write`
+    raises _ClientGone. A client that gave up on a long answer would otherwise hold the model
+    (and every request queued behind it) until the answer was done. `request` is Starlette's,
+    or anything with its `async is_disconnected()`."""
+    gone = threading.Event()
+
+    def write(_text: str) -> None:
+        if gone.is_set():
+            raise _ClientGone
+
+    task = asyncio.get_running_loop().run_in_executor(None, work, write)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            break
+        if await request.is_disconnected():
+            gone.set()
+    try:
+        return task.result()
+    except _ClientGone:  # nobody reads this answer; 499 as nginx logs a client that left
+        raise HTTPException(status_code=499, detail="client closed the request") from None
 
 
 def _chunk_maker(
@@ -498,15 +535,21 @@ def create_app(loaded: LoadedRun, api_key: str | None = None) -> FastAPI:
         return _user_errors_as_400(lambda: server.analyze(request))
 
     @app.post("/generate")
-    def generate(request: GenerateRequest) -> dict[str, Any]:
-        return _user_errors_as_400(lambda: server.generate(request))
+    async def generate(request: GenerateRequest, http: Request) -> dict[str, Any]:
+        return await while_connected(
+            http, lambda write: _user_errors_as_400(lambda: server.generate(request, write))
+        )
 
     @app.post("/v1/chat/completions", response_model=None)
-    def chat_completions(request: ChatRequest) -> dict[str, Any] | StreamingResponse:
+    async def chat_completions(
+        request: ChatRequest, http: Request
+    ) -> dict[str, Any] | StreamingResponse:
         if request.stream:
             server.require("instruct", "/predict")  # before the stream starts: a real status
             return StreamingResponse(server.chat_stream(request), media_type="text/event-stream")
-        return _user_errors_as_400(lambda: server.chat(request))
+        return await while_connected(
+            http, lambda write: _user_errors_as_400(lambda: server.chat(request, write))
+        )
 
     return app
 

@@ -4,6 +4,7 @@ refusals, and the real command listening on 127.0.0.1."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 from cli_support import Result, assert_user_error
+from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from test_instruct_cli import instruct_rows
 
@@ -416,6 +418,65 @@ def test_a_stream_whose_client_left_stops_generating(
     assert stopped.wait(timeout=10)  # the generation was stopped ...
     assert server.lock.acquire(timeout=10)  # ... and the model is free for the next request
     assert written
+
+
+@pytest.mark.parametrize("route", ["generate", "chat"])
+def test_a_client_that_leaves_stops_a_plain_generation(
+    instruct_loaded: LoadedRun, monkeypatch: pytest.MonkeyPatch, route: str
+) -> None:
+    """Not streamed either: a client that gave up (a timeout) must not hold the model."""
+    import asyncio
+
+    from finlora import serve
+
+    stopped = threading.Event()
+
+    def endless(loaded: Any, prompt: Any, options: Any, write: Callable[[str], None]) -> Any:
+        try:
+            while True:
+                write("word ")
+                time.sleep(0.001)
+        finally:
+            stopped.set()
+
+    class Leaves:  # Starlette's Request, as far as while_connected asks it
+        def __init__(self) -> None:
+            self.asked = 0
+
+        async def is_disconnected(self) -> bool:
+            self.asked += 1
+            return self.asked > 1  # there for the first look, gone at the second
+
+    monkeypatch.setattr(serve, "answer", endless)
+    monkeypatch.setattr(serve, "DISCONNECT_POLL_S", 0.01)
+    server = serve._Server(instruct_loaded)
+    if route == "generate":
+        request: Any = serve.GenerateRequest(instruction="Define EBIT.")
+        work = functools.partial(server.generate, request)
+    else:
+        request = serve.ChatRequest.model_validate(
+            {"messages": [{"role": "user", "content": "Hi"}]}
+        )
+        work = functools.partial(server.chat, request)
+    with pytest.raises(HTTPException) as caught:
+        asyncio.run(serve.while_connected(Leaves(), work))
+    assert caught.value.status_code == 499
+    assert stopped.wait(timeout=10) and server.lock.acquire(timeout=10)
+
+
+def test_a_plain_generation_answers_while_its_client_stays(instruct_loaded: LoadedRun) -> None:
+    import asyncio
+
+    from finlora import serve
+
+    class Stays:
+        async def is_disconnected(self) -> bool:
+            return False
+
+    server = serve._Server(instruct_loaded)
+    request = serve.GenerateRequest(instruction="Define EBIT.", max_new_tokens=3)
+    reply = asyncio.run(serve.while_connected(Stays(), functools.partial(server.generate, request)))
+    assert reply["finish_reason"] in ("stop", "length")
 
 
 @pytest.mark.parametrize(
