@@ -117,6 +117,20 @@ def test_bf16_head_computes_what_autocast_computes(
     torch.testing.assert_close(a[1], b[1], atol=0, rtol=0)
 
 
+def test_bf16_head_generates_the_same_answers(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
+) -> None:
+    """Generation applies the head at every new token, through the model's own forward."""
+    (plain, _), (stored, _) = (_merged(tiny_cfg(), tiny_causal_dir, True) for _ in range(2))
+    for model in (plain, stored):
+        unwrap(model).lm_head.weight = unwrap(model).model.embed_tokens.weight
+    assert head_to_dtype(stored, torch.bfloat16)
+    ids = torch.tensor([[5, 9, 13, 2, 7], [3, 3, 8, 11, 4]])
+    options = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad(), autocast(CPU, torch.bfloat16):
+        assert torch.equal(stored.generate(ids, **options), plain.generate(ids, **options))
+
+
 def test_trainable_head_keeps_its_weight(
     tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
 ) -> None:
