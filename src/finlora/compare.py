@@ -33,8 +33,8 @@ from finlora.config import (
 from finlora.errors import FinloraError
 from finlora.evaluate import evaluate_run
 from finlora.memory import PeakMemory
-from finlora.methods import METHODS, check_method
-from finlora.models.loading import model_kind
+from finlora.methods import METHODS, check_method, check_positions
+from finlora.models.loading import config_kind, model_config
 from finlora.plots import plot_method_comparison
 from finlora.runs import RunDir
 from finlora.train import train
@@ -264,10 +264,14 @@ def compare(
     configs = plan(config, overrides, methods, seeds)
     # Every method against the model's kind before anything trains: a method that cannot tune
     # it would otherwise stop the comparison midway, its first runs written and no table.
+    # So are its virtual tokens and text against the model's positions.
     model = configs[0].model
-    kind = model_kind(model.name, model.kind, model.trust_remote_code)
+    config, where = model_config(model.name, model.trust_remote_code)
+    kind = model.kind if model.kind != "auto" else config_kind(config, where)
     for name in methods:
         check_method(name, kind)
+    for cfg in configs:
+        check_positions(config, cfg)
     if output.exists() and not output.is_dir():
         raise FinloraError(f"{output}: exists and is not a directory")
     if output.is_dir() and any(output.iterdir()):

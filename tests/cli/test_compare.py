@@ -147,6 +147,19 @@ def test_compare_checks_every_method_against_the_model_first(
     assert not output.exists()  # lora did not train first
 
 
+def test_compare_checks_every_method_against_the_model_positions_first(
+    cli: Invoke, tiny_overrides: list[str], tmp_path: Path
+) -> None:
+    output = tmp_path / "cmp"
+    code, _, err = cli(
+        "compare", "--methods", "lora,prefix", "--output", output,
+        *set_args([*tiny_overrides, "data.max_length=128", "prefix.num_virtual_tokens=200"]),
+    )  # fmt: skip
+    assert code == 2
+    assert err.startswith("finlora: error: prefix.num_virtual_tokens=200 and data.max_length")
+    assert not output.exists()  # lora did not train first
+
+
 def test_compare_refuses_a_non_empty_output(
     cli: Invoke, tiny_overrides: list[str], tmp_path: Path
 ) -> None:

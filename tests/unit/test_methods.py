@@ -25,7 +25,7 @@ from finlora.data import FPB_LABELS, synthetic_sentiment
 from finlora.errors import FinloraError
 from finlora.methods import METHODS, build_method, trainable_parameters
 from finlora.models import load_base_model
-from finlora.models.loading import _model_kind
+from finlora.models.loading import config_kind
 from finlora.predict import load_run
 from finlora.prompts import PromptTemplate
 from finlora.runs import RunDir
@@ -288,14 +288,14 @@ def test_bare_encoder_checkpoint_loads_as_a_classifier(tiny_encoder_dir: Path) -
     ],
 )
 def test_model_kind_from_the_saved_architecture(config: Any, kind: str) -> None:
-    assert _model_kind(config, Path("m")) == kind
+    assert config_kind(config, Path("m")) == kind
 
 
 def test_an_ambiguous_architecture_needs_model_kind() -> None:
     # A bare decoder could be meant for generation or for a classification head.
     config = transformers.LlamaConfig(architectures=["LlamaModel"])
     with pytest.raises(FinloraError, match="set model.kind to causal, seq2seq or encoder"):
-        _model_kind(config, Path("m"))
+        config_kind(config, Path("m"))
 
 
 def test_trainable_share_orders_the_methods(

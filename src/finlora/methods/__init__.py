@@ -63,10 +63,10 @@ def check_method(name: str, kind: str) -> None:
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning")
 
 
-def _check_positions(model: Any, cfg: RunConfig) -> None:
+def check_positions(config: Any, cfg: RunConfig) -> None:
     """The text (data.max_length) and any virtual tokens before it must fit the positions
-    the model has."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    a model of this transformers `config` has."""
+    limit = getattr(config, "max_position_embeddings", None)
     if not isinstance(limit, int):
         return  # relative positions (T5): no fixed limit
     virtual = cfg.method.name in VIRTUAL_TOKEN_METHODS
@@ -90,7 +90,7 @@ def build_method(model: Any, cfg: RunConfig, kind: str) -> Any:
     naming modules it does not have).
     """
     method = _method(cfg.method.name, kind)
-    _check_positions(model, cfg)
+    check_positions(getattr(model, "config", None), cfg)
     try:
         return method.build(model, cfg, kind)
     except ValueError as exc:

@@ -124,7 +124,7 @@ def _class_names(mapping: Mapping[str, Any]) -> set[str]:
     return {n for names in mapping.values() for n in ([names] if isinstance(names, str) else names)}
 
 
-def _model_kind(config: Any, where: Path) -> str:
+def config_kind(config: Any, where: Path) -> str:
     """causal, seq2seq or encoder, from the config's saved architecture (its class name)."""
     from transformers.models.auto import modeling_auto
 
@@ -227,19 +227,26 @@ def _read_config(directory: Path, trust_remote_code: bool) -> Any:
         raise FinloraError(f"{directory}: not a model transformers can read ({exc})") from None
 
 
+def model_config(name: str, trust_remote_code: bool = False) -> tuple[Any, Path]:
+    """The config `load_base_model` would load `name` with, and the directory it came from,
+    without reading a directory's weights (or hashing them): for checks worth making before
+    loading. A .gguf file (the embedded model's too) is converted once, then cached."""
+    path = Path(name).expanduser()
+    if name not in EMBEDDED and path.is_dir():
+        _check_model_dir(path)
+        return _read_config(path, trust_remote_code), path
+    directory, _ = resolve(name)
+    return _read_config(directory, trust_remote_code), directory
+
+
 def model_kind(name: str, kind: str = "auto", trust_remote_code: bool = False) -> str:
     """What `load_base_model` would load `name` as (causal, seq2seq, encoder), from its config
-    alone (no weights hashed or read): for checks worth making before loading."""
+    alone (see model_config)."""
     if kind != "auto":
         return kind
     if name in EMBEDDED:
         return EMBEDDED[name].kind
-    path = Path(name).expanduser()
-    if path.is_dir():
-        _check_model_dir(path)
-        return _model_kind(_read_config(path, trust_remote_code), path)
-    directory, _ = resolve(name)  # a .gguf file (converted once, then cached) or an error
-    return _model_kind(_read_config(directory, trust_remote_code), directory)
+    return config_kind(*model_config(name, trust_remote_code))
 
 
 def load_base_model(
@@ -260,7 +267,7 @@ def load_base_model(
     directory, shas = resolve(name)
     config = _read_config(directory, trust_remote_code)
     if kind == "auto":
-        kind = EMBEDDED[name].kind if name in EMBEDDED else _model_kind(config, directory)
+        kind = EMBEDDED[name].kind if name in EMBEDDED else config_kind(config, directory)
     transformers.logging.set_verbosity_error()
     try:
         model = MODEL_CLASSES[kind].from_pretrained(
