@@ -96,8 +96,16 @@ def check_output_file(out: Path, suffixes: Sequence[str]) -> None:
             raise FinloraError(f"{path}: exists and is not a directory")
     if out.suffix.lower() not in suffixes:
         raise FinloraError(f"{out}: name a {' or '.join(suffixes)} file")
-    # The file is written beside itself and renamed, so the directory must take a new file: try
-    # one (a permission check alone passes for root on a read-only mount).
+    check_can_create(out)
+
+
+def check_can_create(out: Path) -> None:
+    """Refuse `out` (a file or directory to be) where its folder takes no new file.
+
+    Outputs are written beside themselves and renamed into place, so the nearest existing
+    folder must take a new file: try one (a permission check alone passes for root on a
+    read-only mount, and /proc takes nothing).
+    """
     folder = next(p for p in (out.parent, *out.parent.parents) if p.exists())
     try:
         with tempfile.TemporaryFile(dir=folder):

@@ -544,6 +544,24 @@ CHECKS: dict[str, Callable[[_Context, int | None], _Check]] = {
 }
 
 
+EXPORT_RECORD = "finlora_export.json"
+
+
+def check_out(run: RunDir, out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an --out that would swallow the run, one that --overwrite
+    would take from something other than an earlier export, or one that cannot be written."""
+    root, target = run.root.resolve(), out.resolve()
+    if target == root or root.is_relative_to(target):
+        raise FinloraError(f"--out {out}: would replace the run {run.root}; name another folder")
+    atomic.check_new_dir(out, overwrite)
+    if overwrite and out.is_dir() and any(out.iterdir()) and not (out / EXPORT_RECORD).is_file():
+        raise FinloraError(
+            f"{out}: holds no {EXPORT_RECORD}, so it is no finlora export and --overwrite "
+            "leaves it alone (remove it yourself or name another folder)"
+        )
+    atomic.check_can_create(out)
+
+
 def export_run(
     run_dir: Path, options: ExportOptions, log: Callable[[str], None] | None = None
 ) -> ExportResult:
@@ -557,7 +575,7 @@ def export_run(
     run = RunDir(Path(run_dir))
     run.require_trained()
     method = check_mergeable(run)
-    atomic.check_new_dir(options.out, options.overwrite)
+    check_out(run, options.out, options.overwrite)
     check_adapter_not_empty(run)
     if options.format == "gguf":
         check_gguf_kind(run)
@@ -582,8 +600,8 @@ def export_run(
         if options.format == "hf":
             # Written after the verification, whose figures it quotes.
             atomic.write_text(tmp / "README.md", _model_card(ctx, options, v))
-        atomic.write_json(tmp / "finlora_export.json", _record(ctx, options, files, v))
-    files.append("finlora_export.json")
+        atomic.write_json(tmp / EXPORT_RECORD, _record(ctx, options, files, v))
+    files.append(EXPORT_RECORD)
     return ExportResult(
         ctx.cfg.task,
         options.format,

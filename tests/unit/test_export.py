@@ -160,13 +160,33 @@ def test_unmergeable_methods_are_refused(
 
 def test_existing_out_needs_overwrite(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    export(run_dir, "state_dict", out)
     with pytest.raises(FinloraError, match="output directory exists and is not empty"):
         export(run_dir, "state_dict", out)
-    assert (out / "keep.txt").read_text() == "mine"
-    export(run_dir, "state_dict", out, overwrite=True)
+    (out / "stale.txt").write_text("from the last export")
+    export(run_dir, "state_dict", out, overwrite=True)  # an earlier export: replaced
     assert sorted(p.name for p in out.iterdir()) == ["finlora_export.json", "model.safetensors"]
+
+
+def test_overwrite_replaces_only_an_earlier_export(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    with pytest.raises(FinloraError, match="no finlora export and --overwrite leaves it alone"):
+        export(run_dir, "state_dict", mine, overwrite=True)
+    assert (mine / "keep.txt").read_text() == "mine"
+    # Neither the run itself nor a folder holding it, with or without --overwrite.
+    runs = tmp_path / "runs"
+    run = runs / "a"
+    shutil.copytree(run_dir, run)
+    for out in (run, runs):
+        with pytest.raises(FinloraError, match="would replace the run"):
+            export(run, "state_dict", out, overwrite=True)
+    assert (run / "adapter").is_dir()
+    with pytest.raises(FinloraError, match="/proc: cannot create a file here"):
+        export(run, "state_dict", Path("/proc/finlora-export"))
 
 
 def test_permute_rotary_pairs_halves() -> None:
