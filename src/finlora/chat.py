@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from finlora.data.instruct import Message, alpaca_record
-from finlora.generate import GenerationOptions, Reply, stream_reply
+from finlora.generate import GenerationOptions, Reply, position_limit, stream_reply
 from finlora.predict import LoadedRun
 
 Write = Callable[[str], None]
@@ -21,13 +21,26 @@ HELP = "/reset starts a new conversation, /exit (or Ctrl-D) quits."
 
 
 def instruction_prompt(
-    loaded: LoadedRun, instruction: str, input_text: str = "", system: str | None = None
+    loaded: LoadedRun,
+    instruction: str,
+    input_text: str = "",
+    system: str | None = None,
+    max_new_tokens: int = 0,
 ) -> list[int]:
-    """The prompt tokens for one instruction (and optional input) in the run's template."""
+    """The prompt tokens for one instruction (and optional input) in the run's template, cut to
+    leave room for an answer of `max_new_tokens` (see prompt_budget)."""
     record = alpaca_record(instruction, "", input_text)
     if system:
         record = dataclasses.replace(record, messages=(Message("system", system), *record.messages))
-    return loaded.codec.generation_prompt(record)
+    return loaded.codec.generation_prompt(record, prompt_budget(loaded, max_new_tokens))
+
+
+def prompt_budget(loaded: LoadedRun, max_new_tokens: int) -> int:
+    """Prompt tokens that leave an answer of `max_new_tokens` room in the model's positions,
+    though never less than half of them: a prompt cut to data.max_length can fill a model
+    whose positions data.max_length reaches, and nothing would be left to answer in."""
+    limit = _context_limit(loaded)
+    return limit - min(max_new_tokens, limit // 2)
 
 
 def answer(loaded: LoadedRun, prompt: list[int], options: GenerationOptions, write: Write) -> Reply:
@@ -43,8 +56,9 @@ def answer(loaded: LoadedRun, prompt: list[int], options: GenerationOptions, wri
 
 
 def _context_limit(loaded: LoadedRun) -> int:
-    config = getattr(loaded.model, "config", None)
-    return int(getattr(config, "max_position_embeddings", 0) or 2048)
+    # A model without a fixed limit (T5's relative positions) still reads prompts of bounded
+    # length well: 2,048 tokens.
+    return position_limit(loaded.model) or 2048
 
 
 def fit_conversation(

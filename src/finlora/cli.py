@@ -751,7 +751,7 @@ def generate(
         raise FinloraError("--instruction is empty")
     loaded = _load_instruct_run(run_dir, zero_shot)
     _note_no_system(loaded, system)
-    prompt = instruction_prompt(loaded, instruction, input_text, system)
+    prompt = instruction_prompt(loaded, instruction, input_text, system, options.max_new_tokens)
     _note_overflow(loaded.codec, 1, "prompt(s)")
     if as_json:
         text = answer(loaded, prompt, options, lambda _: None).text

@@ -30,10 +30,15 @@ SEQ2SEQ_VIRTUAL_TOKENS = (
 )
 
 
+# A temperature this low samples the argmax anyway, and dividing the logits by it overflows
+# them to inf (NaN probabilities): such temperatures decode greedily.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     max_new_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy
+    temperature: float = 0.0  # 0 (below GREEDY_BELOW): greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k cut
     seed: int | None = None
@@ -49,7 +54,7 @@ class GenerationOptions:
             raise FinloraError(f"--top-k must be >= 0 (got {self.top_k})")
 
     def generate_kwargs(self) -> dict[str, Any]:
-        if self.temperature == 0:
+        if self.temperature < GREEDY_BELOW:
             return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         return {
             "do_sample": True,
@@ -98,7 +103,7 @@ def _generate(
     if options.seed is not None:
         torch.manual_seed(options.seed)
     kwargs = {
-        "max_new_tokens": options.max_new_tokens,
+        "max_new_tokens": _room(model, width, options.max_new_tokens),
         "eos_token_id": stop_ids(model, tokenizer),
         "pad_token_id": pad,
         "streamer": streamer,
@@ -112,6 +117,32 @@ def _generate(
     # A decoder-only model returns prompt + answer; an encoder-decoder its decoder's start
     # token + answer.
     return out[:, 1:] if seq2seq else out[:, width:]
+
+
+def position_limit(model: Any) -> int | None:
+    """Positions a decoder-only model has for prompt and answer together, after any virtual
+    tokens; None where there is no fixed limit (an encoder-decoder's relative positions)."""
+    config = unwrap(model).config
+    limit = getattr(config, "max_position_embeddings", None)
+    if getattr(config, "is_encoder_decoder", False) or not isinstance(limit, int):
+        return None
+    virtual = model.active_peft_config.num_virtual_tokens if is_prompt_learning(model) else 0
+    return int(limit - virtual)
+
+
+def _room(model: Any, width: int, wanted: int) -> int:
+    """New tokens that fit after a prompt of `width` tokens: `wanted` or fewer. Past the last
+    position a model with learned positions (GPT-2) fails on an index, and a rotary one runs
+    where it never trained."""
+    limit = position_limit(model)
+    if limit is None:
+        return wanted
+    if width >= limit:
+        raise FinloraError(
+            f"the prompt takes {width} of the {limit} positions the model has for prompt and "
+            "answer, leaving none to answer in; shorten it"
+        )
+    return min(wanted, limit - width)
 
 
 def _generate_after_virtual_tokens(

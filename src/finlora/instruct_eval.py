@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from finlora import atomic
+from finlora.chat import prompt_budget
 from finlora.data.instruct import InstructRecord, load_instruct
 from finlora.data.prepare import prepare_instruct
 from finlora.errors import FinloraError
@@ -68,7 +69,8 @@ def evaluate_instruct(
     """Measure an instruct run (or its base model) and write its reports; returns the metrics."""
     stem, description, records = _test_records(loaded, data_path)
     perplexity, tokens = _perplexity(loaded, records)
-    prompts = [loaded.codec.generation_prompt(r) for r in records]
+    budget = prompt_budget(loaded, max_new_tokens)
+    prompts = [loaded.codec.generation_prompt(r, budget) for r in records]
     answers = generate_answers(
         loaded.model,
         loaded.codec.tokenizer,

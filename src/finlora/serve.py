@@ -342,8 +342,9 @@ class _Server:
         options = request.options()
         with self.lock:
             prompt = instruction_prompt(
-                self.loaded, request.instruction, request.input, request.system
-            )
+                self.loaded, request.instruction, request.input, request.system,
+                options.max_new_tokens,
+            )  # fmt: skip
             reply = answer(self.loaded, prompt, options, write)
         return {
             "instruction": request.instruction,

@@ -18,6 +18,7 @@ from peft import (
     get_peft_model,
 )
 
+from finlora.errors import FinloraError
 from finlora.generate import GenerationOptions, generate_answers, stream_reply
 
 PROMPTS = [[5, 17, 42, 99, 7, 3, 60], [8, 9, 10], [30, 31, 32, 33]]
@@ -92,3 +93,37 @@ def assert_answers(
 def test_greedy_answers_equal_the_uncached_forward(tokenizer: Any, method: str) -> None:
     model = _model(tokenizer, method)
     assert_answers(model, tokenizer, PROMPTS, [_reference(model, tokenizer, p) for p in PROMPTS])
+
+
+def _gpt2(tokenizer: Any, positions: int) -> Any:
+    """A tiny GPT-2: learned position embeddings, so a position past the last is an error."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=positions, n_embd=32, n_layer=2, n_head=4,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_answers_stop_at_the_models_last_position(tokenizer: Any) -> None:
+    model = _gpt2(tokenizer, positions=24)
+    eos = tokenizer.eos_token_id
+    prompt = [t for t in range(5, 60) if t != eos][:20]
+    options = GenerationOptions(max_new_tokens=50)
+    reply = stream_reply(model, tokenizer, prompt, options, lambda _: None)
+    assert reply.new_tokens <= 4 and (reply.hit_limit or reply.new_tokens < 4)
+    assert len(generate_answers(model, tokenizer, [prompt, prompt[:3]], options, progress=False))
+    with pytest.raises(FinloraError, match="takes 24 of the 24 positions the model has"):
+        stream_reply(model, tokenizer, prompt + prompt[:4], options, lambda _: None)
+
+
+def test_a_vanishing_temperature_decodes_greedily(tokenizer: Any) -> None:
+    model = _model(tokenizer, "lora")
+    greedy = GenerationOptions(max_new_tokens=NEW)
+    tiny = GenerationOptions(max_new_tokens=NEW, temperature=1e-300, seed=3)
+    answers = [
+        generate_answers(model, tokenizer, PROMPTS, o, progress=False) for o in (greedy, tiny)
+    ]
+    assert answers[0] == answers[1]

@@ -156,22 +156,23 @@ class InstructCodec:
             return self._alpaca_prompt(record)
         return self._render(record.prompt_messages, generation_prompt=True)
 
-    def generation_prompt(self, record: InstructRecord) -> list[int]:
-        """The tokens of `prompt_text`, no longer than `max_length`, what training read (counted
-        in `overflow` when cut). An Alpaca prompt loses the end of its input (or, without one,
-        of its instruction), so the template's header and "### Response:" stay; a chat prompt
-        loses its start."""
+    def generation_prompt(self, record: InstructRecord, budget: int | None = None) -> list[int]:
+        """The tokens of `prompt_text`, no longer than `max_length` (what training read) or a
+        smaller `budget` (room left for the answer), counted in `overflow` when cut. An Alpaca
+        prompt loses the end of its input (or, without one, of its instruction), so the
+        template's header and "### Response:" stay; a chat prompt loses its start."""
+        limit = self.max_length if budget is None else min(budget, self.max_length)
         tokens = self._prompt_tokens(record)
-        if len(tokens) <= self.max_length:
+        if len(tokens) <= limit:
             return tokens
         self.overflow.add(len(tokens))
         if not self.template.is_chat:
-            fitted = self._fitted_alpaca(record, len(tokens) - self.max_length)
+            fitted = self._fitted_alpaca(record, len(tokens) - limit, limit)
             if fitted is not None:
                 return fitted
-        return tokens[-self.max_length :]
+        return tokens[-limit:]
 
-    def _fitted_alpaca(self, record: InstructRecord, excess: int) -> list[int] | None:
+    def _fitted_alpaca(self, record: InstructRecord, excess: int, limit: int) -> list[int] | None:
         """The Alpaca prompt with the end of its input (else instruction) cut until it fits;
         None when even an empty field would not. Token boundaries move when text is cut, so
         each try cuts a few tokens more than the last one fell short."""
@@ -186,9 +187,9 @@ class InstructCodec:
                 return None
             shorter = self.tokenizer.decode(pieces[:keep], skip_special_tokens=True).rstrip()
             tokens = self._prompt_tokens(replace(record, **{field: shorter}))
-            if len(tokens) <= self.max_length:
+            if len(tokens) <= limit:
                 return tokens
-            excess += len(tokens) - self.max_length + 2
+            excess += len(tokens) - limit + 2
         return None
 
     def _prompt_tokens(self, record: InstructRecord) -> list[int]:
