@@ -656,10 +656,16 @@ def _prompt_record(ctx: _Context) -> dict[str, Any]:
     if ctx.kind == "encoder":  # no prompt: the sentence itself, one head logit per label
         return {"labels": ctx.codec.labels}
     if ctx.cfg.task == "classify":
+        before, after = ctx.codec.prompt_ids
         return {
             "labels": ctx.codec.labels,
             "prompt": template.prompt,
             "label_prefix": template.label_prefix,
+            # The text is tokenized on its own, between the ids of the prompt's two parts (each
+            # tokenized alone, no special tokens): the whole prompt as one string can tokenize
+            # differently where the text meets them.
+            "prompt_ids": {"before_text": before, "after_text": after},
+            "label_ids": ctx.codec.label_ids,
         }
     if template.is_chat:
         return {"template": "chat"}  # the tokenizer's own, written with the model
@@ -766,6 +772,17 @@ def _card_use_labels(ctx: _Context) -> list[str]:
     return [
         "A sentence is classified by comparing the likelihood of each label's tokens after the",
         f"prompt `{json.dumps(before + '{text}' + after)}`; the label tokens are {labels}.",
+        "Tokenize as finlora does, in three pieces, or the scores can shift slightly where the",
+        "text meets the prompt:",
+        "",
+        "```python",
+        "ids = (tokenizer(before, add_special_tokens=False).input_ids",
+        "       + tokenizer(text, add_special_tokens=False).input_ids",
+        "       + tokenizer(after, add_special_tokens=False).input_ids)",
+        "```",
+        "",
+        "(`before` and `after` are the prompt's parts around `{text}`; their ids, and the",
+        "labels', are `prompt_ids` and `label_ids` in `finlora_export.json`.)",
     ]
 
 

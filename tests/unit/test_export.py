@@ -89,6 +89,16 @@ def test_hf_round_trip_with_plain_transformers(run_dir: Path, tmp_path: Path) ->
     record = json.loads((out / "finlora_export.json").read_text())
     assert record["labels"] == ["negative", "neutral", "positive"]
     assert record["verification"]["max_abs_logit_diff"] == v.max_abs_logit_diff
+    # What the record and the card say reproduces finlora's prompt ids from the text alone.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    text = "Net sales fell 12 % to EUR 3.1 mn ."
+    pieces = record["prompt_ids"]
+    rebuilt = pieces["before_text"] + tok(text, add_special_tokens=False).input_ids
+    assert rebuilt + pieces["after_text"] == ids[0].tolist()
+    assert record["label_ids"] == loaded.codec.label_ids
+    assert "tokenizer(before, add_special_tokens=False)" in (out / "README.md").read_text()
 
 
 def test_hf_export_loads_without_finlora_or_peft(run_dir: Path, tmp_path: Path) -> None:

@@ -156,6 +156,11 @@ class LabelCodec:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     @property
+    def prompt_ids(self) -> tuple[list[int], list[int]]:
+        """The ids put before and after a text's own (each part tokenized alone)."""
+        return list(self._before), list(self._after)
+
+    @property
     def single_token_labels(self) -> bool:
         """One forward pass per prompt scores every label (an encoder's head always does)."""
         return self.kind == "encoder" or (self.kind == "causal" and self.max_label_len == 1)
