@@ -175,8 +175,11 @@ class ExportResult:
         else:
             unit, agreeing, agree = "sentences", "labels", v.label_agreement
             checked, scored = f"{v.n} sentences", "label"
+        # A GGUF's Hugging Face side is the merged model it was written from; only llama.cpp
+        # reads the file itself.
+        what = "merged weights (before GGUF) checked" if self.format == "gguf" else "verified"
         lines.append(
-            f"verified on {checked}: max |logit diff| {v.max_abs_logit_diff:.3g} "
+            f"{what} on {checked}: max |logit diff| {v.max_abs_logit_diff:.3g} "
             f"(tolerance {v.tolerance:g}), {agreeing} agree {agree:.1%}"
         )
         if v.gguf_checked:
@@ -463,7 +466,10 @@ def _verify_written(check: _Check, reference: Any, written: Any, v: Verification
 def _verify_gguf(check: _Check, path: Path, reference: Any, v: Verification) -> None:
     """llama.cpp on the written GGUF against the adapter model, where llama.cpp is installed."""
     if not llama_cpp_check.available():
-        v.gguf_note = f"llama.cpp check skipped: {llama_cpp_check.INSTALL_HINT} to run it"
+        v.gguf_note = (
+            f"the GGUF file itself is unchecked: {llama_cpp_check.INSTALL_HINT} to check it in "
+            "llama.cpp"
+        )
         return
     found = check.gguf(path, reference)
     v.gguf_checked, v.gguf_n = True, check.n
