@@ -212,6 +212,15 @@ def _loader_options(
     return LoaderOptions(fmt, agreement, text_column, label_column, label_map)
 
 
+def _note_unfinished(run: Any, does: str) -> None:
+    """A note on a run whose training stopped before its manifest (killed, interrupted)."""
+    if not run.manifest.is_file():
+        _echo_err(
+            f"note: {run.root} has no manifest.json: its training did not finish, so this "
+            f"{does} the best adapter it saved so far"
+        )
+
+
 def _refuse_classification_options(run_dir: Path, given: dict[str, bool]) -> None:
     """An option that only a classification file reads would be silently ignored here."""
     for option, was_given in given.items():
@@ -297,11 +306,8 @@ def eval_(
              "--label-map": label_map is not None, "--agreement": agreement != "all",
              "--format fpb": fmt == "fpb"},
         )  # fmt: skip
-    if not run.manifest.is_file() and not zero_shot:
-        _echo_err(
-            f"note: {run_dir} has no manifest.json: its training did not finish, so this "
-            "scores the best adapter it saved so far"
-        )
+    if not zero_shot:
+        _note_unfinished(run, "scores")
     metrics = evaluate_run(run_dir, data_path, options, zero_shot, not no_progress, max_new_tokens)
     if as_json:
         click.echo(json.dumps(metrics))
@@ -553,10 +559,14 @@ def export(
       finlora export runs/fin-instruct --format gguf --out exports/fin-instruct-gguf
     """
     from finlora.export import ExportOptions, export_run
+    from finlora.runs import RunDir
 
     options = ExportOptions(
         fmt, out, dtype, quant, not no_verify, _verify_n(verify_n), overwrite, tolerance
     )
+    run = RunDir(run_dir)
+    run.require_trained()  # before the note: a folder that is no run gets its error alone
+    _note_unfinished(run, "exports")
     result = export_run(run_dir, options, log=_echo_err)
     if as_json:
         click.echo(json.dumps(result.to_dict()))

@@ -643,6 +643,10 @@ def test_eval_notes_a_run_whose_training_did_not_finish(
     result = cli("eval", run, "--no-progress")
     assert result.code == 0, result.err
     assert result.err.startswith(f"note: {run} has no manifest.json: its training did not finish")
+    exported = cli("export", run, "--format", "state_dict", "--out", tmp_path / "sd")
+    assert exported.code == 0, exported.err
+    assert exported.err.startswith(f"note: {run} has no manifest.json")
+    assert "so this exports the best adapter" in exported.err
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "undecodable", "csv_no_column", "bad_jsonl"])
