@@ -348,7 +348,7 @@ def _read_inputs(texts: tuple[str, ...], file: Path | None, text_column: str) ->
 
 def _note_overflow(codec: Any, total: int, what: str) -> None:
     """Say on stderr when inputs were cut to fit the run's data.max_length."""
-    fix = "the run was trained to read that many tokens at most"
+    fix = f"the run was trained to read {codec.max_length} tokens at most"
     note = codec.overflow.note(0, total, what, codec.max_length, fix)
     if note:
         _echo_err(f"note: {note}")

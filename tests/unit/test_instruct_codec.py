@@ -171,12 +171,16 @@ def test_generation_prompt_is_what_precedes_the_answer(
         assert codec.generation_prompt(record) == feature.ids[: last.start], record.source
 
 
-@pytest.mark.parametrize("field", ["input", "instruction"])
+@pytest.mark.parametrize("field", ["input", "instruction", "instruction beside an input"])
 def test_a_long_alpaca_prompt_loses_the_end_of_its_input(tokenizer: Any, field: str) -> None:
-    """The template's header and its closing "### Response:" stay: only the long field is cut."""
+    """The template's header and its closing "### Response:" stay: only the long field is cut
+    (the longer of input and instruction first)."""
     long_text = " ".join(f"Revenue in quarter {i} rose to EUR {i}.{i} mn." for i in range(60))
-    record = (alpaca_record("Summarise the report.", "Sales grew.", long_text)
-              if field == "input" else alpaca_record(long_text, "Sales grew."))  # fmt: skip
+    record = {
+        "input": alpaca_record("Summarise the report.", "Sales grew.", long_text),
+        "instruction": alpaca_record(long_text, "Sales grew."),
+        "instruction beside an input": alpaca_record(long_text, "Sales grew.", "EUR mn"),
+    }[field]
     whole = alpaca(tokenizer, max_length=10_000).generation_prompt(record)
     codec = alpaca(tokenizer, max_length=len(whole) // 3)
     cut = codec.generation_prompt(record)
@@ -227,17 +231,23 @@ def test_training_batch_predicts_each_target_from_the_token_before(tokenizer: An
 # ---- truncation and refusals -------------------------------------------------------------------
 
 
-def test_truncation_keeps_only_targets_inside(tokenizer: Any) -> None:
+def test_truncation_cuts_the_input_to_keep_the_answer(tokenizer: Any) -> None:
+    """As generation reads a long prompt: the template's header and "### Response:" stay, the
+    input loses its end, and the answer keeps its tokens (at least half of max_length)."""
     full = alpaca(tokenizer).encode(PE)
     assert full is not None
-    start = full.targets[0]
-    for max_length in (start + 1, start + 3, len(full.ids) - 1):
+    start, answer = full.targets[0], len(full.ids) - full.targets[0]
+    whole = tokenizer.decode(full.ids[:start])
+    for max_length in (start, start + 3, len(full.ids) - 1):
         cut = alpaca(tokenizer, max_length).encode(PE)
-        assert cut is not None
-        assert cut.ids == full.ids[:max_length]
-        assert cut.targets == tuple(range(start, max_length))
-    assert alpaca(tokenizer, start).encode(PE) is None  # the prompt fills it: no answer token
-    assert alpaca(tokenizer, 5).encode(PE) is None
+        assert cut is not None and len(cut.ids) <= max_length
+        first = cut.targets[0]
+        assert cut.targets == tuple(range(first, len(cut.ids)))  # answer tokens, to the end
+        assert len(cut.targets) >= min(answer, max_length // 2)
+        prompt = tokenizer.decode(cut.ids[:first])
+        assert prompt.startswith(whole[:40]) and prompt.endswith(whole[-15:])
+        assert cut.ids[first:] == full.ids[start : start + len(cut.targets)]
+    assert alpaca(tokenizer, 5).encode(PE) is None  # not even the template fits
 
 
 def test_multi_turn_chat_with_alpaca_template_is_refused(tokenizer: Any) -> None:

@@ -126,7 +126,9 @@ class InstructCodec:
             whole = self._prompt_tokens(record)
             if len(whole) > self.max_length or len(answer) > self.max_length:
                 self.overflow.add(max(len(whole), len(answer)))
-            prompt = whole[-self.max_length :]
+            prompt = whole if len(whole) <= self.max_length else self._fitted(
+                record, whole, self.max_length
+            )  # fmt: skip
             answer = answer[: self.max_length]
             start = len(prompt)
             kept = tuple(range(start, start + len(answer)))
@@ -146,6 +148,15 @@ class InstructCodec:
             ids += piece
         if len(ids) > self.max_length:
             self.overflow.add(len(ids))
+            if not self.template.is_chat and targets:
+                # Keep the answer and the template around a shorter input, as generation reads
+                # it; the answer keeps at least half of max_length.
+                start = targets[0]
+                room = max(self.max_length - (len(ids) - start), self.max_length // 2)
+                fitted = self._fitted_alpaca(record, ids[:start], room) if start > room else None
+                prompt = ids[:start] if fitted is None else fitted  # no fit: the answer is cut
+                ids = prompt + ids[start:]
+                targets = list(range(len(prompt), len(ids)))
         ids = ids[: self.max_length]
         kept = tuple(t for t in targets if 0 < t < len(ids))
         return InstructFeature(ids, kept) if kept else None
@@ -158,38 +169,48 @@ class InstructCodec:
 
     def generation_prompt(self, record: InstructRecord, budget: int | None = None) -> list[int]:
         """The tokens of `prompt_text`, no longer than `max_length` (what training read) or a
-        smaller `budget` (room left for the answer), counted in `overflow` when cut. An Alpaca
-        prompt loses the end of its input (or, without one, of its instruction), so the
-        template's header and "### Response:" stay; a chat prompt loses its start."""
+        smaller `budget` (room left for the answer), counted in `overflow` when cut."""
         limit = self.max_length if budget is None else min(budget, self.max_length)
         tokens = self._prompt_tokens(record)
         if len(tokens) <= limit:
             return tokens
         self.overflow.add(len(tokens))
+        return self._fitted(record, tokens, limit)
+
+    def _fitted(self, record: InstructRecord, tokens: list[int], limit: int) -> list[int]:
+        """A prompt too long for `limit` tokens, cut to fit. An Alpaca prompt loses the end of
+        its longer field (input or instruction), then of the other, so the template's header
+        and "### Response:" stay;
+        a chat prompt (or an Alpaca header longer than `limit` alone) loses its start."""
         if not self.template.is_chat:
-            fitted = self._fitted_alpaca(record, len(tokens) - limit, limit)
+            fitted = self._fitted_alpaca(record, tokens, limit)
             if fitted is not None:
                 return fitted
         return tokens[-limit:]
 
-    def _fitted_alpaca(self, record: InstructRecord, excess: int, limit: int) -> list[int] | None:
-        """The Alpaca prompt with the end of its input (else instruction) cut until it fits;
-        None when even an empty field would not. Token boundaries move when text is cut, so
-        each try cuts a few tokens more than the last one fell short."""
-        field = "input" if record.input else "instruction"
-        text = getattr(record, field) or ""
-        if field == "instruction" and record.instruction is None:
+    def _fitted_alpaca(
+        self, record: InstructRecord, tokens: list[int], limit: int
+    ) -> list[int] | None:
+        """The Alpaca prompt with the end of its longer field (input or instruction), then of
+        the other, cut until it fits; None when even empty fields would not. Token boundaries
+        move when text is cut, so each try cuts a few tokens more than the last fell short."""
+        if record.instruction is None:
             return None  # a chat record under the Alpaca template: its turns are not fields
-        pieces = self._tokens(text)
-        for _ in range(4):
-            keep = len(pieces) - excess
-            if keep <= 0:
-                return None
-            shorter = self.tokenizer.decode(pieces[:keep], skip_special_tokens=True).rstrip()
-            tokens = self._prompt_tokens(replace(record, **{field: shorter}))
+        fields = {f: self._tokens(getattr(record, f) or "") for f in ("input", "instruction")}
+        for field, pieces in sorted(fields.items(), key=lambda item: -len(item[1])):
+            excess = len(tokens) - limit
+            for _ in range(4):
+                if len(tokens) <= limit or not pieces:
+                    break
+                keep = max(len(pieces) - excess, 0)
+                shorter = self.tokenizer.decode(pieces[:keep], skip_special_tokens=True).rstrip()
+                record = replace(record, **{field: shorter})
+                tokens = self._prompt_tokens(record)
+                if keep == 0:
+                    break  # the field is empty: the next one is cut
+                excess += max(len(tokens) - limit, 0) + 2
             if len(tokens) <= limit:
                 return tokens
-            excess += len(tokens) - limit + 2
         return None
 
     def _prompt_tokens(self, record: InstructRecord) -> list[int]:
