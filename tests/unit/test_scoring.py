@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from finlora.config import RunConfig
 from finlora.data import FPB_LABELS, synthetic_sentiment
+from finlora.errors import FinloraError
 from finlora.methods import build_method
 from finlora.models import BaseModel, load_base_model
 from finlora.prompts import PromptTemplate
@@ -76,6 +77,13 @@ def test_labels_tokenize_as_intended(causal: tuple[BaseModel, Any]) -> None:
     assert not multi.single_token_labels
     lengths = [len(ids) for ids in multi.label_ids]
     assert min(lengths) >= 2 and len(set(lengths)) > 1
+
+
+def test_a_label_that_starts_with_another_is_refused(causal: tuple[BaseModel, Any]) -> None:
+    """'up strongly' scores 'up' plus a log-probability <= 0: it could never be predicted."""
+    base, _ = causal
+    with pytest.raises(FinloraError, match="label 'up strongly' starts with the tokens of label"):
+        codec_for(base, ["down", "up", "up strongly"])
 
 
 @pytest.mark.parametrize("labels", [list(FPB_LABELS), MULTI_TOKEN_LABELS])

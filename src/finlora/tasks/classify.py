@@ -11,6 +11,7 @@ its tokenizer's [CLS]/[SEP]) and its head has one logit per label, so label k's 
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -135,6 +136,7 @@ class LabelCodec:
             raise FinloraError("template: a label verbalises to no tokens")
         if len({tuple(ids) for ids in self.label_ids}) != len(self.labels):
             raise FinloraError(f"labels {self.labels} do not tokenize to distinct token sequences")
+        self._check_no_prefix_labels()
         self.max_label_len = max(len(ids) for ids in self.label_ids)
         budget = max_length - len(self._before) - len(self._after)
         if kind == "causal":
@@ -144,6 +146,18 @@ class LabelCodec:
         if budget < 4:
             raise FinloraError(f"data.max_length={max_length} leaves no room for the text")
         self._text_budget = budget
+
+    def _check_no_prefix_labels(self) -> None:
+        """A label whose tokens begin with another label's whole can never be predicted: its
+        log-likelihood is the shorter one's plus a log-probability <= 0 (labels of a causal
+        model end with no end token to tell them apart)."""
+        for short, long in itertools.permutations(zip(self.labels, self.label_ids, strict=True), 2):
+            if len(short[1]) < len(long[1]) and long[1][: len(short[1])] == short[1]:
+                raise FinloraError(
+                    f"label {long[0]!r} starts with the tokens of label {short[0]!r}, so it can "
+                    f"never score above it and would never be predicted; rename one of them "
+                    f"(e.g. with data.label_map)"
+                )
 
     @classmethod
     def for_data(
