@@ -309,6 +309,11 @@ def eval_(
     if not zero_shot:
         _note_unfinished(run, "scores")
     metrics = evaluate_run(run_dir, data_path, options, zero_shot, not no_progress, max_new_tokens)
+    if metrics.get("prompts_cut"):
+        _echo_err(
+            f"note: {metrics['prompts_cut']} of {metrics['n']} prompts were cut to fit "
+            "data.max_length and leave room for --max-new-tokens (their inputs lost their end)"
+        )
     if as_json:
         click.echo(json.dumps(metrics))
         return

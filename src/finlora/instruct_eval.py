@@ -44,10 +44,12 @@ def _test_records(loaded: LoadedRun, data_path: Path | None) -> tuple[str, str, 
     return "test", f"test split of {data.description}", data.rows("test")
 
 
-def _perplexity(loaded: LoadedRun, records: list[InstructRecord]) -> tuple[float, int]:
+def _perplexity(loaded: LoadedRun, records: list[InstructRecord]) -> tuple[float, int, int]:
+    """Perplexity over the reference answers' tokens, how many tokens, and over how many
+    records (one whose answer has no token within data.max_length has none to score)."""
     features = [f for f in (loaded.codec.encode(r) for r in records) if f is not None]
     if not features:
-        return math.nan, 0
+        return math.nan, 0, 0
     nll, count = response_nll(
         loaded.model,
         loaded.codec,
@@ -57,7 +59,7 @@ def _perplexity(loaded: LoadedRun, records: list[InstructRecord]) -> tuple[float
         loaded.dtype,
         loaded.cfg.train.label_logits_only,
     )
-    return math.exp(min(nll / count, 700.0)), count
+    return math.exp(min(nll / count, 700.0)), count, len(features)
 
 
 def evaluate_instruct(
@@ -68,9 +70,11 @@ def evaluate_instruct(
 ) -> dict[str, Any]:
     """Measure an instruct run (or its base model) and write its reports; returns the metrics."""
     stem, description, records = _test_records(loaded, data_path)
-    perplexity, tokens = _perplexity(loaded, records)
+    perplexity, tokens, scored = _perplexity(loaded, records)
     budget = prompt_budget(loaded, max_new_tokens)
+    cut_before = len(loaded.codec.overflow.lengths)
     prompts = [loaded.codec.generation_prompt(r, budget) for r in records]
+    prompts_cut = len(loaded.codec.overflow.lengths) - cut_before
     answers = generate_answers(
         loaded.model,
         loaded.codec.tokenizer,
@@ -89,6 +93,8 @@ def evaluate_instruct(
         "n": len(records),
         "perplexity": perplexity,
         "answer_tokens": tokens,
+        "perplexity_records": scored,
+        "prompts_cut": prompts_cut,  # generation prompts cut to leave room for the answer
         **generation_metrics(answers, references, rouge),
         **label_answer_metrics(
             [answers[i] for i in labelled],
@@ -107,12 +113,17 @@ def evaluate_instruct(
     return metrics
 
 
+def _of_records(metrics: dict[str, Any]) -> str:
+    scored = metrics.get("perplexity_records", metrics["n"])
+    return "" if scored == metrics["n"] else f" of {scored} of the {metrics['n']} records"
+
+
 def format_instruct_report(metrics: dict[str, Any], title: str) -> str:
     lines = [
         title,
         f"  answers           {metrics['n']}",
         f"  perplexity        {metrics['perplexity']:.3f}  (over {metrics['answer_tokens']} "
-        "reference answer tokens)",
+        f"reference answer tokens{_of_records(metrics)})",
         f"  BLEU              {metrics['bleu']:.2f}",
         f"  ROUGE-1 / 2 / L   {metrics['rouge1']:.4f} / {metrics['rouge2']:.4f} / "
         f"{metrics['rougeL']:.4f}",

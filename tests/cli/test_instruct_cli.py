@@ -191,6 +191,22 @@ def test_eval_refuses_options_for_classification_files(
     assert_user_error(result, "--label-map: reads a classification file", "is an instruct run")
 
 
+def test_eval_notes_prompts_cut_to_fit(
+    cli: Callable[..., Result], run_dir: Path, tmp_path: Path
+) -> None:
+    long_input = " ".join(f"Revenue in quarter {i} rose to EUR {i} mn." for i in range(150))
+    rows = [{"instruction": "Summarise.", "input": long_input, "output": "Sales grew."}] * 3
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    result = cli(
+        "eval", run_dir, "--data", data, "--json", "--no-progress", "--max-new-tokens", "4"
+    )
+    assert result.code == 0, result.err
+    metrics = json.loads(result.out)
+    assert metrics["prompts_cut"] == 3 and metrics["perplexity_records"] <= 3
+    assert "note: 3 of 3 prompts were cut to fit data.max_length" in result.err
+
+
 def test_generate_json(cli: Callable[..., Result], run_dir: Path) -> None:
     result = cli("generate", run_dir, "--instruction", "What is EBITDA?", "--json",
                  "--max-new-tokens", "6")  # fmt: skip
