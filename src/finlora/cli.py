@@ -769,8 +769,10 @@ def generate(
     prompt = instruction_prompt(loaded, instruction, input_text, system, options.max_new_tokens)
     _note_overflow(loaded.codec, 1, "prompt(s)")
     if as_json:
-        text = answer(loaded, prompt, options, lambda _: None).text
-        click.echo(json.dumps({"instruction": instruction, "input": input_text, "answer": text}))
+        reply = answer(loaded, prompt, options, lambda _: None)
+        finish = "length" if reply.hit_limit else "stop"  # as the server's finish_reason
+        click.echo(json.dumps({"instruction": instruction, "input": input_text,
+                               "answer": reply.text, "finish_reason": finish}))  # fmt: skip
         return
     answer(loaded, prompt, options, _stdout_stream)
     click.echo()

@@ -105,7 +105,7 @@ class Decoding(BaseModel):
     model_config = STRICT
 
     max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] = 256
-    temperature: Annotated[float, Field(ge=0.0)] = 0.0
+    temperature: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[int, Field(ge=0)] = 0
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None

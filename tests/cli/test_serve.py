@@ -272,6 +272,13 @@ def test_generate_refuses_bad_bodies(instruct_client: TestClient, body: dict[str
     assert instruct_client.post("/generate", json=body).status_code == 422
 
 
+def test_generate_refuses_an_infinite_temperature(instruct_client: TestClient) -> None:
+    body = b'{"instruction": "Define EBIT.", "temperature": 1e999}'  # valid JSON: inf
+    headers = {"content-type": "application/json"}
+    response = instruct_client.post("/generate", content=body, headers=headers)
+    assert response.status_code == 422  # a body's fault, named by field, not a CLI flag's
+
+
 def test_predict_refuses_an_instruct_run(instruct_client: TestClient) -> None:
     for route, body in (("/predict", {"texts": TEXTS}), ("/analyze", {"text": REPORT})):
         response = instruct_client.post(route, json=body)
