@@ -134,29 +134,33 @@ def test_compare_refuses_options_for_a_method_it_does_not_run(
     assert not output.exists()
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("model.name=ENCODER", "method prefix cannot tune an encoder model"),
+        ("prefix.num_virtual_tokens=200", "prefix.num_virtual_tokens=200 and data.max_length"),
+    ],
+)
 def test_compare_checks_every_method_against_the_model_first(
-    cli: Invoke, tiny_overrides: list[str], tiny_encoder_dir: Path, tmp_path: Path
+    cli: Invoke,
+    tiny_overrides: list[str],
+    tiny_encoder_dir: Path,
+    tmp_path: Path,
+    extra: str,
+    message: str,
 ) -> None:
+    """Its kind and its positions, before the first method trains."""
     output = tmp_path / "cmp"
+    overrides = [
+        *tiny_overrides,
+        "data.max_length=128",
+        extra.replace("ENCODER", str(tiny_encoder_dir)),
+    ]
     code, _, err = cli(
-        "compare", "--methods", "lora,prefix", "--output", output,
-        *set_args([*tiny_overrides, f"model.name={tiny_encoder_dir}"]),
-    )  # fmt: skip
+        "compare", "--methods", "lora,prefix", "--output", output, *set_args(overrides)
+    )
     assert code == 2
-    assert err.startswith("finlora: error: method prefix cannot tune an encoder model")
-    assert not output.exists()  # lora did not train first
-
-
-def test_compare_checks_every_method_against_the_model_positions_first(
-    cli: Invoke, tiny_overrides: list[str], tmp_path: Path
-) -> None:
-    output = tmp_path / "cmp"
-    code, _, err = cli(
-        "compare", "--methods", "lora,prefix", "--output", output,
-        *set_args([*tiny_overrides, "data.max_length=128", "prefix.num_virtual_tokens=200"]),
-    )  # fmt: skip
-    assert code == 2
-    assert err.startswith("finlora: error: prefix.num_virtual_tokens=200 and data.max_length")
+    assert err.startswith(f"finlora: error: {message}")
     assert not output.exists()  # lora did not train first
 
 
