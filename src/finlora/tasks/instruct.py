@@ -180,8 +180,8 @@ class InstructCodec:
     def _fitted(self, record: InstructRecord, tokens: list[int], limit: int) -> list[int]:
         """A prompt too long for `limit` tokens, cut to fit. An Alpaca prompt loses the end of
         its longer field (input or instruction), then of the other, so the template's header
-        and "### Response:" stay;
-        a chat prompt (or an Alpaca header longer than `limit` alone) loses its start."""
+        and "### Response:" stay; a chat prompt (or an Alpaca header longer than `limit` alone)
+        loses its start."""
         if not self.template.is_chat:
             fitted = self._fitted_alpaca(record, tokens, limit)
             if fitted is not None:
