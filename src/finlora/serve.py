@@ -38,15 +38,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from finlora.chat import answer, fit_conversation, instruction_prompt
+from finlora.chat import Write, answer, fit_conversation, instruction_prompt
 from finlora.data.documents import report_text
 from finlora.data.instruct import Message
 from finlora.errors import FinloraError
 from finlora.generate import GenerationOptions, Reply
 from finlora.predict import LoadedRun, Prediction
 from finlora.report import analyze
-
-Writer = Callable[[str], None]  # takes each piece of generated text
 
 
 def _ignore(_text: str) -> None:
@@ -335,7 +333,7 @@ class _Server:
         text = report_text(request.text, request.source)  # an HTML page: its visible text
         return analyze(text, request.source, labels, score).summary(request.top)
 
-    def generate(self, request: GenerateRequest, write: Writer = _ignore) -> dict[str, Any]:
+    def generate(self, request: GenerateRequest, write: Write = _ignore) -> dict[str, Any]:
         """/generate's answer; `write` sees each piece of text as it comes (and may raise
         _ClientGone to stop)."""
         self.require("instruct", "/predict")
@@ -357,7 +355,7 @@ class _Server:
         head, history = _split_system(request.messages)
         return fit_conversation(self.loaded, head, history, options.max_new_tokens)
 
-    def chat(self, request: ChatRequest, write: Writer = _ignore) -> dict[str, Any]:
+    def chat(self, request: ChatRequest, write: Write = _ignore) -> dict[str, Any]:
         self.require("instruct", "/predict")
         options = request.options()
         with self.lock:
@@ -440,7 +438,7 @@ class _ClientGone(Exception):
 DISCONNECT_POLL_S = 0.25
 
 
-async def while_connected(request: Any, work: Callable[[Writer], dict[str, Any]]) -> dict[str, Any]:
+async def while_connected(request: Any, work: Callable[[Write], dict[str, Any]]) -> dict[str, Any]:
     """`work(write)` in a worker thread, stopped when the client disconnects: its next `write`
     raises _ClientGone. A client that gave up on a long answer would otherwise hold the model
     (and every request queued behind it) until the answer was done. `request` is Starlette's,

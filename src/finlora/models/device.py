@@ -107,6 +107,12 @@ def pick_attention(device: torch.device, requested: str = "auto") -> str:
     return "eager" if device.type == "cpu" else "sdpa"
 
 
+def _output_head(model: torch.nn.Module) -> Any:
+    """The model's output head module (a PEFT wrapper passes the call through), or None."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    return get_head() if callable(get_head) else None
+
+
 def freeze_to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> int:
     """Store frozen nn.Linear weights in `dtype`; returns how many were cast.
 
@@ -114,8 +120,7 @@ def freeze_to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> int:
     compute the same numbers, the casts disappear and the weights take half the memory.
     Embeddings, norms and the (often tied) output head stay fp32.
     """
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = _output_head(model)
     count = 0
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not head:
@@ -134,8 +139,7 @@ def head_to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> bool:
     values at every call: a 49,152 x 576 matrix, ~34 ms on 2 cores, every scoring pass and every
     generated token, more than the head's own matmul at a few label positions. Same numbers.
     """
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    head = _output_head(model)
     if not isinstance(head, torch.nn.Linear):
         return False
     weight = head.weight
