@@ -59,14 +59,19 @@ def matmul_rate(dtype: torch.dtype | None, seconds: float = 2.0, size: int = 102
 
 
 def matmul_params(model: Any) -> int:
-    """Parameters that take part in a matmul for every token: all but the embedding table.
+    """Parameters that take part in a matmul for every token: all but the embedding table and
+    the output head.
 
-    The output head is tied to the embeddings in SmolLM2 and finlora applies it only at label
-    positions, so it is left out; LoRA costs ~4 x this many FLOPs per token (forward plus the
-    backward pass for activations, with no gradients for the frozen weights).
+    finlora applies the head only at label positions, so it is left out whether it is tied to
+    the embeddings (SmolLM2) or holds its own weight (untied by `train.bf16_head`, or a model
+    built untied); LoRA costs ~4 x this many FLOPs per token (forward plus the backward pass
+    for activations, with no gradients for the frozen weights).
     """
-    embedding = model.get_input_embeddings().weight
-    return sum(p.numel() for p in model.parameters() if p is not embedding)
+    left_out = {id(model.get_input_embeddings().weight)}
+    head = model.get_output_embeddings()
+    if head is not None:
+        left_out.add(id(head.weight))
+    return sum(p.numel() for p in model.parameters() if id(p) not in left_out)
 
 
 @dataclass

@@ -69,12 +69,21 @@ def test_bench_infer_reports_both_paths(tiny_overrides: list[str]) -> None:
     assert len(rates) == 2 and min(rates) <= result["finlora"]["sentences_per_s"] <= max(rates)
 
 
-def test_matmul_params_leaves_out_the_embedding(tiny_causal_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize("tied", [False, True])
+def test_matmul_params_leaves_out_the_embedding_and_the_head(
+    tiny_causal_dir: Path, tied: bool
+) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_causal_dir)
-    total = sum(p.numel() for p in model.parameters())
-    assert matmul_params(model) == total - model.get_input_embeddings().weight.numel()
+    config = AutoConfig.from_pretrained(tiny_causal_dir)
+    config.tie_word_embeddings = tied  # untied, as `train.bf16_head` leaves SmolLM2's head
+    model = AutoModelForCausalLM.from_config(config)
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    assert (head is embedding) == tied
+    layers = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
+    norm = model.model.norm.weight.numel()
+    assert matmul_params(model) == layers + norm
 
 
 def test_matmul_rate_and_peak_memory_are_measured() -> None:
