@@ -131,6 +131,26 @@ def test_bf16_head_generates_the_same_answers(
         assert torch.equal(stored.generate(ids, **options), plain.generate(ids, **options))
 
 
+def test_bf16_placement_lets_go_of_the_checkpoint_file(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
+) -> None:
+    """Loaded weights are views into the mapped safetensors file; after the bf16 casts the fp32
+    tensors left (embeddings, norms) are copied out, so no view keeps the map open."""
+    cfg = tiny_cfg()
+    plain, codec = _model(cfg, tiny_causal_dir, "eager")
+    placed, _ = _model(cfg, tiny_causal_dir, "eager")
+    loaded = [t.data for t in [*placed.parameters(), *placed.buffers()]]  # kept: no reuse
+    storages = {t.untyped_storage().data_ptr() for t in loaded}
+    Placement(CPU, torch.bfloat16, "eager", fused_lora=False, lean_mlp=False).place(placed)
+    left = [t for t in [*placed.parameters(), *placed.buffers()] if t.dtype == torch.float32]
+    assert left and not {t.untyped_storage().data_ptr() for t in left} & storages
+    assert unwrap(placed).model.embed_tokens.weight.dtype == torch.float32
+    a = _loss_and_scores(plain.eval(), codec, True, torch.bfloat16)
+    b = _loss_and_scores(placed.eval(), codec, True, torch.bfloat16)
+    torch.testing.assert_close(a[0], b[0], atol=0, rtol=0)
+    torch.testing.assert_close(a[1], b[1], atol=0, rtol=0)
+
+
 def test_trainable_head_keeps_its_weight(
     tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
 ) -> None:

@@ -149,6 +149,19 @@ def head_to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> bool:
     return True
 
 
+def release_checkpoint_pages(model: torch.nn.Module) -> None:
+    """Copy the fp32 tensors left after the bf16 casts (embeddings, norms, buffers) out of the
+    checkpoint file's memory map, so the map can close.
+
+    safetensors maps the whole file and every loaded tensor is a view into it: while one view
+    lives, every page the casts read stays in the process's resident memory. For SmolLM2 that
+    was the 0.54 GB fp32 file next to its bf16 copy; the copies made here cost 0.11 GB.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.dtype == torch.float32 and tensor.device.type == "cpu":
+            tensor.data = tensor.data.clone()
+
+
 def set_gradient_checkpointing(model: Any, on: bool, every_n_layers: int = 1) -> None:
     """Turn transformers' activation checkpointing on for a (PEFT-wrapped) model, for every
     `every_n_layers`-th layer.
@@ -233,6 +246,8 @@ class Placement:
             freeze_to_dtype(model, torch.bfloat16)
         if self.dtype == torch.bfloat16 and self.bf16_head:
             head_to_dtype(model, torch.bfloat16)
+        if self.dtype == torch.bfloat16 and self.bf16_frozen_weights:
+            release_checkpoint_pages(model)
         if self.fused_lora:
             fuse_lora_layers(model)
         if self.lean_mlp:
