@@ -234,6 +234,20 @@ def test_gguf_agrees_in_llama_cpp(
     assert "output.weight" in types  # the tiny model's head is not tied
 
 
+def test_a_llama_cpp_that_dies_is_one_error_and_nothing_written(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A llama.cpp build whose instructions this CPU refuses dies by SIGILL (its AMX kernels in
+    a VM did): the child process that tries the file first turns that into an error."""
+    from finlora.models import llama_cpp
+
+    probe = "import os, signal\nos.kill(os.getpid(), signal.SIGILL)\n"
+    monkeypatch.setattr(llama_cpp, "_PROBE", probe)
+    with pytest.raises(FinloraError, match="died by SIGILL .*GGML_NATIVE=OFF"):
+        export(run_dir, "gguf", tmp_path / "gguf", quant="f16")
+    assert not (tmp_path / "gguf").exists()
+
+
 def test_gguf_reads_back_into_transformers(run_dir: Path, tmp_path: Path) -> None:
     """Tensor names and the Q/K row order, checked by transformers' own GGUF reader."""
     from transformers import AutoModelForCausalLM

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +19,21 @@ from typing import Any
 
 import numpy as np
 
+from finlora.errors import FinloraError
 from finlora.tasks.classify import LabelCodec
 
 INSTALL_HINT = "pip install 'finlora[llama]' (llama-cpp-python)"
+PORTABLE_HINT = (
+    "reinstall it built for any x86-64 CPU: CMAKE_ARGS=-DGGML_NATIVE=OFF "
+    "pip install --force-reinstall --no-cache-dir llama-cpp-python"
+)
+# Opens the file and evaluates two tokens, in a child process (see _check_runs_here).
+_PROBE = (
+    "import sys\n"
+    "from llama_cpp import Llama\n"
+    "llm = Llama(model_path=sys.argv[1], n_ctx=16, n_batch=16, verbose=False)\n"
+    "llm.eval(llm.tokenize(b'ok', add_bos=False)[:2] or [0])\n"
+)
 
 
 @dataclass(frozen=True)
@@ -36,8 +51,29 @@ def available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
+def _check_runs_here(gguf_path: Path) -> None:
+    """Evaluate the file in a child process before this one loads it.
+
+    A llama.cpp built for the CPU it was compiled on can use instructions that fail here: its
+    AMX kernels died with SIGILL in a VM whose CPU reports AMX. In this process that signal
+    would end the command with no word of why; in a child it becomes this error. A child that
+    fails otherwise (a Python error) is left to the load in this process to report.
+    """
+    child = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(gguf_path)], capture_output=True, check=False
+    )
+    if child.returncode < 0:
+        name = signal.Signals(-child.returncode).name
+        raise FinloraError(
+            f"llama.cpp died by {name} evaluating {gguf_path.name}: this build of it uses "
+            f"instructions this machine refuses; {PORTABLE_HINT}"
+        )
+
+
 def _open(gguf_path: Path, n_ctx: int, threads: int | None) -> Any:
     from llama_cpp import Llama
+
+    _check_runs_here(gguf_path)
 
     # Every position's logits are kept (logits_all): labels of several tokens, and answers, are
     # scored from the logits at each of their tokens.
