@@ -340,9 +340,12 @@ class TrainConfig:
     cast_norms_once: bool = False
     # Padded tokens per forward/backward pass: a longer batch is split into micro-batches whose
     # gradients add up to the whole batch's (same update), bounding peak activation memory.
-    # 448 keeps a whole FPB training run under 2.5 GB (at 512 it peaked at 2.37 GiB = 2.54 GB);
-    # timed against 1024 round by round, no slower within this CPU's noise.
-    max_batch_tokens: int | None = 448
+    # "auto": 448 in fp32 (the whole FPB run under 2.5 GB; at 512 it peaked at 2.54 GB, and
+    # 1,024 was no faster), 512 under bf16 autocast. There bigger passes are faster (fewer
+    # oneDNN kernel builds: one per new matrix shape), but eager attention's T x T scores grow
+    # memory with the row length: the FPB run peaked at 1.99 GiB at 448, 2.31 GiB (2.48 GB)
+    # at 640 and 2.77 GiB at 1,024, for 235, 191 and 172 s on 2 AMX cores.
+    max_batch_tokens: int | str | None = "auto"
     # LoRA layers add B·A·x into the base output inside its GEMM (one pass over the output
     # instead of three); same function and state dict as PEFT's layer, which `false` keeps.
     fused_lora: bool = True
@@ -391,11 +394,9 @@ class TrainConfig:
             _fail(
                 f"{prefix}.max_steps", f"must be a positive integer or null (got {self.max_steps})"
             )
-        if self.max_batch_tokens is not None and self.max_batch_tokens < 16:
-            _fail(
-                f"{prefix}.max_batch_tokens",
-                f"must be at least 16 or null (got {self.max_batch_tokens})",
-            )
+        budget = self.max_batch_tokens
+        if isinstance(budget, str) and budget != "auto" or isinstance(budget, int) and budget < 16:
+            _fail(f"{prefix}.max_batch_tokens", f"must be at least 16, auto or null (got {budget})")
         if self.threads is not None and self.threads <= 0:
             _fail(f"{prefix}.threads", f"must be a positive integer or null (got {self.threads})")
         if self.learning_rate <= 0:

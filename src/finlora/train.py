@@ -359,11 +359,12 @@ def accumulate_batch(
     """Accumulate one batch's gradients; returns its mean target-token loss and real tokens.
 
     Targets are the label tokens (classify) or the answer tokens (instruct). The batch runs in
-    micro-batches of at most `tc.max_batch_tokens` padded tokens. Each micro-batch's mean loss
-    is weighted by its share of the batch's target tokens, so the summed gradients equal those
-    of the whole batch at once. Under several processes, this one takes its rows of the batch
-    (`World.rows`) with the same weights, and the loss and tokens returned are the whole
-    batch's; the gradients are summed at the optimizer step (`World.sum_gradients`).
+    micro-batches of at most `tc.max_batch_tokens` padded tokens ("auto": by precision). Each
+    micro-batch's mean loss is weighted by its share of the batch's target tokens, so the
+    summed gradients equal those of the whole batch at once. Under several processes, this
+    one takes its rows of the batch (`World.rows`) with the same weights, and the loss and
+    tokens returned are the whole batch's; the gradients are summed at the optimizer step
+    (`World.sum_gradients`).
     """
     world = world or World()
     total_targets = sum(codec.target_count(f) for f in features)
@@ -375,7 +376,7 @@ def accumulate_batch(
     # and a training pass has so many operators (backward included) that two more passes cost
     # more than the ~10% of padding they would save, measured on fp32 and bf16 CPUs.
     # A process may have no rows of a short last batch: then no chunk, and zeros to the sum.
-    for chunk in token_budget_chunks(widths, tc.max_batch_tokens):
+    for chunk in token_budget_chunks(widths, placement.batch_tokens(tc.max_batch_tokens)):
         batch = codec.training_batch([features[i] for i in chunk]).to(placement.device)
         share = sum(label_tokens[i] for i in chunk) / total_targets
         with autocast(placement.device, placement.dtype):

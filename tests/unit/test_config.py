@@ -250,6 +250,16 @@ def test_range_error_lists_allowed_values() -> None:
     )
 
 
+def test_max_batch_tokens_takes_a_count_auto_or_null() -> None:
+    assert load_config(None, []).train.max_batch_tokens == "auto"
+    assert load_config(None, ["train.max_batch_tokens=1024"]).train.max_batch_tokens == 1024
+    assert load_config(None, ["train.max_batch_tokens=null"]).train.max_batch_tokens is None
+    for bad in ("8", "fast"):
+        assert error([f"train.max_batch_tokens={bad}"]) == (
+            f"config: train.max_batch_tokens must be at least 16, auto or null (got {bad})"
+        )
+
+
 def test_natural_yaml_spellings_of_data_options(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text(

@@ -219,6 +219,13 @@ def test_padding_chunks_cut_only_where_it_pays() -> None:
     assert inference_batches([5, 9, 7], 2, trim=False) == [[1, 2], [0]]
 
 
+def test_auto_micro_batches_follow_the_precision() -> None:
+    fp32, bf16 = Placement(CPU, None, "eager"), Placement(CPU, torch.bfloat16, "eager")
+    assert fp32.batch_tokens("auto") == 448  # the FPB run under 2.5 GB in fp32
+    assert bf16.batch_tokens("auto") == 512  # less activation memory a token
+    assert bf16.batch_tokens(64) == 64 and bf16.batch_tokens(None) is None  # as set
+
+
 def test_micro_batches_give_the_whole_batch_gradient(
     tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
 ) -> None:

@@ -200,6 +200,11 @@ def compile_layers(model: Any) -> int:
     return len(layers)
 
 
+# `train.max_batch_tokens: auto`, by autocast dtype: what keeps the FPB recipe under 2.5 GB
+# (TrainConfig.max_batch_tokens says how it was measured).
+AUTO_BATCH_TOKENS = {None: 448, torch.bfloat16: 512}
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where and how a model runs: device, autocast dtype, attention kernel, weight storage,
@@ -236,6 +241,14 @@ class Placement:
             tc.cast_norms_once,
             tc.lean_attention,
         )
+
+    def batch_tokens(self, requested: int | str | None) -> int | None:
+        """Padded tokens per training pass: `train.max_batch_tokens`, with "auto" resolved for
+        this placement's precision."""
+        if requested == "auto":
+            return AUTO_BATCH_TOKENS.get(self.dtype, AUTO_BATCH_TOKENS[None])
+        assert not isinstance(requested, str)  # validated in TrainConfig
+        return requested
 
     def place(self, model: Any) -> Any:
         """Move a (wrapped) model to the device; store frozen weights and the output head in
