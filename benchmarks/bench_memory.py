@@ -1,6 +1,6 @@
 """Peak resident memory and speed of training against `train.max_batch_tokens`.
 
-    .venv/bin/python benchmarks/bench_memory.py --budget null   # then 1024, 512 (one process each)
+    .venv/bin/python benchmarks/bench_memory.py --budget null   # then auto, 1024 (one process each)
 
 Loads the model once (as `finlora train` does), trains 2 passes over N FPB training sentences in
 batches of 16 through the same `accumulate_batch` as the trainer, and prints the process's peak
@@ -37,7 +37,7 @@ def peak_rss_gib() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", default="1024", help="max_batch_tokens, or null")
+    parser.add_argument("--budget", default="auto", help="max_batch_tokens: a count, auto or null")
     parser.add_argument("-n", type=int, default=160, help="training sentences")
     parser.add_argument(
         "--checkpointing", action="store_true", help="train.gradient_checkpointing=true"
