@@ -25,11 +25,12 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 # The llama extra (llama-cpp-python, to check GGUF exports) compiles llama.cpp: ~7 min on 2 cores.
 # GGML_NATIVE=OFF: a build for this CPU's own instructions takes ggml's AMX kernels on a Xeon with
 # AMX, and in this VM their first tile instruction dies with SIGILL (the whole test process
-# with it); the portable AVX2 build checks a GGUF file just as well.
+# with it); the portable AVX2 build checks a GGUF file just as well. --no-cache-dir: pip's wheel
+# cache does not key on CMAKE_ARGS, so it would hand back a native build made here before.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 $(VENV)/.installed-dev: $(VENV)/.installed
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(PIP) install -e ".[dev,llama]"
+		$(PIP) install --no-cache-dir -e ".[dev,llama]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -51,3 +51,28 @@ def test_merged_prediction_matches_adapter(
     p_merged = merged.proba(TEXTS, progress=False)
     assert not np.allclose(p_adapter, load_run(run_dir, zero_shot=True).proba(TEXTS, False))
     np.testing.assert_allclose(p_merged, p_adapter, atol=1e-5)
+
+
+def test_a_head_untied_for_bf16_merges_quietly(
+    tiny_causal_dir: Path, tiny_overrides: list[str]
+) -> None:
+    """`head_to_dtype` unties SmolLM2's tied head; the config says so, so PEFT's merge for
+    prediction does not warn that the embeddings came untied."""
+    import warnings
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from finlora.methods import build_method, merged_for_inference
+    from finlora.models.device import head_to_dtype
+
+    config = AutoConfig.from_pretrained(tiny_causal_dir)
+    config.tie_word_embeddings = True  # as SmolLM2's
+    cfg = load_config(None, tiny_overrides)
+    model = build_method(AutoModelForCausalLM.from_config(config), cfg, "causal")
+    assert head_to_dtype(model, torch.bfloat16)
+    assert model.config.tie_word_embeddings is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merged = merged_for_inference(model)
+    assert merged.get_output_embeddings().weight.dtype == torch.bfloat16

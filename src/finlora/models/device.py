@@ -146,6 +146,11 @@ def head_to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> bool:
     if weight.requires_grad or weight.dtype == dtype:
         return False
     head.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+    config: Any = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False):
+        # Say so: a later tie_weights() would undo the copy, and PEFT's merge warned at every
+        # prediction that the tied head had come untied.
+        config.tie_word_embeddings = False
     return True
 
 
