@@ -162,6 +162,21 @@ class Launched:
     errors: list[str]  # the distinct user errors the processes left, in rank order
 
 
+# How `finlora` exits on Ctrl-C or SIGTERM (cli.main): also how a process ends when the launcher
+# stops it because another process failed.
+STOPPED = 130
+
+
+def failure_status(exit_codes: Sequence[int]) -> int:
+    """The launch's exit status from its processes' (in rank order): the first failure's own.
+
+    When one process fails, the launcher stops the others (SIGTERM, so they exit STOPPED); which
+    rank fails first is a race, so a stopped process's status must not stand for the failure.
+    """
+    failed = [code for code in exit_codes if code > 0]
+    return next((code for code in failed if code != STOPPED), failed[0] if failed else 1)
+
+
 def launch(processes: int, args: Sequence[str], device: str = "auto") -> Launched:
     """Run `finlora ARGS` in `processes` processes on this machine, as `torchrun --standalone
     --nproc-per-node N -m finlora ARGS` would. `device` is the run's train.device: on GPUs,
@@ -206,8 +221,7 @@ def launch(processes: int, args: Sequence[str], device: str = "auto") -> Launche
         try:
             elastic_launch(config, sys.executable)("-m", "finlora", *args)
         except ChildFailedError as exc:
-            failures = sorted(exc.failures.items())
-            status = next((f.exitcode for _, f in failures if f.exitcode > 0), 1)
+            status = failure_status([f.exitcode for _, f in sorted(exc.failures.items())])
         finally:
             del os.environ[ERRORS_ENV]
             elastic.setLevel(level)

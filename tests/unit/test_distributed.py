@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from finlora.config import RunConfig
-from finlora.distributed import World
+from finlora.distributed import World, failure_status
 from finlora.errors import FinloraError
 from finlora.runs import RunDir
 from finlora.train import resume_config, train
@@ -167,3 +167,10 @@ def test_world_from_launcher_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(FinloraError, match="RANK=4"):
         World.from_env()
+
+
+def test_a_process_stopped_for_another_failure_does_not_set_the_status() -> None:
+    """Which rank fails first is a race; the other is stopped (130) and must not win."""
+    assert failure_status([130, 2]) == failure_status([2, 130]) == 2
+    assert failure_status([130, 130]) == 130  # Ctrl-C: every process stopped
+    assert failure_status([-15, 1]) == 1 and failure_status([]) == 1
