@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from finlora.errors import FinloraError, leave_error
+from finlora.errors import STOPPED, FinloraError, leave_error
 
 
 def _quiet_libraries() -> None:
@@ -987,7 +987,7 @@ def main() -> None:
         sys.exit(2)
     except click.exceptions.Abort:
         _echo_err("finlora: aborted")
-        sys.exit(130)
+        sys.exit(STOPPED)
     except click.exceptions.NoArgsIsHelpError as exc:
         exc.show()  # `finlora` alone: the help, as for --help
         sys.exit(exc.exit_code)
@@ -1007,7 +1007,7 @@ def main() -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         _echo_err("finlora: interrupted")
-        sys.exit(130)
+        sys.exit(STOPPED)
 
 
 if __name__ == "__main__":

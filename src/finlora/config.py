@@ -395,7 +395,8 @@ class TrainConfig:
                 f"{prefix}.max_steps", f"must be a positive integer or null (got {self.max_steps})"
             )
         budget = self.max_batch_tokens
-        if isinstance(budget, str) and budget != "auto" or isinstance(budget, int) and budget < 16:
+        too_small = isinstance(budget, int) and budget < 16
+        if too_small or (isinstance(budget, str) and budget != "auto"):
             _fail(f"{prefix}.max_batch_tokens", f"must be at least 16, auto or null (got {budget})")
         if self.threads is not None and self.threads <= 0:
             _fail(f"{prefix}.threads", f"must be a positive integer or null (got {self.threads})")

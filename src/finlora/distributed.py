@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from finlora.errors import ERRORS_ENV, FinloraError
+from finlora.errors import ERRORS_ENV, STOPPED, FinloraError
 
 T = TypeVar("T")
 
@@ -160,11 +160,6 @@ class World:
 class Launched:
     status: int  # 0, or the first failed process's exit status
     errors: list[str]  # the distinct user errors the processes left, in rank order
-
-
-# How `finlora` exits on Ctrl-C or SIGTERM (cli.main): also how a process ends when the launcher
-# stops it because another process failed.
-STOPPED = 130
 
 
 def failure_status(exit_codes: Sequence[int]) -> int:

@@ -11,6 +11,10 @@ class FinloraError(Exception):
     """A user-facing error: the message names the file, line or key at fault."""
 
 
+# The CLI's exit status on Ctrl-C or SIGTERM; also how a `--nproc` process ends when the launcher
+# stops it because another process failed.
+STOPPED = 130
+
 # Where the processes of `finlora train --nproc` leave their one-line user errors, for the
 # launcher (distributed.launch) to print once rather than once a process.
 ERRORS_ENV = "FINLORA_ERRORS_DIR"
