@@ -349,6 +349,11 @@ class TrainConfig:
     # LoRA layers add B·A·x into the base output inside its GEMM (one pass over the output
     # instead of three); same function and state dict as PEFT's layer, which `false` keeps.
     fused_lora: bool = True
+    # Llama-family decoder layers train as two hand-written autograd operations (attention half,
+    # MLP half): stacked q/k/v and gate/up matmuls that also compute x·A of every LoRA layer,
+    # each tensor cast once, no per-operation autograd bookkeeping. Same loss and gradients to
+    # float rounding; layers it does not cover (and compiled ones) keep the modules' forward.
+    fused_decoder: bool = True
     # torch.compile each decoder layer (dynamic shapes): fuses the elementwise work between the
     # matmuls. Costs a minute or more of compiling at the start; no gain measured on an fp32 CPU.
     compile: bool = False

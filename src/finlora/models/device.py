@@ -13,6 +13,7 @@ import torch
 
 from finlora.config import TrainConfig
 from finlora.errors import FinloraError
+from finlora.models.fused_decoder import fused_decoders
 from finlora.models.fused_lora import fuse_lora_layers
 from finlora.models.lean_attention import lean_attention
 from finlora.models.lean_mlp import lean_mlps
@@ -213,7 +214,7 @@ AUTO_BATCH_TOKENS = {None: 448, torch.bfloat16: 512}
 @dataclass(frozen=True)
 class Placement:
     """Where and how a model runs: device, autocast dtype, attention kernel, weight storage,
-    LoRA layer, MLP and attention forwards, compiled layers."""
+    LoRA layer, MLP, attention and decoder-layer forwards, compiled layers."""
 
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype; None means plain fp32
@@ -225,6 +226,7 @@ class Placement:
     lean_mlp: bool = True
     cast_norms_once: bool = False
     lean_attention: bool = False
+    fused_decoder: bool = True
 
     @classmethod
     def from_config(cls, tc: TrainConfig) -> Placement:
@@ -245,6 +247,7 @@ class Placement:
             tc.lean_mlp,
             tc.cast_norms_once,
             tc.lean_attention,
+            tc.fused_decoder,
         )
 
     def batch_tokens(self, requested: int | str | None) -> int | None:
@@ -257,8 +260,8 @@ class Placement:
 
     def place(self, model: Any) -> Any:
         """Move a (wrapped) model to the device; store frozen weights and the output head in
-        bf16 where it pays; give LoRA layers, gated MLPs and attention their leaner forwards,
-        norms their single cast, and compile layers when asked."""
+        bf16 where it pays; give LoRA layers, gated MLPs, attention and decoder layers their
+        leaner forwards, norms their single cast, and compile layers when asked."""
         model = model.to(self.device)
         if self.dtype == torch.bfloat16 and self.bf16_frozen_weights:
             freeze_to_dtype(model, torch.bfloat16)
@@ -274,6 +277,8 @@ class Placement:
             lean_attention(model)
         if self.dtype is not None and self.cast_norms_once:
             cast_norms_once(model)
+        if self.fused_decoder and not self.compile:
+            fused_decoders(model)
         if self.compile:
             compile_layers(model)
         return model

@@ -32,7 +32,7 @@ import torch
 LEAN_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
 
 
-class _PerPass:
+class PerPass:
     """What every layer of one forward pass derives alike from the tensors it is handed (the
     sign-folded sine, the mask in the compute dtype): derived by the first layer, reused by the
     rest while the same tensor comes back."""
@@ -50,19 +50,19 @@ class _PerPass:
         return held[1]
 
 
-def _sign_folded(sin: torch.Tensor) -> torch.Tensor:
+def sign_folded(sin: torch.Tensor) -> torch.Tensor:
     """(-sin₁, sin₂): rotate_half(x)·sin equals (x₂, x₁)·this, with x's halves swapped."""
     half = sin.size(-1) // 2
     return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
-def _mask_in(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+def mask_in(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     # fp32's lowest value rounds to -inf in bf16, and a row masked throughout (a padding query)
     # would then give NaN instead of transformers' uniform weights: clamp to dtype's lowest.
     return lambda mask: mask.clamp(min=torch.finfo(dtype).min).to(dtype)
 
 
-def _rotated(
+def rotated(
     x: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """x·cos + rotate_half(x)·sin, computed in fp32 when cos is fp32, written contiguous in
@@ -114,7 +114,7 @@ def _lean_forward(
     assert position_embeddings is not None and attention_mask is not None
     b, t, _ = hidden_states.shape
     d, g = self.head_dim, self.num_key_value_groups
-    per_pass: _PerPass = self._finlora_per_pass
+    per_pass: PerPass = self._finlora_per_pass
     # Query head h uses key/value head h // g (transformers' repeat_kv): group them by it.
     q = self.q_proj(hidden_states).view(b, t, -1, g, d).permute(0, 2, 3, 1, 4)  # (B,Hkv,G,T,D)
     k = self.k_proj(hidden_states).view(b, t, -1, 1, d).permute(0, 2, 3, 1, 4)  # (B,Hkv,1,T,D)
@@ -123,12 +123,12 @@ def _lean_forward(
     dtype = _compute_dtype(v)
     cos, sin = position_embeddings  # (B, T, D)
     cos5 = cos[:, None, None]
-    sin5 = per_pass.derive("sin", sin, _sign_folded)[:, None, None]
-    q = _rotated(q, cos5, sin5, dtype).view(b, hkv, g * t, d)
-    k = _rotated(k, cos5, sin5, dtype).view(b, hkv, t, d)
+    sin5 = per_pass.derive("sin", sin, sign_folded)[:, None, None]
+    q = rotated(q, cos5, sin5, dtype).view(b, hkv, g * t, d)
+    k = rotated(k, cos5, sin5, dtype).view(b, hkv, t, d)
     scores = torch.matmul(q, k.transpose(-1, -2))  # (B, Hkv, G·T, T)
     scores.mul_(self.scaling)
-    mask = per_pass.derive("mask", attention_mask, _mask_in(scores.dtype))
+    mask = per_pass.derive("mask", attention_mask, mask_in(scores.dtype))
     scores.view(b, hkv, g, t, t).add_(mask[:, :, None, :, :t])
     weights = torch.softmax(scores, dim=-1)
     out = torch.matmul(weights.to(v.dtype), v)  # (B, Hkv, G·T, D)
@@ -148,7 +148,7 @@ def _fits(module: torch.nn.Module) -> bool:
 def lean_attention(model: torch.nn.Module) -> int:
     """Give the Llama-family attention modules of `model` the lean inference forward; returns
     how many. Their own forward stays for training, caches and other attention kernels."""
-    per_pass = _PerPass()
+    per_pass = PerPass()
     count = 0
     for module in model.modules():
         if _fits(module) and not hasattr(module, "_finlora_plain_forward"):

@@ -1,0 +1,462 @@
+"""Llama-family decoder layers trained as two hand-written autograd operations
+(`train.fused_decoder`).
+
+With LoRA on a 2-core CPU under bf16 autocast, the matmuls of a training step are the smaller
+half of its time: the rest is autograd bookkeeping and the small operations around them, about
+400 operator calls per layer and micro-batch (autocast's casts and their backward, PEFT's two
+rank-r matmuls per projection, the rotary embedding's fp32 round trips). Here each half of a
+layer (attention: x + o(attn(rope(q, k), v)) over norm(x); MLP: x + down(silu(gate)·up) over
+norm(x)) is one `torch.autograd.Function` with its backward written out:
+- projections that read one input run as one matmul (q, k, v; gate, up), and so do their LoRA
+  A matrices: the A rows sit under the frozen weights in one stacked matrix, so x·A comes out
+  of the base matmul, and in the backward pass the input's gradient through W and through A is
+  again one matmul (`_Stack`);
+- every tensor is cast once, to the compute dtype, where it is made;
+- the norms, the rotary embedding and the softmax keep transformers' precision (fp32 norms and
+  rotary products, the softmax computed in fp32 and rounded once, as `lean_attention` does).
+
+The frozen weights become row slices of the stacked matrices (like `fuse_projections`), so no
+memory is added, and the LoRA parameters, their gradients and the saved adapter are PEFT's. A
+layer takes this path only while training with gradients, eager attention, one active unmerged
+LoRA adapter without dropout or variants on every projection that has one, and frozen,
+bias-free projections and norms; anything else runs transformers' and PEFT's own forward.
+Tests check the loss and every gradient against that path in fp32 and under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.lora.layer import Linear as LoraLinear
+
+from finlora.models.fused_lora import plain_linear
+from finlora.models.lean_attention import PerPass, mask_in, rotated, sign_folded
+from finlora.models.lean_mlp import is_silu_gated_mlp
+
+DECODER_LAYERS = ("LlamaDecoderLayer",)
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj")
+
+
+def _lora_parts(module: torch.nn.Module) -> tuple[torch.nn.Linear, Any] | None:
+    """(base linear, LoRA layer or None) for a projection this path can run, else None."""
+    if plain_linear(module):
+        linear: Any = module
+        return (linear, None) if linear.bias is None else None
+    lora: Any = module
+    if not (isinstance(lora, LoraLinear) and plain_linear(lora.base_layer)):
+        return None
+    if lora.fan_in_fan_out or lora.base_layer.bias is not None:
+        return None
+    return lora.base_layer, lora
+
+
+def _active_adapter(lora: Any) -> str | None:
+    """The adapter a LoRA layer applies, when this path computes just what PEFT would."""
+    adapters = lora.active_adapters
+    if lora.disable_adapters or lora.merged or len(adapters) != 1:
+        return None
+    name = adapters[0]
+    if name not in lora.lora_A or name in lora.lora_variant:
+        return None
+    if not isinstance(lora.lora_dropout[name], torch.nn.Identity):
+        return None
+    if lora.lora_B[name].bias is not None or lora.lora_A[name].bias is not None:
+        return None
+    return name
+
+
+class _Stack:
+    """Projections that read one input, as one stacked weight: the frozen weights' rows, then
+    one slot of r rows for each LoRA A matrix, refreshed from the fp32 parameter at every
+    forward pass. Each base layer's weight is a view of its rows."""
+
+    def __init__(self, modules: list[torch.nn.Module]) -> None:
+        parts = [_lora_parts(m) for m in modules]
+        assert all(p is not None for p in parts)
+        self.bases = [p[0] for p in parts if p is not None]
+        self.loras = [p[1] for p in parts if p is not None]
+        self.sizes = [b.out_features for b in self.bases]
+        self.out_total = sum(self.sizes)
+        self.ranks = [0 if lora is None else _rank(lora) for lora in self.loras]
+        first = self.bases[0].weight
+        rows = self.out_total + sum(self.ranks)
+        with torch.no_grad():
+            self.weight = torch.zeros(rows, first.size(1), dtype=first.dtype, device=first.device)
+            start = 0
+            for base, size in zip(self.bases, self.sizes, strict=True):
+                self.weight[start : start + size] = base.weight
+                view = self.weight[start : start + size]
+                base.weight = torch.nn.Parameter(view, requires_grad=False)
+                start += size
+
+    def intact(self) -> bool:
+        """Every base weight still a view of the stacked matrix (a `.to()` or merge breaks it)."""
+        stacked = self.weight.untyped_storage().data_ptr()
+        return all(b.weight.untyped_storage().data_ptr() == stacked for b in self.bases)
+
+    def members(self) -> list[tuple[slice, slice, Any]]:
+        """(output columns, rank columns, LoRA layer) of each member with LoRA."""
+        out, rank, found = 0, 0, []
+        for size, r, lora in zip(self.sizes, self.ranks, self.loras, strict=True):
+            if lora is not None:
+                found.append((slice(out, out + size), slice(rank, rank + r), lora))
+            out, rank = out + size, rank + r
+        return found
+
+    def params(self) -> list[torch.Tensor]:
+        """The LoRA A and B weights, in `members` order: what the autograd op differentiates."""
+        found = []
+        for _, _, lora in self.members():
+            name = lora.active_adapters[0]
+            found += [lora.lora_A[name].weight, lora.lora_B[name].weight]
+        return found
+
+    def forward(
+        self, x: torch.Tensor, params: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """x (N, d_in) in the weight's dtype -> (outputs (N, out_total), x·Aᵀ (N, Σr), the B
+        matrices in that dtype)."""
+        dtype = self.weight.dtype
+        members = self.members()
+        with torch.no_grad():
+            for (_, ranks, _), a in zip(members, params[0::2], strict=True):
+                self.weight[self.out_total + ranks.start : self.out_total + ranks.stop] = a
+        y = x @ self.weight.t()  # (N, out_total + Σr): base outputs and x·Aᵀ in one GEMM
+        out, xa = y[:, : self.out_total], y[:, self.out_total :]
+        b_mats = [b.to(dtype) for b in params[1::2]]
+        for (cols, ranks, lora), b in zip(members, b_mats, strict=True):
+            out[:, cols].addmm_(xa[:, ranks], b.t(), alpha=_scaling(lora))
+        return out, xa.clone(), b_mats
+
+    def grad_buffer(self, rows: int) -> torch.Tensor:
+        """Where the caller writes the outputs' gradient (first out_total columns); the rank
+        columns take the gradient of x·Aᵀ."""
+        return self.weight.new_empty(rows, self.weight.size(0))
+
+    def backward(
+        self,
+        grads: torch.Tensor,
+        x: torch.Tensor,
+        xa: torch.Tensor,
+        b_mats: list[torch.Tensor],
+        params: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """grads: `grad_buffer` with the outputs' gradient written -> (x's gradient, the
+        gradients of `params`)."""
+        members = self.members()
+        g_out, g_xa = grads[:, : self.out_total], grads[:, self.out_total :]
+        param_grads = []
+        for (cols, ranks, lora), b in zip(members, b_mats, strict=True):
+            s = _scaling(lora)
+            g_xa[:, ranks].addmm_(g_out[:, cols], b, beta=0, alpha=s)  # beta=0: ignores empty
+            param_grads.append(g_out[:, cols].t() @ xa[:, ranks] * s)  # B's gradient
+        grad_x = grads @ self.weight  # through W and A at once
+        grad_a = g_xa.t() @ x  # (Σr, d_in): every A's gradient in one GEMM
+        out = []
+        for (_, ranks, _), grad_b, a, b in zip(
+            members, param_grads, params[0::2], params[1::2], strict=True
+        ):
+            out += [grad_a[ranks].to(a.dtype), grad_b.to(b.dtype)]
+        return grad_x, out
+
+
+def _rank(lora: Any) -> int:
+    return int(lora.lora_A[lora.active_adapters[0]].weight.size(0))
+
+
+def _scaling(lora: Any) -> float:
+    return float(lora.scaling[lora.active_adapters[0]])
+
+
+def _norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's RMSNorm of fp32 rows x (N, d) -> (output in `dtype`, 1/rms (N, 1))."""
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return (x * rstd * weight).to(dtype), rstd
+
+
+def _norm_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor,
+) -> torch.Tensor:
+    """residual + the gradient of RMSNorm's input, from its output's gradient (all fp32)."""
+    g = grad * weight  # fp32: the product promotes a bf16 grad
+    coef = (g * x).mean(-1, keepdim=True) * rstd.pow(3)
+    return torch.addcmul(residual, g, rstd).addcmul_(x, coef, value=-1)
+
+
+class _Geometry:
+    """Batch, length and head sizes of one attention call."""
+
+    def __init__(self, x: torch.Tensor, attn: Any) -> None:
+        self.b, self.t, _ = x.shape
+        self.d = attn.head_dim
+        self.g = attn.num_key_value_groups
+        self.hkv = attn.config.num_key_value_heads
+        self.q_cols = self.hkv * self.g * self.d
+        self.kv_cols = self.hkv * self.d
+
+    def heads(self, cols: torch.Tensor, group: int) -> torch.Tensor:
+        """(N, Hkv·group·D) -> (B, Hkv, group, T, D) view, query heads grouped by the key/value
+        head they use (transformers' repeat_kv)."""
+        return cols.view(self.b, self.t, self.hkv, group, self.d).permute(0, 2, 3, 1, 4)
+
+
+class _AttentionHalf(torch.autograd.Function):
+    """x + o_proj(attention(rope(q), rope(k), v)) of norm(x), x (B, T, d) fp32."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        layer: Any,
+        mask: torch.Tensor,
+        cos: torch.Tensor,
+        sin_folded: torch.Tensor,
+        *params: torch.Tensor,
+    ) -> torch.Tensor:
+        state: _LayerState = layer._finlora_fused
+        attn = layer.self_attn
+        geo = _Geometry(x, attn)
+        dtype = state.qkv.weight.dtype
+        n_qkv = len(state.qkv.params())
+        p_qkv, p_o = list(params[:n_qkv]), list(params[n_qkv:])
+        rows = x.reshape(-1, x.size(-1))
+        normed, rstd = _norm_forward(
+            rows, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon, dtype
+        )
+        qkv, xa_qkv, b_qkv = state.qkv.forward(normed, p_qkv)
+        cos5, sin5 = cos[:, None, None], sin_folded[:, None, None]
+        b, t, d, g, hkv = geo.b, geo.t, geo.d, geo.g, geo.hkv
+        q = rotated(geo.heads(qkv[:, : geo.q_cols], g), cos5, sin5, dtype).view(b, hkv, g * t, d)
+        k_cols = qkv[:, geo.q_cols : geo.q_cols + geo.kv_cols]
+        k = rotated(geo.heads(k_cols, 1), cos5, sin5, dtype).view(b, hkv, t, d)
+        v = geo.heads(qkv[:, geo.q_cols + geo.kv_cols :], 1).reshape(b, hkv, t, d)
+        scores = torch.matmul(q, k.transpose(-1, -2))  # (B, Hkv, G·T, T)
+        scores.mul_(attn.scaling)
+        scores.view(b, hkv, g, t, t).add_(mask[:, :, None, :, :t])
+        probs = torch.softmax(scores, dim=-1)
+        heads_out = torch.matmul(probs, v)  # (B, Hkv, G·T, D)
+        merged = heads_out.view(b, hkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b * t, -1)
+        out, xa_o, b_o = state.o.forward(merged, p_o)
+        ctx.layer, ctx.geo, ctx.n_qkv = layer, geo, n_qkv
+        ctx.b_mats = (b_qkv, b_o)
+        saved = (rows, rstd, normed, xa_qkv, q, k, v, probs, merged, xa_o, cos, sin_folded)
+        ctx.save_for_backward(*saved)
+        return (rows + out).view(x.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, rstd, normed, xa_qkv, q, k, v, probs, merged, xa_o, cos, sin = ctx.saved_tensors
+        layer, geo = ctx.layer, ctx.geo
+        state: _LayerState = layer._finlora_fused
+        b, t, d, g, hkv = geo.b, geo.t, geo.d, geo.g, geo.hkv
+        p_qkv, p_o = state.qkv.params(), state.o.params()
+        b_qkv, b_o = ctx.b_mats
+        g_rows = grad.reshape(-1, grad.size(-1))
+        g_o = state.o.grad_buffer(b * t)
+        g_o[:, : state.o.out_total] = g_rows
+        g_merged, grads_o = state.o.backward(g_o, merged, xa_o, b_o, p_o)
+        g_heads = geo.heads(g_merged, g).reshape(b, hkv, g * t, d)
+        g_probs = torch.matmul(g_heads, v.transpose(-1, -2))
+        g_v = torch.matmul(probs.transpose(-1, -2), g_heads)  # sums over the group's queries
+        g_scores = torch._softmax_backward_data(g_probs, probs, -1, probs.dtype)
+        g_scores.mul_(layer.self_attn.scaling)
+        g_q = torch.matmul(g_scores, k)
+        g_k = torch.matmul(g_scores.transpose(-1, -2), q)
+        g_qkv = state.qkv.grad_buffer(b * t)
+        cos5, sin5 = cos[:, None, None], sin[:, None, None]
+        _unrotate(g_q.view(b, hkv, g, t, d), cos5, sin5, geo.heads(g_qkv[:, : geo.q_cols], g))
+        k_cols = g_qkv[:, geo.q_cols : geo.q_cols + geo.kv_cols]
+        _unrotate(g_k.view(b, hkv, 1, t, d), cos5, sin5, geo.heads(k_cols, 1))
+        geo.heads(g_qkv[:, geo.q_cols + geo.kv_cols : state.qkv.out_total], 1).copy_(
+            g_v.view(b, hkv, 1, t, d)
+        )
+        g_normed, grads_qkv = state.qkv.backward(g_qkv, normed, xa_qkv, b_qkv, p_qkv)
+        norm = layer.input_layernorm
+        g_x = _norm_backward(g_normed, rows, rstd, norm.weight, g_rows)
+        return (g_x.view(grad.shape), None, None, None, None, *grads_qkv, *grads_o)
+
+
+def _unrotate(
+    grad: torch.Tensor, cos: torch.Tensor, sin_folded: torch.Tensor, out: torch.Tensor
+) -> None:
+    """The gradient of `rotated` (x·cos + swap(x)·sin_folded), written into `out`: the swap of
+    x's halves is its own transpose, so it is grad·cos + swap(grad·sin_folded)."""
+    half = grad.size(-1) // 2
+    t = grad * sin_folded
+    torch.add(grad * cos, t.unflatten(-1, (2, half)).flip(-2).flatten(-2), out=out)
+
+
+class _MlpHalf(torch.autograd.Function):
+    """x + down(silu(gate) · up) of norm(x), x (B, T, d) fp32."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: Any, *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        state: _LayerState = layer._finlora_fused
+        dtype = state.gate_up.weight.dtype
+        n_gu = len(state.gate_up.params())
+        p_gu, p_down = list(params[:n_gu]), list(params[n_gu:])
+        rows = x.reshape(-1, x.size(-1))
+        norm = layer.post_attention_layernorm
+        normed, rstd = _norm_forward(rows, norm.weight, norm.variance_epsilon, dtype)
+        gate_up, xa_gu, b_gu = state.gate_up.forward(normed, p_gu)
+        width = state.gate_up.sizes[0]
+        gate, up = gate_up[:, :width], gate_up[:, width:]
+        hidden = F.silu(gate) * up
+        out, xa_down, b_down = state.down.forward(hidden, p_down)
+        ctx.layer, ctx.n_gu, ctx.b_mats = layer, n_gu, (b_gu, b_down)
+        ctx.save_for_backward(rows, rstd, normed, xa_gu, gate_up, hidden, xa_down)
+        return (rows + out).view(x.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, rstd, normed, xa_gu, gate_up, hidden, xa_down = ctx.saved_tensors
+        layer = ctx.layer
+        state: _LayerState = layer._finlora_fused
+        b_gu, b_down = ctx.b_mats
+        n = rows.size(0)
+        g_rows = grad.reshape(-1, grad.size(-1))
+        g_down = state.down.grad_buffer(n)
+        g_down[:, : state.down.out_total] = g_rows
+        g_hidden, grads_down = state.down.backward(
+            g_down, hidden, xa_down, b_down, state.down.params()
+        )
+        width = state.gate_up.sizes[0]
+        gate, up = gate_up[:, :width], gate_up[:, width:]
+        g_gu = state.gate_up.grad_buffer(n)
+        # The same aten ops as autograd's MulBackward0 and SiluBackward0 (see lean_mlp).
+        g_gu[:, :width] = torch.ops.aten.silu_backward(g_hidden * up, gate)
+        torch.mul(g_hidden, F.silu(gate), out=g_gu[:, width : 2 * width])
+        g_normed, grads_gu = state.gate_up.backward(
+            g_gu, normed, xa_gu, b_gu, state.gate_up.params()
+        )
+        norm = layer.post_attention_layernorm
+        g_x = _norm_backward(g_normed, rows, rstd, norm.weight, g_rows)
+        return (g_x.view(grad.shape), None, *grads_gu, *grads_down)
+
+
+class _LayerState:
+    """A decoder layer's stacked projections."""
+
+    def __init__(self, layer: Any) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv = _Stack([getattr(attn, n) for n in ATTENTION_PROJECTIONS])
+        self.o = _Stack([attn.o_proj])
+        self.gate_up = _Stack([getattr(mlp, n) for n in MLP_PROJECTIONS])
+        self.down = _Stack([mlp.down_proj])
+        self.stacks = (self.qkv, self.o, self.gate_up, self.down)
+        self.modules = _projections(layer)
+
+    def current(self, layer: Any) -> bool:
+        """Still the layer's projections (a merge unloads the LoRA layers), with their weights
+        still views of the stacks (a `.to()` copies them)."""
+        same = all(a is b for a, b in zip(_projections(layer), self.modules, strict=True))
+        return same and all(s.intact() for s in self.stacks)
+
+    def runnable(self) -> bool:
+        return all(
+            _active_adapter(lora) is not None
+            for s in self.stacks
+            for lora in s.loras
+            if lora is not None
+        )
+
+
+def _projections(layer: Any) -> list[Any]:
+    attn, mlp = layer.self_attn, layer.mlp
+    found = [getattr(attn, n, None) for n in (*ATTENTION_PROJECTIONS, "o_proj")]
+    return found + [getattr(mlp, n, None) for n in (*MLP_PROJECTIONS, "down_proj")]
+
+
+def _fits(layer: torch.nn.Module) -> bool:
+    """A Llama decoder layer whose parts this path computes exactly."""
+    if type(layer).__name__ not in DECODER_LAYERS:
+        return False
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None or not is_silu_gated_mlp(mlp):
+        return False
+    parts = [None if p is None else _lora_parts(p) for p in _projections(layer)]
+    if any(part is None for part in parts):
+        return False
+    bases = [part[0] for part in parts if part is not None]
+    if all(part[1] is None for part in parts if part is not None):
+        return False  # no LoRA here: nothing to train
+    norms: list[Any] = [layer.input_layernorm, layer.post_attention_layernorm]
+    if any(w.requires_grad for w in [*(b.weight for b in bases), *(n.weight for n in norms)]):
+        return False
+    same_dtype = len({b.weight.dtype for b in bases}) == 1
+    return same_dtype and getattr(attn.config, "attention_dropout", 0.0) == 0.0
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _fused_forward(
+    self: Any,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *args: Any,
+    **kwargs: Any,
+) -> torch.Tensor:
+    position_embeddings = kwargs.get("position_embeddings")
+    takes_path = not (
+        args
+        or not self.training
+        or not torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+        or self.self_attn.config._attn_implementation != "eager"
+        or position_embeddings is None
+        or attention_mask is None
+        or not attention_mask.is_floating_point()
+        or kwargs.get("cache") is not None
+        or kwargs.get("past_key_values") is not None
+        or kwargs.get("use_cache")
+        or hidden_states.dtype != torch.float32
+    )
+    state: _LayerState | None = self._finlora_fused
+    if state is not None and not state.current(self):
+        state = self._finlora_fused = None  # merged or moved: let the stacks go
+    if takes_path and state is None and _fits(self):
+        state = self._finlora_fused = _LayerState(self)
+    if not takes_path or state is None or not state.runnable():
+        return self._finlora_plain_forward(hidden_states, attention_mask, *args, **kwargs)
+    if _compute_dtype(hidden_states) != state.qkv.weight.dtype:
+        return self._finlora_plain_forward(hidden_states, attention_mask, *args, **kwargs)
+    assert attention_mask is not None and position_embeddings is not None
+    dtype = state.qkv.weight.dtype
+    per_pass: PerPass = self._finlora_per_pass
+    cos, sin = position_embeddings
+    sin_folded = per_pass.derive("sin", sin, sign_folded)
+    mask = per_pass.derive(f"mask-{dtype}", attention_mask, mask_in(dtype))
+    with torch.autocast(hidden_states.device.type, enabled=False):
+        hidden = _AttentionHalf.apply(
+            hidden_states, self, mask, cos, sin_folded, *state.qkv.params(), *state.o.params()
+        )
+        return _MlpHalf.apply(hidden, self, *state.gate_up.params(), *state.down.params())
+
+
+def fused_decoders(model: torch.nn.Module) -> int:
+    """Give every Llama decoder layer of `model` that this path can train the fused forward;
+    returns how many. The stacked weights are built at the first training pass."""
+    per_pass = PerPass()
+    count = 0
+    for module in model.modules():
+        if _fits(module) and not hasattr(module, "_finlora_plain_forward"):
+            layer: Any = module
+            layer._finlora_plain_forward = layer.forward
+            layer._finlora_per_pass = per_pass
+            layer._finlora_fused = None
+            layer.forward = types.MethodType(_fused_forward, layer)
+            count += 1
+    return count
