@@ -117,20 +117,21 @@ class _Stack:
 
     def forward(
         self, x: torch.Tensor, params: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """x (N, d_in) in the weight's dtype -> (outputs (N, out_total), x·Aᵀ (N, Σr), the B
-        matrices in that dtype)."""
-        dtype = self.weight.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, d_in) in the weight's dtype -> (outputs (N, out_total), x·Aᵀ (N, Σr), the
+        members' scaled Bᵀ as one block-diagonal (Σr, out_total) matrix in that dtype)."""
         members = self.members()
         with torch.no_grad():
             for (_, ranks, _), a in zip(members, params[0::2], strict=True):
                 self.weight[self.out_total + ranks.start : self.out_total + ranks.stop] = a
         y = x @ self.weight.t()  # (N, out_total + Σr): base outputs and x·Aᵀ in one GEMM
         out, xa = y[:, : self.out_total], y[:, self.out_total :]
-        b_mats = [b.to(dtype) for b in params[1::2]]
-        for (cols, ranks, lora), b in zip(members, b_mats, strict=True):
-            out[:, cols].addmm_(xa[:, ranks], b.t(), alpha=_scaling(lora))
-        return out, xa.clone(), b_mats
+        # One product adds every member's update: s·(x·Aᵀ)·Bᵀ, block by block.
+        lift = self.weight.new_zeros(self.weight.size(0) - self.out_total, self.out_total)
+        for (cols, ranks, lora), b in zip(members, params[1::2], strict=True):
+            torch.mul(b.t(), _scaling(lora), out=lift[ranks, cols])
+        out.addmm_(xa, lift)
+        return out, xa.clone(), lift
 
     def grad_buffer(self, rows: int) -> torch.Tensor:
         """Where the caller writes the outputs' gradient (first out_total columns); the rank
@@ -142,24 +143,21 @@ class _Stack:
         grads: torch.Tensor,
         x: torch.Tensor,
         xa: torch.Tensor,
-        b_mats: list[torch.Tensor],
+        lift: torch.Tensor,
         params: list[torch.Tensor],
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """grads: `grad_buffer` with the outputs' gradient written -> (x's gradient, the
         gradients of `params`)."""
-        members = self.members()
         g_out, g_xa = grads[:, : self.out_total], grads[:, self.out_total :]
-        param_grads = []
-        for (cols, ranks, lora), b in zip(members, b_mats, strict=True):
-            s = _scaling(lora)
-            g_xa[:, ranks].addmm_(g_out[:, cols], b, beta=0, alpha=s)  # beta=0: ignores empty
-            param_grads.append(g_out[:, cols].t() @ xa[:, ranks] * s)  # B's gradient
+        g_xa.addmm_(g_out, lift.t(), beta=0)  # beta=0: ignores what the buffer held
+        g_lift = xa.t() @ g_out  # (Σr, out_total): the off-diagonal blocks are unused
         grad_x = grads @ self.weight  # through W and A at once
         grad_a = g_xa.t() @ x  # (Σr, d_in): every A's gradient in one GEMM
         out = []
-        for (_, ranks, _), grad_b, a, b in zip(
-            members, param_grads, params[0::2], params[1::2], strict=True
+        for (cols, ranks, lora), a, b in zip(
+            self.members(), params[0::2], params[1::2], strict=True
         ):
+            grad_b = g_lift[ranks, cols].t() * _scaling(lora)
             out += [grad_a[ranks].to(a.dtype), grad_b.to(b.dtype)]
         return grad_x, out
 
@@ -221,8 +219,12 @@ class _AttentionHalf(torch.autograd.Function):
         mask: torch.Tensor,
         cos: torch.Tensor,
         sin_folded: torch.Tensor,
+        cos_q: torch.Tensor,
+        sin_q: torch.Tensor,
         *params: torch.Tensor,
     ) -> torch.Tensor:
+        """cos_q, sin_q: cos and sin_folded times the attention's scaling, which the queries
+        take in their rotary embedding instead of the (T x T) scores taking it."""
         state: _LayerState = layer._finlora_fused
         attn = layer.self_attn
         geo = _Geometry(x, attn)
@@ -233,57 +235,57 @@ class _AttentionHalf(torch.autograd.Function):
         normed, rstd = _norm_forward(
             rows, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon, dtype
         )
-        qkv, xa_qkv, b_qkv = state.qkv.forward(normed, p_qkv)
+        qkv, xa_qkv, lift_qkv = state.qkv.forward(normed, p_qkv)
         cos5, sin5 = cos[:, None, None], sin_folded[:, None, None]
+        cos5_q, sin5_q = cos_q[:, None, None], sin_q[:, None, None]
         b, t, d, g, hkv = geo.b, geo.t, geo.d, geo.g, geo.hkv
-        q = rotated(geo.heads(qkv[:, : geo.q_cols], g), cos5, sin5, dtype).view(b, hkv, g * t, d)
+        q_heads = geo.heads(qkv[:, : geo.q_cols], g)
+        q = rotated(q_heads, cos5_q, sin5_q, dtype).view(b, hkv, g * t, d)
         k_cols = qkv[:, geo.q_cols : geo.q_cols + geo.kv_cols]
         k = rotated(geo.heads(k_cols, 1), cos5, sin5, dtype).view(b, hkv, t, d)
         v = geo.heads(qkv[:, geo.q_cols + geo.kv_cols :], 1).reshape(b, hkv, t, d)
-        scores = torch.matmul(q, k.transpose(-1, -2))  # (B, Hkv, G·T, T)
-        scores.mul_(attn.scaling)
+        scores = torch.matmul(q, k.transpose(-1, -2))  # (B, Hkv, G·T, T), scaled
         scores.view(b, hkv, g, t, t).add_(mask[:, :, None, :, :t])
         probs = torch.softmax(scores, dim=-1)
         heads_out = torch.matmul(probs, v)  # (B, Hkv, G·T, D)
         merged = heads_out.view(b, hkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b * t, -1)
-        out, xa_o, b_o = state.o.forward(merged, p_o)
+        out, xa_o, lift_o = state.o.forward(merged, p_o)
         ctx.layer, ctx.geo, ctx.n_qkv = layer, geo, n_qkv
-        ctx.b_mats = (b_qkv, b_o)
-        saved = (rows, rstd, normed, xa_qkv, q, k, v, probs, merged, xa_o, cos, sin_folded)
-        ctx.save_for_backward(*saved)
+        ctx.lifts = (lift_qkv, lift_o)
+        rope = (cos, sin_folded, cos_q, sin_q)
+        ctx.save_for_backward(rows, rstd, normed, xa_qkv, q, k, v, probs, merged, xa_o, *rope)
         return (rows + out).view(x.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        rows, rstd, normed, xa_qkv, q, k, v, probs, merged, xa_o, cos, sin = ctx.saved_tensors
+        rows, rstd, normed, xa_qkv, q, k, v, probs, merged, xa_o, *rope = ctx.saved_tensors
+        cos, sin, cos_q, sin_q = (r[:, None, None] for r in rope)
         layer, geo = ctx.layer, ctx.geo
         state: _LayerState = layer._finlora_fused
         b, t, d, g, hkv = geo.b, geo.t, geo.d, geo.g, geo.hkv
         p_qkv, p_o = state.qkv.params(), state.o.params()
-        b_qkv, b_o = ctx.b_mats
+        lift_qkv, lift_o = ctx.lifts
         g_rows = grad.reshape(-1, grad.size(-1))
         g_o = state.o.grad_buffer(b * t)
         g_o[:, : state.o.out_total] = g_rows
-        g_merged, grads_o = state.o.backward(g_o, merged, xa_o, b_o, p_o)
+        g_merged, grads_o = state.o.backward(g_o, merged, xa_o, lift_o, p_o)
         g_heads = geo.heads(g_merged, g).reshape(b, hkv, g * t, d)
         g_probs = torch.matmul(g_heads, v.transpose(-1, -2))
         g_v = torch.matmul(probs.transpose(-1, -2), g_heads)  # sums over the group's queries
         g_scores = torch._softmax_backward_data(g_probs, probs, -1, probs.dtype)
-        g_scores.mul_(layer.self_attn.scaling)
         g_q = torch.matmul(g_scores, k)
         g_k = torch.matmul(g_scores.transpose(-1, -2), q)
         g_qkv = state.qkv.grad_buffer(b * t)
-        cos5, sin5 = cos[:, None, None], sin[:, None, None]
-        _unrotate(g_q.view(b, hkv, g, t, d), cos5, sin5, geo.heads(g_qkv[:, : geo.q_cols], g))
+        _unrotate(g_q.view(b, hkv, g, t, d), cos_q, sin_q, geo.heads(g_qkv[:, : geo.q_cols], g))
         k_cols = g_qkv[:, geo.q_cols : geo.q_cols + geo.kv_cols]
-        _unrotate(g_k.view(b, hkv, 1, t, d), cos5, sin5, geo.heads(k_cols, 1))
+        _unrotate(g_k.view(b, hkv, 1, t, d), cos, sin, geo.heads(k_cols, 1))
         geo.heads(g_qkv[:, geo.q_cols + geo.kv_cols : state.qkv.out_total], 1).copy_(
             g_v.view(b, hkv, 1, t, d)
         )
-        g_normed, grads_qkv = state.qkv.backward(g_qkv, normed, xa_qkv, b_qkv, p_qkv)
+        g_normed, grads_qkv = state.qkv.backward(g_qkv, normed, xa_qkv, lift_qkv, p_qkv)
         norm = layer.input_layernorm
         g_x = _norm_backward(g_normed, rows, rstd, norm.weight, g_rows)
-        return (g_x.view(grad.shape), None, None, None, None, *grads_qkv, *grads_o)
+        return (g_x.view(grad.shape), None, None, None, None, None, None, *grads_qkv, *grads_o)
 
 
 def _unrotate(
@@ -308,12 +310,12 @@ class _MlpHalf(torch.autograd.Function):
         rows = x.reshape(-1, x.size(-1))
         norm = layer.post_attention_layernorm
         normed, rstd = _norm_forward(rows, norm.weight, norm.variance_epsilon, dtype)
-        gate_up, xa_gu, b_gu = state.gate_up.forward(normed, p_gu)
+        gate_up, xa_gu, lift_gu = state.gate_up.forward(normed, p_gu)
         width = state.gate_up.sizes[0]
         gate, up = gate_up[:, :width], gate_up[:, width:]
         hidden = F.silu(gate) * up
-        out, xa_down, b_down = state.down.forward(hidden, p_down)
-        ctx.layer, ctx.n_gu, ctx.b_mats = layer, n_gu, (b_gu, b_down)
+        out, xa_down, lift_down = state.down.forward(hidden, p_down)
+        ctx.layer, ctx.n_gu, ctx.lifts = layer, n_gu, (lift_gu, lift_down)
         ctx.save_for_backward(rows, rstd, normed, xa_gu, gate_up, hidden, xa_down)
         return (rows + out).view(x.shape)
 
@@ -322,13 +324,13 @@ class _MlpHalf(torch.autograd.Function):
         rows, rstd, normed, xa_gu, gate_up, hidden, xa_down = ctx.saved_tensors
         layer = ctx.layer
         state: _LayerState = layer._finlora_fused
-        b_gu, b_down = ctx.b_mats
+        lift_gu, lift_down = ctx.lifts
         n = rows.size(0)
         g_rows = grad.reshape(-1, grad.size(-1))
         g_down = state.down.grad_buffer(n)
         g_down[:, : state.down.out_total] = g_rows
         g_hidden, grads_down = state.down.backward(
-            g_down, hidden, xa_down, b_down, state.down.params()
+            g_down, hidden, xa_down, lift_down, state.down.params()
         )
         width = state.gate_up.sizes[0]
         gate, up = gate_up[:, :width], gate_up[:, width:]
@@ -337,7 +339,7 @@ class _MlpHalf(torch.autograd.Function):
         g_gu[:, :width] = torch.ops.aten.silu_backward(g_hidden * up, gate)
         torch.mul(g_hidden, F.silu(gate), out=g_gu[:, width : 2 * width])
         g_normed, grads_gu = state.gate_up.backward(
-            g_gu, normed, xa_gu, b_gu, state.gate_up.params()
+            g_gu, normed, xa_gu, lift_gu, state.gate_up.params()
         )
         norm = layer.post_attention_layernorm
         g_x = _norm_backward(g_normed, rows, rstd, norm.weight, g_rows)
@@ -438,10 +440,14 @@ def _fused_forward(
     per_pass: PerPass = self._finlora_per_pass
     cos, sin = position_embeddings
     sin_folded = per_pass.derive("sin", sin, sign_folded)
+    scaling = self.self_attn.scaling
+    cos_q = per_pass.derive(f"cos*{scaling}", cos, lambda c: c * scaling)
+    sin_q = per_pass.derive(f"sin*{scaling}", sin, lambda s: sign_folded(s) * scaling)
     mask = per_pass.derive(f"mask-{dtype}", attention_mask, mask_in(dtype))
+    params = (*state.qkv.params(), *state.o.params())
     with torch.autocast(hidden_states.device.type, enabled=False):
         hidden = _AttentionHalf.apply(
-            hidden_states, self, mask, cos, sin_folded, *state.qkv.params(), *state.o.params()
+            hidden_states, self, mask, cos, sin_folded, cos_q, sin_q, *params
         )
         return _MlpHalf.apply(hidden, self, *state.gate_up.params(), *state.down.params())
 
