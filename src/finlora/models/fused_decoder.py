@@ -250,7 +250,7 @@ class _AttentionHalf(torch.autograd.Function):
         heads_out = torch.matmul(probs, v)  # (B, Hkv, G·T, D)
         merged = heads_out.view(b, hkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b * t, -1)
         out, xa_o, lift_o = state.o.forward(merged, p_o)
-        ctx.layer, ctx.geo, ctx.n_qkv = layer, geo, n_qkv
+        ctx.layer, ctx.geo = layer, geo
         ctx.lifts = (lift_qkv, lift_o)
         rope = (cos, sin_folded, cos_q, sin_q)
         ctx.save_for_backward(rows, rstd, normed, xa_qkv, q, k, v, probs, merged, xa_o, *rope)
@@ -315,7 +315,7 @@ class _MlpHalf(torch.autograd.Function):
         gate, up = gate_up[:, :width], gate_up[:, width:]
         hidden = F.silu(gate) * up
         out, xa_down, lift_down = state.down.forward(hidden, p_down)
-        ctx.layer, ctx.n_gu, ctx.lifts = layer, n_gu, (lift_gu, lift_down)
+        ctx.layer, ctx.lifts = layer, (lift_gu, lift_down)
         ctx.save_for_backward(rows, rstd, normed, xa_gu, gate_up, hidden, xa_down)
         return (rows + out).view(x.shape)
 
@@ -365,10 +365,12 @@ class _LayerState:
         return same and all(s.intact() for s in self.stacks)
 
     def runnable(self) -> bool:
+        """Every LoRA layer applies one adapter this path computes, of the rank it was built
+        for."""
         return all(
-            _active_adapter(lora) is not None
+            _active_adapter(lora) is not None and _rank(lora) == rank
             for s in self.stacks
-            for lora in s.loras
+            for lora, rank in zip(s.loras, s.ranks, strict=True)
             if lora is not None
         )
 
