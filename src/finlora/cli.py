@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from finlora.errors import STOPPED, FinloraError, leave_error
+from finlora.errors import STOPPED, FinloraError, leave_error, under_launcher
 
 
 def _quiet_libraries() -> None:
@@ -974,6 +974,11 @@ def bench_infer(
 
 
 def _terminated(signum: int, frame: Any) -> None:
+    if under_launcher():
+        # The --nproc launcher stops the other processes once one fails, and reports that
+        # failure itself: a stopped process's "aborted" would be a second, misleading line.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stderr.fileno())
     raise KeyboardInterrupt  # so a `kill` cleans up as Ctrl-C does (partial files, new runs)
 
 

@@ -20,12 +20,18 @@ STOPPED = 130
 ERRORS_ENV = "FINLORA_ERRORS_DIR"
 
 
+def under_launcher() -> bool:
+    """True in a process that `finlora train --nproc` started."""
+    directory, rank = os.environ.get(ERRORS_ENV), os.environ.get("RANK")
+    return bool(directory) and rank is not None and os.path.isdir(str(directory))
+
+
 def leave_error(message: str) -> bool:
     """In a process `finlora train --nproc` started, leave a user error for the launcher to
     print; False in any other process, which prints its own."""
-    directory, rank = os.environ.get(ERRORS_ENV), os.environ.get("RANK")
-    if not directory or rank is None or not os.path.isdir(directory):
+    if not under_launcher():
         return False
+    directory, rank = os.environ[ERRORS_ENV], os.environ["RANK"]
     with open(os.path.join(directory, f"{int(rank):05d}.txt"), "w", encoding="utf-8") as fh:
         fh.write(message)
     return True

@@ -154,6 +154,37 @@ def test_an_error_of_every_process_is_printed_once(
     assert not (tmp_path / "run").exists()
 
 
+# A finlora CLI whose command is stopped by SIGTERM while it runs, as the --nproc launcher stops
+# the other processes once one has failed.
+_STOPPED_PROCESS = """
+import os, signal, time
+import click
+import finlora.cli
+
+def work():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+
+finlora.cli.cli = click.Command("work", callback=work)
+finlora.cli.main()
+"""
+
+
+@pytest.mark.parametrize("under_launcher", [False, True])
+def test_a_process_the_launcher_stops_stays_quiet(tmp_path: Path, under_launcher: bool) -> None:
+    """Only the launcher reports a failure: a process it stops prints nothing (which process
+    fails first is a race, and its "aborted" once came out beside the real error)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FINLORA_ERRORS_DIR", "RANK")}
+    if under_launcher:
+        env |= {"FINLORA_ERRORS_DIR": str(tmp_path), "RANK": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _STOPPED_PROCESS], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 130
+    expected = [] if under_launcher else ["", "finlora: aborted"]  # alone: as for Ctrl-C
+    assert done.stderr.splitlines() == expected
+
+
 def test_world_from_launcher_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
