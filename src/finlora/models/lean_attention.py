@@ -81,22 +81,28 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _takes_lean_path(
-    self: Any, position_embeddings: Any, attention_mask: Any, args: tuple, kwargs: dict
+def eager_call_without_cache(
+    config: Any, position_embeddings: Any, attention_mask: Any, kwargs: dict
 ) -> bool:
+    """An eager-attention call, not compiled, with rotary embeddings, an additive float mask and
+    no key/value cache: what the lean and the fused (training) forwards compute themselves."""
     return not (
-        args
-        or torch.is_grad_enabled()
-        or self.training
-        or torch.compiler.is_compiling()
-        or self.config._attn_implementation != "eager"
+        torch.compiler.is_compiling()
+        or config._attn_implementation != "eager"
         or position_embeddings is None
         or attention_mask is None
         or not attention_mask.is_floating_point()
         or kwargs.get("cache") is not None
         or kwargs.get("past_key_values") is not None
-        or kwargs.get("output_attentions")
     )
+
+
+def _takes_lean_path(
+    self: Any, position_embeddings: Any, attention_mask: Any, args: tuple, kwargs: dict
+) -> bool:
+    scoring = not (args or torch.is_grad_enabled() or self.training)
+    plain = eager_call_without_cache(self.config, position_embeddings, attention_mask, kwargs)
+    return scoring and plain and not kwargs.get("output_attentions")
 
 
 def _lean_forward(
