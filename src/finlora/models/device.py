@@ -225,7 +225,7 @@ class Placement:
     compile: bool = False
     lean_mlp: bool = True
     cast_norms_once: bool = False
-    lean_attention: bool = False
+    lean_attention: bool = True
     fused_decoder: bool = True
 
     @classmethod
