@@ -38,6 +38,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from finlora.models.fused_lora import plain_linear
 from finlora.models.lean_attention import (
     PerPass,
+    compute_dtype,
     eager_call_without_cache,
     mask_in,
     rotated,
@@ -101,13 +102,14 @@ class _Stack:
                 view = self.weight[start : start + size]
                 base.weight = torch.nn.Parameter(view, requires_grad=False)
                 start += size
+        self.members = self._members()
 
     def intact(self) -> bool:
         """Every base weight still a view of the stacked matrix (a `.to()` or merge breaks it)."""
         stacked = self.weight.untyped_storage().data_ptr()
         return all(b.weight.untyped_storage().data_ptr() == stacked for b in self.bases)
 
-    def members(self) -> list[tuple[slice, slice, Any]]:
+    def _members(self) -> list[tuple[slice, slice, Any]]:
         """(output columns, rank columns, LoRA layer) of each member with LoRA."""
         out, rank, found = 0, 0, []
         for size, r, lora in zip(self.sizes, self.ranks, self.loras, strict=True):
@@ -119,7 +121,7 @@ class _Stack:
     def params(self) -> list[torch.Tensor]:
         """The LoRA A and B weights, in `members` order: what the autograd op differentiates."""
         found = []
-        for _, _, lora in self.members():
+        for _, _, lora in self.members:
             name = lora.active_adapters[0]
             found += [lora.lora_A[name].weight, lora.lora_B[name].weight]
         return found
@@ -129,7 +131,7 @@ class _Stack:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, d_in) in the weight's dtype -> (outputs (N, out_total), x·Aᵀ (N, Σr), the
         members' scaled Bᵀ as one block-diagonal (Σr, out_total) matrix in that dtype)."""
-        members = self.members()
+        members = self.members
         with torch.no_grad():
             for (_, ranks, _), a in zip(members, params[0::2], strict=True):
                 self.weight[self.out_total + ranks.start : self.out_total + ranks.stop] = a
@@ -163,9 +165,7 @@ class _Stack:
         grad_x = grads @ self.weight  # through W and A at once
         grad_a = g_xa.t() @ x  # (Σr, d_in): every A's gradient in one GEMM
         out = []
-        for (cols, ranks, lora), a, b in zip(
-            self.members(), params[0::2], params[1::2], strict=True
-        ):
+        for (cols, ranks, lora), a, b in zip(self.members, params[0::2], params[1::2], strict=True):
             grad_b = g_lift[ranks, cols].t() * _scaling(lora)
             out += [grad_a[ranks].to(a.dtype), grad_b.to(b.dtype)]
         return grad_x, out
@@ -238,7 +238,7 @@ class _AttentionHalf(torch.autograd.Function):
         attn = layer.self_attn
         geo = _Geometry(x, attn)
         dtype = state.qkv.weight.dtype
-        n_qkv = len(state.qkv.params())
+        n_qkv = 2 * len(state.qkv.members)  # an A and a B each
         p_qkv, p_o = list(params[:n_qkv]), list(params[n_qkv:])
         rows = x.reshape(-1, x.size(-1))
         normed, rstd = _norm_forward(
@@ -314,7 +314,7 @@ class _MlpHalf(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, layer: Any, *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         state: _LayerState = layer._finlora_fused
         dtype = state.gate_up.weight.dtype
-        n_gu = len(state.gate_up.params())
+        n_gu = 2 * len(state.gate_up.members)
         p_gu, p_down = list(params[:n_gu]), list(params[n_gu:])
         rows = x.reshape(-1, x.size(-1))
         norm = layer.post_attention_layernorm
@@ -410,11 +410,6 @@ def _fits(layer: torch.nn.Module) -> bool:
     return same_dtype and getattr(attn.config, "attention_dropout", 0.0) == 0.0
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
 def _fused_forward(
     self: Any,
     hidden_states: torch.Tensor,
@@ -435,9 +430,9 @@ def _fused_forward(
         state = self._finlora_fused = None  # merged or moved: let the stacks go
     if takes_path and state is None and _fits(self):
         state = self._finlora_fused = _LayerState(self)
-    if not takes_path or state is None or not state.runnable():
-        return self._finlora_plain_forward(hidden_states, attention_mask, *args, **kwargs)
-    if _compute_dtype(hidden_states) != state.qkv.weight.dtype:
+    # The stacks compute in their weights' dtype: it must be autocast's (or fp32 without it).
+    runs = state is not None and compute_dtype(hidden_states) == state.qkv.weight.dtype
+    if not (takes_path and runs and state is not None and state.runnable()):
         return self._finlora_plain_forward(hidden_states, attention_mask, *args, **kwargs)
     assert attention_mask is not None and position_embeddings is not None
     dtype = state.qkv.weight.dtype

@@ -74,7 +74,7 @@ def rotated(
     return torch.add(x * cos, swapped * sin_folded, out=out)
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     device = x.device.type
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
@@ -126,7 +126,7 @@ def _lean_forward(
     k = self.k_proj(hidden_states).view(b, t, -1, 1, d).permute(0, 2, 3, 1, 4)  # (B,Hkv,1,T,D)
     v = self.v_proj(hidden_states).view(b, t, -1, d).transpose(1, 2)  # (B,Hkv,T,D)
     hkv = k.size(1)
-    dtype = _compute_dtype(v)
+    dtype = compute_dtype(v)
     cos, sin = position_embeddings  # (B, T, D)
     cos5 = cos[:, None, None]
     sin5 = per_pass.derive("sin", sin, sign_folded)[:, None, None]
