@@ -217,3 +217,28 @@ def test_placement_fuses_decoder_layers_unless_told_not_to(
         placed = Placement.from_config(cfg.train).place(model)
         layer = unwrap(placed).model.layers[0]
         assert hasattr(layer, "_finlora_plain_forward") is on
+
+
+def test_fused_layers_give_the_input_its_gradient_when_it_asks_for_one(
+    tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path, fused_calls: list[int]
+) -> None:
+    """The first layer skips its input's gradient only when nothing needs it (frozen
+    embeddings); embeddings that do need it (e.g. trained ones) get the modules' gradient."""
+    cfg = tiny_cfg()
+    codec = None
+    grads = []
+    for fuse in (False, True):
+        model, codec = _model(cfg, tiny_causal_dir)
+        if fuse:
+            fused_decoders(model)
+        model.train()
+        batch = codec.training_batch([codec.encode(e) for e in EXAMPLES])
+        embeds = model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)
+        out = model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False)
+        out.logits[:, -1].float().pow(2).mean().backward()
+        grads.append(embeds.grad)
+    assert fused_calls
+    plain_grad, fused_grad = grads
+    assert plain_grad is not None and fused_grad is not None and plain_grad.abs().sum() > 0
+    # fp32 rounding of a 20k-element gradient: compared as a whole, not element by element.
+    assert float((fused_grad - plain_grad).norm() / plain_grad.norm()) < 1e-4
