@@ -296,9 +296,7 @@ class _AttentionHalf(torch.autograd.Function):
         # The first layer's input (the frozen embeddings' output) needs no gradient: that
         # skips the stack's largest backward matmul and the norm's backward.
         needs_x = ctx.needs_input_grad[0]
-        g_normed, grads_qkv = state.qkv.backward(
-            g_qkv, normed, xa_qkv, lift_qkv, p_qkv, needs_x
-        )
+        g_normed, grads_qkv = state.qkv.backward(g_qkv, normed, xa_qkv, lift_qkv, p_qkv, needs_x)
         g_x = None
         if g_normed is not None:
             norm = layer.input_layernorm
