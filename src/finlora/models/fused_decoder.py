@@ -156,20 +156,22 @@ class _Stack:
         xa: torch.Tensor,
         lift: torch.Tensor,
         params: list[torch.Tensor],
-        needs_x: bool = True,
-    ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        """grads: `grad_buffer` with the outputs' gradient written -> (x's gradient, or None
-        when not `needs_x`, the gradients of `params`)."""
+    ) -> list[torch.Tensor]:
+        """grads: `grad_buffer` with the outputs' gradient written -> the gradients of
+        `params`; the rank columns of `grads` are filled in for `input_grad`."""
         g_out, g_xa = grads[:, : self.out_total], grads[:, self.out_total :]
         g_xa.addmm_(g_out, lift.t(), beta=0)  # beta=0: ignores what the buffer held
         g_lift = xa.t() @ g_out  # (Σr, out_total): the off-diagonal blocks are unused
-        grad_x = grads @ self.weight if needs_x else None  # through W and A at once
         grad_a = g_xa.t() @ x  # (Σr, d_in): every A's gradient in one GEMM
         out = []
         for (cols, ranks, lora), a, b in zip(self.members, params[0::2], params[1::2], strict=True):
             grad_b = g_lift[ranks, cols].t() * _scaling(lora)
             out += [grad_a[ranks].to(a.dtype), grad_b.to(b.dtype)]
-        return grad_x, out
+        return out
+
+    def input_grad(self, grads: torch.Tensor) -> torch.Tensor:
+        """x's gradient, through W and A at once, from the buffer `backward` completed."""
+        return grads @ self.weight
 
 
 def _rank(lora: Any) -> int:
@@ -278,8 +280,8 @@ class _AttentionHalf(torch.autograd.Function):
         g_rows = grad.reshape(-1, grad.size(-1))
         g_o = state.o.grad_buffer(b * t)
         g_o[:, : state.o.out_total] = g_rows
-        g_merged, grads_o = state.o.backward(g_o, merged, xa_o, lift_o, p_o)
-        assert g_merged is not None
+        grads_o = state.o.backward(g_o, merged, xa_o, lift_o, p_o)
+        g_merged = state.o.input_grad(g_o)
         g_heads = geo.heads(g_merged, g).reshape(b, hkv, g * t, d)
         g_probs = torch.matmul(g_heads, v.transpose(-1, -2))
         g_v = torch.matmul(probs.transpose(-1, -2), g_heads)  # sums over the group's queries
@@ -293,12 +295,12 @@ class _AttentionHalf(torch.autograd.Function):
         geo.heads(g_qkv[:, geo.q_cols + geo.kv_cols : state.qkv.out_total], 1).copy_(
             g_v.view(b, hkv, 1, t, d)
         )
+        grads_qkv = state.qkv.backward(g_qkv, normed, xa_qkv, lift_qkv, p_qkv)
         # The first layer's input (the frozen embeddings' output) needs no gradient: that
         # skips the stack's largest backward matmul and the norm's backward.
-        needs_x = ctx.needs_input_grad[0]
-        g_normed, grads_qkv = state.qkv.backward(g_qkv, normed, xa_qkv, lift_qkv, p_qkv, needs_x)
         g_x = None
-        if g_normed is not None:
+        if ctx.needs_input_grad[0]:
+            g_normed = state.qkv.input_grad(g_qkv)
             norm = layer.input_layernorm
             g_x = _norm_backward(g_normed, rows, rstd, norm.weight, g_rows).view(grad.shape)
         return (g_x, None, None, None, None, None, None, *grads_qkv, *grads_o)
@@ -351,17 +353,14 @@ class _MlpHalf(torch.autograd.Function):
         g_rows = grad.reshape(-1, grad.size(-1))
         g_down = state.down.grad_buffer(n)
         g_down[:, : state.down.out_total] = g_rows
-        g_hidden, grads_down = state.down.backward(
-            g_down, hidden, xa_down, lift_down, state.down.params()
-        )
-        assert g_hidden is not None
+        grads_down = state.down.backward(g_down, hidden, xa_down, lift_down, state.down.params())
+        g_hidden = state.down.input_grad(g_down)
         g_gu = state.gate_up.grad_buffer(n)
         # The same aten ops as autograd's MulBackward0 and SiluBackward0 (see lean_mlp).
         g_gu[:, :width] = torch.ops.aten.silu_backward(g_hidden * up, gate)
         torch.mul(g_hidden, silu_gate, out=g_gu[:, width : 2 * width])
-        g_normed, grads_gu = state.gate_up.backward(
-            g_gu, normed, xa_gu, lift_gu, state.gate_up.params()
-        )
+        grads_gu = state.gate_up.backward(g_gu, normed, xa_gu, lift_gu, state.gate_up.params())
+        g_normed = state.gate_up.input_grad(g_gu)
         norm = layer.post_attention_layernorm
         g_x = _norm_backward(g_normed, rows, rstd, norm.weight, g_rows)
         return (g_x.view(grad.shape), None, *grads_gu, *grads_down)
