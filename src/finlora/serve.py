@@ -299,7 +299,7 @@ class _Server:
     def info(self) -> dict[str, Any]:
         cfg = self.loaded.cfg
         info: dict[str, Any] = {
-            "run": str(self.loaded.run.root),
+            "run": str(self.loaded.run.root.resolve()),
             "task": cfg.task,
             "model": cfg.model.name,
             "method": cfg.method.name,

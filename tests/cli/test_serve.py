@@ -87,9 +87,19 @@ def test_health_and_info(classify_client: TestClient, classify_run: Path) -> Non
     info = classify_client.get("/info").json()
     assert info["task"] == "classify"
     assert info["labels"] == ["negative", "neutral", "positive"]
-    assert info["run"] == str(classify_run)
+    assert info["run"] == str(classify_run.resolve())
     assert info["endpoints"] == ["/predict", "/analyze"]
     assert info["precision"] == "fp32"
+
+
+def test_info_names_a_run_loaded_by_a_relative_path_absolutely(
+    classify_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client of the server does not share its working directory: "runs/fpb" would not say
+    which run answers."""
+    monkeypatch.chdir(classify_run.parent)
+    info = TestClient(create_app(load_run(Path(classify_run.name)))).get("/info").json()
+    assert info["run"] == str(classify_run.resolve())
 
 
 def test_predict_answers_as_the_library_does(
