@@ -341,10 +341,9 @@ class TrainConfig:
     # Padded tokens per forward/backward pass: a longer batch is split into micro-batches whose
     # gradients add up to the whole batch's (same update), bounding peak activation memory.
     # "auto": 448 in fp32 (the whole FPB run under 2.5 GB; at 512 it peaked at 2.54 GB, and
-    # 1,024 was no faster), 512 under bf16 autocast. There bigger passes are faster (fewer
-    # oneDNN kernel builds: one per new matrix shape), but eager attention's T x T scores grow
-    # memory with the row length: the FPB run peaked at 1.99 GiB at 448, 2.31 GiB (2.48 GB)
-    # at 640 and 2.77 GiB at 1,024, for 235, 191 and 172 s on 2 AMX cores.
+    # 1,024 was no faster), 512 under bf16 autocast. There, with the fused decoder layers, the
+    # FPB run peaked at 2.03-2.08 GiB at 512, 2.23-2.33 GiB (up to 2.50 GB) at 640 and 2.60 GiB
+    # at 1,024, for 199-217, 192-198 and 194 s on 2 AMX cores (stops 17-18).
     max_batch_tokens: int | str | None = "auto"
     # LoRA layers add B·A·x into the base output inside its GEMM (one pass over the output
     # instead of three); same function and state dict as PEFT's layer, which `false` keeps.
