@@ -463,8 +463,20 @@ def _verify_written(check: _Check, reference: Any, written: Any, v: Verification
         )
 
 
-def _verify_gguf(check: _Check, path: Path, reference: Any, v: Verification) -> None:
-    """llama.cpp on the written GGUF against the adapter model, where llama.cpp is installed."""
+# The least share of labels (most likely next tokens) that llama.cpp must score as the adapter
+# model does, by GGUF type. Measured (docs/benchmarks.md): f16 and q8_0 1.000 on FPB labels and
+# 0.997 and 0.973 on instruct next tokens, q5_0 and q4_0 0.969 on 64 FPB labels. A file whose
+# tensors are misnamed or laid out wrong scores near chance, or gives the majority label (60% of
+# FPB) throughout, instead.
+GGUF_AGREEMENT_FLOORS = {"f32": 0.9, "f16": 0.9, "bf16": 0.9, "q8_0": 0.9}
+GGUF_AGREEMENT_FLOOR_FEWER_BITS = 0.75  # q5_*, q4_*
+
+
+def _verify_gguf(
+    check: _Check, path: Path, reference: Any, v: Verification, tensor_type: str
+) -> None:
+    """llama.cpp on the written GGUF against the adapter model, where llama.cpp is installed;
+    an error when they agree less than the GGUF type allows."""
     if not llama_cpp_check.available():
         v.gguf_note = (
             f"the GGUF file itself is unchecked: {llama_cpp_check.INSTALL_HINT} to check it in "
@@ -475,6 +487,14 @@ def _verify_gguf(check: _Check, path: Path, reference: Any, v: Verification) -> 
     v.gguf_checked, v.gguf_n = True, check.n
     v.gguf_agreement, v.gguf_tokens_equal = found.agreement, found.tokens_equal
     v.gguf_max_abs_loglik_diff, v.gguf_accuracy = found.max_abs_loglik_diff, found.accuracy
+    floor = GGUF_AGREEMENT_FLOORS.get(tensor_type, GGUF_AGREEMENT_FLOOR_FEWER_BITS)
+    if found.agreement < floor:
+        raise FinloraError(
+            f"verification failed: in llama.cpp the {tensor_type} GGUF gives the adapter model's "
+            f"{check.agreeing} on only {found.agreement:.1%} of {check.n} {check.unit} (at least "
+            f"{floor:.0%} expected; tokenization equal on {found.tokens_equal:.1%}); nothing "
+            "written (--no-verify writes it unchecked)"
+        )
 
 
 # ---- the checks, by task ------------------------------------------------------------------------
@@ -602,7 +622,7 @@ def export_run(
             written = RELOADERS[options.format](ctx, tmp, merged)
             _verify_written(check, reference, written, v)
             if options.format == "gguf":
-                _verify_gguf(check, tmp / files[0], reference, v)
+                _verify_gguf(check, tmp / files[0], reference, v, options.tensor_type)
         if options.format == "hf":
             # Written after the verification, whose figures it quotes.
             atomic.write_text(tmp / "README.md", _model_card(ctx, options, v))

@@ -248,6 +248,29 @@ def test_a_llama_cpp_that_dies_is_one_error_and_nothing_written(
     assert not (tmp_path / "gguf").exists()
 
 
+def test_a_gguf_llama_cpp_disagrees_with_is_an_error_and_nothing_written(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file llama.cpp reads but scores unlike the adapter model (misnamed or mislaid tensors
+    give about chance, or the majority label throughout) is not written."""
+    from finlora import export as export_module
+    from finlora.models.llama_cpp import Agreement
+
+    monkeypatch.setattr(export_module.llama_cpp_check, "available", lambda: True)
+    found = [Agreement(agreement=7 / 12, tokens_equal=1.0, max_abs_loglik_diff=3.2)]
+    monkeypatch.setattr(export_module._LabelCheck, "gguf", lambda *_: found[0])
+    with pytest.raises(FinloraError, match=r"only 58\.3% of 12 sentences \(at least 90%"):
+        export(run_dir, "gguf", tmp_path / "f16", quant="f16")
+    assert not (tmp_path / "f16").exists()
+    # Fewer bits are allowed more disagreement, down to 75%.
+    found[0] = Agreement(agreement=10 / 12, tokens_equal=1.0, max_abs_loglik_diff=3.2)
+    with pytest.raises(FinloraError, match="at least 90%"):
+        export(run_dir, "gguf", tmp_path / "q8", quant="q8_0")
+    result = export(run_dir, "gguf", tmp_path / "q4", quant="q4_0")
+    assert result.verification.gguf_agreement == 10 / 12
+    assert (tmp_path / "q4" / "finlora_export.json").exists()
+
+
 def test_gguf_reads_back_into_transformers(run_dir: Path, tmp_path: Path) -> None:
     """Tensor names and the Q/K row order, checked by transformers' own GGUF reader."""
     from transformers import AutoModelForCausalLM
