@@ -263,7 +263,7 @@ def _refuse_classification_options(run_dir: Path, given: dict[str, bool]) -> Non
     "--max-new-tokens",
     default=128,
     show_default=True,
-    help="Longest generated answer (instruct runs).",
+    help="Longest generated answer (instruct runs; at most 4096 tokens).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object to stdout.")
 @click.option("--no-progress", is_flag=True)
@@ -675,7 +675,10 @@ def _generation_options(fn: Any) -> Any:
     """The decoding options of generate and chat, handed to the command as `options`."""
     options = [
         click.option(
-            "--max-new-tokens", default=256, show_default=True, help="Longest answer in tokens."
+            "--max-new-tokens",
+            default=256,
+            show_default=True,
+            help="Longest answer in tokens (at most 4096).",
         ),
         click.option(
             "--temperature",

@@ -35,6 +35,12 @@ SEQ2SEQ_VIRTUAL_TOKENS = (
 GREEDY_BELOW = 1e-5
 
 
+# The longest answer one may ask for. A decoder-only model stops at its last position anyway,
+# but an encoder-decoder has no such limit: a model that never writes its end token would run on
+# for as many tokens as asked (hours on a CPU).
+MAX_NEW_TOKENS = 4096
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
     max_new_tokens: int = 256
@@ -44,8 +50,11 @@ class GenerationOptions:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens <= 0:
-            raise FinloraError(f"--max-new-tokens must be positive (got {self.max_new_tokens})")
+        if not 0 < self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise FinloraError(
+                f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS} "
+                f"(got {self.max_new_tokens})"
+            )
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise FinloraError(f"--temperature must be a number >= 0 (got {self.temperature})")
         if not 0 < self.top_p <= 1:  # false for NaN too

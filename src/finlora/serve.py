@@ -42,7 +42,7 @@ from finlora.chat import Write, answer, fit_conversation, instruction_prompt
 from finlora.data.documents import report_text
 from finlora.data.instruct import Message
 from finlora.errors import FinloraError
-from finlora.generate import GenerationOptions, Reply
+from finlora.generate import MAX_NEW_TOKENS, GenerationOptions, Reply
 from finlora.predict import LoadedRun, Prediction
 from finlora.report import analyze
 
@@ -53,7 +53,6 @@ def _ignore(_text: str) -> None:
 
 MAX_TEXTS = 1024  # sentences in one /predict request
 MAX_REPORT_CHARS = 2_000_000  # one /analyze report: a long annual report's text
-MAX_NEW_TOKENS = 4096
 API_KEY_ENV = "FINLORA_API_KEY"
 ROUTES = {
     "classify": ("/predict", "/analyze"),

@@ -127,3 +127,12 @@ def test_a_vanishing_temperature_decodes_greedily(tokenizer: Any) -> None:
         generate_answers(model, tokenizer, PROMPTS, o, progress=False) for o in (greedy, tiny)
     ]
     assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("wanted", [0, -3, 4097, 10**9])
+def test_answers_outside_1_to_4096_tokens_are_refused(wanted: int) -> None:
+    """An encoder-decoder has no last position to stop at: a huge --max-new-tokens would run
+    for as long as the model keeps from writing its end token."""
+    with pytest.raises(FinloraError, match=f"between 1 and 4096 \\(got {wanted}\\)"):
+        GenerationOptions(max_new_tokens=wanted)
+    assert GenerationOptions(max_new_tokens=4096).max_new_tokens == 4096
