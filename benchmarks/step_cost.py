@@ -61,12 +61,10 @@ def main() -> None:
         {"sentences": k, "real_tokens": tokens[k], "seconds": statistics.median(times[k][1:])}
         for k in sizes
     ]
-    xs, ys = [r["real_tokens"] for r in rows], [r["seconds"] for r in rows]
-    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum(
-        (x - mean_x) ** 2 for x in xs
+    fit = statistics.linear_regression(
+        [r["real_tokens"] for r in rows], [r["seconds"] for r in rows]
     )
-    fixed = mean_y - slope * mean_x
+    slope, fixed = fit.slope, fit.intercept
     rate = matmul_rate(path.placement.dtype)
     flops_per_token = 4 * matmul_params(path.model)
     for r in rows:

@@ -98,6 +98,19 @@ def test_command_help(cli: Callable[..., Result], command: str, expected: str) -
     assert expected in result.out
 
 
+@pytest.mark.parametrize("command", ["generate", "chat", "eval"])
+def test_help_states_the_answer_length_limit_generation_enforces(
+    cli: Callable[..., Result], command: str
+) -> None:
+    """The CLI keeps torch out of its start-up, so its help quotes the limit rather than
+    importing it: this keeps the two in step."""
+    from finlora.generate import MAX_NEW_TOKENS
+
+    result = cli(command, "--help")
+    assert result.code == 0
+    assert f"at most {MAX_NEW_TOKENS}" in " ".join(result.out.split())
+
+
 def test_models_text(cli: Callable[..., Result]) -> None:
     result = cli("models")
     assert result.code == 0
