@@ -1,0 +1,206 @@
+"""The MFU a LoRA training pass could reach if everything but its matrix multiplies were free.
+
+    .venv/bin/python benchmarks/gemm_ceiling.py [--model smollm2-135m-instruct] [--r 16]
+        [--rows 128,256,512,1024,2048] [--length 48] [--reps 5] [--json]
+
+For each micro-batch of ROWS tokens (sentences of LENGTH tokens), this runs the matrix
+multiplies of one training pass of finlora's fused decoder layers, and nothing else: per layer,
+forward, the stacked GEMMs that give the frozen projections' outputs and every LoRA x·A at once,
+the block-diagonal B products and the attention's two batched products; backward, the attention's
+four products, the LoRA gradients and the input gradients through W and A. Everything between
+them (norms, rotary embedding, softmax, silu·mul, residual adds, casts, autograd, Python) costs
+nothing here, so the result is a ceiling, and an optimistic one:
+- `distinct weights`: every layer has its own bf16 weights of the model's shapes, as in a real
+  pass (the weights of all layers do not fit in the caches, so each comes from L3 or memory);
+- `one layer's weights`: all layers share one set, which then stays in cache. No real pass can do
+  this; it is the matmuls at their best.
+Activations are shared between layers in both (in cache where they fit), where a real pass
+reads back what each layer saved. All rows count as real tokens (no padding). MFU is reckoned as
+`finlora bench train` does: 4 x the matmul parameters (LoRA's included, the embedding and head
+left out) a token, against the square-matrix rate `matmul_rate` measures in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from finlora.bench import matmul_rate
+from finlora.models.loading import model_config
+
+DTYPE = torch.bfloat16
+
+
+def _rand(*size: int) -> torch.Tensor:
+    return torch.randn(*size, dtype=DTYPE)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """A Llama decoder layer's matmul shapes, with LoRA of rank r on all seven projections."""
+
+    d: int  # hidden size
+    f: int  # MLP width
+    heads: int
+    kv_heads: int
+    head_dim: int
+    layers: int
+    r: int
+
+    @classmethod
+    def of(cls, config: Any, r: int) -> Shapes:
+        heads, d = config.num_attention_heads, config.hidden_size
+        head_dim = getattr(config, "head_dim", None) or d // heads
+        kv_heads, layers = config.num_key_value_heads, config.num_hidden_layers
+        return cls(d, config.intermediate_size, heads, kv_heads, head_dim, layers, r)
+
+    @property
+    def stacks(self) -> dict[str, tuple[int, int, int]]:
+        """(input width, output width, Σ ranks) of each stacked matmul, as `_Stack` builds it."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {
+            "qkv": (self.d, q + 2 * kv, 3 * self.r),
+            "o": (q, self.d, self.r),
+            "gate_up": (self.d, 2 * self.f, 2 * self.r),
+            "down": (self.f, self.d, self.r),
+        }
+
+    def matmul_params(self) -> int:
+        """Frozen projection weights plus LoRA's A and B, all layers (norms are ~0.1% more)."""
+        per_layer = 0
+        for d_in, d_out, ranks in self.stacks.values():
+            per_layer += d_in * d_out + ranks * d_in + self.r * d_out  # W, the As, the Bs
+        return per_layer * self.layers
+
+
+def _stack_weights(shapes: Shapes) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One layer's (stacked weight (out + Σr, in), block-diagonal lift (Σr, out))."""
+    return {
+        name: (_rand(d_out + ranks, d_in), _rand(ranks, d_out))
+        for name, (d_in, d_out, ranks) in shapes.stacks.items()
+    }
+
+
+class Activations:
+    """Inputs and gradient buffers of every matmul, for micro-batches of `rows` tokens."""
+
+    def __init__(self, shapes: Shapes, rows: int, length: int) -> None:
+        s, b = shapes, max(1, rows // length)
+        self.rows, t = b * length, length
+        g = s.heads // s.kv_heads
+        self.inputs = {name: _rand(self.rows, d_in) for name, (d_in, _, _) in s.stacks.items()}
+        self.grads = {
+            name: _rand(self.rows, d_out + ranks) for name, (_, d_out, ranks) in s.stacks.items()
+        }
+        self.q = _rand(b, s.kv_heads, g * t, s.head_dim)
+        self.k, self.v = _rand(b, s.kv_heads, t, s.head_dim), _rand(b, s.kv_heads, t, s.head_dim)
+        self.probs = _rand(b, s.kv_heads, g * t, t)
+
+
+def _stack_forward(x: torch.Tensor, weight: torch.Tensor, lift: torch.Tensor) -> torch.Tensor:
+    y = x @ weight.t()  # (N, out + Σr): base outputs and x·Aᵀ
+    out_total = lift.size(1)
+    y[:, :out_total].addmm_(y[:, out_total:], lift)
+    return y
+
+
+def _stack_backward(
+    grads: torch.Tensor, x: torch.Tensor, xa: torch.Tensor, weight: torch.Tensor, lift: torch.Tensor
+) -> torch.Tensor:
+    out_total = lift.size(1)
+    g_out, g_xa = grads[:, :out_total], grads[:, out_total:]
+    g_xa.addmm_(g_out, lift.t(), beta=0)
+    _ = xa.t() @ g_out  # the Bs' gradients (their blocks of it)
+    _ = g_xa.t() @ x  # every A's gradient
+    return grads @ weight  # the input's gradient through W and A
+
+
+def one_pass(layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]], a: Activations) -> None:
+    """Forward through every layer, then backward through them in reverse: matmuls only."""
+    xa = {}
+    for w in layers:
+        for name in ("qkv", "o", "gate_up", "down"):
+            if name == "o":
+                _ = a.q @ a.k.transpose(-1, -2)  # the scores (B, Hkv, G·T, T)
+                _ = a.probs @ a.v  # the heads' outputs (B, Hkv, G·T, D)
+            weight, lift = w[name]
+            xa[name] = _stack_forward(a.inputs[name], weight, lift)[:, lift.size(1) :]
+    for w in reversed(layers):
+        for name in ("down", "gate_up", "o", "qkv"):
+            weight, lift = w[name]
+            _stack_backward(a.grads[name], a.inputs[name], xa[name], weight, lift)
+            if name == "o":
+                g_heads, g_scores = a.q, a.probs  # stand-ins of the right shapes
+                _ = g_heads @ a.v.transpose(-1, -2)  # the probabilities' gradient
+                _ = a.probs.transpose(-1, -2) @ g_heads  # v's
+                _ = g_scores @ a.k  # q's
+                _ = g_scores.transpose(-1, -2) @ a.q  # k's
+
+
+def _seconds(layers: list[Any], a: Activations, reps: int) -> float:
+    one_pass(layers, a)  # warm-up: oneDNN builds each shape's kernel
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        one_pass(layers, a)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _cell(entry: dict[str, float]) -> str:
+    return f"{entry['tokens_per_s']:.0f} tok/s MFU {entry['mfu']:.1%}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--r", type=int, default=16, help="LoRA rank on all seven projections")
+    parser.add_argument("--rows", default="128,256,512,1024,2048", help="tokens per micro-batch")
+    parser.add_argument("--length", type=int, default=48, help="tokens per sentence")
+    parser.add_argument("--reps", type=int, default=5, help="timed passes per size (median)")
+    parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    args = parser.parse_args()
+    config, _ = model_config(args.model)
+    shapes = Shapes.of(config, args.r)
+    torch.manual_seed(0)
+    distinct = [_stack_weights(shapes) for _ in range(shapes.layers)]
+    shared = [distinct[0]] * shapes.layers
+    flops_per_token = 4 * shapes.matmul_params()
+    rate = matmul_rate(DTYPE)
+    rows = []
+    for m in sorted({int(k) for k in args.rows.split(",")}):
+        a = Activations(shapes, m, args.length)
+        entry: dict[str, Any] = {"rows": a.rows}
+        for key, layers in (("distinct", distinct), ("shared", shared)):
+            seconds = _seconds(layers, a, args.reps)
+            per_s = a.rows / seconds
+            entry[key] = {"tokens_per_s": per_s, "mfu": per_s * flops_per_token / rate}
+        rows.append(entry)
+    rate_after = matmul_rate(DTYPE)
+    result = {
+        "matmul_flops_per_s": rate,
+        "matmul_flops_per_s_after": rate_after,
+        "flops_per_token": flops_per_token,
+        "threads": torch.get_num_threads(),
+        "sizes": rows,
+    }
+    print(
+        f"square bf16 matmul rate {rate / 1e9:.0f} GFLOP/s before, {rate_after / 1e9:.0f} after;"
+        f" {flops_per_token / 1e6:.0f} MFLOP a token"
+    )
+    print(f"{'rows':>6} {'distinct weights':>24} {'one layer weights':>24}")
+    for e in rows:
+        d, s = e["distinct"], e["shared"]
+        print(f"{e['rows']:>6} {_cell(d):>24} {_cell(s):>24}")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
