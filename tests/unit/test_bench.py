@@ -5,9 +5,13 @@ Functional checks only: speed targets live in docs/benchmarks.md, never in timed
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,3 +96,46 @@ def test_matmul_rate_and_peak_memory_are_measured() -> None:
         block = bytearray(64 * 2**20)  # 64 MiB, touched
         block[::4096] = b"x" * len(block[::4096])
     assert peak.peak_mib >= 64
+
+
+def _gemm_ceiling() -> Any:
+    """benchmarks/gemm_ceiling.py as a module (benchmarks/ is scripts, not a package)."""
+    path = Path(__file__).parents[2] / "benchmarks" / "gemm_ceiling.py"
+    spec = importlib.util.spec_from_file_location("gemm_ceiling", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gemm_ceiling_credits_the_flops_bench_credits(tiny_causal_dir: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    gemm = _gemm_ceiling()
+    model = AutoModelForCausalLM.from_pretrained(tiny_causal_dir)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
+    norms = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    shapes = gemm.Shapes.of(model.config, 4)
+    # Every matmul weight of the LoRA model, counted from its shapes alone.
+    assert shapes.matmul_params() == matmul_params(model) - norms
+
+
+def test_gemm_ceiling_runs_and_prints_json(tiny_causal_dir: Path) -> None:
+    script = Path(__file__).parents[2] / "benchmarks" / "gemm_ceiling.py"
+    args = ["--model", str(tiny_causal_dir), "--r", "4", "--rows", "8,16", "--length", "4"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args, "--reps", "1", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [s["rows"] for s in result["sizes"]] == [8, 16]
+    for size in result["sizes"]:
+        for key in ("distinct", "shared"):
+            assert size[key]["tokens_per_s"] > 0
+            assert size[key]["mfu"] > 0
+    assert result["matmul_flops_per_s"] > 0
