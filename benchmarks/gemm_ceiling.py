@@ -14,8 +14,9 @@ nothing here, so the result is a ceiling, and an optimistic one:
   pass (the weights of all layers do not fit in the caches, so each comes from L3 or memory);
 - `one layer's weights`: all layers share one set, which then stays in cache. No real pass can do
   this; it is the matmuls at their best.
-Activations are shared between layers in both (in cache where they fit), where a real pass
-reads back what each layer saved. All rows count as real tokens (no padding). MFU is reckoned as
+- `distinct weights and activations`: every layer also has its own inputs and gradients, as a
+  real pass reads back what each layer saved; the first two share one set (in cache where it
+  fits). All rows count as real tokens (no padding). MFU is reckoned as
 `finlora bench train` does: 4 x the matmul parameters (LoRA's included, the embedding and head
 left out) a token, against the square-matrix rate `matmul_rate` measures in the same run.
 """
@@ -121,20 +122,24 @@ def _stack_backward(
     return grads @ weight  # the input's gradient through W and A
 
 
-def one_pass(layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]], a: Activations) -> None:
-    """Forward through every layer, then backward through them in reverse: matmuls only."""
-    xa = {}
-    for w in layers:
+def one_pass(
+    layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]], acts: list[Activations]
+) -> None:
+    """Forward through every layer, then backward through them in reverse: matmuls only.
+    acts: each layer's activations (one object repeated where they are shared)."""
+    xa = []
+    for w, a in zip(layers, acts, strict=True):
+        xa.append({})
         for name in ("qkv", "o", "gate_up", "down"):
             if name == "o":
                 _ = a.q @ a.k.transpose(-1, -2)  # the scores (B, Hkv, G·T, T)
                 _ = a.probs @ a.v  # the heads' outputs (B, Hkv, G·T, D)
             weight, lift = w[name]
-            xa[name] = _stack_forward(a.inputs[name], weight, lift)[:, lift.size(1) :]
-    for w in reversed(layers):
+            xa[-1][name] = _stack_forward(a.inputs[name], weight, lift)[:, lift.size(1) :]
+    for w, a, saved in zip(reversed(layers), reversed(acts), reversed(xa), strict=True):
         for name in ("down", "gate_up", "o", "qkv"):
             weight, lift = w[name]
-            _stack_backward(a.grads[name], a.inputs[name], xa[name], weight, lift)
+            _stack_backward(a.grads[name], a.inputs[name], saved[name], weight, lift)
             if name == "o":
                 g_heads, g_scores = a.q, a.probs  # stand-ins of the right shapes
                 _ = g_heads @ a.v.transpose(-1, -2)  # the probabilities' gradient
@@ -143,12 +148,12 @@ def one_pass(layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]], a: Acti
                 _ = g_scores.transpose(-1, -2) @ a.q  # k's
 
 
-def _seconds(layers: list[Any], a: Activations, reps: int) -> float:
-    one_pass(layers, a)  # warm-up: oneDNN builds each shape's kernel
+def _seconds(layers: list[Any], acts: list[Activations], reps: int) -> float:
+    one_pass(layers, acts)  # warm-up: oneDNN builds each shape's kernel
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        one_pass(layers, a)
+        one_pass(layers, acts)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -176,9 +181,16 @@ def main() -> None:
     rows = []
     for m in sorted({int(k) for k in args.rows.split(",")}):
         a = Activations(shapes, m, args.length)
+        one_set = [a] * shapes.layers
+        own = [a] + [Activations(shapes, m, args.length) for _ in range(shapes.layers - 1)]
         entry: dict[str, Any] = {"rows": a.rows}
-        for key, layers in (("distinct", distinct), ("shared", shared)):
-            seconds = _seconds(layers, a, args.reps)
+        cases = (
+            ("distinct", distinct, one_set),
+            ("shared", shared, one_set),
+            ("own", distinct, own),
+        )
+        for key, layers, acts in cases:
+            seconds = _seconds(layers, acts, args.reps)
             per_s = a.rows / seconds
             entry[key] = {"tokens_per_s": per_s, "mfu": per_s * flops_per_token / rate}
         rows.append(entry)
@@ -194,10 +206,11 @@ def main() -> None:
         f"square bf16 matmul rate {rate / 1e9:.0f} GFLOP/s before, {rate_after / 1e9:.0f} after;"
         f" {flops_per_token / 1e6:.0f} MFLOP a token"
     )
-    print(f"{'rows':>6} {'distinct weights':>24} {'one layer weights':>24}")
+    heads = ("distinct weights", "one layer's weights", "distinct weights, activations")
+    print(f"{'rows':>6} " + " ".join(f"{h:>30}" for h in heads))
     for e in rows:
-        d, s = e["distinct"], e["shared"]
-        print(f"{e['rows']:>6} {_cell(d):>24} {_cell(s):>24}")
+        cells = " ".join(f"{_cell(e[key]):>30}" for key in ("distinct", "shared", "own"))
+        print(f"{e['rows']:>6} {cells}")
     if args.json:
         print(json.dumps(result))
 

@@ -135,7 +135,7 @@ def test_gemm_ceiling_runs_and_prints_json(tiny_causal_dir: Path) -> None:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert [s["rows"] for s in result["sizes"]] == [8, 16]
     for size in result["sizes"]:
-        for key in ("distinct", "shared"):
+        for key in ("distinct", "shared", "own"):
             assert size[key]["tokens_per_s"] > 0
             assert size[key]["mfu"] > 0
     assert result["matmul_flops_per_s"] > 0
