@@ -1,24 +1,28 @@
 """The MFU a LoRA training pass could reach if everything but its matrix multiplies were free.
 
-    .venv/bin/python benchmarks/gemm_ceiling.py [--model smollm2-135m-instruct] [--r 16]
+    .venv/bin/python benchmarks/gemm_ceiling.py [configs/fpb-smollm2-lora.yaml] [--set ...]
         [--rows 128,256,512,1024,2048] [--length 48] [--reps 5] [--json]
 
 For each micro-batch of ROWS tokens (sentences of LENGTH tokens), this runs the matrix
 multiplies of one training pass of finlora's fused decoder layers, and nothing else: per layer,
 forward, the stacked GEMMs that give the frozen projections' outputs and every LoRA x·A at once,
 the block-diagonal B products and the attention's two batched products; backward, the attention's
-four products, the LoRA gradients and the input gradients through W and A. Everything between
-them (norms, rotary embedding, softmax, silu·mul, residual adds, casts, autograd, Python) costs
+four products, the LoRA gradients and the input gradients through W and A. The shapes are those
+of the fused layers' own stacks for the config's model and LoRA settings, built on the meta
+device (no weights are read); the weights are random bf16. Everything between the matmuls
+(norms, rotary embedding, softmax, silu·mul, residual adds, casts, autograd, Python) costs
 nothing here, so the result is a ceiling, and an optimistic one:
-- `distinct weights`: every layer has its own bf16 weights of the model's shapes, as in a real
-  pass (the weights of all layers do not fit in the caches, so each comes from L3 or memory);
+- `distinct weights`: every layer has its own weights, as in a real pass (the weights of all
+  layers do not fit in the caches, so each comes from L3 or memory);
 - `one layer's weights`: all layers share one set, which then stays in cache. No real pass can do
-  this; it is the matmuls at their best.
-- `distinct weights and activations`: every layer also has its own inputs and gradients, as a
-  real pass reads back what each layer saved; the first two share one set (in cache where it
-  fits). All rows count as real tokens (no padding). MFU is reckoned as
-`finlora bench train` does: 4 x the matmul parameters (LoRA's included, the embedding and head
-left out) a token, against the square-matrix rate `matmul_rate` measures in the same run.
+  this; it is the matmuls at their best;
+- `distinct weights, activations`: every layer also has its own inputs and gradients, as a real
+  pass reads back what each layer saved (the first two cases share one set, in cache where it
+  fits).
+
+All rows count as real tokens (no padding). MFU is reckoned as `finlora bench train` does
+(`matmul_params`: 4 x the parameters of every per-token matmul a token), against the
+square-matrix rate `matmul_rate` measures in the same run.
 """
 
 from __future__ import annotations
@@ -27,81 +31,72 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM
 
-from finlora.bench import matmul_rate
+from finlora.bench import matmul_params, matmul_rate
+from finlora.config import load_config
+from finlora.errors import FinloraError
+from finlora.methods import build_method
+from finlora.models.fused_decoder import _fits, _LayerState
 from finlora.models.loading import model_config
 
 DTYPE = torch.bfloat16
+STACKS = ("qkv", "o", "gate_up", "down")
 
 
 def _rand(*size: int) -> torch.Tensor:
     return torch.randn(*size, dtype=DTYPE)
 
 
-@dataclass(frozen=True)
-class Shapes:
-    """A Llama decoder layer's matmul shapes, with LoRA of rank r on all seven projections."""
+class Layout:
+    """The fused layers' matmul shapes for a config's model and LoRA settings, and the FLOPs
+    `bench` credits a token."""
 
-    d: int  # hidden size
-    f: int  # MLP width
-    heads: int
-    kv_heads: int
-    head_dim: int
-    layers: int
-    r: int
-
-    @classmethod
-    def of(cls, config: Any, r: int) -> Shapes:
-        heads, d = config.num_attention_heads, config.hidden_size
-        head_dim = getattr(config, "head_dim", None) or d // heads
-        kv_heads, layers = config.num_key_value_heads, config.num_hidden_layers
-        return cls(d, config.intermediate_size, heads, kv_heads, head_dim, layers, r)
-
-    @property
-    def stacks(self) -> dict[str, tuple[int, int, int]]:
-        """(input width, output width, Σ ranks) of each stacked matmul, as `_Stack` builds it."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {
-            "qkv": (self.d, q + 2 * kv, 3 * self.r),
-            "o": (q, self.d, self.r),
-            "gate_up": (self.d, 2 * self.f, 2 * self.r),
-            "down": (self.f, self.d, self.r),
+    def __init__(self, config_path: Path | None, overrides: list[str]) -> None:
+        cfg = load_config(config_path, overrides)
+        config, _ = model_config(cfg.model.name, cfg.model.trust_remote_code)
+        with torch.device("meta"):
+            model = build_method(AutoModelForCausalLM.from_config(config), cfg, "causal")
+        layers = [m for m in model.modules() if _fits(m)]
+        if not layers:
+            raise FinloraError(
+                f"gemm_ceiling: no decoder layer of {cfg.model.name} takes the fused path"
+            )
+        state, attn = _LayerState(layers[0]), layers[0].self_attn
+        # (stacked weight rows, input width, output width) as `_Stack` builds them.
+        self.stacks = {
+            name: (*stack.weight.shape, stack.out_total)
+            for name, stack in zip(STACKS, state.stacks, strict=True)
         }
+        self.layers, self.head_dim = len(layers), attn.head_dim
+        self.kv_heads, self.group = config.num_key_value_heads, attn.num_key_value_groups
+        self.flops_per_token = 4 * matmul_params(model)
 
-    def matmul_params(self) -> int:
-        """Frozen projection weights plus LoRA's A and B, all layers (norms are ~0.1% more)."""
-        per_layer = 0
-        for d_in, d_out, ranks in self.stacks.values():
-            per_layer += d_in * d_out + ranks * d_in + self.r * d_out  # W, the As, the Bs
-        return per_layer * self.layers
-
-
-def _stack_weights(shapes: Shapes) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """One layer's (stacked weight (out + Σr, in), block-diagonal lift (Σr, out))."""
-    return {
-        name: (_rand(d_out + ranks, d_in), _rand(ranks, d_out))
-        for name, (d_in, d_out, ranks) in shapes.stacks.items()
-    }
+    def weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """One layer's (stacked weight (out + Σr, in), block-diagonal lift (Σr, out))."""
+        return {
+            name: (_rand(rows, d_in), _rand(rows - d_out, d_out))
+            for name, (rows, d_in, d_out) in self.stacks.items()
+        }
 
 
 class Activations:
     """Inputs and gradient buffers of every matmul, for micro-batches of `rows` tokens."""
 
-    def __init__(self, shapes: Shapes, rows: int, length: int) -> None:
-        s, b = shapes, max(1, rows // length)
-        self.rows, t = b * length, length
-        g = s.heads // s.kv_heads
-        self.inputs = {name: _rand(self.rows, d_in) for name, (d_in, _, _) in s.stacks.items()}
-        self.grads = {
-            name: _rand(self.rows, d_out + ranks) for name, (_, d_out, ranks) in s.stacks.items()
-        }
-        self.q = _rand(b, s.kv_heads, g * t, s.head_dim)
-        self.k, self.v = _rand(b, s.kv_heads, t, s.head_dim), _rand(b, s.kv_heads, t, s.head_dim)
-        self.probs = _rand(b, s.kv_heads, g * t, t)
+    def __init__(self, layout: Layout, rows: int, length: int) -> None:
+        b, t = max(1, rows // length), length
+        d, g, hkv = layout.head_dim, layout.group, layout.kv_heads
+        self.rows = b * t
+        stacks = layout.stacks.items()
+        self.inputs = {name: _rand(self.rows, d_in) for name, (_, d_in, _) in stacks}
+        self.grads = {name: _rand(self.rows, n) for name, (n, _, _) in stacks}
+        self.q = _rand(b, hkv, g * t, d)
+        self.k, self.v = _rand(b, hkv, t, d), _rand(b, hkv, t, d)
+        self.probs = _rand(b, hkv, g * t, t)
 
 
 def _stack_forward(x: torch.Tensor, weight: torch.Tensor, lift: torch.Tensor) -> torch.Tensor:
@@ -164,25 +159,24 @@ def _cell(entry: dict[str, float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--r", type=int, default=16, help="LoRA rank on all seven projections")
+    parser.add_argument("config", type=Path, nargs="?")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--rows", default="128,256,512,1024,2048", help="tokens per micro-batch")
     parser.add_argument("--length", type=int, default=48, help="tokens per sentence")
     parser.add_argument("--reps", type=int, default=5, help="timed passes per size (median)")
     parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
     args = parser.parse_args()
-    config, _ = model_config(args.model)
-    shapes = Shapes.of(config, args.r)
+    layout = Layout(args.config, args.overrides)
     torch.manual_seed(0)
-    distinct = [_stack_weights(shapes) for _ in range(shapes.layers)]
-    shared = [distinct[0]] * shapes.layers
-    flops_per_token = 4 * shapes.matmul_params()
+    distinct = [layout.weights() for _ in range(layout.layers)]
+    shared = [distinct[0]] * layout.layers
+    flops_per_token = layout.flops_per_token
     rate = matmul_rate(DTYPE)
     rows = []
     for m in sorted({int(k) for k in args.rows.split(",")}):
-        a = Activations(shapes, m, args.length)
-        one_set = [a] * shapes.layers
-        own = [a] + [Activations(shapes, m, args.length) for _ in range(shapes.layers - 1)]
+        a = Activations(layout, m, args.length)
+        one_set = [a] * layout.layers
+        own = [a] + [Activations(layout, m, args.length) for _ in range(layout.layers - 1)]
         entry: dict[str, Any] = {"rows": a.rows}
         cases = (
             ("distinct", distinct, one_set),
