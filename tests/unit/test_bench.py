@@ -117,3 +117,28 @@ def test_gemm_ceiling_runs_and_credits_the_flops_bench_credits(tiny_overrides: l
     # loaded model `bench train` times.
     bench = bench_train(None, [*tiny_overrides, "lora.r=4"], n=4, rounds=1)
     assert result["flops_per_token"] == bench["flops_per_token"]
+
+
+def test_compiled_layers_plain_function_matches_the_fused_layers(
+    tiny_overrides: list[str],
+) -> None:
+    """The benchmark's plain layer computes what the fused layers do (fp32: same loss and
+    gradients), so its timings compare like with like."""
+    script = Path(__file__).parents[2] / "benchmarks" / "compiled_layers.py"
+    sets = [arg for o in [*tiny_overrides, "lora.r=4"] for arg in ("--set", o)]
+    done = subprocess.run(
+        [sys.executable, str(script), *sets, "--rows", "24", "--length", "6", "--reps", "1"]
+        + ["--modes", "fused,eager,compiled", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["rows"] == 24 and result["dtype"] == "torch.float32"
+    fused = result["modes"]["fused"]
+    assert fused["grad_norm"] > 0
+    for mode in ("eager", "compiled"):
+        entry = result["modes"][mode]
+        assert entry["loss"] == pytest.approx(fused["loss"], rel=1e-5)
+        assert entry["grad_norm"] == pytest.approx(fused["grad_norm"], rel=1e-4)
+        assert entry["tokens_per_s"] > 0 and entry["mfu"] > 0
