@@ -122,10 +122,10 @@ def test_gemm_ceiling_runs_and_credits_the_flops_bench_credits(tiny_overrides: l
 def test_compiled_layers_plain_function_matches_the_fused_layers(
     tiny_overrides: list[str],
 ) -> None:
-    """The benchmark's plain layer computes what the fused layers do (fp32: same loss and
-    gradients), so its timings compare like with like."""
+    """The benchmark's plain layer computes what the fused layers do (fp32: the same loss and
+    every LoRA gradient's norm), eager and compiled, so its timings compare like with like."""
     script = Path(__file__).parents[2] / "benchmarks" / "compiled_layers.py"
-    sets = [arg for o in [*tiny_overrides, "lora.r=4"] for arg in ("--set", o)]
+    sets = [arg for o in tiny_overrides for arg in ("--set", o)]
     done = subprocess.run(
         [sys.executable, str(script), *sets, "--rows", "24", "--length", "6", "--reps", "1"]
         + ["--modes", "fused,eager,compiled", "--json"],
@@ -136,9 +136,10 @@ def test_compiled_layers_plain_function_matches_the_fused_layers(
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["rows"] == 24 and result["dtype"] == "torch.float32"
     fused = result["modes"]["fused"]
-    assert fused["grad_norm"] > 0
+    # 2 layers x 7 projections, an A and a B each; B starts nonzero, so every one has a say.
+    assert len(fused["grad_norms"]) == 28 and min(fused["grad_norms"]) > 0
     for mode in ("eager", "compiled"):
         entry = result["modes"][mode]
         assert entry["loss"] == pytest.approx(fused["loss"], rel=1e-5)
-        assert entry["grad_norm"] == pytest.approx(fused["grad_norm"], rel=1e-4)
+        assert entry["grad_norms"] == pytest.approx(fused["grad_norms"], rel=1e-4)
         assert entry["tokens_per_s"] > 0 and entry["mfu"] > 0

@@ -67,6 +67,18 @@ def _train_step(
     return loss, grads
 
 
+def _assert_same_gradients(fused: dict[str, torch.Tensor], plain: dict[str, torch.Tensor]) -> None:
+    """Every gradient equal within fp32 rounding, on the scale of its own tensor. The fused
+    GEMMs sum in another order (stacked matrices), and how the BLAS orders its sums differs
+    between CPUs: on an AMD EPYC elements sat up to 1.8e-6 off in tensors whose largest is 0.11,
+    past a bound of 1e-6 + 1e-5 relative near zero. A missed term or a wrong scaling is off by
+    far more than 1e-4 of the tensor's largest element."""
+    assert list(fused) == list(plain)
+    for name, grad in plain.items():
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(fused[name], grad, atol=1e-4 * scale + 1e-9, rtol=0, msg=name)
+
+
 def _relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     diff = sum(float(((a[n] - b[n]) ** 2).sum()) for n in b)
     return (diff / sum(float((g**2).sum()) for g in b.values())) ** 0.5
@@ -95,9 +107,7 @@ def test_fused_layers_give_the_same_loss_and_gradients_in_fp32(
     fused_loss, fused_grads = _train_step(fused, codec, cfg, None)
     assert fused_calls  # the fused path ran
     assert abs(fused_loss - plain_loss) < 1e-6
-    assert list(fused_grads) == list(plain_grads)
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    _assert_same_gradients(fused_grads, plain_grads)
     # Same parameters and values: the frozen weights only moved into the stacked matrices.
     plain_state, fused_state = plain.state_dict(), fused.state_dict()
     assert list(fused_state) == list(plain_state)
@@ -141,8 +151,7 @@ def test_fused_layers_match_under_gradient_checkpointing(
     assert fused_calls
     (plain_loss, plain_grads), (fused_loss, fused_grads) = results
     assert abs(fused_loss - plain_loss) < 1e-6
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    _assert_same_gradients(fused_grads, plain_grads)
 
 
 def test_scoring_and_merging_after_fused_training_use_the_trained_weights(
