@@ -57,6 +57,7 @@ from finlora.models import Placement
 from finlora.models.fused_decoder import _norm_forward, _scaling
 from finlora.models.lean_attention import mask_in, sign_folded
 from finlora.models.loading import model_config
+from finlora.scoring import autocast
 
 # torch.compile's arguments for each compiled mode.
 COMPILED: dict[str, dict[str, Any]] = {
@@ -231,8 +232,7 @@ class Bench:
 
     def fused_pass(self) -> torch.Tensor:
         mask = torch.ones(self.x.shape[:2], dtype=torch.long)
-        enabled = self.placement.dtype is not None
-        with torch.autocast("cpu", self.dtype, enabled=enabled):
+        with autocast(self.placement.device, self.placement.dtype):
             out = self.inner(inputs_embeds=self.x, attention_mask=mask, use_cache=False)
         return self._loss(out.last_hidden_state)
 

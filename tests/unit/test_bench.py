@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,17 +97,24 @@ def test_matmul_rate_and_peak_memory_are_measured() -> None:
     assert peak.peak_mib >= 64
 
 
-def test_gemm_ceiling_runs_and_credits_the_flops_bench_credits(tiny_overrides: list[str]) -> None:
-    script = Path(__file__).parents[2] / "benchmarks" / "gemm_ceiling.py"
-    sets = [arg for o in [*tiny_overrides, "lora.r=4"] for arg in ("--set", o)]
+def _benchmark_json(script: str, overrides: list[str], *args: str) -> dict[str, Any]:
+    """Run benchmarks/SCRIPT with each override as `--set` and `--json`: its last line, parsed."""
+    path = Path(__file__).parents[2] / "benchmarks" / script
+    sets = [arg for o in overrides for arg in ("--set", o)]
     done = subprocess.run(
-        [sys.executable, str(script), *sets, "--rows", "8,16", "--length", "4", "--reps", "1"]
-        + ["--json"],
+        [sys.executable, str(path), *sets, *args, "--json"],
         capture_output=True,
         text=True,
         check=True,
     )
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def test_gemm_ceiling_runs_and_credits_the_flops_bench_credits(tiny_overrides: list[str]) -> None:
+    overrides = [*tiny_overrides, "lora.r=4"]
+    result = _benchmark_json(
+        "gemm_ceiling.py", overrides, "--rows", "8,16", "--length", "4", "--reps", "1"
+    )
     assert [s["rows"] for s in result["sizes"]] == [8, 16]
     for size in result["sizes"]:
         for key in ("distinct", "shared", "own"):
@@ -115,7 +123,7 @@ def test_gemm_ceiling_runs_and_credits_the_flops_bench_credits(tiny_overrides: l
     assert result["matmul_flops_per_s"] > 0
     # The shapes come from a model built on the meta device: the same FLOPs a token as the
     # loaded model `bench train` times.
-    bench = bench_train(None, [*tiny_overrides, "lora.r=4"], n=4, rounds=1)
+    bench = bench_train(None, overrides, n=4, rounds=1)
     assert result["flops_per_token"] == bench["flops_per_token"]
 
 
@@ -124,16 +132,10 @@ def test_compiled_layers_plain_function_matches_the_fused_layers(
 ) -> None:
     """The benchmark's plain layer computes what the fused layers do (fp32: the same loss and
     every LoRA gradient's norm), eager and compiled, so its timings compare like with like."""
-    script = Path(__file__).parents[2] / "benchmarks" / "compiled_layers.py"
-    sets = [arg for o in tiny_overrides for arg in ("--set", o)]
-    done = subprocess.run(
-        [sys.executable, str(script), *sets, "--rows", "24", "--length", "6", "--reps", "1"]
-        + ["--modes", "fused,eager,compiled", "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
+    modes = ("--modes", "fused,eager,compiled")
+    result = _benchmark_json(
+        "compiled_layers.py", tiny_overrides, "--rows", "24", "--length", "6", "--reps", "1", *modes
     )
-    result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["rows"] == 24 and result["dtype"] == "torch.float32"
     fused = result["modes"]["fused"]
     # 2 layers x 7 projections, an A and a B each; B starts nonzero, so every one has a say.
