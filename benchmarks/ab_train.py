@@ -1,7 +1,7 @@
 """Training speed of finlora's path against one changed setting, round by round.
 
     .venv/bin/python benchmarks/ab_train.py configs/fpb-smollm2-lora.yaml \
-        --variant train.fused_lora=false -n 32 --rounds 8
+        --variant speed.fused_lora=false -n 32 --rounds 8
 
 For effects of a few percent on a machine whose speed drifts: the two paths alternate, their
 order reversed every other round (as in `finlora bench`), and the median of the per-round

@@ -1,4 +1,4 @@
-"""Peak resident memory and speed of training against `train.max_batch_tokens`.
+"""Peak resident memory and speed of training against `speed.max_batch_tokens`.
 
     .venv/bin/python benchmarks/bench_memory.py --budget null   # then auto, 1024 (one process each)
 
@@ -40,10 +40,10 @@ def main() -> None:
     parser.add_argument("--budget", default="auto", help="max_batch_tokens: a count, auto or null")
     parser.add_argument("-n", type=int, default=160, help="training sentences")
     parser.add_argument(
-        "--checkpointing", action="store_true", help="train.gradient_checkpointing=true"
+        "--checkpointing", action="store_true", help="speed.gradient_checkpointing=true"
     )
     parser.add_argument(
-        "--every", type=int, default=1, help="train.gradient_checkpointing_every (checkpointing)"
+        "--every", type=int, default=1, help="speed.gradient_checkpointing_every (checkpointing)"
     )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V")
     args = parser.parse_args()
@@ -52,13 +52,13 @@ def main() -> None:
     cfg = load_config(
         RECIPE,
         [
-            f"train.max_batch_tokens={args.budget}",
-            f"train.gradient_checkpointing={str(args.checkpointing).lower()}",
-            f"train.gradient_checkpointing_every={args.every}",
+            f"speed.max_batch_tokens={args.budget}",
+            f"speed.gradient_checkpointing={str(args.checkpointing).lower()}",
+            f"speed.gradient_checkpointing_every={args.every}",
             *args.overrides,
         ],
     )
-    placement = Placement.from_config(cfg.train)
+    placement = Placement.from_config(cfg.train, cfg.speed)
     data = prepare_data(cfg.data, cfg.seed)
     base = load_base_model(cfg.model.name, cfg.model.trust_remote_code, placement.attention)
     codec = LabelCodec(
@@ -66,7 +66,7 @@ def main() -> None:
     )
     model = placement.place(build_method(base.model, cfg, base.kind)).train()
     set_gradient_checkpointing(
-        model, cfg.train.gradient_checkpointing, cfg.train.gradient_checkpointing_every
+        model, cfg.speed.gradient_checkpointing, cfg.speed.gradient_checkpointing_every
     )
     features = [codec.encode(e) for e in data.rows("train")[: args.n]]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -75,7 +75,7 @@ def main() -> None:
         lengths = [len(f.prompt_ids) for f in features]
         for idx in length_grouped_batches(lengths, cfg.train.batch_size, epoch):
             _, real = accumulate_batch(
-                model, codec, [features[i] for i in idx], cfg.train, placement
+                model, codec, [features[i] for i in idx], cfg, placement
             )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

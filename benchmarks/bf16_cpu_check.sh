@@ -9,15 +9,15 @@
 # random weights: speed does not depend on the weights' values. About 4 minutes.
 source "$(dirname "$0")/device_env.sh"
 CPU2="taskset -c 0,1"
-ON_CPU="--set train.device=cpu --set train.threads=2"
+ON_CPU="--set train.device=cpu --set speed.threads=2"
 [ -n "${ISA:-}" ] && export ONEDNN_MAX_CPU_ISA=$ISA
 step "matmul rates, 2 cores (oneDNN ISA: ${ISA:-all})"
 $CPU2 python3 -c "import torch; torch.set_num_threads(2); from finlora.bench import matmul_rate as r; f, b = r(None), r(torch.bfloat16); print(f'fp32 {f/1e9:.0f} GFLOP/s, bf16 {b/1e9:.0f} GFLOP/s, {b/f:.2f}x')"
 step "bench infer, 2 cores"
 timeout 170 $CPU2 $F bench infer configs/fpb-smollm2-lora.yaml $FPB $ON_CPU -n 32 --rounds 2 \
-    --variant train.fuse_projections=false --variant train.cast_norms_once=true \
-    --variant train.attention=sdpa 2>&1 | tail -c 2000 | tee $OUT/bench_infer_cpu2.txt
+    --variant speed.fuse_projections=false --variant speed.cast_norms_once=true \
+    --variant speed.attention=sdpa 2>&1 | tail -c 2000 | tee $OUT/bench_infer_cpu2.txt
 step "bench train, 2 cores"
 timeout 250 $CPU2 $F bench train configs/fpb-smollm2-lora.yaml $FPB $ON_CPU -n 32 --rounds 2 \
-    --variant train.lean_mlp=false 2>&1 | tail -c 2000 | tee $OUT/bench_train_cpu2.txt
+    --variant speed.lean_mlp=false 2>&1 | tail -c 2000 | tee $OUT/bench_train_cpu2.txt
 step done

@@ -9,7 +9,7 @@ Every mode runs one training pass, forward and backward, through all decoder lay
 config's model with its LoRA settings, on one micro-batch of ROWS unpadded tokens (sentences of
 LENGTH tokens), and the loss is a fixed projection of the final norm's output. The model is
 built from its config (random weights; none are read) and placed as training places it (bf16
-frozen weights and autocast where the CPU pays, `train.fused_decoder`):
+frozen weights and autocast where the CPU pays, `speed.fused_decoder`):
 - `fused`: the placed model's own decoder stack, i.e. finlora's hand-written autograd halves
   (the script stops unless every layer runs them). Its pass includes what the model's forward
   does around the layers: the rotary table and the mask;
@@ -183,7 +183,7 @@ class Bench:
     def __init__(self, config: Path | None, overrides: list[str], rows: int, length: int) -> None:
         cfg = load_config(config, overrides)
         model_cfg, _ = model_config(cfg.model.name, cfg.model.trust_remote_code)
-        self.placement = Placement.from_config(cfg.train)
+        self.placement = Placement.from_config(cfg.train, cfg.speed)
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_config(
             model_cfg, attn_implementation=self.placement.attention
@@ -223,7 +223,7 @@ class Bench:
         if halves != len(self.inner.layers):
             raise FinloraError(
                 f"compiled_layers: {halves} of {len(self.inner.layers)} decoder layers ran the"
-                " fused path (it needs eager attention, train.fused_decoder, no LoRA dropout)"
+                " fused path (it needs eager attention, speed.fused_decoder, no LoRA dropout)"
             )
         self.layers = [LayerWeights(layer) for layer in self.inner.layers]
 

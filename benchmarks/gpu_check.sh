@@ -28,7 +28,7 @@ timeout 150 $F bench train configs/fpb-smollm2-lora.yaml $FPB -n 128 --rounds 2 
 step "bench infer on cuda"
 timeout 120 $F bench infer configs/fpb-smollm2-lora.yaml $FPB -n 64 --rounds 1 --json 2>&1 | tail -c 1500 | tee $OUT/bench_infer_cuda.txt
 step "bench train on 2 CPU cores of this host (bf16 if it has avx512_bf16/amx)"
-timeout 200 taskset -c 0,1 $F bench train configs/fpb-smollm2-lora.yaml $FPB --set train.device=cpu --set train.threads=2 -n 32 --rounds 1 --json 2>&1 | tail -c 1500 | tee $OUT/bench_train_cpu2.txt
+timeout 200 taskset -c 0,1 $F bench train configs/fpb-smollm2-lora.yaml $FPB --set train.device=cpu --set speed.threads=2 -n 32 --rounds 1 --json 2>&1 | tail -c 1500 | tee $OUT/bench_train_cpu2.txt
 step "bench infer on 2 CPU cores of this host"
-timeout 170 taskset -c 0,1 $F bench infer configs/fpb-smollm2-lora.yaml $FPB --set train.device=cpu --set train.threads=2 -n 32 --rounds 1 --json 2>&1 | tail -c 1500 | tee $OUT/bench_infer_cpu2.txt
+timeout 170 taskset -c 0,1 $F bench infer configs/fpb-smollm2-lora.yaml $FPB --set train.device=cpu --set speed.threads=2 -n 32 --rounds 1 --json 2>&1 | tail -c 1500 | tee $OUT/bench_infer_cpu2.txt
 step done

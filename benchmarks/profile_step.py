@@ -47,9 +47,9 @@ def main() -> None:
             r = _finlora_train_round(s, path, optimizer, 1)
         print(f"\n=== training round: {r.units} real tokens in {r.seconds:.2f} s")
         print(_table(prof, args.rows, args.shapes))
-    if path.cfg.train.merge_for_inference:
+    if path.cfg.speed.merge_for_inference:
         path.model = merged_for_inference(path.model)
-    if path.cfg.train.fuse_projections:
+    if path.cfg.speed.fuse_projections:
         fuse_projections(path.model)  # as prediction runs (and `bench infer`)
     path.model.eval()
     _finlora_infer_round(s, path, 0)  # warm-up

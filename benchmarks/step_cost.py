@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object on the last line")
     args = parser.parse_args()
     sizes = sorted({int(k) for k in args.sizes.split(",")})
-    s = setup(args.config, [*args.overrides, "train.max_batch_tokens=null"], args.n)
+    s = setup(args.config, [*args.overrides, "speed.max_batch_tokens=null"], args.n)
     path = s.paths["finlora"]
     path.model.train()
     features = [
@@ -53,7 +53,7 @@ def main() -> None:
     for _ in range(args.reps + 1):  # the first repetition builds each size's kernels
         for k in sizes:
             start = time.perf_counter()
-            _, tokens[k] = accumulate_batch(path.model, path.codec, pool[:k], path.cfg.train,
+            _, tokens[k] = accumulate_batch(path.model, path.codec, pool[:k], path.cfg,
                                             path.placement)  # fmt: skip
             times[k].append(time.perf_counter() - start)
             path.model.zero_grad(set_to_none=True)

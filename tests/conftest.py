@@ -197,13 +197,13 @@ def csv_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # Small and fast: fp32 on the CPU, rank-4 LoRA, a few steps.
 TINY_OVERRIDES = [
-    "train.threads=1",
+    "speed.threads=1",
     "train.epochs=2",  # the tiny fixture's steps (max_steps) span two epochs of its data
     "train.max_steps=4",
     "train.precision=fp32",
     "train.device=cpu",
     "train.batch_size=8",
-    "train.eval_batch_size=16",
+    "speed.eval_batch_size=16",
     "train.log_every=1",
     "lora.r=4",
     "lora.lora_alpha=8",

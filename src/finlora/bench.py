@@ -63,7 +63,7 @@ def matmul_params(model: Any) -> int:
     the output head.
 
     finlora applies the head only at label positions, so it is left out whether it is tied to
-    the embeddings (SmolLM2) or holds its own weight (untied by `train.bf16_head`, or a model
+    the embeddings (SmolLM2) or holds its own weight (untied by `speed.bf16_head`, or a model
     built untied); LoRA costs ~4 x this many FLOPs per token (forward plus the backward pass
     for activations, with no gradients for the frozen weights).
     """
@@ -97,7 +97,7 @@ class FinloraPath:
 class BenchSetup:
     cfg: RunConfig
     classic: Any  # the classic recipe's model: fp32 weights, SDPA attention, LoRA dropout 0.05
-    paths: dict[str, FinloraPath]  # "finlora", then one per variant ("train.fused_lora=false")
+    paths: dict[str, FinloraPath]  # "finlora", then one per variant ("speed.fused_lora=false")
     tokenizer: Any
     codec: LabelCodec  # the base config's, for the classic path's prompts
     texts: list[str]
@@ -116,7 +116,7 @@ def _model(cfg: RunConfig, attention: str | None) -> tuple[Any, Any]:
 
 
 def _finlora_path(cfg: RunConfig, labels: list[str]) -> tuple[FinloraPath, Any]:
-    placement = Placement.from_config(cfg.train)
+    placement = Placement.from_config(cfg.train, cfg.speed)
     base, model = _model(cfg, placement.attention)
     codec = LabelCodec.for_data(base.tokenizer, cfg.data, labels, base.kind)
     return FinloraPath(cfg, placement.place(model), codec, placement), base
@@ -129,10 +129,10 @@ SHARED_KEYS = ("data.", "model.", "task", "seed")
 def _check_variant(variant: str) -> None:
     key = variant.split("=", 1)[0].strip()
     if "=" not in variant or not key:
-        example = "e.g. train.fused_lora=false"
+        example = "e.g. speed.fused_lora=false"
         raise FinloraError(f"--variant {variant!r}: expected KEY=VALUE, {example}")
-    if key == "train.threads":
-        raise FinloraError("bench: threads are process-wide; run once per train.threads")
+    if key in ("speed.threads", "train.threads"):
+        raise FinloraError("bench: threads are process-wide; run once per speed.threads")
     if key.startswith(SHARED_KEYS):
         raise FinloraError(
             f"--variant {variant!r}: every path runs on the same data and model; "
@@ -214,18 +214,18 @@ def _classic_train_round(s: BenchSetup, optimizer: torch.optim.Optimizer) -> Rou
 def _finlora_train_round(
     s: BenchSetup, p: FinloraPath, optimizer: torch.optim.Optimizer, seed: int
 ) -> Round:
-    tc = p.cfg.train
+    tc, speed = p.cfg.train, p.cfg.speed
     features = [
         p.codec.encode(_example(t, p.codec.labels[y]))
         for t, y in zip(s.texts, s.labels, strict=True)
     ]
     r = Round()
     for idx in length_grouped_batches(
-        [len(f.prompt_ids) for f in features], tc.batch_size, seed, tc.group_by_length
+        [len(f.prompt_ids) for f in features], tc.batch_size, seed, speed.group_by_length
     ):
         start = time.perf_counter()
         _, real_tokens = accumulate_batch(
-            p.model, p.codec, [features[i] for i in idx], tc, p.placement
+            p.model, p.codec, [features[i] for i in idx], p.cfg, p.placement
         )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -357,12 +357,12 @@ def _finlora_infer_round(s: BenchSetup, p: FinloraPath, _round: int) -> Round:
         p.model,
         p.codec,
         s.texts,
-        batch_size=p.cfg.train.eval_batch_size,
+        batch_size=p.cfg.speed.eval_batch_size,
         device=p.placement.device,
         dtype=p.placement.dtype,
-        fast=p.cfg.train.label_logits_only,
-        shared_prompt=p.cfg.train.shared_prompt_scoring,
-        trim_padding=p.cfg.train.trim_padding,
+        fast=p.cfg.speed.label_logits_only,
+        shared_prompt=p.cfg.speed.shared_prompt_scoring,
+        trim_padding=p.cfg.speed.trim_padding,
         progress=False,
     )
     return Round(time.perf_counter() - start, len(s.texts))
@@ -380,9 +380,9 @@ def bench_infer(
     s.classic.eval()
     runs: dict[str, Callable[[int], Round]] = {"classic": lambda i: _classic_infer_round(s)}
     for name, p in s.paths.items():
-        if p.cfg.train.merge_for_inference:
+        if p.cfg.speed.merge_for_inference:
             p.model = merged_for_inference(p.model)
-        if p.cfg.train.fuse_projections:
+        if p.cfg.speed.fuse_projections:
             fuse_projections(p.model)
         p.model.eval()
         runs[name] = functools.partial(_finlora_infer_round, s, p)

@@ -946,7 +946,7 @@ def bench_train(
     \b
     Example:
       finlora bench train configs/fpb-smollm2-lora.yaml -n 64 --rounds 2 --json
-      finlora bench train configs/fpb-smollm2-lora.yaml --variant train.fused_lora=false
+      finlora bench train configs/fpb-smollm2-lora.yaml --variant speed.fused_lora=false
     """
     from finlora.bench import bench_train as run
 

@@ -1,8 +1,8 @@
 """Typed run configuration: YAML recipes, dotted `--set key=value` overrides, validation.
 
-One dataclass per concern (model, data, method, train, and one section of options per tuning
-method: lora, prefix, prompt, ptuning, ia3, freeze, full). Each validates itself where it is built,
-and every error names the dotted key and what was allowed, e.g.
+One dataclass per concern (model, data, method, train, speed, and one section of options per
+tuning method: lora, prefix, prompt, ptuning, ia3, freeze, full). Each validates itself where it
+is built, and every error names the dotted key and what was allowed, e.g.
 `config: lora.r must be a positive integer (got 0)`.
 """
 
@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -314,7 +315,42 @@ class TrainConfig:
     # "auto": bf16 autocast where the hardware has bf16 instructions and, on a CPU, its bf16
     # matmuls measure faster than fp32's; else fp32.
     precision: str = "auto"
-    # Speed switches (issue 3); each one leaves the loss and the scores unchanged.
+    checkpoint_every: int = 200
+    log_every: int = 10
+
+    def validate(self, prefix: str) -> None:
+        positive = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "checkpoint_every": self.checkpoint_every,
+            "log_every": self.log_every,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                _fail(f"{prefix}.{name}", f"must be a positive integer (got {value})")
+        if self.max_steps is not None and self.max_steps <= 0:
+            _fail(
+                f"{prefix}.max_steps", f"must be a positive integer or null (got {self.max_steps})"
+            )
+        if self.learning_rate <= 0:
+            _fail(f"{prefix}.learning_rate", f"must be positive (got {self.learning_rate})")
+        if self.max_grad_norm <= 0:  # clipping to a negative norm would climb the loss
+            _fail(f"{prefix}.max_grad_norm", f"must be positive (got {self.max_grad_norm})")
+        if self.weight_decay < 0:
+            _fail(f"{prefix}.weight_decay", f"must be >= 0 (got {self.weight_decay})")
+        _check_fraction(f"{prefix}.warmup_ratio", self.warmup_ratio, allow_zero=True)
+        if self.device not in DEVICES:
+            _fail(f"{prefix}.device", f"must be one of {', '.join(DEVICES)} (got {self.device!r})")
+        if self.precision not in PRECISIONS:
+            allowed = ", ".join(PRECISIONS)
+            _fail(f"{prefix}.precision", f"must be one of {allowed} (got {self.precision!r})")
+
+
+@dataclass
+class SpeedConfig:
+    """How a run computes: switches that leave the loss and the scores unchanged."""
+
     group_by_length: bool = True
     # Scoring (validation, eval, predict): cut the sentences, sorted by length, into batches where
     # their lengths jump, when that saves more padded tokens than a pass costs. Same scores.
@@ -378,48 +414,18 @@ class TrainConfig:
     # Prediction and evaluation stack the projections that read one input (q, k, v; gate, up)
     # into one matmul each, without copying a weight. Same scores to float rounding.
     fuse_projections: bool = True
-    checkpoint_every: int = 200
-    log_every: int = 10
     eval_batch_size: int = 32
 
     def validate(self, prefix: str) -> None:
-        positive = {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "grad_accum": self.grad_accum,
-            "checkpoint_every": self.checkpoint_every,
-            "log_every": self.log_every,
-            "eval_batch_size": self.eval_batch_size,
-            "gradient_checkpointing_every": self.gradient_checkpointing_every,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                _fail(f"{prefix}.{name}", f"must be a positive integer (got {value})")
-        if self.max_steps is not None and self.max_steps <= 0:
-            _fail(
-                f"{prefix}.max_steps", f"must be a positive integer or null (got {self.max_steps})"
-            )
+        for name in ("eval_batch_size", "gradient_checkpointing_every"):
+            _check_positive(f"{prefix}.{name}", getattr(self, name))
         budget = self.max_batch_tokens
         too_small = isinstance(budget, int) and budget < 16
         if too_small or (isinstance(budget, str) and budget != "auto"):
             _fail(f"{prefix}.max_batch_tokens", f"must be at least 16, auto or null (got {budget})")
         if self.threads is not None and self.threads <= 0:
             _fail(f"{prefix}.threads", f"must be a positive integer or null (got {self.threads})")
-        if self.learning_rate <= 0:
-            _fail(f"{prefix}.learning_rate", f"must be positive (got {self.learning_rate})")
-        if self.max_grad_norm <= 0:  # clipping to a negative norm would climb the loss
-            _fail(f"{prefix}.max_grad_norm", f"must be positive (got {self.max_grad_norm})")
-        if self.weight_decay < 0:
-            _fail(f"{prefix}.weight_decay", f"must be >= 0 (got {self.weight_decay})")
-        _check_fraction(f"{prefix}.warmup_ratio", self.warmup_ratio, allow_zero=True)
-        if self.device not in DEVICES:
-            _fail(f"{prefix}.device", f"must be one of {', '.join(DEVICES)} (got {self.device!r})")
-        if self.attention not in ATTENTIONS:
-            allowed = ", ".join(ATTENTIONS)
-            _fail(f"{prefix}.attention", f"must be one of {allowed} (got {self.attention!r})")
-        if self.precision not in PRECISIONS:
-            allowed = ", ".join(PRECISIONS)
-            _fail(f"{prefix}.precision", f"must be one of {allowed} (got {self.precision!r})")
+        _check_choice(f"{prefix}.attention", self.attention, ATTENTIONS)
 
 
 # classify: a label per text (scored label tokens or a head); instruct: instruction -> answer
@@ -443,6 +449,7 @@ class RunConfig:
     freeze: FreezeSection = field(default_factory=FreezeSection)
     full: FullSection = field(default_factory=FullSection)
     train: TrainConfig = field(default_factory=TrainConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def validate(self, prefix: str) -> None:
         _check_choice("task", self.task, TASKS)
@@ -590,6 +597,61 @@ def _plain_data_options(section: Any) -> Any:
     return section
 
 
+# The speed switches were `train.` settings before the `speed:` section; recipes, `--set` flags
+# and the config.yaml of runs trained then still spell them so.
+SPEED_KEYS = frozenset(f.name for f in dataclasses.fields(SpeedConfig))
+
+
+def _note_moved(keys: list[str]) -> None:
+    if keys:
+        names = ", ".join(f"train.{k}" for k in keys)
+        print(
+            f"finlora: config: {names} moved to speed.* (old spelling still read)", file=sys.stderr
+        )
+
+
+def _both_spellings(key: str) -> typing.NoReturn:
+    _fail(
+        f"train.{key}",
+        f"and speed.{key} are both set (train.{key} is the old spelling); keep speed.{key}",
+    )
+
+
+def _moved_speed_keys(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`data` with its `train.<speed key>` settings moved under `speed`, and the keys moved."""
+    train = data.get("train")
+    old = [k for k in train if k in SPEED_KEYS] if isinstance(train, dict) else []
+    if not old:
+        return data, []
+    assert isinstance(train, dict)
+    speed = data.get("speed")
+    if speed is not None and not isinstance(speed, dict):
+        _fail("speed", f"must be a mapping (got {speed!r})")
+    speed = dict(speed or {})
+    for key in old:
+        if key in speed:
+            _both_spellings(key)
+        speed[key] = train[key]
+    rest = {k: v for k, v in train.items() if k not in SPEED_KEYS}
+    return {**data, "train": rest, "speed": speed}, old
+
+
+def _moved_speed_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """`--set` items with `train.<speed key>` spelled `speed.<key>`, and the keys moved."""
+    given = {item.partition("=")[0].strip() for item in overrides}
+    result, old = [], []
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        name = key.strip().removeprefix("train.")
+        if key.strip().startswith("train.") and name in SPEED_KEYS:
+            if f"speed.{name}" in given:
+                _both_spellings(name)
+            old.append(name)
+            item = f"speed.{name}{eq}{value}"
+        result.append(item)
+    return result, old
+
+
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Build and validate a RunConfig; raises FinloraError naming the offending key."""
     data_section = data.get("data")
@@ -600,6 +662,8 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
         # names none means the model's own chat template.
         data = {**data, "data": {**(data_section or {}), "template": INSTRUCT_TEMPLATE}}
     data = {**data, "data": _plain_data_options(data.get("data"))}
+    data, moved = _moved_speed_keys(data)
+    _note_moved(moved)
     cfg = typing.cast(RunConfig, _build(RunConfig, data, ""))
     _check_method_sections(data, cfg.method.name)
     return cfg
@@ -629,10 +693,16 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=value` overrides to a nested dict (a copy is returned)."""
+    """Apply `a.b=value` overrides to a nested dict (a copy is returned).
+
+    Speed settings given under `train` (their old place), in `data` or in `overrides`, move
+    to `speed`, with one note on stderr naming them.
+    """
     import copy
 
-    result = copy.deepcopy(data)
+    result, moved = _moved_speed_keys(copy.deepcopy(data))
+    overrides, flagged = _moved_speed_overrides(overrides)
+    _note_moved(moved + [k for k in flagged if k not in moved])
     for item in overrides:
         parts, value = _parse_override(item)
         node = result
@@ -698,17 +768,18 @@ def _switch_method(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load_config(path: Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML recipe (or the defaults when `path` is None) and apply `--set` overrides."""
+    overrides = overrides or []
     data = read_yaml(path) if path is not None else {}
-    data = apply_overrides(_switch_method(data, overrides or []), overrides or [])
     try:
-        return config_from_dict(data)
+        return config_from_dict(apply_overrides(_switch_method(data, overrides), overrides))
     except FinloraError as exc:
         # Name the file only for what the file set: a bad --set value is the flag's.
-        keys = {item.partition("=")[0].strip() for item in overrides or []}
+        keys = {item.partition("=")[0].strip() for item in overrides}
+        keys |= {f"speed.{k.removeprefix('train.')}" for k in keys if k.startswith("train.")}
         message = str(exc)
         from_flags = any(
             message.startswith((f"config: {k} ", f"config: unknown key '{k}'")) for k in keys
         )
-        if path is None or from_flags:
+        if path is None or from_flags or message.startswith("--set "):
             raise
         raise FinloraError(f"{path}: {exc}") from None

@@ -54,10 +54,10 @@ def _perplexity(loaded: LoadedRun, records: list[InstructRecord]) -> tuple[float
         loaded.model,
         loaded.codec,
         features,
-        loaded.cfg.train.eval_batch_size,
+        loaded.cfg.speed.eval_batch_size,
         loaded.device,
         loaded.dtype,
-        loaded.cfg.train.label_logits_only,
+        loaded.cfg.speed.label_logits_only,
     )
     return math.exp(min(nll / count, 700.0)), count, len(features)
 
@@ -80,7 +80,7 @@ def evaluate_instruct(
         loaded.codec.tokenizer,
         prompts,
         GenerationOptions(max_new_tokens=max_new_tokens),
-        batch_size=loaded.cfg.train.eval_batch_size,
+        batch_size=loaded.cfg.speed.eval_batch_size,
         device=loaded.device,
         dtype=loaded.dtype,
         progress=progress,

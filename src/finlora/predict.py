@@ -64,12 +64,12 @@ class LoadedRun:
             self.model,
             self.codec,
             texts,
-            batch_size=self.cfg.train.eval_batch_size,
+            batch_size=self.cfg.speed.eval_batch_size,
             device=self.device,
             dtype=self.dtype,
-            fast=self.cfg.train.label_logits_only,
-            shared_prompt=self.cfg.train.shared_prompt_scoring,
-            trim_padding=self.cfg.train.trim_padding,
+            fast=self.cfg.speed.label_logits_only,
+            shared_prompt=self.cfg.speed.shared_prompt_scoring,
+            trim_padding=self.cfg.speed.trim_padding,
             progress=progress,
         )
 
@@ -110,7 +110,7 @@ def load_run(run_dir: Path, zero_shot: bool = False) -> LoadedRun:
             f"{run.root}: an encoder's classification head is trained by the run, so its base "
             "model has no zero-shot answer (only a random head)"
         )
-    placement = Placement.from_config(cfg.train)
+    placement = Placement.from_config(cfg.train, cfg.speed)
     base = load_base_model(
         cfg.model.name,
         cfg.model.trust_remote_code,
@@ -122,10 +122,10 @@ def load_run(run_dir: Path, zero_shot: bool = False) -> LoadedRun:
     model = base.model
     if not zero_shot:
         model = load_adapter(model, cfg, base.kind, run.adapter)
-        if cfg.train.merge_for_inference:
+        if cfg.speed.merge_for_inference:
             model = merged_for_inference(model)
     model = placement.place(model).eval()
-    if cfg.train.fuse_projections:
+    if cfg.speed.fuse_projections:
         fuse_projections(model)
     codec: Any
     if cfg.task == "instruct":

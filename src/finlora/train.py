@@ -29,7 +29,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from finlora import atomic
 from finlora.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
-from finlora.config import RunConfig, TrainConfig, apply_overrides, config_from_dict, read_yaml
+from finlora.config import RunConfig, apply_overrides, config_from_dict, read_yaml
 from finlora.data.prepare import PreparedData, PreparedInstruct, prepare_data, prepare_instruct
 from finlora.data.split import conflicting_labels
 from finlora.distributed import World
@@ -105,17 +105,17 @@ RESUME_FIXED = {
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
-    """The config a stopped run was started with, plus `--set` overrides of `train.` settings
-    that do not change what it learns (e.g. more epochs or steps)."""
+    """The config a stopped run was started with, plus `--set` overrides of `train.` and
+    `speed.` settings that do not change what it learns (e.g. more epochs or steps)."""
     run = RunDir(run_dir)
     if not run.config.is_file():
         raise FinloraError(f"{run_dir}: nothing to resume (no config.yaml)")
     for item in overrides:
         key = item.partition("=")[0].strip()
-        if not key.startswith("train.") or key in RESUME_FIXED:
+        if not key.startswith(("train.", "speed.")) or key in RESUME_FIXED:
             raise FinloraError(
                 f"--set {key}: a resumed run keeps the settings it started with; only "
-                "train. settings such as train.epochs or train.max_steps may change "
+                "train. and speed. settings such as train.epochs or train.max_steps may change "
                 "(start a new run to change the rest)"
             )
     return config_from_dict(apply_overrides(read_yaml(run.config), overrides))
@@ -176,7 +176,7 @@ def _features(codec: Any, rows: list[Any], split: str, log: Log) -> list[Any]:
 
 def _setup(cfg: RunConfig, log: Log) -> _Setup:
     data = _prepare(cfg)
-    placement = Placement.from_config(cfg.train)
+    placement = Placement.from_config(cfg.train, cfg.speed)
     start = time.perf_counter()
     # Seeded before loading: an encoder classifier's new head is drawn while it loads.
     torch.manual_seed(cfg.seed)
@@ -269,7 +269,7 @@ def validate(model: Any, s: _Setup, fast: bool, world: World | None = None) -> d
             model,
             s.codec,
             [s.validation[i] for i in mine],
-            s.cfg.train.eval_batch_size,
+            s.cfg.speed.eval_batch_size,
             s.device,
             s.dtype,
             fast,
@@ -284,10 +284,10 @@ def validate(model: Any, s: _Setup, fast: bool, world: World | None = None) -> d
     with autocast(s.device, s.dtype):
         prompts = [s.validation[i].prompt_ids for i in mine]
         lengths = [len(p) for p in prompts]
-        tc = s.cfg.train
-        for idx in inference_batches(lengths, tc.eval_batch_size, tc.trim_padding):
+        speed = s.cfg.speed
+        for idx in inference_batches(lengths, speed.eval_batch_size, speed.trim_padding):
             chunk = [prompts[i] for i in idx]
-            shared = tc.shared_prompt_scoring
+            shared = speed.shared_prompt_scoring
             scores = label_loglik(model, s.codec, chunk, fast, s.device, shared)
             loglik[[mine[i] for i in idx]] = scores.double().cpu()
     model.train()
@@ -315,7 +315,7 @@ def _selection_score(metrics: dict[str, float]) -> float | None:
 def _end_epoch(
     model: Any, s: _Setup, run: RunDir, progress: Progress, log: Log, world: World
 ) -> dict[str, Any]:
-    metrics = validate(model, s, s.cfg.train.label_logits_only, world)
+    metrics = validate(model, s, s.cfg.speed.label_logits_only, world)
     train_loss = progress.epoch_loss_sum / max(progress.epoch_loss_count, 1)
     row: dict[str, Any] = {
         "kind": "epoch",
@@ -352,14 +352,14 @@ def accumulate_batch(
     model: Any,
     codec: LabelCodec | InstructCodec,
     features: list[Any],
-    tc: TrainConfig,
+    cfg: RunConfig,
     placement: Placement,
     world: World | None = None,
 ) -> tuple[float, int]:
     """Accumulate one batch's gradients; returns its mean target-token loss and real tokens.
 
     Targets are the label tokens (classify) or the answer tokens (instruct). The batch runs in
-    micro-batches of at most `tc.max_batch_tokens` padded tokens ("auto": by precision). Each
+    micro-batches of at most `speed.max_batch_tokens` padded tokens ("auto": by precision). Each
     micro-batch's mean loss is weighted by its share of the batch's target tokens, so the
     summed gradients equal those of the whole batch at once. Under several processes, this
     one takes its rows of the batch (`World.rows`) with the same weights, and the loss and
@@ -376,12 +376,12 @@ def accumulate_batch(
     # and a training pass has so many operators (backward included) that two more passes cost
     # more than the ~10% of padding they would save, measured on fp32 and bf16 CPUs.
     # A process may have no rows of a short last batch: then no chunk, and zeros to the sum.
-    for chunk in token_budget_chunks(widths, placement.batch_tokens(tc.max_batch_tokens)):
+    for chunk in token_budget_chunks(widths, placement.batch_tokens(cfg.speed.max_batch_tokens)):
         batch = codec.training_batch([features[i] for i in chunk]).to(placement.device)
         share = sum(label_tokens[i] for i in chunk) / total_targets
         with autocast(placement.device, placement.dtype):
-            loss = loss_fn(model, batch, codec.kind, tc.label_logits_only) * share
-        (loss / tc.grad_accum).backward()
+            loss = loss_fn(model, batch, codec.kind, cfg.speed.label_logits_only) * share
+        (loss / cfg.train.grad_accum).backward()
         loss_sum += loss.item()
         real += batch.real_tokens
     loss_sum, whole = world.sum([loss_sum, real], placement.device)
@@ -439,7 +439,9 @@ def _train(
 ) -> TrainResult:
     cfg, tc = s.cfg, s.cfg.train
     model = s.placement.place(s.model)
-    set_gradient_checkpointing(model, tc.gradient_checkpointing, tc.gradient_checkpointing_every)
+    set_gradient_checkpointing(
+        model, cfg.speed.gradient_checkpointing, cfg.speed.gradient_checkpointing_every
+    )
     world.broadcast_trainable(model)
     trainable, total = trainable_parameters(model)
     processes = f" x {world.size} processes" if world.distributed else ""
@@ -495,11 +497,11 @@ def _train(
     done = progress.step >= total_steps
     while not done and progress.epoch < tc.epochs:
         batches = length_grouped_batches(
-            lengths, tc.batch_size, cfg.seed + progress.epoch, tc.group_by_length
+            lengths, tc.batch_size, cfg.seed + progress.epoch, cfg.speed.group_by_length
         )
         for bi in range(progress.batch_in_epoch, len(batches)):
             loss, real_tokens = accumulate_batch(
-                model, s.codec, [s.train[i] for i in batches[bi]], tc, s.placement, world
+                model, s.codec, [s.train[i] for i in batches[bi]], cfg, s.placement, world
             )
             if not math.isfinite(loss):
                 raise FinloraError(

@@ -45,7 +45,7 @@ def test_minilm_lora_trains_and_reloads_exactly(
             "train.batch_size=8",
             "train.learning_rate=2e-3",
             "train.precision=fp32",
-            "train.merge_for_inference=false",  # reload as trained: an exact comparison
+            "speed.merge_for_inference=false",  # reload as trained: an exact comparison
             "lora.r=8",
             "lora.lora_alpha=16",
         ],

@@ -35,7 +35,7 @@ def test_method_on_smollm2_reloads_exactly(
             "train.batch_size=4",
             "train.log_every=1",
             "train.precision=fp32",  # exact comparison on any CPU
-            "train.merge_for_inference=false",  # reload as trained: an exact comparison
+            "speed.merge_for_inference=false",  # reload as trained: an exact comparison
             f"method.name={method}",
             *SMALL.get(method, []),
         ],

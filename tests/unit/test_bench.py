@@ -33,7 +33,7 @@ def test_bench_train_reports_both_paths(tiny_overrides: list[str]) -> None:
 
 
 def test_bench_times_variants_beside_both_paths(tiny_overrides: list[str]) -> None:
-    variant = "train.fused_lora=false"
+    variant = "speed.fused_lora=false"
     result = bench_train(None, tiny_overrides, n=8, rounds=1, variants=[variant])
     entry = result["variants"][variant]
     assert entry["real_tokens"] == result["finlora"]["real_tokens"]
@@ -49,10 +49,10 @@ def test_bench_times_variants_beside_both_paths(tiny_overrides: list[str]) -> No
 @pytest.mark.parametrize(
     ("variant", "message"),
     [
-        ("train.threads=1", "threads are process-wide"),
+        ("speed.threads=1", "threads are process-wide"),
         ("data.path=other.csv", "same data and model"),  # the sentences are shared
         ("model.name=x", "same data and model"),
-        ("train.fused_lora", "--variant 'train.fused_lora': expected KEY=VALUE"),
+        ("speed.fused_lora", "--variant 'speed.fused_lora': expected KEY=VALUE"),
         ("train.batch_size=abc", "--variant 'train.batch_size=abc': config: train.batch_size"),
     ],
 )
@@ -79,7 +79,7 @@ def test_matmul_params_leaves_out_the_embedding_and_the_head(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(tiny_causal_dir)
-    config.tie_word_embeddings = tied  # untied, as `train.bf16_head` leaves SmolLM2's head
+    config.tie_word_embeddings = tied  # untied, as `speed.bf16_head` leaves SmolLM2's head
     model = AutoModelForCausalLM.from_config(config)
     embedding = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight

@@ -51,7 +51,7 @@ def test_overrides_are_typed() -> None:
             "train.epochs=3",
             "train.learning_rate=0.0001",
             "train.max_steps=null",
-            "train.group_by_length=false",
+            "speed.group_by_length=false",
             "lora.target_modules=[q_proj,v_proj]",
             "lora.lora_dropout=0",
             "data.label_map=0=negative,1=positive",
@@ -62,7 +62,7 @@ def test_overrides_are_typed() -> None:
     assert cfg.train.epochs == 3 and type(cfg.train.epochs) is int
     assert cfg.train.learning_rate == 1e-4 and type(cfg.train.learning_rate) is float
     assert cfg.train.max_steps is None
-    assert cfg.train.group_by_length is False
+    assert cfg.speed.group_by_length is False
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     # An int where a float is wanted is converted (lossless); the result is a float.
     assert cfg.lora.lora_dropout == 0.0 and type(cfg.lora.lora_dropout) is float
@@ -138,7 +138,7 @@ def test_override_into_a_value_is_not_a_section(tmp_path: Path) -> None:
         ("train.epochs=2.5", "config: train.epochs must be an integer (got 2.5)"),
         ("train.epochs=true", "config: train.epochs must be an integer (got True)"),
         ("train.learning_rate=fast", "config: train.learning_rate must be a number (got 'fast')"),
-        ("train.group_by_length=1", "config: train.group_by_length must be true or false (got 1)"),
+        ("speed.group_by_length=1", "config: speed.group_by_length must be true or false (got 1)"),
         ("model.name=3", "config: model.name must be a string (got 3)"),
         ("lora.target_modules=[q_proj, 3]", "config: lora.target_modules must be "),
         ("train.max_steps=x", "config: train.max_steps must be an integer (got 'x')"),
@@ -225,10 +225,10 @@ def test_yaml_not_utf8(tmp_path: Path) -> None:
         ("train.grad_accum=-1", "train.grad_accum"),
         ("train.checkpoint_every=0", "train.checkpoint_every"),
         ("train.log_every=0", "train.log_every"),
-        ("train.eval_batch_size=0", "train.eval_batch_size"),
-        ("train.gradient_checkpointing_every=0", "train.gradient_checkpointing_every"),
+        ("speed.eval_batch_size=0", "speed.eval_batch_size"),
+        ("speed.gradient_checkpointing_every=0", "speed.gradient_checkpointing_every"),
         ("train.max_steps=0", "train.max_steps"),
-        ("train.threads=0", "train.threads"),
+        ("speed.threads=0", "speed.threads"),
         ("train.learning_rate=0", "train.learning_rate"),
         ("train.weight_decay=-0.01", "train.weight_decay"),
         ("train.warmup_ratio=1", "train.warmup_ratio"),
@@ -251,12 +251,12 @@ def test_range_error_lists_allowed_values() -> None:
 
 
 def test_max_batch_tokens_takes_a_count_auto_or_null() -> None:
-    assert load_config(None, []).train.max_batch_tokens == "auto"
-    assert load_config(None, ["train.max_batch_tokens=1024"]).train.max_batch_tokens == 1024
-    assert load_config(None, ["train.max_batch_tokens=null"]).train.max_batch_tokens is None
+    assert load_config(None, []).speed.max_batch_tokens == "auto"
+    assert load_config(None, ["speed.max_batch_tokens=1024"]).speed.max_batch_tokens == 1024
+    assert load_config(None, ["speed.max_batch_tokens=null"]).speed.max_batch_tokens is None
     for bad in ("8", "fast"):
-        assert error([f"train.max_batch_tokens={bad}"]) == (
-            f"config: train.max_batch_tokens must be at least 16, auto or null (got {bad})"
+        assert error([f"speed.max_batch_tokens={bad}"]) == (
+            f"config: speed.max_batch_tokens must be at least 16, auto or null (got {bad})"
         )
 
 

@@ -128,7 +128,7 @@ def test_two_processes_with_accumulation_on_instructions(
         "train.batch_size=5",
         "train.grad_accum=2",
         "train.max_steps=3",
-        "train.max_batch_tokens=64",
+        "speed.max_batch_tokens=64",
     )
     single, several = launch_alike(cfg, tmp_path, finlora_nproc)
     assert_trained_alike(single, several)

@@ -56,9 +56,9 @@ def _model(cfg: RunConfig, directory: Path, attention: str) -> tuple[Any, LabelC
 
 
 def _placed(cfg: RunConfig, directory: Path) -> tuple[Any, LabelCodec, Placement]:
-    """`_model` placed as the trainer places it: every switch of `cfg.train` applied."""
+    """`_model` placed as the trainer places it: every switch of `cfg.speed` applied."""
     model, codec = _model(cfg, directory, "eager")
-    placement = Placement.from_config(cfg.train)
+    placement = Placement.from_config(cfg.train, cfg.speed)
     return placement.place(model), codec, placement
 
 
@@ -161,7 +161,8 @@ def test_trainable_head_keeps_its_weight(
 
 
 def test_placement_resolves_auto_for_the_cpu(tiny_cfg: Callable[..., RunConfig]) -> None:
-    placement = Placement.from_config(tiny_cfg("train.attention=auto").train)
+    cfg = tiny_cfg("speed.attention=auto")
+    placement = Placement.from_config(cfg.train, cfg.speed)
     assert placement.device.type == "cpu"
     assert placement.attention == "eager"
     assert placement.dtype is None  # the tiny config asks for fp32
@@ -231,12 +232,12 @@ def test_micro_batches_give_the_whole_batch_gradient(
 ) -> None:
     grads = []
     for budget in ("null", "40"):
-        cfg = tiny_cfg(f"train.max_batch_tokens={budget}")
+        cfg = tiny_cfg(f"speed.max_batch_tokens={budget}")
         model, codec = _model(cfg, tiny_causal_dir, "eager")
         features = [codec.encode(e) for e in EXAMPLES]
         widths = [len(f.prompt_ids) + 1 for f in features]
         assert len(token_budget_chunks(widths, 40)) > 1  # the budget does split this batch
-        loss, real = accumulate_batch(model, codec, features, cfg.train, Placement(CPU, None, ""))
+        loss, real = accumulate_batch(model, codec, features, cfg, Placement(CPU, None, ""))
         grads.append((loss, real, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     (whole_loss, whole_real, whole), (micro_loss, micro_real, micro) = grads
     assert whole_real == micro_real
@@ -252,17 +253,17 @@ def test_gradient_checkpointing_gives_the_same_gradient(
     grads = []
     for on in (False, True):
         cfg = tiny_cfg(
-            f"train.gradient_checkpointing={str(on).lower()}",
-            f"train.gradient_checkpointing_every={every}",
+            f"speed.gradient_checkpointing={str(on).lower()}",
+            f"speed.gradient_checkpointing_every={every}",
         )
         model, codec = _model(cfg, tiny_causal_dir, "eager")
         set_gradient_checkpointing(
-            model, cfg.train.gradient_checkpointing, cfg.train.gradient_checkpointing_every
+            model, cfg.speed.gradient_checkpointing, cfg.speed.gradient_checkpointing_every
         )
         model.train()
         assert unwrap(model).is_gradient_checkpointing == on
         features = [codec.encode(e) for e in EXAMPLES]
-        loss, _ = accumulate_batch(model, codec, features, cfg.train, Placement(CPU, None, ""))
+        loss, _ = accumulate_batch(model, codec, features, cfg, Placement(CPU, None, ""))
         grads.append((loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     (plain_loss, plain), (ckpt_loss, ckpt) = grads
     assert abs(plain_loss - ckpt_loss) < 1e-6
@@ -275,7 +276,7 @@ def _loss_grads_scores(
 ) -> tuple[float, list[torch.Tensor], torch.Tensor]:
     model.train()
     features = [codec.encode(e) for e in EXAMPLES]
-    loss, _ = accumulate_batch(model, codec, features, cfg.train, Placement(CPU, dtype, ""))
+    loss, _ = accumulate_batch(model, codec, features, cfg, Placement(CPU, dtype, ""))
     grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
     return loss, grads, _loss_and_scores(model.eval(), codec, True, dtype)[1]
@@ -347,9 +348,9 @@ def test_fused_lora_hands_merge_and_disable_to_peft(
 def test_placement_can_keep_peft_lora_forward(
     tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
 ) -> None:
-    cfg = tiny_cfg("train.fused_lora=false")
+    cfg = tiny_cfg("speed.fused_lora=false")
     model, _ = _model(cfg, tiny_causal_dir, "eager")
-    placed = Placement.from_config(cfg.train).place(model)
+    placed = Placement.from_config(cfg.train, cfg.speed).place(model)
     layer = unwrap(placed).model.layers[0].self_attn.q_proj
     assert not hasattr(layer, "_peft_forward")
 
@@ -375,11 +376,11 @@ def test_compiled_layers_give_the_same_loss_and_gradient(
 ) -> None:
     results = []
     for compiled in (False, True):
-        cfg = tiny_cfg(f"train.compile={str(compiled).lower()}")
+        cfg = tiny_cfg(f"speed.compile={str(compiled).lower()}")
         model, codec, placement = _placed(cfg, tiny_causal_dir)
         assert placement.compile is compiled
         features = [codec.encode(e) for e in EXAMPLES]
-        loss, _ = accumulate_batch(model, codec, features, cfg.train, placement)
+        loss, _ = accumulate_batch(model, codec, features, cfg, placement)
         results.append((loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     (eager_loss, eager), (compiled_loss, compiled_grads) = results
     assert abs(eager_loss - compiled_loss) < 1e-5
@@ -450,7 +451,7 @@ def test_lean_mlp_gives_bit_identical_gradients_and_keeps_less(
 ) -> None:
     results = []
     for lean in (False, True):
-        model, codec, _ = _placed(tiny_cfg(f"train.lean_mlp={str(lean).lower()}"), tiny_causal_dir)
+        model, codec, _ = _placed(tiny_cfg(f"speed.lean_mlp={str(lean).lower()}"), tiny_causal_dir)
         results.append(_step_keeping(model, codec))
     (loss, grads, kept), (lean_loss, lean_grads, lean_kept) = results
     assert torch.equal(loss, lean_loss)

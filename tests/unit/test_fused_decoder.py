@@ -1,4 +1,4 @@
-"""Fused decoder layers (`train.fused_decoder`) train to the same loss and gradients as the
+"""Fused decoder layers (`speed.fused_decoder`) train to the same loss and gradients as the
 modules' own forward, on the tiny Llama (grouped-query attention, padded rows), and hand every
 case they do not cover back to that forward."""
 
@@ -61,7 +61,7 @@ def _train_step(
     model.train()
     model.zero_grad()
     features = [codec.encode(e) for e in EXAMPLES]
-    loss, _ = accumulate_batch(model, codec, features, cfg.train, Placement(CPU, dtype, ""))
+    loss, _ = accumulate_batch(model, codec, features, cfg, Placement(CPU, dtype, ""))
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     return loss, grads
@@ -88,7 +88,7 @@ def _relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
     "overrides",
     [
         (),
-        ("train.max_batch_tokens=64",),  # several micro-batches add up their gradients
+        ("speed.max_batch_tokens=64",),  # several micro-batches add up their gradients
         ("lora.target_modules=[q_proj,v_proj,down_proj]",),  # frozen plain projections too
     ],
 )
@@ -140,7 +140,7 @@ def test_fused_layers_under_bf16_autocast_stay_as_close_to_fp32_as_the_modules(
 def test_fused_layers_match_under_gradient_checkpointing(
     tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path, fused_calls: list[int]
 ) -> None:
-    cfg = tiny_cfg("train.gradient_checkpointing=true")
+    cfg = tiny_cfg("speed.gradient_checkpointing=true")
     results = []
     for fuse in (False, True):
         model, codec = _model(cfg, tiny_causal_dir)
@@ -167,7 +167,7 @@ def test_scoring_and_merging_after_fused_training_use_the_trained_weights(
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
         model.train()
         accumulate_batch(
-            model, codec, [codec.encode(e) for e in EXAMPLES], cfg.train, Placement(CPU, None, "")
+            model, codec, [codec.encode(e) for e in EXAMPLES], cfg, Placement(CPU, None, "")
         )
         optimizer.step()
     assert fused_calls
@@ -221,9 +221,9 @@ def test_placement_fuses_decoder_layers_unless_told_not_to(
     tiny_cfg: Callable[..., RunConfig], tiny_causal_dir: Path
 ) -> None:
     for on in (True, False):
-        cfg = tiny_cfg(f"train.fused_decoder={str(on).lower()}")
+        cfg = tiny_cfg(f"speed.fused_decoder={str(on).lower()}")
         model, _ = _model(cfg, tiny_causal_dir)
-        placed = Placement.from_config(cfg.train).place(model)
+        placed = Placement.from_config(cfg.train, cfg.speed).place(model)
         layer = unwrap(placed).model.layers[0]
         assert hasattr(layer, "_finlora_plain_forward") is on
 

@@ -1,4 +1,4 @@
-"""Prediction folds a LoRA/IA3 adapter into the weights (train.merge_for_inference): the scores
+"""Prediction folds a LoRA/IA3 adapter into the weights (speed.merge_for_inference): the scores
 must be those of the adapter model, to float rounding."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ TEXTS = [e.text for e in synthetic_sentiment(8, seed=11)]
 def _set_merge(run_dir: Path, merge: bool) -> None:
     path = run_dir / "config.yaml"
     data = yaml.safe_load(path.read_text())
-    data["train"]["merge_for_inference"] = merge
+    data["speed"]["merge_for_inference"] = merge
     path.write_text(yaml.safe_dump(data, sort_keys=False))
 
 

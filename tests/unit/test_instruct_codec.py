@@ -328,9 +328,9 @@ def test_micro_batches_give_the_whole_batch_gradient(
     assert len({codec.target_count(f) for f in features}) > 2  # and unequal shares matter
     results = []
     for setting in ("null", str(budget)):
-        cfg = tiny_cfg("task=instruct", "data.template=alpaca", f"train.max_batch_tokens={setting}")
+        cfg = tiny_cfg("task=instruct", "data.template=alpaca", f"speed.max_batch_tokens={setting}")
         model = lora_model(cfg)
-        loss, real = accumulate_batch(model, codec, features, cfg.train, Placement(CPU, None, ""))
+        loss, real = accumulate_batch(model, codec, features, cfg, Placement(CPU, None, ""))
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
         results.append((loss, real, grads))
     (whole_loss, whole_real, whole), (micro_loss, micro_real, micro) = results

@@ -86,7 +86,7 @@ def capture_saved(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, np.ndar
     def end_epoch(model: Any, s: Any, *rest: Any) -> dict[str, Any]:
         row = original(model, s, *rest)
         if row.get("best"):
-            fast = s.cfg.train.label_logits_only
+            fast = s.cfg.speed.label_logits_only
             seen["probs"] = predict_proba(model, s.codec, TEXTS, fast=fast, progress=False)
             model.train()
         return row

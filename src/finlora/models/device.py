@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from finlora.config import TrainConfig
+from finlora.config import SpeedConfig, TrainConfig
 from finlora.errors import FinloraError
 from finlora.models.fused_decoder import fused_decoders
 from finlora.models.fused_lora import fuse_lora_layers
@@ -184,7 +184,7 @@ def set_gradient_checkpointing(model: Any, on: bool, every_n_layers: int = 1) ->
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         raise FinloraError(
-            "train.gradient_checkpointing_every > 1 needs a transformers release with "
+            "speed.gradient_checkpointing_every > 1 needs a transformers release with "
             "activation_checkpointing_enable"
         )
 
@@ -200,14 +200,14 @@ def compile_layers(model: Any) -> int:
     get_decoder = getattr(inner, "get_decoder", None)
     layers = getattr(get_decoder() if callable(get_decoder) else None, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
-        raise FinloraError("train.compile: this model has no decoder layer stack to compile")
+        raise FinloraError("speed.compile: this model has no decoder layer stack to compile")
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
 
 
-# `train.max_batch_tokens: auto`, by autocast dtype: what keeps the FPB recipe under 2.5 GB
-# (TrainConfig.max_batch_tokens says how it was measured).
+# `speed.max_batch_tokens: auto`, by autocast dtype: what keeps the FPB recipe under 2.5 GB
+# (SpeedConfig.max_batch_tokens says how it was measured).
 AUTO_BATCH_TOKENS = {None: 448, torch.bfloat16: 512}
 
 
@@ -229,33 +229,33 @@ class Placement:
     fused_decoder: bool = True
 
     @classmethod
-    def from_config(cls, tc: TrainConfig) -> Placement:
-        """Resolve the "auto" settings of `tc` for this machine.
+    def from_config(cls, tc: TrainConfig, speed: SpeedConfig) -> Placement:
+        """Resolve the "auto" settings of `tc` and `speed` for this machine.
 
         Raises FinloraError for a device or precision this machine lacks.
         """
-        set_threads(tc.threads)
+        set_threads(speed.threads)
         device = pick_device(tc.device)
         return cls(
             device,
             pick_autocast_dtype(device, tc.precision),
-            pick_attention(device, tc.attention),
-            tc.bf16_frozen_weights,
-            tc.bf16_head,
-            tc.fused_lora,
-            tc.compile,
-            tc.lean_mlp,
-            tc.cast_norms_once,
-            tc.lean_attention,
-            tc.fused_decoder,
+            pick_attention(device, speed.attention),
+            speed.bf16_frozen_weights,
+            speed.bf16_head,
+            speed.fused_lora,
+            speed.compile,
+            speed.lean_mlp,
+            speed.cast_norms_once,
+            speed.lean_attention,
+            speed.fused_decoder,
         )
 
     def batch_tokens(self, requested: int | str | None) -> int | None:
-        """Padded tokens per training pass: `train.max_batch_tokens`, with "auto" resolved for
+        """Padded tokens per training pass: `speed.max_batch_tokens`, with "auto" resolved for
         this placement's precision."""
         if requested == "auto":
             return AUTO_BATCH_TOKENS.get(self.dtype, AUTO_BATCH_TOKENS[None])
-        assert not isinstance(requested, str)  # validated in TrainConfig
+        assert not isinstance(requested, str)  # validated in SpeedConfig
         return requested
 
     def place(self, model: Any) -> Any:

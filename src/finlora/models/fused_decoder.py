@@ -1,5 +1,5 @@
 """Llama-family decoder layers trained as two hand-written autograd operations
-(`train.fused_decoder`).
+(`speed.fused_decoder`).
 
 With LoRA on a 2-core CPU under bf16 autocast, the matmuls of a training step are the smaller
 half of its time: the rest is autograd bookkeeping and the small operations around them, about

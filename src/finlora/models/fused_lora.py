@@ -1,4 +1,4 @@
-"""LoRA layers whose update is added by the base output's own GEMM (`train.fused_lora`).
+"""LoRA layers whose update is added by the base output's own GEMM (`speed.fused_lora`).
 
 PEFT's LoRA layer computes `result + lora_B(lora_A(x)) * scaling`. Beside its two small
 matmuls that is a multiply and an add over the whole (tokens x d_out) output, and one more

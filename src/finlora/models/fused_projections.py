@@ -1,5 +1,5 @@
 """Projections that read the same input computed as one GEMM, for inference
-(`train.fuse_projections`).
+(`speed.fuse_projections`).
 
 In a Llama-style layer q, k and v read the same normed hidden states, and so do the MLP's gate
 and up: five GEMMs of the same rows a layer. Stacked into one (d_q + d_k + d_v) x d_in weight

@@ -1,4 +1,4 @@
-"""Llama-family attention for inference in fewer passes over memory (`train.lean_attention`).
+"""Llama-family attention for inference in fewer passes over memory (`speed.lean_attention`).
 
 transformers' eager attention under bf16 autocast promotes q and k to fp32 in the rotary
 embedding (its cos and sin are fp32), copies k and v once per query head (`repeat_kv`), adds

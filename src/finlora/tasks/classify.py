@@ -321,7 +321,7 @@ def padding_chunks(
 
 
 def inference_batches(lengths: Sequence[int], batch_size: int, trim: bool) -> list[list[int]]:
-    """Scoring batches of at most `batch_size` rows: cut to trim padding (`train.trim_padding`)
+    """Scoring batches of at most `batch_size` rows: cut to trim padding (`speed.trim_padding`)
     or simply `batch_size` rows at a time, longest first."""
     if trim:
         return padding_chunks(lengths, max_rows=batch_size)
