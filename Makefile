@@ -6,7 +6,7 @@ PIP     := $(PY) -m pip --disable-pip-version-check -q
 TORCH   ?= torch==2.13.0
 export FINLORA_FPB_DIR ?=
 
-.PHONY: install install-dev demo test test-unit lint bench clean
+.PHONY: install install-dev demo test test-unit lint bench docs clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -49,6 +49,10 @@ lint: install-dev
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy src/finlora
+
+# docs/cli.md and docs/config.md are generated from the commands' --help and the config's fields.
+docs: install
+	$(PY) tools/gen_docs.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
