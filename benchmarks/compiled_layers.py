@@ -54,8 +54,8 @@ from finlora.config import load_config
 from finlora.errors import FinloraError
 from finlora.methods import build_method
 from finlora.models import Placement
-from finlora.models.fused_decoder import _norm_forward, _scaling
-from finlora.models.lean_attention import mask_in, sign_folded
+from finlora.models.fast.fused_decoder import _norm_forward, _scaling
+from finlora.models.fast.lean_attention import mask_in, sign_folded
 from finlora.models.loading import model_config
 from finlora.scoring import autocast
 

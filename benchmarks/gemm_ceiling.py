@@ -41,7 +41,7 @@ from finlora.bench import matmul_params, matmul_rate
 from finlora.config import load_config
 from finlora.errors import FinloraError
 from finlora.methods import build_method
-from finlora.models.fused_decoder import _fits, _LayerState
+from finlora.models.fast.fused_decoder import _fits, _LayerState
 from finlora.models.loading import model_config
 
 DTYPE = torch.bfloat16

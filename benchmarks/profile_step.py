@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from finlora.bench import _finlora_infer_round, _finlora_train_round, setup
 from finlora.methods import merged_for_inference
-from finlora.models.fused_projections import fuse_projections
+from finlora.models.fast.fused_projections import fuse_projections
 
 
 def _table(prof: profile, rows: int, shapes: bool = False) -> str:

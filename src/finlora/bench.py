@@ -26,7 +26,7 @@ from finlora.errors import FinloraError
 from finlora.memory import PeakMemory
 from finlora.methods import build_method, merged_for_inference
 from finlora.models import Placement, load_base_model
-from finlora.models.fused_projections import fuse_projections
+from finlora.models.fast.fused_projections import fuse_projections
 from finlora.scoring import predict_proba
 from finlora.tasks.classify import IGNORE, LabelCodec, length_grouped_batches
 from finlora.train import accumulate_batch

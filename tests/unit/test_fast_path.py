@@ -21,11 +21,11 @@ from finlora.errors import FinloraError
 from finlora.methods import build_method
 from finlora.models import Placement, freeze_to_dtype, load_base_model
 from finlora.models.device import compile_layers, head_to_dtype, set_gradient_checkpointing
-from finlora.models.fused_lora import fuse_lora_layers
-from finlora.models.fused_projections import fuse_projections
-from finlora.models.lean_attention import lean_attention
-from finlora.models.lean_mlp import lean_mlps
-from finlora.models.norm_cast import cast_norms_once
+from finlora.models.fast.fused_lora import fuse_lora_layers
+from finlora.models.fast.fused_projections import fuse_projections
+from finlora.models.fast.lean_attention import lean_attention
+from finlora.models.fast.lean_mlp import lean_mlps
+from finlora.models.fast.norm_cast import cast_norms_once
 from finlora.prompts import PromptTemplate
 from finlora.scoring import autocast, label_loglik, loss_fn, unwrap
 from finlora.tasks.classify import (

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 import torch
 
-import finlora.models.fused_decoder as fused_decoder
+import finlora.models.fast.fused_decoder as fused_decoder
 from finlora.config import RunConfig
 from finlora.data import FPB_LABELS, synthetic_sentiment
 from finlora.methods import build_method, merged_for_inference
 from finlora.models import Placement, freeze_to_dtype, load_base_model
 from finlora.models.device import set_gradient_checkpointing
-from finlora.models.fused_decoder import fused_decoders
+from finlora.models.fast.fused_decoder import fused_decoders
 from finlora.prompts import PromptTemplate
 from finlora.scoring import autocast, label_loglik, unwrap
 from finlora.tasks.classify import LabelCodec

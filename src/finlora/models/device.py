@@ -13,11 +13,11 @@ import torch
 
 from finlora.config import SpeedConfig, TrainConfig
 from finlora.errors import FinloraError
-from finlora.models.fused_decoder import fused_decoders
-from finlora.models.fused_lora import fuse_lora_layers
-from finlora.models.lean_attention import lean_attention
-from finlora.models.lean_mlp import lean_mlps
-from finlora.models.norm_cast import cast_norms_once
+from finlora.models.fast.fused_decoder import fused_decoders
+from finlora.models.fast.fused_lora import fuse_lora_layers
+from finlora.models.fast.lean_attention import lean_attention
+from finlora.models.fast.lean_mlp import lean_mlps
+from finlora.models.fast.norm_cast import cast_norms_once
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -24,7 +24,7 @@ from typing import Any, TypeGuard
 import torch
 import torch.nn.functional as F
 
-from finlora.models.fused_lora import plain_linear
+from finlora.models.fast.fused_lora import plain_linear
 
 # Sibling projections that read one input in Llama-family attention and gated MLPs.
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from finlora.models.fused_lora import plain_linear
-from finlora.models.lean_attention import (
+from finlora.models.fast.fused_lora import plain_linear
+from finlora.models.fast.lean_attention import (
     PerPass,
     compute_dtype,
     eager_call_without_cache,
@@ -44,7 +44,7 @@ from finlora.models.lean_attention import (
     rotated,
     sign_folded,
 )
-from finlora.models.lean_mlp import is_silu_gated_mlp
+from finlora.models.fast.lean_mlp import is_silu_gated_mlp
 
 DECODER_LAYERS = ("LlamaDecoderLayer",)
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
