@@ -23,7 +23,7 @@ from typing import Any
 from finlora.config import DataConfig
 from finlora.data import synthetic_sentiment
 from finlora.data.loaders import load_fpb
-from finlora.predict import load_run
+from finlora.inference import load_run
 from finlora.serve import PredictQueue
 
 

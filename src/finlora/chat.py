@@ -13,7 +13,7 @@ from typing import Any
 
 from finlora.data.instruct import Message, alpaca_record
 from finlora.generate import GenerationOptions, Reply, position_limit, stream_reply
-from finlora.predict import LoadedRun
+from finlora.inference import LoadedRun
 
 Write = Callable[[str], None]
 
@@ -32,7 +32,7 @@ def instruction_prompt(
     record = alpaca_record(instruction, "", input_text)
     if system:
         record = dataclasses.replace(record, messages=(Message("system", system), *record.messages))
-    return loaded.codec.generation_prompt(record, prompt_budget(loaded, max_new_tokens))
+    return loaded.instruct_codec.generation_prompt(record, prompt_budget(loaded, max_new_tokens))
 
 
 def prompt_budget(loaded: LoadedRun, max_new_tokens: int) -> int:
@@ -46,7 +46,7 @@ def prompt_budget(loaded: LoadedRun, max_new_tokens: int) -> int:
 def answer(loaded: LoadedRun, prompt: list[int], options: GenerationOptions, write: Write) -> Reply:
     return stream_reply(
         loaded.model,
-        loaded.codec.tokenizer,
+        loaded.instruct_codec.tokenizer,
         prompt,
         options,
         write,
@@ -69,7 +69,7 @@ def fit_conversation(
     context; the latest message is never dropped."""
     budget = _context_limit(loaded) - max_new_tokens
     while True:
-        prompt = loaded.codec.chat_prompt([*head, *history])
+        prompt = loaded.instruct_codec.chat_prompt([*head, *history])
         if len(prompt) <= budget or len(history) <= 1:
             return prompt
         del history[:2]
@@ -119,7 +119,7 @@ def chat_loop(session: ChatSession, read: Callable[[str], str], write: Write) ->
 
 
 def describe(loaded: LoadedRun) -> str:
-    template: Any = loaded.codec.template
+    template: Any = loaded.instruct_codec.template
     how = "the model's chat template" if template.is_chat else f"the {template.name} template"
     who = "base model (zero-shot)" if loaded.zero_shot else str(loaded.run.root)
     memory = "" if template.is_chat else "; each message is a new instruction (no history)"

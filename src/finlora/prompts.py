@@ -11,19 +11,30 @@ from typing import Any
 
 from finlora.errors import FinloraError
 
+CHAT_TEMPLATE = "chat"  # the model's own chat template (instruct runs)
 
-def _read_template(name_or_path: str) -> dict[str, Any]:
-    """A template's JSON object: a shipped one by name, or a file by path."""
+
+def template_text(name_or_path: str) -> str | None:
+    """A template file's text: a shipped one by name, or a file by path; None for the model's
+    own chat template, which has no file."""
+    if name_or_path == CHAT_TEMPLATE:
+        return None
     path = Path(name_or_path)
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
             raise FinloraError(f"{path}: no such template file")
-        text = path.read_text(encoding="utf-8")
-    else:
-        shipped = resources.files("finlora") / "templates" / f"{name_or_path}.json"
-        if not shipped.is_file():
-            raise FinloraError(f"data.template: no shipped template named {name_or_path!r}")
-        text = shipped.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
+    shipped = resources.files("finlora") / "templates" / f"{name_or_path}.json"
+    if not shipped.is_file():
+        raise FinloraError(f"data.template: no shipped template named {name_or_path!r}")
+    return shipped.read_text(encoding="utf-8")
+
+
+def _read_template(name_or_path: str) -> dict[str, Any]:
+    """A template's JSON object: a shipped one by name, or a file by path."""
+    text = template_text(name_or_path)
+    if text is None:
+        raise FinloraError("data.template: chat is the model's own template, not a file")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -65,7 +76,6 @@ class PromptTemplate:
         return f"{self.label_prefix}{label}"
 
 
-CHAT_TEMPLATE = "chat"
 _PLACEHOLDER = re.compile(r"\{(instruction|input)\}")
 
 

@@ -1,27 +1,32 @@
-"""The run directory: its layout, the manifest, and checks before anything is written.
+"""The run directory: its layout, and the typed records a run writes and reads back.
 
 RUN_DIR/
   adapter/            best adapter: PEFT's files, or the trained tensors (freeze/full), and
                       finlora_method.json naming the method (safetensors and JSON only)
   tokenizer/          the tokenizer the run used
-  config.yaml         resolved config
-  split.json          labels, data files and the row indices of each split
+  config.yaml         resolved config (`RunConfig`)
+  template.json       the prompt template the run trained with (a copy: later edits of the
+                      template file, or of a shipped one, do not change a trained run)
+  split.json          labels, data fingerprint and the row indices of each split (`SplitRecord`)
   metrics.jsonl       one JSON record per log step and per epoch
   loss_curve.png
-  manifest.json       base model and data sha256, seed, versions, git commit, timings
+  manifest.json       base model and data sha256, seed, versions, git commit, timings (`Manifest`)
   checkpoints/        step-NNNNNN/ for --resume
   eval/               reports written by `finlora eval`
+
+`Run.open` reads config and split once, checked; everything that works on a trained run takes
+the `Run` it opened. Runs written before template.json or the typed records still load.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import platform
 import shutil
 import subprocess
-import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,17 +35,32 @@ from finlora.errors import FinloraError
 
 if TYPE_CHECKING:
     from finlora.config import RunConfig
+    from finlora.data.prepare import PreparedData, PreparedInstruct
+
+    Prepared = PreparedData | PreparedInstruct
 
 VERSIONED = ("finlora", "torch", "transformers", "peft", "accelerate", "safetensors", "numpy")
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file; errors name the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FinloraError(f"{path}: unreadable ({exc})") from None
 
 
 @dataclass(frozen=True)
 class RunDir:
+    """Where each file of a run lives, and the checks made before anything is written."""
+
     root: Path
 
     adapter = property(lambda self: self.root / "adapter")
     tokenizer = property(lambda self: self.root / "tokenizer")
     config = property(lambda self: self.root / "config.yaml")
+    template = property(lambda self: self.root / "template.json")
     split = property(lambda self: self.root / "split.json")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     loss_curve = property(lambda self: self.root / "loss_curve.png")
@@ -101,33 +121,31 @@ class RunDir:
         if not (self.tokenizer.is_dir() and any(self.tokenizer.iterdir())):
             raise FinloraError(f"{self.tokenizer}: missing (the tokenizer the run trained with)")
 
-    def read_config(self) -> RunConfig:
-        """config.yaml, as the run trained with it; errors name the file."""
-        from finlora.config import config_from_dict, read_yaml
+    def read_config(self, overrides: list[str] | None = None) -> RunConfig:
+        """config.yaml as the run trained with it (plus `--set` items the caller has checked),
+        its prompt template read from the run's own copy; errors name the file."""
+        from finlora.config import apply_overrides, config_from_dict, read_yaml
 
         data = read_yaml(self.config)  # its own errors name the file
+        model = data.get("model")
+        if isinstance(model, dict):
+            # Never taken from a run: a received run must not run its own code.
+            data["model"] = {k: v for k, v in model.items() if k != "trust_remote_code"}
         try:
-            return config_from_dict(data)
+            cfg = config_from_dict(apply_overrides(data, overrides or []))
         except FinloraError as exc:
             raise FinloraError(f"{self.config}: {exc}") from None
+        if self.template.is_file():
+            cfg.data.template = str(self.template.resolve())
+        return cfg
 
-    def read_split(self) -> dict[str, Any]:
-        """split.json, checked for what loading and evaluation read from it."""
-        split = self.read_json(self.split)
-        labels = split.get("labels") if isinstance(split, dict) else None
-        # An instruct run's labels (of its label-answer records) may be none at all.
-        needed = split.get("task", "classify") == "classify" if isinstance(split, dict) else True
-        if not (
-            isinstance(labels, list)
-            and (labels or not needed)
-            and all(isinstance(x, str) for x in labels)
-        ):
-            raise FinloraError(f"{self.split}: malformed (no list of labels)")
-        for name in ("train", "validation", "test"):
-            rows = split.get(name, [])
-            if not (isinstance(rows, list) and all(type(i) is int and i >= 0 for i in rows)):
-                raise FinloraError(f"{self.split}: malformed ('{name}' is not a list of rows)")
-        return typing.cast(dict[str, Any], split)
+    def write_template(self, name_or_path: str) -> None:
+        """Keep a copy of the run's prompt template (none for the model's chat template)."""
+        from finlora.prompts import template_text
+
+        text = template_text(name_or_path)
+        if text is not None:
+            atomic.write_text(self.template, text)
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics.open("a", encoding="utf-8") as fh:
@@ -144,10 +162,247 @@ class RunDir:
         atomic.write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
 
     def read_json(self, path: Path) -> Any:
+        return read_json(path)
+
+
+@dataclass(frozen=True)
+class DataFingerprint:
+    """What a run's data was: each file's sha256, and for the packaged instruction set (which
+    has no file) its records' digest."""
+
+    files: dict[str, str] = field(default_factory=dict)
+    records_sha256: str | None = None
+
+    @classmethod
+    def of(cls, data: Prepared) -> DataFingerprint:
+        from finlora.models.loading import sha256_file
+
+        return cls({str(f): sha256_file(f) for f in data.files}, data.records_sha256)
+
+    def problem(self) -> str | None:
+        """Why the data can no longer be rebuilt as the run saw it, or None."""
+        from finlora.models.loading import sha256_file
+
+        for name, digest in self.files.items():
+            path = Path(name)
+            if not path.is_file():
+                return f"{path}: training data not found"
+            if sha256_file(path) != digest:
+                return f"{path}: changed since training (sha256 differs)"
+        return None
+
+    def matches(self, data: Prepared) -> bool:
+        """Whether `data`, prepared now, has the same contents (paths aside: old runs recorded
+        relative ones) and the same packaged records."""
+        now = DataFingerprint.of(data)
+        same_files = sorted(now.files.values()) == sorted(self.files.values())
+        return same_files and (not self.records_sha256 or self.records_sha256 == now.records_sha256)
+
+
+def _row_list(value: Any) -> bool:
+    return isinstance(value, list) and all(type(i) is int and i >= 0 for i in value)
+
+
+@dataclass(frozen=True)
+class SplitRecord:
+    """split.json: the run's task, label set, data and the rows of each split."""
+
+    task: str
+    labels: list[str]
+    train: list[int]
+    validation: list[int]
+    test: list[int]
+    data: str = ""  # the data's description
+    synthetic: bool = False
+    seed: int | None = None
+    fingerprint: DataFingerprint = field(default_factory=DataFingerprint)
+    duplicates_across_splits: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, task: str, seed: int, data: Prepared) -> SplitRecord:
+        rows = data.split.to_dict()
+        return cls(
+            task,
+            list(data.labels),
+            rows["train"],
+            rows["validation"],
+            rows["test"],
+            data.description,
+            data.synthetic,
+            seed,
+            DataFingerprint.of(data),
+            data.duplicates,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        digest = self.fingerprint.records_sha256
+        return {
+            "task": self.task,
+            "labels": self.labels,
+            "data": self.data,
+            "synthetic": self.synthetic,
+            "files": self.fingerprint.files,
+            "seed": self.seed,
+            "duplicates_across_splits": self.duplicates_across_splits,
+            **({"records_sha256": digest} if digest else {}),
+            **{name: getattr(self, name) for name in SPLIT_NAMES},
+        }
+
+    def write(self, path: Path) -> None:
+        atomic.write_json(path, self.to_dict())
+
+    @classmethod
+    def read(cls, path: Path) -> SplitRecord:
+        """split.json, checked for what loading and evaluation read from it."""
+        raw = read_json(path)
+        if not isinstance(raw, dict):
+            raise FinloraError(f"{path}: malformed (not a JSON object)")
+        task = raw.get("task", "classify")
+        labels = raw.get("labels")
+        # An instruct run's labels (of its label-answer records) may be none at all.
+        if not (
+            isinstance(labels, list)
+            and (labels or task != "classify")
+            and all(isinstance(x, str) for x in labels)
+        ):
+            raise FinloraError(f"{path}: malformed (no list of labels)")
+        for name in SPLIT_NAMES:
+            if not _row_list(raw.get(name, [])):
+                raise FinloraError(f"{path}: malformed ('{name}' is not a list of rows)")
+        files = raw.get("files", {})
+        if not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
+            raise FinloraError(f"{path}: malformed ('files' is not a map of sha256 digests)")
+        return cls(
+            str(task),
+            labels,
+            *(list(raw.get(name, [])) for name in SPLIT_NAMES),
+            data=str(raw.get("data", "")),
+            synthetic=bool(raw.get("synthetic", False)),
+            seed=raw.get("seed"),
+            fingerprint=DataFingerprint(files, raw.get("records_sha256")),
+            duplicates_across_splits=list(raw.get("duplicates_across_splits", [])),
+        )
+
+    def same_rows(self, data: Prepared) -> bool:
+        now = data.split.to_dict()
+        return all(getattr(self, name) == now[name] for name in SPLIT_NAMES)
+
+
+@dataclass
+class Manifest:
+    """manifest.json: what a finished run was made of and how long it took."""
+
+    task: str
+    base_model: dict[str, Any]
+    data: dict[str, Any]
+    method: str
+    seed: int
+    steps: int
+    method_options: dict[str, Any] = field(default_factory=dict)
+    learning_rate: float | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+    best_epoch: int | None = None
+    device: str = ""
+    processes: int = 1
+    precision: str = ""
+    attention: str = ""
+    versions: dict[str, str | None] = field(default_factory=dict)
+    git_commit: str | None = None
+    timings: dict[str, Any] = field(default_factory=dict)
+    finished_at: str = ""
+    finlora_run: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        return {"finlora_run": data.pop("finlora_run"), **data}
+
+    def write(self, path: Path) -> None:
+        atomic.write_json(path, self.to_dict())
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest | None:
+        """The manifest, or None for a run without one (stopped before it finished)."""
+        if not path.is_file():
+            return None
+        raw = read_json(path)
+        known = {f.name for f in dataclasses.fields(cls)}
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise FinloraError(f"{path}: unreadable ({exc})") from None
+            return cls(**{k: v for k, v in raw.items() if k in known})
+        except TypeError as exc:
+            raise FinloraError(f"{path}: malformed manifest ({exc})") from None
+
+
+@dataclass(frozen=True)
+class Run:
+    """A trained run, opened once: its layout, config and split, read and checked."""
+
+    dir: RunDir
+    config: RunConfig
+    split: SplitRecord
+
+    @classmethod
+    def open(cls, root: Path) -> Run:
+        """Open a finished run; raises FinloraError naming what is missing or malformed."""
+        run_dir = RunDir(Path(root))
+        run_dir.require_trained()
+        return cls(run_dir, run_dir.read_config(), SplitRecord.read(run_dir.split))
+
+    @property
+    def root(self) -> Path:
+        return self.dir.root
+
+    @property
+    def task(self) -> str:
+        return self.config.task
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.split.labels)
+
+    def manifest(self) -> Manifest | None:
+        return Manifest.read(self.dir.manifest)
+
+    def check_data_unchanged(self, data: Prepared | None = None) -> None:
+        """Raise unless the run's data can be rebuilt as it trained on it: every file there
+        with the same content and, given the data as prepared now, the same records."""
+        problem = self.split.fingerprint.problem()
+        if problem is None and data is not None and not self.split.fingerprint.matches(data):
+            problem = f"{data.description}: changed since training (another finlora version?)"
+        if problem is not None:
+            raise FinloraError(
+                f"{problem}; cannot rebuild the run's test split (pass --data to evaluate on "
+                "a file)"
+            )
+
+    def data_available(self) -> bool:
+        """Whether the run's data files are here unchanged (the synthetic and packaged sets
+        always are)."""
+        return self.split.fingerprint.problem() is None
+
+    def prepared(self) -> Prepared:
+        """The run's data, prepared as training prepared it, after checking it is unchanged."""
+        from finlora.data.prepare import prepare_data, prepare_instruct
+
+        self.check_data_unchanged()
+        cfg = self.config
+        data = (
+            prepare_instruct(cfg.data, cfg.seed)
+            if self.task == "instruct"
+            else prepare_data(cfg.data, cfg.seed)
+        )
+        self.check_data_unchanged(data)
+        if any(i >= len(data.examples) for i in self.split.test):
+            raise FinloraError(
+                f"{self.dir.split}: test rows past the data's {len(data.examples)} examples"
+            )
+        return data
+
+    def test_rows(self) -> tuple[str, list[Any]]:
+        """(description, rows): the exact rows the run held out for its test split."""
+        data = self.prepared()
+        rows = [data.examples[i] for i in self.split.test]
+        return f"test split of {data.description}", rows
 
 
 def library_versions() -> dict[str, str | None]:

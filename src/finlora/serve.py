@@ -43,7 +43,7 @@ from finlora.data.documents import report_text
 from finlora.data.instruct import Message
 from finlora.errors import FinloraError
 from finlora.generate import MAX_NEW_TOKENS, GenerationOptions, Reply
-from finlora.predict import LoadedRun, Prediction
+from finlora.inference import LoadedRun, Prediction
 from finlora.report import analyze
 
 
@@ -311,7 +311,7 @@ class _Server:
             info["labels"] = self.loaded.labels
         else:
             # The Alpaca template has no place for a system prompt: one sent is not used.
-            info["system_prompt"] = bool(self.loaded.codec.template.is_chat)
+            info["system_prompt"] = bool(self.loaded.instruct_codec.template.is_chat)
         info["endpoints"] = list(ROUTES[cfg.task])
         return info
 

@@ -29,7 +29,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from finlora import atomic
 from finlora.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
-from finlora.config import RunConfig, apply_overrides, config_from_dict, read_yaml
+from finlora.config import RunConfig
 from finlora.data.prepare import PreparedData, PreparedInstruct, prepare_data, prepare_instruct
 from finlora.data.split import conflicting_labels
 from finlora.distributed import World
@@ -41,8 +41,9 @@ from finlora.models import EMBEDDED, BaseModel, Placement, load_base_model
 from finlora.models.device import set_gradient_checkpointing
 from finlora.models.loading import sha256_file
 from finlora.plots import plot_loss_curve
-from finlora.runs import RunDir, git_commit, library_versions
+from finlora.runs import Manifest, RunDir, SplitRecord, git_commit, library_versions
 from finlora.scoring import autocast, is_prompt_learning, label_loglik, loss_fn, response_nll
+from finlora.tasks import Codec, codec_for
 from finlora.tasks.classify import (
     LabelCodec,
     inference_batches,
@@ -79,7 +80,7 @@ class _Setup:
     data: PreparedData | PreparedInstruct
     base: BaseModel
     model: Any  # the base model with the tuning method applied, not yet placed
-    codec: Any  # LabelCodec (classify) or InstructCodec (instruct)
+    codec: Codec
     train: list[Any]  # the codec's features
     validation: list[Any]
     placement: Placement
@@ -118,17 +119,13 @@ def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
                 "train. and speed. settings such as train.epochs or train.max_steps may change "
                 "(start a new run to change the rest)"
             )
-    return config_from_dict(apply_overrides(read_yaml(run.config), overrides))
+    return run.read_config(overrides)
 
 
 def _check_same_split(run: RunDir, s: _Setup) -> None:
     """Refuse to resume on data that no longer splits into the rows the run started with."""
-    recorded = run.read_split()
-    now = s.data.split.to_dict()
-    # The files' contents, not their names (runs before stop 14 recorded relative paths).
-    digests = sorted(sha256_file(f) for f in s.data.files)
-    changed = sorted(recorded.get("files", {}).values()) != digests  # same rows, other text
-    if changed or any(recorded.get(n) != now.get(n) for n in ("train", "validation", "test")):
+    recorded = SplitRecord.read(run.split)
+    if not (recorded.fingerprint.matches(s.data) and recorded.same_rows(s.data)):
         raise FinloraError(
             f"{run.root}: the data no longer gives the split this run started with "
             f"({s.data.description} changed since); start a new run"
@@ -143,6 +140,9 @@ def _absolute_paths(cfg: RunConfig) -> None:
     name = cfg.model.name
     if name not in EMBEDDED and Path(name).expanduser().exists():
         cfg.model.name = os.path.abspath(os.path.expanduser(name))
+    template = Path(cfg.data.template).expanduser()
+    if template.suffix == ".json" or template.is_file():  # a path, not a shipped name
+        cfg.data.template = os.path.abspath(template)
 
 
 def _prepare(cfg: RunConfig) -> PreparedData | PreparedInstruct:
@@ -158,7 +158,7 @@ def _prepare(cfg: RunConfig) -> PreparedData | PreparedInstruct:
     return prepare_data(cfg.data, cfg.seed)
 
 
-def _features(codec: Any, rows: list[Any], split: str, log: Log) -> list[Any]:
+def _features(codec: Codec, rows: list[Any], split: str, log: Log) -> list[Any]:
     cut_before = codec.overflow.count
     features = [codec.encode(row) for row in rows]
     note = codec.overflow.note(cut_before, len(rows), f"{split} record(s)", codec.max_length)
@@ -174,7 +174,7 @@ def _features(codec: Any, rows: list[Any], split: str, log: Log) -> list[Any]:
     return kept
 
 
-def _setup(cfg: RunConfig, log: Log) -> _Setup:
+def _setup(cfg: RunConfig, log: Log, trust_remote_code: bool = False) -> _Setup:
     data = _prepare(cfg)
     placement = Placement.from_config(cfg.train, cfg.speed)
     start = time.perf_counter()
@@ -182,7 +182,7 @@ def _setup(cfg: RunConfig, log: Log) -> _Setup:
     torch.manual_seed(cfg.seed)
     base = load_base_model(
         cfg.model.name,
-        cfg.model.trust_remote_code,
+        trust_remote_code,
         placement.attention,
         kind=cfg.model.kind,
         labels=data.labels,
@@ -194,11 +194,7 @@ def _setup(cfg: RunConfig, log: Log) -> _Setup:
     model = build_method(base.model, cfg, base.kind)
     if cfg.task == "instruct" and base.kind == "seq2seq" and is_prompt_learning(model):
         raise FinloraError(SEQ2SEQ_VIRTUAL_TOKENS)
-    codec: Any
-    if cfg.task == "instruct":
-        codec = InstructCodec.for_data(base.tokenizer, cfg.data, base.kind)
-    else:
-        codec = LabelCodec.for_data(base.tokenizer, cfg.data, data.labels, base.kind)
+    codec = codec_for(cfg.task, base.tokenizer, cfg.data, data.labels, base.kind)
     sizes = {name: len(getattr(data.split, name)) for name in ("train", "validation", "test")}
     log(f"data: {data.description} -> {sizes}")
     if data.duplicates:
@@ -227,23 +223,9 @@ def _setup(cfg: RunConfig, log: Log) -> _Setup:
 
 
 def _write_run_header(run: RunDir, s: _Setup) -> None:
-    # The packaged instruction set has no file to hash; its records' digest stands in.
-    digest = s.data.records_sha256
     atomic.write_text(run.config, s.cfg.to_yaml())
-    atomic.write_json(
-        run.split,
-        {
-            "task": s.cfg.task,
-            "labels": s.data.labels,
-            "data": s.data.description,
-            "synthetic": s.data.synthetic,
-            "files": {str(f): sha256_file(f) for f in s.data.files},
-            "seed": s.cfg.seed,
-            "duplicates_across_splits": s.data.duplicates,
-            **({"records_sha256": digest} if digest else {}),
-            **s.data.split.to_dict(),
-        },
-    )
+    run.write_template(s.cfg.data.template)
+    SplitRecord.of(s.cfg.task, s.cfg.seed, s.data).write(run.split)
     _save_dir(run.tokenizer, s.base.tokenizer.save_pretrained)
 
 
@@ -265,6 +247,7 @@ def validate(model: Any, s: _Setup, fast: bool, world: World | None = None) -> d
     mine = world.rows(range(len(s.validation)))
     if s.cfg.task == "instruct":
         model.eval()
+        assert isinstance(s.codec, InstructCodec)
         nll, count = response_nll(
             model,
             s.codec,
@@ -278,6 +261,7 @@ def validate(model: Any, s: _Setup, fast: bool, world: World | None = None) -> d
         nll_sum, tokens = world.sum([nll, count], s.device)
         loss = nll_sum / tokens
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0))}
+    assert isinstance(s.codec, LabelCodec)
     model.eval()
     gold = np.array([f.label for f in s.validation])
     loglik = torch.zeros(len(s.validation), len(s.codec.labels), dtype=torch.float64)
@@ -350,7 +334,7 @@ def _checkpoint(run: RunDir, model: Any, opt: Any, sched: Any, progress: Progres
 
 def accumulate_batch(
     model: Any,
-    codec: LabelCodec | InstructCodec,
+    codec: Codec,
     features: list[Any],
     cfg: RunConfig,
     placement: Placement,
@@ -400,6 +384,7 @@ def train(
     resume: bool = False,
     progress_bar: bool = True,
     log: Log = _stderr,
+    trust_remote_code: bool = False,
 ) -> TrainResult:
     """Fine-tune per `cfg` into the run directory `output`; with `resume`, continue it.
 
@@ -411,7 +396,7 @@ def train(
     run = RunDir(output)
     if world.is_main and not resume:
         run.check_new(overwrite)
-    s = _setup(cfg, log)
+    s = _setup(cfg, log, trust_remote_code)
     if resume:
         _check_same_split(run, s)
     s.placement = dataclasses.replace(s.placement, device=world.device(s.placement.device))
@@ -582,48 +567,44 @@ def _finish(
     rows = run.read_metrics()
     if rows:
         plot_loss_curve(rows, run.loss_curve)
-    previous = run.read_json(run.manifest) if run.manifest.is_file() else {}
-    timings = previous.get("timings", {})
-    atomic.write_json(
-        run.manifest,
-        {
-            "finlora_run": 1,
-            "task": s.cfg.task,
-            "base_model": {
-                "name": s.cfg.model.name,
-                "kind": s.base.kind,
-                "checkpoint_dir": str(s.base.checkpoint_dir),
-                "sha256": s.base.weights_sha256,
-            },
-            "data": {
-                "description": s.data.description,
-                "synthetic": s.data.synthetic,
-                "files": {str(f): sha256_file(f) for f in s.data.files},
-                "labels": s.data.labels,
-            },
-            "method": s.cfg.method.name,
-            "method_options": dataclasses.asdict(s.cfg.method_options),
-            "learning_rate": s.cfg.learning_rate,
-            "trainable_params": trainable,
-            "total_params": total,
-            "seed": s.cfg.seed,
-            "steps": progress.step,
-            "best_epoch": progress.best_epoch,
-            "device": str(s.device),
-            "processes": processes,
-            "precision": "bf16-autocast" if s.dtype else "fp32",
-            "attention": s.placement.attention,
-            "versions": library_versions(),
-            "git_commit": git_commit(),
-            "timings": {
-                "model_load_s": round(s.load_seconds, 2),
-                # A resumed run adds its own training time to what came before.
-                "train_s": round(timings.get("train_s", 0.0) + seconds, 2),
-                "real_tokens": timings.get("real_tokens", 0) + tokens,
-                # This process's peak (a resumed run's: since it resumed), loading included;
-                # under several processes, rank 0's.
-                "peak_rss_mib": round(peak_mib, 1),
-            },
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    previous = Manifest.read(run.manifest)
+    timings = previous.timings if previous is not None else {}
+    Manifest(
+        task=s.cfg.task,
+        base_model={
+            "name": s.cfg.model.name,
+            "kind": s.base.kind,
+            "checkpoint_dir": str(s.base.checkpoint_dir),
+            "sha256": s.base.weights_sha256,
         },
-    )
+        data={
+            "description": s.data.description,
+            "synthetic": s.data.synthetic,
+            "files": {str(f): sha256_file(f) for f in s.data.files},
+            "labels": s.data.labels,
+        },
+        method=s.cfg.method.name,
+        method_options=dataclasses.asdict(s.cfg.method_options),
+        learning_rate=s.cfg.learning_rate,
+        trainable_params=trainable,
+        total_params=total,
+        seed=s.cfg.seed,
+        steps=progress.step,
+        best_epoch=progress.best_epoch,
+        device=str(s.device),
+        processes=processes,
+        precision="bf16-autocast" if s.dtype else "fp32",
+        attention=s.placement.attention,
+        versions=library_versions(),
+        git_commit=git_commit(),
+        timings={
+            "model_load_s": round(s.load_seconds, 2),
+            # A resumed run adds its own training time to what came before.
+            "train_s": round(timings.get("train_s", 0.0) + seconds, 2),
+            "real_tokens": timings.get("real_tokens", 0) + tokens,
+            # This process's peak (a resumed run's: since it resumed), loading included;
+            # under several processes, rank 0's.
+            "peak_rss_mib": round(peak_mib, 1),
+        },
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    ).write(run.manifest)

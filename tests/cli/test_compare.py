@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cli_support import Result, set_args
 
-from finlora.predict import load_run
+from finlora.inference import load_run
 
 Invoke = Callable[..., Result]
 

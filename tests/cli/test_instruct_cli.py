@@ -432,7 +432,7 @@ def test_a_seq2seq_model_trains_answers_evaluates_and_exports(
     # The export answers as the run did, in plain transformers.
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from finlora.predict import load_run
+    from finlora.inference import load_run
 
     tokenizer = AutoTokenizer.from_pretrained(out)
     exported = AutoModelForSeq2SeqLM.from_pretrained(out).eval()

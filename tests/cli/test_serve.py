@@ -26,7 +26,7 @@ from test_instruct_cli import instruct_rows
 from finlora.chat import answer, instruction_prompt
 from finlora.config import load_config
 from finlora.generate import GenerationOptions
-from finlora.predict import LoadedRun, load_run
+from finlora.inference import LoadedRun, load_run
 from finlora.report import analyze
 from finlora.serve import PredictQueue, create_app, is_loopback
 from finlora.train import train

@@ -16,7 +16,7 @@ from finlora.config import load_config
 from finlora.data import synthetic_sentiment
 from finlora.errors import FinloraError
 from finlora.models.registry import EMBEDDED
-from finlora.predict import load_run
+from finlora.inference import load_run
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ import torch
 
 from finlora.config import load_config
 from finlora.data import load_fpb
-from finlora.predict import load_run
+from finlora.inference import load_run
 from finlora.train import resume_config, train
 
 pytestmark = pytest.mark.integration

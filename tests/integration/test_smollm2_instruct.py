@@ -77,7 +77,7 @@ def test_served_chat_answers_as_the_library_does(measured: dict[str, Any]) -> No
     from finlora.chat import answer, fit_conversation
     from finlora.data.instruct import Message
     from finlora.generate import GenerationOptions
-    from finlora.predict import load_run
+    from finlora.inference import load_run
     from finlora.serve import create_app
 
     loaded = load_run(measured["run"])

@@ -14,7 +14,7 @@ import finlora.train as train_module
 from finlora.config import load_config
 from finlora.data import synthetic_sentiment
 from finlora.methods import METHODS
-from finlora.predict import load_run
+from finlora.inference import load_run
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("real_home")]
 

@@ -11,7 +11,7 @@ import yaml
 
 from finlora.config import load_config
 from finlora.data import synthetic_sentiment
-from finlora.predict import load_run
+from finlora.inference import load_run
 from finlora.train import train
 
 TEXTS = [e.text for e in synthetic_sentiment(8, seed=11)]

@@ -26,7 +26,7 @@ from finlora.errors import FinloraError
 from finlora.methods import METHODS, build_method, trainable_parameters
 from finlora.models import load_base_model
 from finlora.models.loading import config_kind
-from finlora.predict import load_run
+from finlora.inference import load_run
 from finlora.prompts import PromptTemplate
 from finlora.runs import RunDir
 from finlora.scoring import label_loglik, predict_proba, unwrap

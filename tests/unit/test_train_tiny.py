@@ -19,8 +19,8 @@ from finlora.config import RunConfig, config_from_dict
 from finlora.data import FPB_LABELS, synthetic_sentiment
 from finlora.methods import build_method
 from finlora.models import load_base_model, sha256_file
-from finlora.predict import load_run
-from finlora.runs import RunDir
+from finlora.inference import load_run
+from finlora.runs import RunDir, SplitRecord
 from finlora.scoring import label_loglik, predict_proba
 from finlora.train import resume_config, train
 
@@ -243,7 +243,7 @@ def test_relative_data_and_model_paths_are_recorded_absolute(
     run(tiny_cfg("train.max_steps=1", f"data.path={fpb_file.name}", f"model.name={model}"), output)
     saved = RunDir(output).read_config()
     assert saved.data.path == str(fpb_file) and saved.model.name == str(tiny_causal_dir)
-    assert list(RunDir(output).read_split()["files"]) == [str(fpb_file)]
+    assert list(SplitRecord.read(RunDir(output).split).fingerprint.files) == [str(fpb_file)]
 
 
 def test_a_diverged_run_stops_in_one_line_and_leaves_nothing(

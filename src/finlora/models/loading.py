@@ -8,6 +8,7 @@ dequantizing takes ~20 s and a GGUF-loaded model cannot `save_pretrained` itself
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -183,8 +184,32 @@ def resolve(name: str) -> tuple[Path, dict[str, str]]:
     return convert_gguf(gguf, digest), {str(gguf): digest}
 
 
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+
+
+def check_remote_code(directory: Path, trust_remote_code: bool) -> None:
+    """Refuse a model or tokenizer directory that maps a class to its own Python file
+    (`auto_map`) unless the command was given --trust-remote-code: loading it runs that file.
+    Asked here, before transformers, so that the refusal is one line that says what to do."""
+    if trust_remote_code:
+        return
+    for name in REMOTE_CODE_FILES:
+        try:
+            data = json.loads((directory / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise FinloraError(
+                f"{directory}: {name} maps to the model's own Python code (auto_map), which "
+                "finlora runs only when the command is given --trust-remote-code (do so only "
+                "if you trust where this model or run came from)"
+            )
+
+
 def load_tokenizer(directory: Path, trust_remote_code: bool = False) -> Any:
-    """The tokenizer saved in `directory`; raises FinloraError when there is none to read."""
+    """The tokenizer saved in `directory`; raises FinloraError when there is none to read, or
+    when it needs its own code and `trust_remote_code` is off."""
+    check_remote_code(directory, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             directory, local_files_only=True, trust_remote_code=trust_remote_code
@@ -219,6 +244,7 @@ def _head_options(kind: str, labels: Sequence[str] | None, name: str) -> dict[st
 
 
 def _read_config(directory: Path, trust_remote_code: bool) -> Any:
+    check_remote_code(directory, trust_remote_code)
     try:
         return AutoConfig.from_pretrained(
             directory, local_files_only=True, trust_remote_code=trust_remote_code

@@ -1,8 +1,8 @@
-"""Evaluation recipe: a run on its own held-out test rows, or on any labelled file."""
+"""Evaluation of a classification run: accuracy, F1, confusion matrix and calibration, on its
+own held-out test rows or on any labelled file."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,12 +11,12 @@ import numpy as np
 
 from finlora import atomic
 from finlora.data import Example
-from finlora.data.prepare import load_labelled, prepare_data
+from finlora.data.prepare import load_labelled
 from finlora.errors import FinloraError
+from finlora.evaluate.common import data_report_stem, report_title
+from finlora.inference import LoadedRun
 from finlora.metrics import classification_metrics, format_classification_report
-from finlora.models.loading import sha256_file
 from finlora.plots import plot_confusion_matrix, plot_reliability_diagram
-from finlora.predict import LoadedRun, load_run
 
 
 @dataclass
@@ -37,38 +37,10 @@ class LoaderOptions:
     label_map: str | None = None
 
 
-def check_training_files(loaded: LoadedRun) -> None:
-    """Refuse to rebuild a split from data files that are gone or changed since training."""
-    recorded = loaded.split.get("files", {})
-    for path, digest in recorded.items():
-        if not Path(path).is_file():
-            raise FinloraError(
-                f"{path}: training data not found (pass --data to evaluate on a file)"
-            )
-        if sha256_file(Path(path)) != digest:
-            raise FinloraError(
-                f"{path}: changed since training (sha256 differs); cannot rebuild the test split"
-            )
-
-
 def _run_test_rows(loaded: LoadedRun) -> EvalData:
     """The exact rows the run held out, after checking the data has not changed since."""
-    check_training_files(loaded)
-    data = prepare_data(loaded.cfg.data, loaded.cfg.seed)
-    if any(i >= len(data.examples) for i in loaded.split["test"]):
-        raise FinloraError(
-            f"{loaded.run.split}: test rows past the data's {len(data.examples)} examples"
-        )
-    test = [data.examples[i] for i in loaded.split["test"]]
-    return EvalData("test", f"test split of {data.description}", test)
-
-
-def data_report_stem(path: Path, *variant: str) -> str:
-    """The report name for `eval --data FILE`: "data-<stem>-<6 hex digits of its absolute path
-    and variant>". Never "test", the run's own held-out split (which export quotes), and never
-    that of another file with the same name."""
-    key = "\0".join([str(path.resolve()), *variant])
-    return f"data-{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:6]}"
+    description, rows = loaded.run.test_rows()
+    return EvalData("test", description, rows)
 
 
 def _file_rows(loaded: LoadedRun, path: Path, options: LoaderOptions) -> EvalData:
@@ -90,55 +62,33 @@ def _file_rows(loaded: LoadedRun, path: Path, options: LoaderOptions) -> EvalDat
     return EvalData(data_report_stem(path, options.agreement), str(path), examples)
 
 
-def evaluate_run(
-    run_dir: Path,
-    data_path: Path | None = None,
-    options: LoaderOptions | None = None,
-    zero_shot: bool = False,
-    progress: bool = True,
-    max_new_tokens: int = 128,
+def evaluate_classify(
+    loaded: LoadedRun, data_path: Path | None, options: LoaderOptions, progress: bool = True
 ) -> dict[str, Any]:
-    """Score a run (or its base model with `zero_shot`) and write reports under RUN_DIR/eval.
-
-    An instruct run is measured by `instruct_eval.evaluate_instruct` (perplexity, BLEU, ROUGE).
-
-    Returns the metrics dict with `data`, `zero_shot` and `report_files` added.
-    """
-    loaded = load_run(run_dir, zero_shot)
-    if loaded.task == "instruct":
-        from finlora.instruct_eval import evaluate_instruct
-
-        return evaluate_instruct(loaded, data_path, max_new_tokens, progress)
+    """Score a classification run on its test split or a labelled file, write the reports."""
     data = (
-        _file_rows(loaded, data_path, options or LoaderOptions())
-        if data_path is not None
-        else _run_test_rows(loaded)
+        _file_rows(loaded, data_path, options) if data_path is not None else _run_test_rows(loaded)
     )
     probs = loaded.proba([e.text for e in data.examples], progress)
     predicted = [loaded.labels[i] for i in probs.argmax(1)]
     gold = [e.label for e in data.examples]
     metrics = classification_metrics(gold, predicted, probs, loaded.labels)
-    stem = f"{'zero-shot-' if zero_shot else ''}{data.name}"
+    stem = f"{'zero-shot-' if loaded.zero_shot else ''}{data.name}"
     metrics.update(
         {
             "data": data.description,
-            "zero_shot": zero_shot,
-            "synthetic": bool(loaded.split.get("synthetic")) and data_path is None,
+            "zero_shot": loaded.zero_shot,
+            "synthetic": loaded.run.split.synthetic and data_path is None,
         }
     )
     metrics["report_files"] = _write_reports(loaded, stem, metrics, probs, gold)
     return metrics
 
 
-def report_title(loaded: LoadedRun, stem: str) -> str:
-    """What a report is of: the run (or its zero-shot base model) and the data's stem."""
-    return f"{'zero-shot base model' if loaded.zero_shot else loaded.run.root.name}: {stem}"
-
-
 def _write_reports(
     loaded: LoadedRun, stem: str, metrics: dict[str, Any], probs: np.ndarray, gold: list[str]
 ) -> dict[str, str]:
-    out = loaded.run.eval_dir
+    out = loaded.run.dir.eval_dir
     title = report_title(loaded, stem)
     files = {
         "json": out / f"{stem}.json",

@@ -19,12 +19,10 @@ from typing import Any
 from finlora import atomic
 from finlora.chat import prompt_budget
 from finlora.data.instruct import InstructRecord, load_instruct
-from finlora.data.prepare import prepare_instruct
-from finlora.errors import FinloraError
-from finlora.evaluate import check_training_files, data_report_stem, report_title
+from finlora.evaluate.common import data_report_stem, report_title
 from finlora.generate import GenerationOptions, generate_answers
+from finlora.inference import LoadedRun
 from finlora.plots import plot_score_histogram
-from finlora.predict import LoadedRun
 from finlora.scoring import response_nll
 from finlora.textmetrics import generation_metrics, label_answer_metrics, rouge_f1
 
@@ -33,26 +31,20 @@ def _test_records(loaded: LoadedRun, data_path: Path | None) -> tuple[str, str, 
     """(report stem, description, records): the run's test split, or every record of a file."""
     if data_path is not None:
         return data_report_stem(data_path), str(data_path), load_instruct(data_path)
-    check_training_files(loaded)
-    data = prepare_instruct(loaded.cfg.data, loaded.cfg.seed)
-    recorded = loaded.split.get("records_sha256")
-    if recorded and recorded != data.records_sha256:
-        raise FinloraError(
-            f"{data.description}: changed since training (another finlora version?); cannot "
-            "rebuild the test split (pass --data to evaluate on a file)"
-        )
-    return "test", f"test split of {data.description}", data.rows("test")
+    description, records = loaded.run.test_rows()
+    return "test", description, records
 
 
 def _perplexity(loaded: LoadedRun, records: list[InstructRecord]) -> tuple[float, int, int]:
     """Perplexity over the reference answers' tokens, how many tokens, and over how many
     records (one whose answer has no token within data.max_length has none to score)."""
-    features = [f for f in (loaded.codec.encode(r) for r in records) if f is not None]
+    codec = loaded.instruct_codec
+    features = [f for f in (codec.encode(r) for r in records) if f is not None]
     if not features:
         return math.nan, 0, 0
     nll, count = response_nll(
         loaded.model,
-        loaded.codec,
+        codec,
         features,
         loaded.cfg.speed.eval_batch_size,
         loaded.device,
@@ -72,12 +64,13 @@ def evaluate_instruct(
     stem, description, records = _test_records(loaded, data_path)
     perplexity, tokens, scored = _perplexity(loaded, records)
     budget = prompt_budget(loaded, max_new_tokens)
-    cut_before = len(loaded.codec.overflow.lengths)
-    prompts = [loaded.codec.generation_prompt(r, budget) for r in records]
-    prompts_cut = len(loaded.codec.overflow.lengths) - cut_before
+    codec = loaded.instruct_codec
+    cut_before = len(codec.overflow.lengths)
+    prompts = [codec.generation_prompt(r, budget) for r in records]
+    prompts_cut = len(codec.overflow.lengths) - cut_before
     answers = generate_answers(
         loaded.model,
-        loaded.codec.tokenizer,
+        codec.tokenizer,
         prompts,
         GenerationOptions(max_new_tokens=max_new_tokens),
         batch_size=loaded.cfg.speed.eval_batch_size,
@@ -104,7 +97,7 @@ def evaluate_instruct(
         "max_new_tokens": max_new_tokens,
         "data": description,
         "zero_shot": loaded.zero_shot,
-        "synthetic": bool(loaded.split.get("synthetic")) and data_path is None,
+        "synthetic": loaded.run.split.synthetic and data_path is None,
     }
     stem = f"{'zero-shot-' if loaded.zero_shot else ''}{stem}"
     metrics["report_files"] = _write_reports(
@@ -144,7 +137,7 @@ def _write_reports(
     answers: list[str],
     scores: list[float],
 ) -> dict[str, str]:
-    out = loaded.run.eval_dir
+    out = loaded.run.dir.eval_dir
     title = report_title(loaded, stem)
     files = {
         "json": out / f"{stem}.json",

@@ -1,7 +1,9 @@
-"""Label prediction for new text with a trained run (or its base model, zero-shot)."""
+"""The one way from a run directory to a scoring model: predict, eval, analyze, generate, chat,
+serve, export and bench all open a trained run through `load_run`."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +16,11 @@ from finlora.config import RunConfig
 from finlora.errors import FinloraError
 from finlora.methods import load_adapter, merged_for_inference
 from finlora.models import Placement, load_base_model
-from finlora.models.fused_projections import fuse_projections
+from finlora.models.fast.fused_projections import fuse_projections
 from finlora.models.loading import load_tokenizer, model_kind
-from finlora.runs import RunDir
+from finlora.runs import Run, RunDir
 from finlora.scoring import predict_proba
+from finlora.tasks import Codec, codec_for
 from finlora.tasks.classify import LabelCodec
 from finlora.tasks.instruct import InstructCodec
 
@@ -34,42 +37,57 @@ class Prediction:
 
 @dataclass
 class LoadedRun:
-    """A run directory brought back to life: its config, labels, model and codec (a label codec
-    for classify runs, an instruction codec for instruct runs)."""
+    """A run directory brought back to life: the opened run, its model and codec."""
 
-    run: RunDir
-    cfg: RunConfig
-    split: dict[str, Any]
-    model: Any
-    codec: Any  # LabelCodec or InstructCodec
+    run: Run
+    model: Any  # a transformers model, with the adapter unless zero_shot
+    codec: Codec
     device: torch.device
     dtype: torch.dtype | None
     zero_shot: bool
 
     @property
+    def cfg(self) -> RunConfig:
+        return self.run.config
+
+    @property
     def labels(self) -> list[str]:
-        return list(self.split["labels"])
+        return self.run.labels
 
     @property
     def task(self) -> str:
-        return self.cfg.task
+        return self.run.task
+
+    @property
+    def label_codec(self) -> LabelCodec:
+        """The codec of a classification run; refuses any other task."""
+        self.require_task("classify", "finlora generate or finlora chat")
+        assert isinstance(self.codec, LabelCodec)
+        return self.codec
+
+    @property
+    def instruct_codec(self) -> InstructCodec:
+        """The codec of an instruct run; refuses any other task."""
+        self.require_task("instruct", "finlora predict")
+        assert isinstance(self.codec, InstructCodec)
+        return self.codec
 
     def require_task(self, task: str, instead: str) -> None:
         _check_task(self.run.root, self.task, task, instead)
 
     def proba(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
         """Label probabilities, (N, K) in `labels` order."""
-        self.require_task("classify", "finlora generate or finlora chat")
+        speed = self.cfg.speed
         return predict_proba(
             self.model,
-            self.codec,
+            self.label_codec,
             texts,
-            batch_size=self.cfg.speed.eval_batch_size,
+            batch_size=speed.eval_batch_size,
             device=self.device,
             dtype=self.dtype,
-            fast=self.cfg.speed.label_logits_only,
-            shared_prompt=self.cfg.speed.shared_prompt_scoring,
-            trim_padding=self.cfg.speed.trim_padding,
+            fast=speed.label_logits_only,
+            shared_prompt=speed.shared_prompt_scoring,
+            trim_padding=speed.trim_padding,
             progress=progress,
         )
 
@@ -99,37 +117,52 @@ def require_task(run_dir: Path, task: str, instead: str) -> None:
     _check_task(run.root, run.read_config().task, task, instead)
 
 
-def load_run(run_dir: Path, zero_shot: bool = False) -> LoadedRun:
-    """Load a finished run; with `zero_shot`, its base model without the adapter."""
-    run = RunDir(Path(run_dir))
-    run.require_trained()
-    cfg = run.read_config()
-    split = run.read_split()
-    if zero_shot and model_kind(cfg.model.name, cfg.model.kind) == "encoder":
+def open_run(run_dir: Path, speed: Sequence[str] = ()) -> Run:
+    """Open a finished run, with `--set speed.x=...` items applied to its config."""
+    run = Run.open(Path(run_dir))
+    if speed:
+        from finlora.config import with_speed_overrides
+
+        run = dataclasses.replace(run, config=with_speed_overrides(run.config, list(speed)))
+    return run
+
+
+def load_run(
+    run_dir: Path | Run,
+    zero_shot: bool = False,
+    *,
+    trust_remote_code: bool = False,
+    speed: Sequence[str] = (),
+) -> LoadedRun:
+    """Load a finished run for scoring; with `zero_shot`, its base model without the adapter.
+
+    `trust_remote_code` comes from the command line only (never from the run's files): a run
+    whose model or tokenizer maps to its own code is refused without it. `speed` holds
+    `--set speed.x=value` items for this load. Raises FinloraError on a bad or foreign run.
+    """
+    run = run_dir if isinstance(run_dir, Run) else open_run(run_dir, speed)
+    cfg = run.config
+    if zero_shot and model_kind(cfg.model.name, cfg.model.kind, trust_remote_code) == "encoder":
         raise FinloraError(
             f"{run.root}: an encoder's classification head is trained by the run, so its base "
             "model has no zero-shot answer (only a random head)"
         )
     placement = Placement.from_config(cfg.train, cfg.speed)
+    tokenizer = load_tokenizer(run.dir.tokenizer, trust_remote_code)
     base = load_base_model(
         cfg.model.name,
-        cfg.model.trust_remote_code,
+        trust_remote_code,
         placement.attention,
         kind=cfg.model.kind,
-        labels=split["labels"],
+        labels=run.labels,
     )
-    tokenizer = load_tokenizer(run.tokenizer, cfg.model.trust_remote_code)
     model = base.model
     if not zero_shot:
-        model = load_adapter(model, cfg, base.kind, run.adapter)
+        model = load_adapter(model, cfg, base.kind, run.dir.adapter)
         if cfg.speed.merge_for_inference:
             model = merged_for_inference(model)
     model = placement.place(model).eval()
     if cfg.speed.fuse_projections:
         fuse_projections(model)
-    codec: Any
-    if cfg.task == "instruct":
-        codec = InstructCodec.for_data(tokenizer, cfg.data, base.kind)
-    else:
-        codec = LabelCodec.for_data(tokenizer, cfg.data, split["labels"], base.kind)
-    return LoadedRun(run, cfg, split, model, codec, placement.device, placement.dtype, zero_shot)
+    codec = codec_for(cfg.task, tokenizer, cfg.data, run.labels, base.kind)
+    return LoadedRun(run, model, codec, placement.device, placement.dtype, zero_shot)

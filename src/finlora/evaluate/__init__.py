@@ -1,0 +1,37 @@
+"""Evaluation: a run on its own held-out test rows, or on any labelled file; one evaluator per
+task (classify: accuracy, F1, calibration; instruct: perplexity, BLEU, ROUGE)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from finlora.evaluate.classify import LoaderOptions, evaluate_classify
+from finlora.evaluate.instruct import evaluate_instruct, format_instruct_report
+from finlora.inference import load_run
+
+__all__ = ["LoaderOptions", "evaluate_run", "format_instruct_report"]
+
+
+def evaluate_run(
+    run_dir: Path,
+    data_path: Path | None = None,
+    options: LoaderOptions | None = None,
+    zero_shot: bool = False,
+    progress: bool = True,
+    max_new_tokens: int = 128,
+    *,
+    trust_remote_code: bool = False,
+    speed: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Score a run (or its base model with `zero_shot`) and write reports under RUN_DIR/eval.
+
+    Returns the metrics dict with `data`, `zero_shot` and `report_files` added.
+    """
+    loaded = load_run(
+        run_dir, zero_shot=zero_shot, trust_remote_code=trust_remote_code, speed=speed
+    )
+    if loaded.task == "instruct":
+        return evaluate_instruct(loaded, data_path, max_new_tokens, progress)
+    return evaluate_classify(loaded, data_path, options or LoaderOptions(), progress)
