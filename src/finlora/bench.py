@@ -109,15 +109,17 @@ class BenchSetup:
 CLASSIC_LORA_DROPOUT = 0.05
 
 
-def _model(cfg: RunConfig, attention: str | None) -> tuple[Any, Any]:
-    base = load_base_model(cfg.model.name, cfg.model.trust_remote_code, attention)
+def _model(cfg: RunConfig, attention: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
+    base = load_base_model(cfg.model.name, trust_remote_code, attention)
     torch.manual_seed(cfg.seed)
     return base, build_method(base.model, cfg, base.kind)
 
 
-def _finlora_path(cfg: RunConfig, labels: list[str]) -> tuple[FinloraPath, Any]:
+def _finlora_path(
+    cfg: RunConfig, labels: list[str], trust_remote_code: bool
+) -> tuple[FinloraPath, Any]:
     placement = Placement.from_config(cfg.train, cfg.speed)
-    base, model = _model(cfg, placement.attention)
+    base, model = _model(cfg, placement.attention, trust_remote_code)
     codec = LabelCodec.for_data(base.tokenizer, cfg.data, labels, base.kind)
     return FinloraPath(cfg, placement.place(model), codec, placement), base
 
@@ -141,7 +143,11 @@ def _check_variant(variant: str) -> None:
 
 
 def setup(
-    config: Path | None, overrides: list[str], n: int, variants: list[str] | None = None
+    config: Path | None,
+    overrides: list[str],
+    n: int,
+    variants: list[str] | None = None,
+    trust_remote_code: bool = False,
 ) -> BenchSetup:
     """The same sentences and LoRA settings for every path, each path with its own model.
 
@@ -153,17 +159,17 @@ def setup(
     cfg = load_config(config, overrides)
     data = prepare_data(cfg.data, cfg.seed)
     rows = data.rows("train")[:n]
-    main, base = _finlora_path(cfg, data.labels)
+    main, base = _finlora_path(cfg, data.labels, trust_remote_code)
     paths = {"finlora": main}
     for variant in variants or []:
         try:
             variant_cfg = load_config(config, [*overrides, variant])
         except FinloraError as exc:
             raise FinloraError(f"--variant {variant!r}: {exc}") from None
-        paths[variant] = _finlora_path(variant_cfg, data.labels)[0]
+        paths[variant] = _finlora_path(variant_cfg, data.labels, trust_remote_code)[0]
     classic_cfg = copy.deepcopy(cfg)
     classic_cfg.lora.lora_dropout = CLASSIC_LORA_DROPOUT
-    _, classic = _model(classic_cfg, "sdpa")
+    _, classic = _model(classic_cfg, "sdpa", trust_remote_code)
     return BenchSetup(
         cfg,
         classic.to(main.placement.device),
@@ -274,9 +280,10 @@ def bench_train(
     n: int = 64,
     rounds: int = 2,
     variants: list[str] | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Train-step throughput of the classic recipe and finlora's path on the same sentences."""
-    s = setup(config, overrides or [], n, variants)
+    s = setup(config, overrides or [], n, variants, trust_remote_code)
     s.classic.train()
 
     def adamw(model: Any) -> torch.optim.Optimizer:
@@ -374,9 +381,10 @@ def bench_infer(
     n: int = 64,
     rounds: int = 2,
     variants: list[str] | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Sentences/s of one `generate` call per sentence against finlora's batched label scoring."""
-    s = setup(config, overrides or [], n, variants)
+    s = setup(config, overrides or [], n, variants, trust_remote_code)
     s.classic.eval()
     runs: dict[str, Callable[[int], Round]] = {"classic": lambda i: _classic_infer_round(s)}
     for name, p in s.paths.items():
