@@ -4,7 +4,7 @@ transformers' eager attention under bf16 autocast promotes q and k to fp32 in th
 embedding (its cos and sin are fp32), copies k and v once per query head (`repeat_kv`), adds
 the mask in fp32 and runs the softmax there, and autocast casts q, k and the weights back to
 bf16 for the matmuls: on 2 cores of an AMX CPU, ~19% of a scoring pass went to this work
-outside the matmuls (stop 15's profile). This forward computes the same numbers with fewer
+outside the matmuls (profiled on 2 CPU cores). This forward computes the same numbers with fewer
 passes:
 - the rotary embedding in fp32 as transformers does (x·cos + rotate_half(x)·sin), written once
   in the matmul's dtype, already laid out by key/value head: four passes instead of six and
