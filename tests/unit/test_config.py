@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
-from finlora.config import RunConfig, apply_overrides, config_from_dict, load_config
+from finlora.config import (
+    RunConfig,
+    SpeedConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    read_yaml,
+    with_speed_overrides,
+)
 from finlora.errors import FinloraError
 
 
@@ -276,3 +287,146 @@ def test_a_key_given_twice_names_its_line(tmp_path: Path) -> None:
     path = tmp_path / "run.yaml"
     path.write_text("seed: 1\ntrain:\n  epochs: 2\n  epochs: 3\n", encoding="utf-8")
     assert error([], path) == f"{path}:4: malformed YAML (key 'epochs' appears twice)"
+
+
+# ---- help text ----------------------------------------------------------------------------------
+
+
+def _sections(cls: type = RunConfig) -> list[type]:
+    """RunConfig and every section under it."""
+    hints = typing.get_type_hints(cls)
+    found = [cls]
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found += _sections(hints[f.name])
+    return found
+
+
+@pytest.mark.parametrize("section", _sections(), ids=lambda c: c.__name__)
+def test_every_field_has_help_and_every_section_a_docstring(section: type) -> None:
+    doc = section.__doc__ or ""
+    assert doc and not doc.startswith(f"{section.__name__}("), "no docstring"
+    assert len(doc.strip().splitlines()) == 1, "the docstring is one line"
+    for f in dataclasses.fields(section):
+        assert f.metadata.get("help", "").strip(), f"{section.__name__}.{f.name} has no help"
+
+
+# ---- the speed section and its keys' old place under train ------------------------------------
+
+
+def _note_count(err: str) -> int:
+    return err.count("moved to speed.* (old spelling still read)")
+
+
+def test_speed_key_under_train_loads_with_one_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "old.yaml"
+    path.write_text("train:\n  epochs: 2\n  fused_lora: false\n  threads: 1\n", encoding="utf-8")
+    cfg = load_config(path)
+    assert cfg.speed.fused_lora is False and cfg.speed.threads == 1 and cfg.train.epochs == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "finlora: config: train.fused_lora, train.threads moved to speed.* "
+        "(old spelling still read)\n"
+    )
+
+
+def test_new_spelling_loads_without_a_note(capsys: pytest.CaptureFixture[str]) -> None:
+    assert load_config(None, ["speed.fused_lora=false"]).speed.fused_lora is False
+    assert capsys.readouterr().err == ""
+
+
+def test_old_spelling_in_set_overrides_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "new.yaml"
+    path.write_text("speed:\n  eval_batch_size: 8\n", encoding="utf-8")
+    cfg = load_config(path, ["train.eval_batch_size=4", "train.compile=true"])
+    assert cfg.speed.eval_batch_size == 4 and cfg.speed.compile is True
+    err = capsys.readouterr().err
+    assert _note_count(err) == 1
+    assert "train.eval_batch_size, train.compile" in err
+
+
+def test_old_and_new_spelling_together_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "both.yaml"
+    path.write_text("train:\n  fused_lora: false\nspeed:\n  fused_lora: true\n", encoding="utf-8")
+    expected = (
+        "config: train.fused_lora and speed.fused_lora are both set "
+        "(train.fused_lora is the old spelling); keep speed.fused_lora"
+    )
+    assert error([], path) == f"{path}: {expected}"
+    assert error(["train.fused_lora=false", "speed.fused_lora=true"]) == expected
+
+
+def test_bad_value_under_old_spelling_names_the_new_key() -> None:
+    assert error(["train.threads=0"]) == (
+        "config: speed.threads must be a positive integer or null (got 0)"
+    )
+
+
+def test_old_run_config_with_every_speed_key_under_train_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config.yaml written before the speed section: its speed keys all under train."""
+    data = RunConfig().to_dict()
+    speed = data.pop("speed")
+    speed.update(fused_lora=False, eval_batch_size=8, max_batch_tokens=None)
+    data["train"].update(speed)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    cfg = config_from_dict(read_yaml(path))
+    assert cfg.speed == SpeedConfig(**speed)
+    assert cfg.train == RunConfig().train
+    err = capsys.readouterr().err
+    assert _note_count(err) == 1
+    assert all(f"train.{key}" in err for key in speed)
+
+
+def test_speed_settings_are_their_own_section() -> None:
+    assert "speed" in RunConfig().to_dict()
+    assert "fused_lora" not in RunConfig().to_dict()["train"]
+    assert error(["speed.attention=flash"]) == (
+        "config: speed.attention must be one of auto, eager, sdpa (got 'flash')"
+    )
+
+
+# ---- overrides for a trained run ----------------------------------------------------------------
+
+
+def test_speed_overrides_for_a_trained_run() -> None:
+    cfg = load_config(None, ["train.epochs=3", "lora.r=4"])
+    changed = with_speed_overrides(
+        cfg, ["speed.eval_batch_size=4", "speed.fuse_projections=false", "train.device=cpu"]
+    )
+    assert changed.speed.eval_batch_size == 4 and changed.speed.fuse_projections is False
+    assert changed.train.device == "cpu"
+    assert changed.train.epochs == 3 and changed.lora.r == 4
+    assert with_speed_overrides(cfg, ["train.precision=fp32"]).train.precision == "fp32"
+    assert with_speed_overrides(cfg, []) == cfg
+    assert cfg.speed.eval_batch_size == 32  # the run's own config is left alone
+
+
+@pytest.mark.parametrize("item", ["data.path=x.csv", "train.epochs=2", "lora.r=4", "seed=1"])
+def test_speed_overrides_refuse_what_the_run_learned_from(item: str) -> None:
+    with pytest.raises(FinloraError) as err:
+        with_speed_overrides(RunConfig(), [item])
+    assert str(err.value) == (
+        f"--set {item}: only speed.* settings (and train.device, train.precision) "
+        "can change for a trained run"
+    )
+
+
+def test_speed_overrides_are_validated() -> None:
+    with pytest.raises(FinloraError, match=r"^config: speed.eval_batch_size must be a positive"):
+        with_speed_overrides(RunConfig(), ["speed.eval_batch_size=0"])
+    with pytest.raises(FinloraError, match=r"^config: unknown key 'speed.nope'"):
+        with_speed_overrides(RunConfig(), ["speed.nope=1"])
+    with pytest.raises(FinloraError, match=r"^config: train.device must be one of"):
+        with_speed_overrides(RunConfig(), ["train.device=tpu"])
+
+
+def test_speed_overrides_take_the_old_spelling(capsys: pytest.CaptureFixture[str]) -> None:
+    assert with_speed_overrides(RunConfig(), ["train.fused_lora=false"]).speed.fused_lora is False
+    assert _note_count(capsys.readouterr().err) == 1

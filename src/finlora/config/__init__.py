@@ -1,0 +1,89 @@
+"""Typed run configuration: YAML recipes, dotted `--set key=value` overrides, validation.
+
+One dataclass per concern (model, data, method, train, speed, and one section of options per
+tuning method: lora, prefix, prompt, ptuning, ia3, freeze, full), each field with its help text.
+Each validates itself where it is built, and every error names the dotted key and what was
+allowed, e.g. `config: lora.r must be a positive integer (got 0)`.
+
+sections.py and methods.py hold the sections; build.py turns YAML and `--set` items into them.
+"""
+
+from finlora.config.build import (
+    INFERENCE_KEYS,
+    SPEED_KEYS,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    read_yaml,
+    select_method,
+    with_speed_overrides,
+)
+from finlora.config.methods import (
+    LORA_BIASES,
+    METHOD_SECTIONS,
+    PROMPT_INIT_TEXTS,
+    PROMPT_INITS,
+    PTUNING_ENCODERS,
+    FreezeSection,
+    FullSection,
+    IA3Section,
+    LoraSection,
+    MethodConfig,
+    PrefixSection,
+    PromptSection,
+    PTuningSection,
+)
+from finlora.config.sections import (
+    ATTENTIONS,
+    DATA_FORMATS,
+    DEVICES,
+    FPB_AGREEMENTS,
+    FPB_ENV,
+    INSTRUCT_TEMPLATE,
+    MODEL_KINDS,
+    PRECISIONS,
+    TASKS,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    SpeedConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "ATTENTIONS",
+    "DATA_FORMATS",
+    "DEVICES",
+    "FPB_AGREEMENTS",
+    "FPB_ENV",
+    "INFERENCE_KEYS",
+    "INSTRUCT_TEMPLATE",
+    "LORA_BIASES",
+    "METHOD_SECTIONS",
+    "MODEL_KINDS",
+    "PRECISIONS",
+    "PROMPT_INITS",
+    "PROMPT_INIT_TEXTS",
+    "PTUNING_ENCODERS",
+    "SPEED_KEYS",
+    "TASKS",
+    "DataConfig",
+    "FreezeSection",
+    "FullSection",
+    "IA3Section",
+    "LoraSection",
+    "MethodConfig",
+    "ModelConfig",
+    "PTuningSection",
+    "PrefixSection",
+    "PromptSection",
+    "RunConfig",
+    "SpeedConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "load_config",
+    "read_yaml",
+    "select_method",
+    "with_speed_overrides",
+]

@@ -1,0 +1,372 @@
+"""The run's sections (model, data, train, speed) and RunConfig, which also holds methods.py's."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from finlora.config.fields import (
+    check_choice,
+    check_fraction,
+    check_positive,
+    fail,
+    opt,
+    opt_factory,
+)
+from finlora.config.methods import (
+    METHOD_SECTIONS,
+    FreezeSection,
+    FullSection,
+    IA3Section,
+    LoraSection,
+    MethodConfig,
+    PrefixSection,
+    PromptSection,
+    PTuningSection,
+)
+
+FPB_ENV = "FINLORA_FPB_DIR"
+
+MODEL_KINDS = ("auto", "causal", "seq2seq", "encoder")
+
+
+@dataclass
+class ModelConfig:
+    """The base model: where it comes from and how it is used."""
+
+    name: str = opt(
+        "smollm2-135m-instruct",
+        "A registered model name (`finlora models` lists them), a local Hugging Face model "
+        "directory, or a .gguf file.",
+    )
+    kind: str = opt(
+        "auto",
+        "causal: a decoder-only language model; seq2seq: an encoder-decoder one (T5, mT0), the "
+        "label text its decoder target; encoder: an encoder with a classification head (BERT, "
+        "MiniLM), one logit per label. auto reads it from the model's config.json (or the "
+        "registry); set it where that guesses wrong, e.g. a bare encoder checkpoint whose "
+        "architectures name no head.",
+    )
+    trust_remote_code: bool = opt(
+        False,
+        "Run the Python code a model directory ships when loading it. It runs arbitrary code, "
+        "so it is off unless you say so.",
+    )
+
+    def validate(self, prefix: str) -> None:
+        if not self.name.strip():
+            fail(f"{prefix}.name", "must not be empty")
+        check_choice(f"{prefix}.kind", self.kind, MODEL_KINDS)
+
+
+DATA_FORMATS = ("auto", "fpb", "csv", "tsv", "jsonl", "synthetic")
+FPB_AGREEMENTS = ("all", "75", "66", "50")
+
+
+@dataclass
+class DataConfig:
+    """The data: where it is, how to read it, its labels, the split and the prompt."""
+
+    path: str | None = opt(
+        None,
+        "A data file or directory. null: $FINLORA_FPB_DIR (Financial PhraseBank) when it is "
+        "set, else the synthetic set.",
+    )
+    format: str = opt(
+        "auto",
+        "fpb (a Financial PhraseBank directory or Sentences_*.txt file), csv, tsv, jsonl, or "
+        "synthetic (a generated financial sentiment set). auto: by the file's suffix, a "
+        "directory or .txt file being fpb.",
+    )
+    agreement: str = opt(
+        "all",
+        "Financial PhraseBank subset by annotator agreement: all, 75, 66 or 50 (per cent).",
+    )
+    text_column: str = opt("text", "The column (CSV, TSV) or key (JSON) holding the text.")
+    label_column: str = opt("label", "The column (CSV, TSV) or key (JSON) holding the label.")
+    label_map: str | None = opt(
+        None,
+        'Raw label value -> label name, e.g. "0=negative,1=neutral,2=positive" (a YAML '
+        "mapping works too). null: the raw values are the names.",
+    )
+    labels: list[str] = opt_factory(
+        list,
+        "The label set and its order, e.g. [negative, neutral, positive]; rows with other "
+        "labels are refused. Empty: the labels found in the data, sorted.",
+    )
+    test_fraction: float = opt(0.1, "Share of the rows held out for the test (0 < x < 1).")
+    val_fraction: float = opt(
+        0.1, "Share of the rows held out for validation (0 <= x < 1; 0: no validation)."
+    )
+    synthetic_size: int = opt(600, "Rows of the synthetic set, when it is used (at least 30).")
+    template: str = opt(
+        "sentiment",
+        "The prompt template: a name shipped with finlora (sentiment, alpaca; chat, the model's "
+        "own chat template) or the path of a JSON template file. Task instruct defaults to chat.",
+    )
+    max_length: int = opt(
+        128,
+        "Tokens per example at most, prompt and answer (at least 8); longer texts are cut, "
+        "with a note.",
+    )
+
+    def validate(self, prefix: str) -> None:
+        check_choice(f"{prefix}.format", self.format, DATA_FORMATS)
+        check_choice(f"{prefix}.agreement", self.agreement, FPB_AGREEMENTS)
+        check_fraction(f"{prefix}.test_fraction", self.test_fraction, allow_zero=False)
+        check_fraction(f"{prefix}.val_fraction", self.val_fraction, allow_zero=True)
+        if self.synthetic_size < 30:
+            fail(f"{prefix}.synthetic_size", f"must be at least 30 (got {self.synthetic_size})")
+        if self.max_length < 8:
+            fail(f"{prefix}.max_length", f"must be at least 8 tokens (got {self.max_length})")
+        if len(set(self.labels)) != len(self.labels):
+            fail(f"{prefix}.labels", f"has duplicates ({self.labels})")
+        if self.text_column == self.label_column:
+            fail(f"{prefix}.label_column", f"must differ from {prefix}.text_column")
+
+    def resolved_path(self) -> str | None:
+        """The data path to read, after the $FINLORA_FPB_DIR fallback; None means synthetic."""
+        if self.format == "synthetic":
+            return None
+        if self.path:
+            return self.path
+        return os.environ.get(FPB_ENV) or None
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16")
+ATTENTIONS = ("auto", "eager", "sdpa")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation: how long, how fast, on what device, and how often to log and save."""
+
+    # On Financial PhraseBank validation accuracy is already ~0.95-0.98 after one epoch.
+    epochs: int = opt(1, "Passes over the training split.")
+    max_steps: int | None = opt(
+        None,
+        "Optimizer steps in all: when set, training ends there (and the learning-rate "
+        "schedule is that long). null: epochs decide.",
+    )
+    batch_size: int = opt(16, "Rows per batch.")
+    grad_accum: int = opt(1, "Batches whose gradients add up to one optimizer step.")
+    learning_rate: float = opt(
+        3e-4, "Peak learning rate, for methods whose section sets none (AdamW, linear decay)."
+    )
+    weight_decay: float = opt(0.0, "AdamW weight decay (>= 0).")
+    warmup_ratio: float = opt(
+        0.05, "Share of the steps over which the learning rate rises from 0 (0 <= x < 1)."
+    )
+    max_grad_norm: float = opt(1.0, "Gradients are clipped to this norm (positive).")
+    device: str = opt("auto", "cpu, cuda or mps; auto: cuda, else mps, else cpu.")
+    precision: str = opt(
+        "auto",
+        "fp32; bf16: matrix multiplies under bf16 autocast (weights that train and the "
+        "optimizer stay fp32); auto: bf16 where the hardware has it and, on a CPU, its bf16 "
+        "matrix multiplies measure faster than fp32's, else fp32.",
+    )
+    checkpoint_every: int = opt(
+        200, "Optimizer steps between checkpoints (the latest is kept, to resume from)."
+    )
+    log_every: int = opt(10, "Optimizer steps between rows of training loss in metrics.jsonl.")
+
+    def validate(self, prefix: str) -> None:
+        for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            check_positive(f"{prefix}.{name}", getattr(self, name))
+        if self.max_steps is not None and self.max_steps <= 0:
+            fail(
+                f"{prefix}.max_steps", f"must be a positive integer or null (got {self.max_steps})"
+            )
+        if self.learning_rate <= 0:
+            fail(f"{prefix}.learning_rate", f"must be positive (got {self.learning_rate})")
+        if self.max_grad_norm <= 0:  # clipping to a negative norm would climb the loss
+            fail(f"{prefix}.max_grad_norm", f"must be positive (got {self.max_grad_norm})")
+        if self.weight_decay < 0:
+            fail(f"{prefix}.weight_decay", f"must be >= 0 (got {self.weight_decay})")
+        check_fraction(f"{prefix}.warmup_ratio", self.warmup_ratio, allow_zero=True)
+        check_choice(f"{prefix}.device", self.device, DEVICES)
+        check_choice(f"{prefix}.precision", self.precision, PRECISIONS)
+
+
+@dataclass
+class SpeedConfig:
+    """How a run computes: switches of time and memory; loss and scores stay, to float rounding."""
+
+    group_by_length: bool = opt(
+        True,
+        "Training batches of rows of similar length (sorted within shuffled windows, batch "
+        "order shuffled), so little compute goes to padding; false: plain shuffled batches.",
+    )
+    trim_padding: bool = opt(
+        True,
+        "Scoring (validation, evaluate, predict) cuts the rows, sorted by length, into batches "
+        "where their lengths jump, when that saves more padded tokens than a pass costs.",
+    )
+    label_logits_only: bool = opt(
+        True,
+        "The output head only at the positions that predict label (or answer) tokens; "
+        "prediction with one-token labels also only for those tokens, whose softmax needs no "
+        "vocabulary-wide normalizer. false: the whole head at every position.",
+    )
+    shared_prompt_scoring: bool = opt(
+        True,
+        "Labels of several tokens: read each prompt once and continue every label from its "
+        "cached keys and values, instead of one (prompt + label) row per label.",
+    )
+    attention: str = opt(
+        "auto",
+        "The attention kernel: eager or sdpa. auto: eager on a CPU, where SDPA is slow for "
+        "the short sequences of sentence classification; sdpa elsewhere.",
+    )
+    bf16_frozen_weights: bool = opt(
+        True,
+        "Under bf16 autocast, store the frozen linear weights in bf16 instead of casting them "
+        "at every forward pass (autocast caches casts only for weights that train).",
+    )
+    bf16_head: bool = opt(
+        True,
+        "Under bf16 autocast, a frozen output head gets its own bf16 weight (untied from the "
+        "fp32 input embeddings) instead of a cast of the whole vocabulary matrix every pass.",
+    )
+    cast_norms_once: bool = opt(
+        False,
+        "Under bf16 autocast, scoring casts each norm output to bf16 once instead of once per "
+        "projection that reads it (q, k, v; gate, up). Off: with fuse_projections the stacked "
+        "matrix multiplies cast once anyway, and alone it measured slower on an AMX CPU.",
+    )
+    # auto's budgets keep the FPB recipe under 2.5 GB; docs/benchmarks.md has the measurements.
+    max_batch_tokens: int | str | None = opt(
+        "auto",
+        "Padded tokens per forward and backward pass: a longer batch runs as micro-batches "
+        "whose gradients add up to the whole batch's (the same update), bounding peak "
+        "activation memory. At least 16; null: no bound; auto: 448 in fp32, 512 under bf16.",
+    )
+    fused_lora: bool = opt(
+        True,
+        "LoRA layers add B·A·x to the base output inside its matrix multiply (one pass over "
+        "the output instead of three). false keeps PEFT's layer; same function and state dict.",
+    )
+    fused_decoder: bool = opt(
+        True,
+        "Llama-family decoder layers train as two hand-written autograd operations (attention, "
+        "MLP): stacked q/k/v and gate/up matrix multiplies that also compute x·A of every LoRA "
+        "layer, each tensor cast once. Layers it does not cover, and compiled ones, keep the "
+        "modules' forward.",
+    )
+    compile: bool = opt(
+        False,
+        "torch.compile each decoder layer (dynamic shapes), fusing the elementwise work "
+        "between matrix multiplies. A minute or more of compiling first; no gain on an fp32 CPU.",
+    )
+    lean_mlp: bool = opt(
+        True,
+        "SiLU-gated (Llama-style) MLPs recompute the SiLU in the backward pass instead of "
+        "keeping it: about an eighth less activation memory.",
+    )
+    lean_attention: bool = opt(
+        True,
+        "Scoring runs Llama-family eager attention in fewer passes over memory: rotary "
+        "embedding, mask and softmax in place, no per-head copies of k and v.",
+    )
+    gradient_checkpointing: bool = opt(
+        False,
+        "Keep only each layer's input in the forward pass and recompute the rest in the "
+        "backward pass: a small fraction of the activation memory, for about a third more "
+        "compute.",
+    )
+    gradient_checkpointing_every: int = opt(
+        1,
+        "With gradient_checkpointing, recompute only every n-th layer: 2 keeps about half the "
+        "memory saving for about half the extra compute.",
+    )
+    threads: int | None = opt(None, "CPU threads for PyTorch; null: PyTorch's default.")
+    merge_for_inference: bool = opt(
+        True,
+        "Prediction and evaluation fold a LoRA or IA3 adapter into the weights first (fewer "
+        "operations); false keeps the adapter layers as trained.",
+    )
+    fuse_projections: bool = opt(
+        True,
+        "Prediction and evaluation stack the projections that read one input (q, k, v; gate, "
+        "up) into one matrix multiply each, without copying a weight.",
+    )
+    eval_batch_size: int = opt(32, "Rows per batch when scoring and generating.")
+
+    def validate(self, prefix: str) -> None:
+        for name in ("eval_batch_size", "gradient_checkpointing_every"):
+            check_positive(f"{prefix}.{name}", getattr(self, name))
+        budget = self.max_batch_tokens
+        too_small = isinstance(budget, int) and budget < 16
+        if too_small or (isinstance(budget, str) and budget != "auto"):
+            fail(f"{prefix}.max_batch_tokens", f"must be at least 16, auto or null (got {budget})")
+        if self.threads is not None and self.threads <= 0:
+            fail(f"{prefix}.threads", f"must be a positive integer or null (got {self.threads})")
+        check_choice(f"{prefix}.attention", self.attention, ATTENTIONS)
+
+
+# classify: a label per text (scored label tokens or a head); instruct: instruction -> answer
+# (Alpaca or chat records, loss on the answer tokens, generation metrics).
+TASKS = ("classify", "instruct")
+INSTRUCT_TEMPLATE = "chat"  # the instruct task's default: the model's own chat template
+
+
+@dataclass
+class RunConfig:
+    """A whole run: the seed and task, and one section per concern."""
+
+    seed: int = opt(42, "Seeds the split, the new weights and the batch order (0 to 2**32 - 1).")
+    task: str = opt(
+        "classify",
+        "classify: a label per text (scored label tokens, or an encoder's head); instruct: "
+        "instruction -> answer (Alpaca or chat records, loss on the answer tokens).",
+    )
+    model: ModelConfig = opt_factory(ModelConfig, "The base model.")
+    data: DataConfig = opt_factory(DataConfig, "The data, its split and the prompt template.")
+    method: MethodConfig = opt_factory(MethodConfig, "The tuning method.")
+    lora: LoraSection = opt_factory(LoraSection, "Options of method lora.")
+    prefix: PrefixSection = opt_factory(PrefixSection, "Options of method prefix.")
+    prompt: PromptSection = opt_factory(PromptSection, "Options of method prompt.")
+    ptuning: PTuningSection = opt_factory(PTuningSection, "Options of method ptuning.")
+    ia3: IA3Section = opt_factory(IA3Section, "Options of method ia3.")
+    freeze: FreezeSection = opt_factory(FreezeSection, "Options of method freeze.")
+    full: FullSection = opt_factory(FullSection, "Options of method full.")
+    train: TrainConfig = opt_factory(TrainConfig, "The optimisation and the device.")
+    speed: SpeedConfig = opt_factory(SpeedConfig, "Speed and memory switches.")
+
+    def validate(self, prefix: str) -> None:
+        check_choice("task", self.task, TASKS)
+        if not 0 <= self.seed < 2**32:  # what numpy and scikit-learn take
+            fail("seed", f"must be between 0 and 2**32 - 1 (got {self.seed})")
+        if self.task == "instruct" and self.data.format not in ("auto", "jsonl"):
+            fail(
+                "data.format",
+                f"must be auto or jsonl for task instruct (got {self.data.format!r}); "
+                "instruction files are Alpaca or chat records in .json or .jsonl",
+            )
+
+    @property
+    def method_options(self) -> Any:
+        """The options section of the chosen method, e.g. `self.lora` for method lora."""
+        return getattr(self, self.method.name)
+
+    @property
+    def learning_rate(self) -> float:
+        """The chosen method's learning rate, else train.learning_rate."""
+        own = self.method_options.learning_rate
+        return float(own) if own is not None else self.train.learning_rate
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data; only the chosen method's section, so the result loads back as is."""
+        data = dataclasses.asdict(self)
+        for name in METHOD_SECTIONS:
+            if name != self.method.name:
+                del data[name]
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
