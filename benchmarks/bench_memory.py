@@ -60,7 +60,7 @@ def main() -> None:
     )
     placement = Placement.from_config(cfg.train, cfg.speed)
     data = prepare_data(cfg.data, cfg.seed)
-    base = load_base_model(cfg.model.name, cfg.model.trust_remote_code, placement.attention)
+    base = load_base_model(cfg.model.name, False, placement.attention)
     codec = LabelCodec(
         base.tokenizer, PromptTemplate.load(cfg.data.template), data.labels, base.kind, 128
     )

@@ -182,7 +182,7 @@ class Bench:
 
     def __init__(self, config: Path | None, overrides: list[str], rows: int, length: int) -> None:
         cfg = load_config(config, overrides)
-        model_cfg, _ = model_config(cfg.model.name, cfg.model.trust_remote_code)
+        model_cfg, _ = model_config(cfg.model.name)
         self.placement = Placement.from_config(cfg.train, cfg.speed)
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_config(

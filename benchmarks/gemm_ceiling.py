@@ -58,7 +58,7 @@ class Layout:
 
     def __init__(self, config_path: Path | None, overrides: list[str]) -> None:
         cfg = load_config(config_path, overrides)
-        config, _ = model_config(cfg.model.name, cfg.model.trust_remote_code)
+        config, _ = model_config(cfg.model.name)
         with torch.device("meta"):
             model = build_method(AutoModelForCausalLM.from_config(config), cfg, "causal")
         layers = [m for m in model.modules() if _fits(m)]

@@ -169,3 +169,18 @@ def test_trust_remote_code_from_the_caller_runs_it(
 def test_run_dir_is_finlora_run(template_run: tuple[Path, Path], tmp_path: Path) -> None:
     assert RunDir(template_run[0]).is_finlora_run()
     assert not RunDir(tmp_path).is_finlora_run()
+
+
+def test_a_recipe_cannot_turn_on_remote_code(tmp_path: Path) -> None:
+    from finlora.config import load_config
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  trust_remote_code: true\n", encoding="utf-8")
+    with pytest.raises(FinloraError, match="pass --trust-remote-code") as caught:
+        load_config(recipe)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(FinloraError, match="pass --trust-remote-code"):
+        load_config(None, ["model.trust_remote_code=true"])
+    # What older recipes and runs wrote still loads.
+    recipe.write_text("model:\n  trust_remote_code: false\n", encoding="utf-8")
+    assert load_config(recipe).model.name

@@ -184,6 +184,22 @@ def _moved_speed_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     return result, old
 
 
+def _without_remote_code(data: dict[str, Any]) -> dict[str, Any]:
+    """Drop `model.trust_remote_code`: running a model's own code is the loading command's
+    decision (--trust-remote-code), never a file's. `false`, which older recipes and runs
+    wrote, is dropped in silence; `true` is refused, so that nobody believes it took effect."""
+    model = data.get("model")
+    if not (isinstance(model, dict) and "trust_remote_code" in model):
+        return data
+    if model["trust_remote_code"] not in (False, None):
+        fail(
+            "model.trust_remote_code",
+            "is not read from a config file or --set; pass --trust-remote-code to the command "
+            "that loads the model (only if you trust its source)",
+        )
+    return {**data, "model": {k: v for k, v in model.items() if k != "trust_remote_code"}}
+
+
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Build and validate a RunConfig; raises FinloraError naming the offending key."""
     data_section = data.get("data")
@@ -196,6 +212,7 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     data = {**data, "data": _plain_data_options(data.get("data"))}
     data, moved = _moved_speed_keys(data)
     _note_moved(moved)
+    data = _without_remote_code(data)
     cfg = typing.cast(RunConfig, _build(RunConfig, data, ""))
     _check_method_sections(data, cfg.method.name)
     return cfg

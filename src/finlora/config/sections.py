@@ -51,12 +51,6 @@ class ModelConfig:
         "registry); set it where that guesses wrong, e.g. a bare encoder checkpoint whose "
         "architectures name no head.",
     )
-    trust_remote_code: bool = opt(
-        False,
-        "Run the Python code a model directory ships when loading it. It runs arbitrary code, "
-        "so it is off unless you say so.",
-    )
-
     def validate(self, prefix: str) -> None:
         if not self.name.strip():
             fail(f"{prefix}.name", "must not be empty")
