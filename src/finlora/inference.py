@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finlora.config import RunConfig
+from finlora.config import RunConfig, with_speed_overrides
 from finlora.errors import FinloraError
 from finlora.methods import load_adapter, merged_for_inference
 from finlora.models import Placement, load_base_model
@@ -121,8 +121,6 @@ def open_run(run_dir: Path, speed: Sequence[str] = ()) -> Run:
     """Open a finished run, with `--set speed.x=...` items applied to its config."""
     run = Run.open(Path(run_dir))
     if speed:
-        from finlora.config import with_speed_overrides
-
         run = dataclasses.replace(run, config=with_speed_overrides(run.config, list(speed)))
     return run
 
