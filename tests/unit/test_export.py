@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from finlora.config import load_config
 from finlora.errors import FinloraError
 from finlora.export import ExportOptions, ExportResult, export_run
-from finlora.models.gguf_writer import permute_rotary
-from finlora.predict import load_run
+from finlora.export.gguf_writer import permute_rotary
+from finlora.inference import load_run
 from finlora.train import train
 
 
@@ -239,7 +239,7 @@ def test_a_llama_cpp_that_dies_is_one_error_and_nothing_written(
 ) -> None:
     """A llama.cpp build whose instructions this CPU refuses dies by SIGILL (its AMX kernels in
     a VM did): the child process that tries the file first turns that into an error."""
-    from finlora.models import llama_cpp
+    from finlora.export import llama_cpp
 
     probe = "import os, signal\nos.kill(os.getpid(), signal.SIGILL)\n"
     monkeypatch.setattr(llama_cpp, "_PROBE", probe)
@@ -253,12 +253,12 @@ def test_a_gguf_llama_cpp_disagrees_with_is_an_error_and_nothing_written(
 ) -> None:
     """A file llama.cpp reads but scores unlike the adapter model (misnamed or mislaid tensors
     give about chance, or the majority label throughout) is not written."""
-    from finlora import export as export_module
-    from finlora.models.llama_cpp import Agreement
+    from finlora.export import llama_cpp, verify
+    from finlora.export.llama_cpp import Agreement
 
-    monkeypatch.setattr(export_module.llama_cpp_check, "available", lambda: True)
+    monkeypatch.setattr(llama_cpp, "available", lambda: True)
     found = [Agreement(agreement=7 / 12, tokens_equal=1.0, max_abs_loglik_diff=3.2)]
-    monkeypatch.setattr(export_module._LabelCheck, "gguf", lambda *_: found[0])
+    monkeypatch.setattr(verify.LabelCheck, "gguf", lambda *_: found[0])
     with pytest.raises(FinloraError, match=r"only 58\.3% of 12 sentences \(at least 90%"):
         export(run_dir, "gguf", tmp_path / "f16", quant="f16")
     assert not (tmp_path / "f16").exists()

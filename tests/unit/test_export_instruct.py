@@ -15,9 +15,9 @@ from test_export import export  # the same call, on the whole test split
 from finlora.chat import answer, instruction_prompt
 from finlora.config import load_config
 from finlora.errors import FinloraError
-from finlora.export_instruct import FIXED_RECORDS, instruct_sample, order, token_scores
+from finlora.export.instruct import FIXED_RECORDS, instruct_sample, order, token_scores
 from finlora.generate import GenerationOptions
-from finlora.predict import load_run
+from finlora.inference import load_run
 from finlora.train import train
 
 RECORDS = [

@@ -1,6 +1,6 @@
 """What `finlora export` checks on an instruct run: next-token logits at the answer tokens.
 
-A classification run is checked on its label scores (export.py). An instruct run has no labels:
+A classification run is checked on its label scores (classify.py). An instruct run has no labels:
 its check reads held-out records (prompt and reference answer) teacher-forced, and compares the
 logits that predict each answer token, the ones training shaped, between the adapter model and
 the written one; for a GGUF, llama.cpp's log-probabilities of those tokens and its tokenization
@@ -20,7 +20,7 @@ import torch
 from finlora.config import RunConfig
 from finlora.data.instruct import InstructRecord, alpaca_record
 from finlora.data.prepare import prepare_instruct
-from finlora.models import llama_cpp as llama_cpp_check
+from finlora.export import llama_cpp as llama_cpp_check
 from finlora.models.loading import files_unchanged
 from finlora.scoring import label_logits
 from finlora.tasks.classify import IGNORE, sorted_batches

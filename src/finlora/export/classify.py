@@ -2,7 +2,7 @@
 
 The written model must give the adapter model's logits at the positions that predict label
 tokens, on the run's test sentences; for a GGUF, llama.cpp scores the same labels from its own
-tokenization of each sentence. An instruct run is checked in export_instruct.py.
+tokenization of each sentence. An instruct run is checked in instruct.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from finlora.config import RunConfig
 from finlora.data.prepare import prepare_data
-from finlora.models import llama_cpp as llama_cpp_check
+from finlora.export import llama_cpp as llama_cpp_check
 from finlora.models.loading import files_unchanged
 from finlora.scoring import label_logits, sequence_logprob
 from finlora.tasks.classify import IGNORE, LabelCodec, sorted_batches
