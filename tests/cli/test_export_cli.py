@@ -34,7 +34,7 @@ def test_export_gguf_json_subprocess(run_dir: Path, tmp_path: Path) -> None:
     assert report["format"] == "gguf" and report["dtype"] == "q8_0" and report["verified"]
     assert report["n"] == 12 and report["max_abs_logit_diff"] < 1e-4
     assert report["gguf_checked"] and report["gguf_n"] == 12 and report["gguf_agreement"] >= 0.9
-    assert report["files"] == ["finlora_export.json", "run-q8_0.gguf"]
+    assert report["files"] == ["Modelfile", "README.md", "finlora_export.json", "run-q8_0.gguf"]
     assert sorted(p.name for p in out.iterdir()) == report["files"]
 
 

@@ -3,7 +3,9 @@ and the refusals (empty adapter, a merge that changes nothing, unmergeable metho
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -98,7 +100,7 @@ def test_hf_round_trip_with_plain_transformers(run_dir: Path, tmp_path: Path) ->
     rebuilt = pieces["before_text"] + tok(text, add_special_tokens=False).input_ids
     assert rebuilt + pieces["after_text"] == ids[0].tolist()
     assert record["label_ids"] == loaded.codec.label_ids
-    assert "tokenizer(before, add_special_tokens=False)" in (out / "README.md").read_text()
+    assert "tokens(BEFORE) + tokens(text) + tokens(AFTER)" in (out / "README.md").read_text()
 
 
 def test_hf_export_loads_without_finlora_or_peft(run_dir: Path, tmp_path: Path) -> None:
@@ -335,7 +337,18 @@ def test_encoder_classifier_exports_for_the_classification_pipeline(
     assert v.max_abs_logit_diff is not None and v.max_abs_logit_diff < 1e-5
     config = json.loads((out / "config.json").read_text())
     assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
-    assert 'pipeline("text-classification"' in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert 'pipeline("text-classification", model=".")' in card
+    # The card's snippet, run as written from the export directory, gives the run's label.
+    (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    proc = subprocess.run(
+        [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300, cwd=out
+    )
+    assert proc.returncode == 0, proc.stderr
+    called = re.search(r"classify\((.*)\)\[0\]", snippet)
+    assert called is not None
+    (predicted,) = load_run(run).predict([ast.literal_eval(called.group(1))], progress=False)
+    assert proc.stdout.split() == [predicted.label]
     # Plain transformers, as a user would call it, gives the run's own probabilities.
     from transformers import pipeline
 

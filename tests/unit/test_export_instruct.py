@@ -5,7 +5,10 @@ falls back to fixed records when the run's data is gone."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,6 +92,21 @@ def test_gguf_agrees_in_llama_cpp(
     assert v.gguf_n == v.n and v.gguf_tokens_equal == 1.0
     assert v.gguf_max_abs_loglik_diff is not None and v.gguf_max_abs_loglik_diff < max_diff
     assert v.gguf_agreement is not None and v.gguf_agreement >= 0.9
+    # The card's llama-cpp-python snippet runs as written; the Modelfile holds the run's prompt.
+    out = tmp_path / "gguf"
+    card = (out / "README.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    proc = subprocess.run(
+        [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300, cwd=out
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"llama-cli -m run-{quant}.gguf -no-cnv" in card and "ollama run run " in card
+    assert (out / "Modelfile").read_text() == (
+        f"# ollama create run -f Modelfile\nFROM ./run-{quant}.gguf\n"
+        'TEMPLATE """Below is an instruction that describes a task. Write a response that '
+        "appropriately completes the request.\n\n### Instruction:\n{{ .Prompt }}\n\n"
+        '### Response:\n"""\nPARAMETER stop "</s>"\n'
+    )
 
 
 def test_a_failed_check_writes_nothing(run_dir: Path, tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ A LoRA update B·A (times lora_alpha / r) added into W0 runs at no extra cost an
   hf          a plain transformers checkpoint (safetensors, tokenizer, generation config, chat
               template, model card) that loads with neither finlora nor peft installed
   state_dict  the merged weights as one safetensors file
-  gguf        one file for llama.cpp (Llama architecture), f16, q8_0, ...
+  gguf        one file for llama.cpp (Llama architecture), f16, q8_0, ..., with a README that
+              gives the llama.cpp, llama-cpp-python and Ollama commands, and a Modelfile
 
 Other tools' merges have been seen to export the base model unchanged, or a model whose outputs
 differ from the adapter's. So every export is checked before it is moved into place: the adapter
@@ -25,7 +26,9 @@ leaves nothing at --out.
   instruct.py     the instruct check: answer-token logits
   llama_cpp.py    scoring in llama.cpp, to check a GGUF
   records.py      finlora_export.json
-  card.py         the model card (templates/model_card.md)
+  card.py         README.md, the model card (templates/model_card.md), for hf and gguf exports
+  usage.py        how to use an export: scoring snippets, llama.cpp and Ollama commands, and
+                  the Ollama Modelfile beside a GGUF (templates/)
 """
 
 from finlora.export.checks import check_adapter_not_empty, check_mergeable, check_out

@@ -1,24 +1,44 @@
-"""The model card (README.md) written with an export: what it is, how it was made and scored,
-and how to use it. The card's text is a template file (templates/model_card.md)."""
+"""The model card (README.md) written with an hf or GGUF export, and the Ollama Modelfile
+beside a GGUF: what the export is, how it was made and scored, and how to use it. The card's
+text is a template file (templates/model_card.md)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from importlib import resources
-from string import Template
+from pathlib import Path
 
+from finlora import atomic
 from finlora.export.load import ExportContext
 from finlora.export.options import ExportOptions, Verification
 from finlora.export.records import run_manifest, test_metrics
+from finlora.export.usage import modelfile, template, use_section
+
+CARD = "README.md"
+MODELFILE = "Modelfile"
+WITH_CARD = ("hf", "gguf")  # state_dict is weights alone: its record says what they are
 
 
-def _template(name: str) -> Template:
-    return Template((resources.files("finlora.export") / "templates" / name).read_text("utf-8"))
+def write_usage(
+    ctx: ExportContext, options: ExportOptions, v: Verification, tmp: Path, files: list[str]
+) -> list[str]:
+    """Write the card (and a GGUF's Modelfile) into `tmp` beside `files`; their names.
+
+    Written after the verification, whose figures the card quotes."""
+    if options.format not in WITH_CARD:
+        return []
+    gguf = files[0] if options.format == "gguf" else None
+    atomic.write_text(tmp / CARD, model_card(ctx, options, v, gguf))
+    if gguf is None:
+        return [CARD]
+    atomic.write_text(tmp / MODELFILE, modelfile(ctx, gguf))
+    return [CARD, MODELFILE]
 
 
-def model_card(ctx: ExportContext, options: ExportOptions, v: Verification) -> str:
-    """README.md for the hf export: what it is, how it was made and scored, and how to use it."""
+def model_card(
+    ctx: ExportContext, options: ExportOptions, v: Verification, gguf: str | None = None
+) -> str:
+    """README.md: what the export is, how it was made and scored, and how to use it."""
     manifest = run_manifest(ctx.run)
     classify = ctx.cfg.task == "classify"
     # Only an encoder export is a pipeline("text-classification") model; a causal or seq2seq
@@ -32,23 +52,34 @@ def model_card(ctx: ExportContext, options: ExportOptions, v: Verification) -> s
     data = [f"- {manifest.get('data', {}).get('description', ctx.cfg.data.path)}"]
     if classify:
         data.append(f"- labels: {', '.join(ctx.codec.labels)}")
-    use = _card_use_labels(ctx) if classify else _card_use_instructions(ctx)
-    return _template("model_card.md").substitute(
-        tags=tags,
+    return template("model_card.md").substitute(
+        library="gguf" if gguf else "transformers",
+        tags=f"{tags}, gguf" if gguf else tags,
         run_name=ctx.run.root.name,
         run=ctx.run.root,
+        format=options.format,
         base_name=ctx.base_name,
         method=ctx.method,
-        dtype=options.weights_dtype,
+        dtype=options.tensor_type if gguf else options.weights_dtype,
+        what_it_is=_what_it_is(gguf),
         method_settings=_method_section(ctx),
         seed=ctx.cfg.seed,
         steps=manifest.get("steps", "?"),
         precision=manifest.get("precision", "?"),
         data="\n".join(data),
         metrics=_card_metrics(ctx),
-        use="\n".join(use),
-        verification=_verification_line(v),
+        use=use_section(ctx, gguf),
+        verification=_verification_line(v) + _gguf_line(v, gguf),
         manifest=json.dumps(manifest, indent=2),
+    )
+
+
+def _what_it_is(gguf: str | None) -> str:
+    if gguf is None:
+        return "The adapter is added into the base weights, so this loads with plain transformers."
+    return (
+        f"The adapter is added into the base weights, written as one GGUF file, `{gguf}`, for\n"
+        "llama.cpp and the programs built on it (llama-cpp-python, Ollama)."
     )
 
 
@@ -75,60 +106,6 @@ def _card_metrics(ctx: ExportContext) -> str:
     )
 
 
-def _card_use_labels(ctx: ExportContext) -> list[str]:
-    if ctx.kind == "encoder":
-        return [
-            "A sequence classifier with one logit per label (`config.id2label`); it reads the",
-            "bare sentence:",
-            "",
-            "```python",
-            "from transformers import pipeline",
-            "",
-            'classify = pipeline("text-classification", model="path/to/this/directory")',
-            'classify("Operating profit rose to EUR 13.1 mn from EUR 8.7 mn.")',
-            "```",
-        ]
-    before, after = ctx.codec.template.parts(ctx.codec.labels)
-    labels = ", ".join(f"`{ctx.codec.template.verbalize(label)}`" for label in ctx.codec.labels)
-    return [
-        "A sentence is classified by comparing the likelihood of each label's tokens after the",
-        f"prompt `{json.dumps(before + '{text}' + after)}`; the label tokens are {labels}.",
-        "Tokenize as finlora does, in three pieces, or the scores can shift slightly where the",
-        "text meets the prompt:",
-        "",
-        "```python",
-        "ids = (tokenizer(before, add_special_tokens=False).input_ids",
-        "       + tokenizer(text, add_special_tokens=False).input_ids",
-        "       + tokenizer(after, add_special_tokens=False).input_ids)",
-        "```",
-        "",
-        "(`before` and `after` are the prompt's parts around `{text}`; their ids, and the",
-        "labels', are `prompt_ids` and `label_ids` in `finlora_export.json`.)",
-    ]
-
-
-def _card_use_instructions(ctx: ExportContext) -> list[str]:
-    template = ctx.codec.template
-    if template.is_chat:
-        return [
-            "Trained on conversations rendered with the tokenizer's own chat template (saved",
-            "with it): use `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`.",
-        ]
-    return [
-        f"Trained on the `{template.name}` prompt; an instruction with an input reads",
-        "",
-        "```text",
-        template.prompt_input,
-        "```",
-        "",
-        "and one without",
-        "",
-        "```text",
-        template.prompt_no_input,
-        "```",
-    ]
-
-
 def _verification_line(v: Verification) -> str:
     if v.max_abs_logit_diff is None:
         return "Not verified (exported with --no-verify)."
@@ -145,3 +122,17 @@ def _verification_line(v: Verification) -> str:
         f"labels agree on {v.label_agreement:.1%}"
     )
     return line + (f", accuracy {v.accuracy:.4f}." if v.accuracy is not None else ".")
+
+
+def _gguf_line(v: Verification, gguf: str | None) -> str:
+    if gguf is None or v.max_abs_logit_diff is None:
+        return ""
+    if not v.gguf_checked:
+        return f" The GGUF file itself was not checked in llama.cpp ({v.gguf_note})."
+    unit, agreeing = (
+        ("records", "next tokens") if v.token_agreement is not None else ("sentences", "labels")
+    )
+    return (
+        f" Those are the merged weights before GGUF conversion; in llama.cpp the GGUF gives the "
+        f"adapter model's {agreeing} on {v.gguf_agreement:.1%} of {v.gguf_n} {unit}."
+    )

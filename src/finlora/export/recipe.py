@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from finlora import atomic
-from finlora.export.card import model_card
+from finlora.export.card import write_usage
 from finlora.export.checks import (
     check_adapter_not_empty,
     check_gguf_kind,
@@ -58,9 +58,7 @@ def export_run(
             verify_written(check, reference, written, v)
             if options.format == "gguf":
                 verify_gguf(check, tmp / files[0], reference, v, options.tensor_type)
-        if options.format == "hf":
-            # Written after the verification, whose figures it quotes.
-            atomic.write_text(tmp / "README.md", model_card(ctx, options, v))
+        files = sorted([*files, *write_usage(ctx, options, v, tmp, files)])
         atomic.write_json(tmp / EXPORT_RECORD, export_record(ctx, options, files, v))
     files.append(EXPORT_RECORD)
     return ExportResult(

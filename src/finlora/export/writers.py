@@ -20,7 +20,7 @@ def _write_hf(ctx: ExportContext, merged: Any, tmp: Path, options: ExportOptions
     merged.to(DTYPES[options.weights_dtype])
     merged.save_pretrained(tmp, safe_serialization=True)
     ctx.tokenizer.save_pretrained(tmp)
-    return sorted([*(p.name for p in tmp.iterdir()), "README.md"])  # the card comes last
+    return sorted(p.name for p in tmp.iterdir())
 
 
 def _write_state_dict(
