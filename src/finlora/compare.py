@@ -130,14 +130,18 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _train_and_evaluate(cfg: RunConfig, run_dir: Path, progress_bar: bool, log: Log) -> RunResult:
+def _train_and_evaluate(
+    cfg: RunConfig, run_dir: Path, progress_bar: bool, trust_remote_code: bool, log: Log
+) -> RunResult:
     """Train one run, evaluate it from disk on its test split, and note what it cost."""
     gpu = torch.cuda.is_available()
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     with PeakMemory().measure() as peak:
-        result = train(cfg, run_dir, progress_bar=progress_bar, log=log)
-    metrics = evaluate_run(run_dir, progress=progress_bar)
+        result = train(
+            cfg, run_dir, progress_bar=progress_bar, log=log, trust_remote_code=trust_remote_code
+        )
+    metrics = evaluate_run(run_dir, progress=progress_bar, trust_remote_code=trust_remote_code)
     run = RunDir(run_dir)
     manifest = run.read_json(run.manifest)
     # Checkpoints exist for --resume only, and a full fine-tune's hold three times the model.
@@ -243,35 +247,20 @@ def markdown_table(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare(
-    config: Path | None,
-    overrides: Sequence[str],
-    methods: Sequence[str],
-    output: Path,
-    *,
-    seeds: int = 1,
-    overwrite: bool = False,
-    command: str | None = None,
-    progress_bar: bool = True,
-    log: Log = _stderr,
-) -> dict[str, Any]:
-    """Train and evaluate every method in `methods` as `config` says; returns the table.
-
-    The table (`methods`: one row per method) is also written to OUTPUT/compare.{md,json},
-    with a bar chart in OUTPUT/compare.png. Raises FinloraError before anything is written
-    for a bad config, an unknown method or an existing non-empty `output`.
-    """
-    configs = plan(config, overrides, methods, seeds)
-    # Every method against the model's kind before anything trains: a method that cannot tune
-    # it would otherwise stop the comparison midway, its first runs written and no table.
-    # So are its virtual tokens and text against the model's positions.
+def _check_methods(configs: Sequence[RunConfig], methods: Sequence[str], trust: bool) -> None:
+    """Every method against the model's kind, before anything trains: a method that cannot tune
+    it would otherwise stop the comparison midway, its first runs written and no table. So are
+    its virtual tokens and text against the model's positions."""
     model = configs[0].model
-    config, where = model_config(model.name, model.trust_remote_code)
+    config, where = model_config(model.name, trust)
     kind = model.kind if model.kind != "auto" else config_kind(config, where)
     for name in methods:
         check_method(name, kind)
     for cfg in configs:
         check_positions(config, cfg)
+
+
+def _new_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
         raise FinloraError(f"{output}: exists and is not a directory")
     if output.is_dir() and any(output.iterdir()):
@@ -281,14 +270,14 @@ def compare(
             )
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
-    results = []
-    for i, cfg in enumerate(configs, 1):
-        run_dir = _run_dir(output, cfg, seeds)
-        log(f"compare: [{i}/{len(configs)}] {cfg.method.name}, seed {cfg.seed} -> {run_dir}")
-        results.append(_train_and_evaluate(cfg, run_dir, progress_bar, log))
+
+
+def _table(
+    configs: Sequence[RunConfig], results: Sequence[RunResult], command: str | None
+) -> dict[str, Any]:
     first = RunDir(Path(results[0].run_dir))
     manifest = first.read_json(first.manifest)
-    table = {
+    return {
         "task": configs[0].task,
         "model": configs[0].model.name,
         "kind": manifest["base_model"]["kind"],
@@ -300,6 +289,10 @@ def compare(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "methods": summarize(results),
     }
+
+
+def _write_table(table: dict[str, Any], output: Path) -> None:
+    """compare.json, compare.md and compare.png into `output`; `table` gets their paths."""
     files = {"markdown": output / TABLE_MD, "json": output / TABLE_JSON, "chart": output / CHART}
     table["files"] = {k: str(v) for k, v in files.items()}
     atomic.write_json(files["json"], table)
@@ -307,4 +300,36 @@ def compare(
     plot_method_comparison(
         table["methods"], files["chart"], CHART_SCORES[table["task"]], title=f"{table['model']}"
     )
+
+
+def compare(
+    config: Path | None,
+    overrides: Sequence[str],
+    methods: Sequence[str],
+    output: Path,
+    *,
+    seeds: int = 1,
+    overwrite: bool = False,
+    command: str | None = None,
+    progress_bar: bool = True,
+    trust_remote_code: bool = False,
+    log: Log = _stderr,
+) -> dict[str, Any]:
+    """Train and evaluate every method in `methods` as `config` says; returns the table.
+
+    The table (`methods`: one row per method) is also written to OUTPUT/compare.{md,json},
+    with a bar chart in OUTPUT/compare.png. `trust_remote_code` lets the model run its own code
+    (never read from the config). Raises FinloraError before anything is written for a bad
+    config, an unknown method or an existing non-empty `output`.
+    """
+    configs = plan(config, overrides, methods, seeds)
+    _check_methods(configs, methods, trust_remote_code)
+    _new_output(output, overwrite)
+    results = []
+    for i, cfg in enumerate(configs, 1):
+        run_dir = _run_dir(output, cfg, seeds)
+        log(f"compare: [{i}/{len(configs)}] {cfg.method.name}, seed {cfg.seed} -> {run_dir}")
+        results.append(_train_and_evaluate(cfg, run_dir, progress_bar, trust_remote_code, log))
+    table = _table(configs, results, command)
+    _write_table(table, output)
     return table

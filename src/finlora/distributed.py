@@ -22,12 +22,14 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from finlora.errors import ERRORS_ENV, STOPPED, FinloraError
+from finlora.runs import RunDir
 
 T = TypeVar("T")
 
@@ -227,3 +229,33 @@ def launch(processes: int, args: Sequence[str], device: str = "auto") -> Launche
             if message not in errors:
                 errors.append(message)
     return Launched(status, errors)
+
+
+def launch_train(
+    processes: int,
+    device: str,
+    output: Path,
+    *,
+    config: Path | None = None,
+    overrides: Sequence[str] = (),
+    overwrite: bool = False,
+    resume: bool = False,
+    progress_bar: bool = True,
+    trust_remote_code: bool = False,
+) -> Launched:
+    """`finlora train` with these options again, in `processes` processes (`launch`).
+
+    Called by the process that parsed the command, after it has read the config: the output
+    directory is checked here too, so a mistake is one line, not one a process. Raises
+    FinloraError when this process was itself started by a launcher.
+    """
+    if not resume:
+        RunDir(output).check_new(overwrite)
+    if World.from_env().distributed:
+        raise FinloraError("--nproc: this process was already started by a launcher (torchrun)")
+    args = ["train", *([str(config)] if config and not resume else [])]
+    args += [f"--set={o}" for o in overrides] + ["--output", str(output)]
+    flags = {"--overwrite": overwrite, "--resume": resume, "--no-progress": not progress_bar,
+             "--trust-remote-code": trust_remote_code}  # fmt: skip
+    args += [flag for flag, on in flags.items() if on]
+    return launch(processes, args, device)

@@ -290,6 +290,39 @@ def test_predict_plain_text_file(cli: Callable[..., Result], trained: Path, tmp_
     assert [json.loads(line)["text"] for line in result.out.splitlines()] == TEXTS
 
 
+def test_predict_speed_settings_leave_the_scores(cli: Callable[..., Result], trained: Path) -> None:
+    plain = cli("predict", trained, "--json", *TEXTS)
+    batched = cli("predict", trained, "--json", "--set", "speed.eval_batch_size=1", *TEXTS)
+    assert batched.code == 0, batched.err
+    assert batched.out == plain.out
+
+
+def test_predict_refuses_a_set_that_is_no_speed_setting(
+    cli: Callable[..., Result], trained: Path
+) -> None:
+    assert_user_error(cli("predict", trained, "--set", "data.path=x", TEXTS[0]), "data.path")
+
+
+LOADING = ["train", "eval", "predict", "analyze", "generate", "chat", "serve", "compare",
+           "bench train", "bench infer"]  # fmt: skip
+SPEED = ["eval", "predict", "analyze", "generate", "chat", "serve"]
+
+
+@pytest.mark.parametrize("command", LOADING)
+def test_every_loading_command_asks_before_running_model_code(
+    cli: Callable[..., Result], command: str
+) -> None:
+    result = cli(*command.split(), "--help")
+    assert result.code == 0 and "--trust-remote-code" in result.out
+    assert "never read from a config or a run" in " ".join(result.out.split())
+
+
+@pytest.mark.parametrize("command", SPEED)
+def test_commands_on_a_run_take_speed_settings(cli: Callable[..., Result], command: str) -> None:
+    result = cli(command, "--help")
+    assert result.code == 0 and "--set speed.eval_batch_size=8" in " ".join(result.out.split())
+
+
 # ---- bad input: train --------------------------------------------------------------------------
 
 GOOD_LINES = [f"{e.text}@{e.label}" for e in synthetic_sentiment(5, seed=2)]

@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import finlora.distributed as distributed
 from finlora.config import RunConfig
-from finlora.distributed import World, failure_status
+from finlora.distributed import Launched, World, failure_status, launch_train
 from finlora.errors import FinloraError
 from finlora.runs import RunDir
 from finlora.train import resume_config, train
@@ -205,3 +206,31 @@ def test_a_process_stopped_for_another_failure_does_not_set_the_status() -> None
     assert failure_status([130, 2]) == failure_status([2, 130]) == 2
     assert failure_status([130, 130]) == 130  # Ctrl-C: every process stopped
     assert failure_status([-15, 1]) == 1 and failure_status([]) == 1
+
+
+def test_launch_train_hands_every_option_to_the_processes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The processes parse the same command again: none of its options may be lost."""
+    seen: list[Any] = []
+
+    def launch(processes: int, args: list[str], device: str) -> Launched:
+        seen.append((processes, args, device))
+        return Launched(0, [])
+
+    monkeypatch.setattr(distributed, "launch", launch)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    config, output = tmp_path / "r.yaml", tmp_path / "run"
+    launch_train(
+        2, "cpu", output, config=config, overrides=["train.epochs=2"], progress_bar=False,
+        trust_remote_code=True,
+    )  # fmt: skip
+    assert seen == [(2, ["train", str(config), "--set=train.epochs=2", "--output", str(output),
+                         "--no-progress", "--trust-remote-code"], "cpu")]  # fmt: skip
+    seen.clear()
+    launch_train(2, "cpu", output, config=config, resume=True)
+    assert seen == [(2, ["train", "--output", str(output), "--resume"], "cpu")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(FinloraError, match="already started by a launcher"):
+        launch_train(2, "cpu", output)

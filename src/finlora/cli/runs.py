@@ -1,0 +1,370 @@
+"""The commands that use a trained run: `eval`, `predict`, `analyze`, `export` and `serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+
+from finlora.cli.options import (
+    as_json_option,
+    echo_err,
+    no_progress_option,
+    overwrite_option,
+    run_dir_argument,
+    speed_option,
+    trust_remote_code_option,
+    zero_shot_option,
+)
+from finlora.errors import FinloraError
+
+
+def _note_unfinished(run: Any, does: str) -> None:
+    """A note on a run whose training stopped before its manifest (killed, interrupted)."""
+    if not run.manifest.is_file():
+        echo_err(
+            f"note: {run.root} has no manifest.json: its training did not finish, so this "
+            f"{does} the best adapter it saved so far"
+        )
+
+
+def _check_eval(run_dir: Path, zero_shot: bool, classification_options: dict[str, bool]) -> None:
+    """Refuse an option that only a classification file reads when `run_dir` is an instruct run
+    (it would be silently ignored), and note a run whose training did not finish."""
+    from finlora.runs import RunDir
+
+    run = RunDir(run_dir)
+    run.require_trained()  # before the note: a folder that is no run gets its error alone
+    if run.read_config().task == "instruct":
+        for option, was_given in classification_options.items():
+            if was_given:
+                raise FinloraError(
+                    f"{option}: reads a classification file; {run_dir} is an instruct run "
+                    "(its --data is a JSONL of instruction records)"
+                )
+    if not zero_shot:
+        _note_unfinished(run, "scores")
+
+
+@click.command("eval")
+@run_dir_argument
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(path_type=Path),
+    help="Evaluate on all rows of this labelled file instead of the run's test split.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "fpb", "csv", "tsv", "jsonl"]),
+)
+@click.option(
+    "--agreement",
+    default="all",
+    show_default=True,
+    type=click.Choice(["all", "75", "66", "50"]),
+    help="FPB agreement level.",
+)
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--label-column", default="label", show_default=True)
+@click.option(
+    "--label-map", help='Raw label -> label name, e.g. "0=negative,1=neutral,2=positive".'
+)
+@zero_shot_option("Evaluate the base model without the adapter.")
+@click.option(
+    "--max-new-tokens",
+    default=128,
+    show_default=True,
+    help="Longest generated answer (instruct runs; at most 4096 tokens).",
+)
+@as_json_option("Print one JSON object to stdout.")
+@no_progress_option()
+@speed_option
+@trust_remote_code_option
+def eval_(
+    run_dir: Path,
+    data_path: Path | None,
+    fmt: str,
+    agreement: str,
+    text_column: str,
+    label_column: str,
+    label_map: str | None,
+    zero_shot: bool,
+    max_new_tokens: int,
+    as_json: bool,
+    no_progress: bool,
+    speed: tuple[str, ...],
+    trust_remote_code: bool,
+) -> None:
+    """Measure a run: accuracy, macro/weighted F1, per-class scores, confusion matrix, ECE;
+    for an instruct run, perplexity, BLEU, ROUGE-1/2/L and label answers.
+
+    \b
+    Example:
+      finlora eval runs/fpb                       # the run's own held-out test rows
+      finlora eval runs/fpb --zero-shot           # the base model, for comparison
+      finlora eval runs/fpb --data news.csv --text-column headline --label-column y \\
+          --label-map "0=negative,1=neutral,2=positive"
+      finlora eval runs/fin-instruct --json       # perplexity, bleu, rouge1/2/L, n
+    """
+    from finlora.evaluate import LoaderOptions, evaluate_run, format_instruct_report
+    from finlora.metrics import format_classification_report
+
+    options = LoaderOptions(fmt, agreement, text_column, label_column, label_map)
+    _check_eval(
+        run_dir, zero_shot,
+        {"--text-column": text_column != "text", "--label-column": label_column != "label",
+         "--label-map": label_map is not None, "--agreement": agreement != "all",
+         "--format fpb": fmt == "fpb"},
+    )  # fmt: skip
+    metrics = evaluate_run(
+        run_dir, data_path, options, zero_shot, not no_progress, max_new_tokens,
+        trust_remote_code=trust_remote_code, speed=speed,
+    )  # fmt: skip
+    if metrics.get("prompts_cut"):
+        echo_err(
+            f"note: {metrics['prompts_cut']} of {metrics['n']} prompts were cut to fit "
+            "data.max_length and leave room for --max-new-tokens (their inputs lost their end)"
+        )
+    if as_json:
+        click.echo(json.dumps(metrics))
+        return
+    title = f"{'zero-shot base model' if zero_shot else run_dir.name} on {metrics['data']}"
+    if metrics.get("synthetic"):
+        title += " (SYNTHETIC data)"
+    if metrics.get("task") == "instruct":
+        click.echo(format_instruct_report(metrics, title))
+    else:
+        click.echo(format_classification_report(metrics, title))
+    click.echo(f"reports: {Path(metrics['report_files']['json']).parent}")
+
+
+@click.command()
+@run_dir_argument
+@click.argument("texts", nargs=-1)
+@click.option(
+    "--file",
+    "file",
+    type=click.Path(path_type=Path),
+    help="CSV/TSV (with --text-column), JSONL or a .json list, or plain text with one "
+    "sentence a line; - for stdin.",
+)
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Write predictions to .csv or .jsonl.")
+@as_json_option("Print one JSON object per input line (with --out too).")
+@zero_shot_option()
+@speed_option
+@trust_remote_code_option
+def predict(
+    run_dir: Path,
+    texts: tuple[str, ...],
+    file: Path | None,
+    text_column: str,
+    out: Path | None,
+    as_json: bool,
+    zero_shot: bool,
+    speed: tuple[str, ...],
+    trust_remote_code: bool,
+) -> None:
+    """Label new sentences with a trained run; reads stdin when no text or file is given.
+
+    \b
+    Example:
+      finlora predict runs/fpb "Net sales fell 12 % to EUR 3.1 mn."
+      finlora predict runs/fpb --file news.csv --text-column headline --out labelled.csv
+      cat headlines.txt | finlora predict runs/fpb --json
+    """
+    from finlora.labelling import label_texts
+
+    predictions = label_texts(
+        run_dir, texts, file, text_column=text_column, out=out, zero_shot=zero_shot,
+        trust_remote_code=trust_remote_code, speed=speed, log=echo_err,
+    )  # fmt: skip
+    if out is not None and not as_json:
+        return
+    for p in predictions:
+        if as_json:
+            click.echo(json.dumps(p.to_dict()))
+        else:
+            probs = "  ".join(f"{k} {v:.3f}" for k, v in p.probabilities.items())
+            click.echo(f"{p.label:<10} [{probs}]  {p.text}")
+
+
+@click.command()
+@run_dir_argument
+@click.argument("reports", nargs=-1, required=True)
+@click.option("--out", type=click.Path(path_type=Path), help="Directory for sentences.csv, "
+              "summary.json and profile.png (several reports: a folder each, and "
+              "comparison.csv and comparison.png).")  # fmt: skip
+@click.option("--top", default=5, show_default=True, help="Sentences to show for each label.")
+@as_json_option("Print the summary as one JSON object.")
+@zero_shot_option()
+@overwrite_option()
+@no_progress_option()
+@speed_option
+@trust_remote_code_option
+def analyze(
+    run_dir: Path,
+    reports: tuple[str, ...],
+    out: Path | None,
+    top: int,
+    as_json: bool,
+    zero_shot: bool,
+    overwrite: bool,
+    no_progress: bool,
+    speed: tuple[str, ...],
+    trust_remote_code: bool,
+) -> None:
+    """Read financial reports sentence by sentence with a classification run: label shares,
+    tone by section, and the sentences that carry each label most; several reports (e.g.
+    quarter by quarter) side by side.
+
+    A REPORT is a .pdf (with a text layer), .html, .md or .txt file, or - for standard input.
+    Headings start sections; table rows and page furniture are skipped.
+
+    \b
+    Example:
+      finlora analyze runs/fpb annual-report-2024.pdf
+      finlora analyze runs/fpb q3-release.html --out q3-analysis --json
+      finlora analyze runs/fpb q1.pdf q2.pdf q3.pdf --out quarters
+    """
+    from finlora.analyze import analyze_reports
+    from finlora.report import comparison, format_comparison, format_summary
+
+    analyses = analyze_reports(
+        run_dir, reports, out=out, top=top, zero_shot=zero_shot, overwrite=overwrite,
+        progress=not no_progress, trust_remote_code=trust_remote_code, speed=speed, log=echo_err,
+    )  # fmt: skip
+    if len(analyses) == 1:
+        summary = analyses[0].summary(top)
+        click.echo(json.dumps(summary) if as_json else format_summary(summary))
+    elif as_json:
+        click.echo(json.dumps({"reports": [a.summary(top) for a in analyses]}))
+    else:
+        click.echo(format_comparison(comparison(analyses)))
+
+
+def _verify_n(value: str) -> int | None:
+    if value == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise FinloraError(f"--verify-n: expected a number or 'all' (got {value!r})") from None
+
+
+@click.command()
+@run_dir_argument
+@click.option("--format", "fmt", required=True, help="hf, state_dict or gguf.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to create.")
+@click.option("--dtype", help="Weights precision: f32, f16 or bf16 (default f32; f16 for gguf).")
+@click.option("--quant", help="GGUF tensor type: q8_0, q5_1, q5_0, q4_1, q4_0 (or f32/f16/bf16).")
+@click.option(
+    "--verify-n",
+    default="32",
+    show_default=True,
+    help="Test sentences (an instruct run: records) to check, or 'all' for the whole test split.",
+)
+@click.option("--tolerance", type=float, help="Largest accepted |logit difference|.")
+@click.option("--no-verify", is_flag=True, help="Skip the verification (not recommended).")
+@overwrite_option()
+@as_json_option("Print the result as one JSON object.")
+def export(
+    run_dir: Path,
+    fmt: str,
+    out: Path,
+    dtype: str | None,
+    quant: str | None,
+    verify_n: str,
+    tolerance: float | None,
+    no_verify: bool,
+    overwrite: bool,
+    as_json: bool,
+) -> None:
+    """Merge a run's adapter into its base model and export it, verified.
+
+    hf: a transformers checkpoint (loads without finlora or peft); state_dict: the merged
+    weights as one safetensors file; gguf: one file for llama.cpp. The written model's logits are
+    checked against the adapter model's (a classification run's at its labels, an instruct run's
+    at the answer tokens of held-out records), and a GGUF's in llama.cpp too (where
+    llama-cpp-python is installed).
+
+    \b
+    Example:
+      finlora export runs/fpb --format hf --out exports/fpb-hf
+      finlora export runs/fpb --format gguf --quant q8_0 --out exports/fpb-gguf --verify-n all
+      finlora export runs/fin-instruct --format gguf --out exports/fin-instruct-gguf
+    """
+    from finlora.export import ExportOptions, export_run
+    from finlora.runs import RunDir
+
+    options = ExportOptions(
+        fmt, out, dtype, quant, not no_verify, _verify_n(verify_n), overwrite, tolerance
+    )
+    run = RunDir(run_dir)
+    run.require_trained()  # before the note: a folder that is no run gets its error alone
+    _note_unfinished(run, "exports")
+    result = export_run(run_dir, options, log=echo_err)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    for line in result.summary():
+        click.echo(line)
+
+
+@click.command()
+@run_dir_argument
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; 0.0.0.0 opens it to the network (set FINLORA_API_KEY).",
+)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@zero_shot_option("Serve the base model without the adapter.")
+@speed_option
+@trust_remote_code_option
+def serve(
+    run_dir: Path,
+    host: str,
+    port: int,
+    zero_shot: bool,
+    speed: tuple[str, ...],
+    trust_remote_code: bool,
+) -> None:
+    """Serve a trained run over HTTP: /predict for a classification run, /generate and an
+    OpenAI-style /v1/chat/completions for an instruct run; /health, /info, and /docs. With
+    $FINLORA_API_KEY set, requests need `Authorization: Bearer $FINLORA_API_KEY`.
+
+    \b
+    Example:
+      finlora serve runs/fpb
+      curl -s localhost:8000/predict -H 'content-type: application/json' \\
+          -d '{"texts": ["Net sales fell 12 % to EUR 3.1 mn."]}'
+    """
+    import uvicorn
+
+    from finlora.inference import load_run
+    from finlora.runs import RunDir
+    from finlora.serve import API_KEY_ENV, ROUTES, check_bindable, create_app, is_loopback
+
+    RunDir(run_dir).require_trained()
+    check_bindable(host, port)  # before the model loads (~20 s): a taken port fails at once
+    api_key = os.environ.get(API_KEY_ENV) or None
+    if not is_loopback(host) and api_key is None:
+        echo_err(
+            f"serving on {host} without ${API_KEY_ENV}: anyone who can reach this machine can "
+            "use the model"
+        )
+    loaded = load_run(
+        run_dir, zero_shot=zero_shot, trust_remote_code=trust_remote_code, speed=speed
+    )
+    routes = ", ".join(ROUTES[loaded.task])
+    echo_err(f"finlora serve: {run_dir} ({loaded.task}): POST {routes}; API docs at /docs")
+    uvicorn.run(create_app(loaded, api_key), host=host, port=port, log_level="info")
