@@ -3,12 +3,14 @@
 The public API, as the command line uses it:
 
     cfg = finlora.load_config("configs/fpb-smollm2-lora.yaml", ["train.max_steps=20"])
-    finlora.train(cfg, "runs/fpb")                    # -> TrainResult
-    finlora.evaluate("runs/fpb")                      # -> metrics dict, reports in runs/fpb/eval
+    finlora.train_run(cfg, "runs/fpb")                # -> TrainResult
+    finlora.evaluate_run("runs/fpb")                  # -> metrics dict, reports in runs/fpb/eval
     finlora.load_run("runs/fpb").predict(["..."])     # -> [Prediction(label, probabilities)]
-    finlora.export("runs/fpb", "exports/fpb", format="gguf")
+    finlora.export_run("runs/fpb", "exports/fpb", format="gguf")
 
-Each function imports what it needs when called, so `import finlora` stays light.
+Each function imports what it needs when called, so `import finlora` stays light. Their names
+differ from the modules' (finlora.train, finlora.evaluate, finlora.export): importing a
+submodule binds its name on the package, which would replace a function of the same name.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
     from finlora.train import TrainResult
 
 __version__ = "0.1.0"
-__all__ = ["evaluate", "export", "load_config", "load_run", "train"]
+__all__ = ["evaluate_run", "export_run", "load_config", "load_run", "train_run"]
 
 # oneDNN (torch's bf16 matmuls on CPUs with AVX512-BF16 or AMX) keeps a JIT-compiled kernel per
 # matrix shape, 1,024 by default. Every micro-batch of a different length brings ~25 new shapes,
@@ -42,7 +44,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return _load_config(Path(path) if path is not None else None, list(overrides))
 
 
-def train(
+def train_run(
     cfg: RunConfig,
     output: str | Path,
     *,
@@ -52,9 +54,9 @@ def train(
     trust_remote_code: bool = False,
 ) -> TrainResult:
     """Fine-tune per `cfg` into the run directory `output` (`resume`: continue it)."""
-    from finlora.train import train as _train
+    from finlora.train import train
 
-    return _train(
+    return train(
         cfg,
         Path(output),
         overwrite=overwrite,
@@ -64,7 +66,7 @@ def train(
     )
 
 
-def evaluate(
+def evaluate_run(
     run_dir: str | Path,
     data: str | Path | None = None,
     *,
@@ -75,9 +77,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of a run on its own test split (or on the labelled file `data`); the reports
     are written under RUN_DIR/eval."""
-    from finlora.evaluate import evaluate_run
+    from finlora.evaluate import evaluate_run as _evaluate_run
 
-    return evaluate_run(
+    return _evaluate_run(
         Path(run_dir),
         Path(data) if data is not None else None,
         zero_shot=zero_shot,
@@ -100,7 +102,7 @@ def load_run(
     return _load_run(Path(run_dir), zero_shot, trust_remote_code=trust_remote_code, speed=speed)
 
 
-def export(
+def export_run(
     run_dir: str | Path,
     out: str | Path,
     *,
@@ -112,14 +114,8 @@ def export(
 ) -> ExportResult:
     """Merge the run's adapter into its base weights, write `format` (hf, state_dict, gguf) to
     `out`, and verify what was written against the adapter model."""
-    from finlora.export import ExportOptions, export_run
+    from finlora.export import ExportOptions
+    from finlora.export import export_run as _export_run
 
-    options = ExportOptions(
-        format,
-        Path(out),
-        dtype=dtype,
-        quant=quant,
-        overwrite=overwrite,
-        trust_remote_code=trust_remote_code,
-    )
-    return export_run(Path(run_dir), options)
+    options = ExportOptions(format, Path(out), dtype=dtype, quant=quant, overwrite=overwrite)
+    return _export_run(Path(run_dir), options, trust_remote_code=trust_remote_code)

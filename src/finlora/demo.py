@@ -8,8 +8,8 @@ from pathlib import Path
 from finlora.config import FPB_ENV, load_config
 from finlora.data import SYNTHETIC_NOTE
 from finlora.evaluate import evaluate_run
-from finlora.metrics import format_classification_report
 from finlora.inference import load_run
+from finlora.metrics import format_classification_report
 from finlora.train import train
 
 EXAMPLES = (

@@ -15,7 +15,7 @@ import torch
 from finlora.config import RunConfig, with_speed_overrides
 from finlora.errors import FinloraError
 from finlora.methods import load_adapter, merged_for_inference
-from finlora.models import Placement, load_base_model
+from finlora.models import BaseModel, Placement, load_base_model
 from finlora.models.fast.fused_projections import fuse_projections
 from finlora.models.loading import load_tokenizer, model_kind
 from finlora.runs import Run, RunDir
@@ -146,14 +146,7 @@ def load_run(
             "model has no zero-shot answer (only a random head)"
         )
     placement = Placement.from_config(cfg.train, cfg.speed)
-    tokenizer = load_tokenizer(run.dir.tokenizer, trust_remote_code)
-    base = load_base_model(
-        cfg.model.name,
-        trust_remote_code,
-        placement.attention,
-        kind=cfg.model.kind,
-        labels=run.labels,
-    )
+    base, codec = load_base_of(run, placement.attention, trust_remote_code)
     model = base.model
     if not zero_shot:
         model = load_adapter(model, cfg, base.kind, run.dir.adapter)
@@ -162,5 +155,19 @@ def load_run(
     model = placement.place(model).eval()
     if cfg.speed.fuse_projections:
         fuse_projections(model)
-    codec = codec_for(cfg.task, tokenizer, cfg.data, run.labels, base.kind)
     return LoadedRun(run, model, codec, placement.device, placement.dtype, zero_shot)
+
+
+def load_base_of(
+    run: Run, attention: str | None, trust_remote_code: bool = False
+) -> tuple[BaseModel, Codec]:
+    """A run's base model (not placed, no adapter; its `tokenizer` the run's own) and its
+    task's codec. The run's tokenizer is read first: a run that needs its own code is refused
+    before any weight is loaded."""
+    cfg = run.config
+    tokenizer = load_tokenizer(run.dir.tokenizer, trust_remote_code)
+    base = load_base_model(
+        cfg.model.name, trust_remote_code, attention, kind=cfg.model.kind, labels=run.labels
+    )
+    base = dataclasses.replace(base, tokenizer=tokenizer)
+    return base, codec_for(cfg.task, tokenizer, cfg.data, run.labels, base.kind)

@@ -5,8 +5,9 @@ RUN_DIR/
                       finlora_method.json naming the method (safetensors and JSON only)
   tokenizer/          the tokenizer the run used
   config.yaml         resolved config (`RunConfig`)
-  template.json       the prompt template the run trained with (a copy: later edits of the
-                      template file, or of a shipped one, do not change a trained run)
+  template/NAME.json  the prompt template the run trained with, under its own name (a copy:
+                      later edits of the template file, or of a shipped one, do not change a
+                      trained run; none for the model's own chat template)
   split.json          labels, data fingerprint and the row indices of each split (`SplitRecord`)
   metrics.jsonl       one JSON record per log step and per epoch
   loss_curve.png
@@ -15,7 +16,7 @@ RUN_DIR/
   eval/               reports written by `finlora eval`
 
 `Run.open` reads config and split once, checked; everything that works on a trained run takes
-the `Run` it opened. Runs written before template.json or the typed records still load.
+the `Run` it opened. Runs written before the template copy or the typed records still load.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ from finlora import atomic
 from finlora.errors import FinloraError
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from finlora.config import RunConfig
     from finlora.data.prepare import PreparedData, PreparedInstruct
 
-    Prepared = PreparedData | PreparedInstruct
+    Prepared: TypeAlias = PreparedData | PreparedInstruct
 
 VERSIONED = ("finlora", "torch", "transformers", "peft", "accelerate", "safetensors", "numpy")
 SPLIT_NAMES = ("train", "validation", "test")
@@ -60,7 +63,7 @@ class RunDir:
     adapter = property(lambda self: self.root / "adapter")
     tokenizer = property(lambda self: self.root / "tokenizer")
     config = property(lambda self: self.root / "config.yaml")
-    template = property(lambda self: self.root / "template.json")
+    template_dir = property(lambda self: self.root / "template")
     split = property(lambda self: self.root / "split.json")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     loss_curve = property(lambda self: self.root / "loss_curve.png")
@@ -135,9 +138,15 @@ class RunDir:
             cfg = config_from_dict(apply_overrides(data, overrides or []))
         except FinloraError as exc:
             raise FinloraError(f"{self.config}: {exc}") from None
-        if self.template.is_file():
-            cfg.data.template = str(self.template.resolve())
+        copy = self.template_copy()
+        if copy is not None:
+            cfg.data.template = str(copy.resolve())
         return cfg
+
+    def template_copy(self) -> Path | None:
+        """The run's copy of its prompt template; None for runs older than the copy."""
+        copies = sorted(self.template_dir.glob("*.json"))
+        return copies[0] if len(copies) == 1 else None
 
     def write_template(self, name_or_path: str) -> None:
         """Keep a copy of the run's prompt template (none for the model's chat template)."""
@@ -145,7 +154,9 @@ class RunDir:
 
         text = template_text(name_or_path)
         if text is not None:
-            atomic.write_text(self.template, text)
+            # Under its own name, which the prompt record of an export quotes.
+            self.template_dir.mkdir(exist_ok=True)
+            atomic.write_text(self.template_dir / f"{Path(name_or_path).stem}.json", text)
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics.open("a", encoding="utf-8") as fh:
@@ -275,7 +286,9 @@ class SplitRecord:
         return cls(
             str(task),
             labels,
-            *(list(raw.get(name, [])) for name in SPLIT_NAMES),
+            train=list(raw.get("train", [])),
+            validation=list(raw.get("validation", [])),
+            test=list(raw.get("test", [])),
             data=str(raw.get("data", "")),
             synthetic=bool(raw.get("synthetic", False)),
             seed=raw.get("seed"),

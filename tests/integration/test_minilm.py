@@ -15,8 +15,8 @@ import finlora.train as train_module
 from finlora.config import load_config
 from finlora.data import synthetic_sentiment
 from finlora.errors import FinloraError
-from finlora.models.registry import EMBEDDED
 from finlora.inference import load_run
+from finlora.models.registry import EMBEDDED
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,8 @@ import pytest
 import finlora.train as train_module
 from finlora.config import load_config
 from finlora.data import synthetic_sentiment
-from finlora.methods import METHODS
 from finlora.inference import load_run
+from finlora.methods import METHODS
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("real_home")]
 

@@ -23,10 +23,10 @@ from finlora.config import (
 )
 from finlora.data import FPB_LABELS, synthetic_sentiment
 from finlora.errors import FinloraError
+from finlora.inference import load_run
 from finlora.methods import METHODS, build_method, trainable_parameters
 from finlora.models import load_base_model
 from finlora.models.loading import config_kind
-from finlora.inference import load_run
 from finlora.prompts import PromptTemplate
 from finlora.runs import RunDir
 from finlora.scoring import label_loglik, predict_proba, unwrap

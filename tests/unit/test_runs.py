@@ -49,7 +49,7 @@ def test_template_is_copied_and_read_from_the_run(
     template_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_dir, template = template_run
-    assert json.loads((run_dir / "template.json").read_text()) == TEMPLATE
+    assert json.loads((run_dir / "template" / "tone.json").read_text()) == TEMPLATE
     recorded = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["template"]
     assert Path(recorded).is_absolute() and Path(recorded) == template.resolve()
     before = load_run(run_dir).predict(SENTENCES, progress=False)
@@ -58,6 +58,7 @@ def test_template_is_copied_and_read_from_the_run(
     template.write_text(json.dumps({"prompt": "Other words {text} =>"}), encoding="utf-8")
     loaded = load_run(run_dir)
     assert loaded.label_codec.template.prompt == TEMPLATE["prompt"]
+    assert loaded.label_codec.template.name == "tone"
     assert [p.to_dict() for p in loaded.predict(SENTENCES, progress=False)] == [
         p.to_dict() for p in before
     ]
@@ -72,7 +73,7 @@ def test_a_run_without_a_template_copy_still_loads(
 
     old = tmp_path / "old-run"
     shutil.copytree(template_run[0], old)
-    (old / "template.json").unlink()
+    shutil.rmtree(old / "template")
     template_run[1].write_text(json.dumps(TEMPLATE), encoding="utf-8")
     assert Run.open(old).config.data.template == str(template_run[1].resolve())
     assert load_run(old).predict(SENTENCES[:1], progress=False)[0].label

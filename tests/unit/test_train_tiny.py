@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 import finlora.train as train_module
 from finlora.config import RunConfig, config_from_dict
 from finlora.data import FPB_LABELS, synthetic_sentiment
+from finlora.inference import load_run
 from finlora.methods import build_method
 from finlora.models import load_base_model, sha256_file
-from finlora.inference import load_run
 from finlora.runs import RunDir, SplitRecord
 from finlora.scoring import label_loglik, predict_proba
 from finlora.train import resume_config, train

@@ -274,6 +274,7 @@ def _verify_n(value: str) -> int | None:
 @click.option("--tolerance", type=float, help="Largest accepted |logit difference|.")
 @click.option("--no-verify", is_flag=True, help="Skip the verification (not recommended).")
 @overwrite_option()
+@trust_remote_code_option
 @as_json_option("Print the result as one JSON object.")
 def export(
     run_dir: Path,
@@ -285,6 +286,7 @@ def export(
     tolerance: float | None,
     no_verify: bool,
     overwrite: bool,
+    trust_remote_code: bool,
     as_json: bool,
 ) -> None:
     """Merge a run's adapter into its base model and export it, verified.
@@ -310,7 +312,7 @@ def export(
     run = RunDir(run_dir)
     run.require_trained()  # before the note: a folder that is no run gets its error alone
     _note_unfinished(run, "exports")
-    result = export_run(run_dir, options, log=echo_err)
+    result = export_run(run_dir, options, log=echo_err, trust_remote_code=trust_remote_code)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return

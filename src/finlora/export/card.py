@@ -39,7 +39,7 @@ def model_card(
     ctx: ExportContext, options: ExportOptions, v: Verification, gguf: str | None = None
 ) -> str:
     """README.md: what the export is, how it was made and scored, and how to use it."""
-    manifest = run_manifest(ctx.run)
+    manifest = run_manifest(ctx.run.dir)
     classify = ctx.cfg.task == "classify"
     # Only an encoder export is a pipeline("text-classification") model; a causal or seq2seq
     # classifier is a language model that writes the label word.
@@ -51,7 +51,7 @@ def model_card(
     )
     data = [f"- {manifest.get('data', {}).get('description', ctx.cfg.data.path)}"]
     if classify:
-        data.append(f"- labels: {', '.join(ctx.codec.labels)}")
+        data.append(f"- labels: {', '.join(ctx.label_codec.labels)}")
     return template("model_card.md").substitute(
         library="gguf" if gguf else "transformers",
         tags=f"{tags}, gguf" if gguf else tags,

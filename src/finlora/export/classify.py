@@ -14,10 +14,8 @@ from typing import Any
 
 import torch
 
-from finlora.config import RunConfig
-from finlora.data.prepare import prepare_data
 from finlora.export import llama_cpp as llama_cpp_check
-from finlora.models.loading import files_unchanged
+from finlora.runs import Run
 from finlora.scoring import label_logits, sequence_logprob
 from finlora.tasks.classify import IGNORE, LabelCodec, sorted_batches
 
@@ -49,15 +47,13 @@ class LabelScores:
     loglik: torch.Tensor  # label log-likelihoods, (N, K) in prompt order
 
 
-def label_sample(
-    run_split: dict[str, Any], cfg: RunConfig, codec: LabelCodec, n: int | None
-) -> LabelSample:
+def label_sample(run: Run, codec: LabelCodec, n: int | None) -> LabelSample:
     """The run's test sentences (the first `n`, or all), else a few fixed financial sentences."""
-    if files_unchanged(run_split.get("files", {})):
-        data = prepare_data(cfg.data, cfg.seed)
-        rows = [data.examples[i] for i in run_split["test"]][:n]
+    if run.data_available():
+        description, rows = run.test_rows()
+        rows = rows[:n]
         gold = [codec.labels.index(e.label) for e in rows]
-        return LabelSample([e.text for e in rows], gold, f"test split of {data.description}")
+        return LabelSample([e.text for e in rows], gold, description)
     texts = FIXED_SENTENCES[:n]
     return LabelSample(texts, None, "fixed sentences (the run's data is not on this machine)")
 

@@ -17,11 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from finlora.config import RunConfig
 from finlora.data.instruct import InstructRecord, alpaca_record
-from finlora.data.prepare import prepare_instruct
+from finlora.errors import FinloraError
 from finlora.export import llama_cpp as llama_cpp_check
-from finlora.models.loading import files_unchanged
+from finlora.runs import Run
 from finlora.scoring import label_logits
 from finlora.tasks.classify import IGNORE, sorted_batches
 from finlora.tasks.instruct import InstructCodec, InstructFeature
@@ -60,16 +59,13 @@ class TokenScores:
     logp: torch.Tensor  # (M,)
 
 
-def instruct_sample(
-    run_split: dict[str, Any], cfg: RunConfig, codec: InstructCodec, n: int | None
-) -> InstructSample:
+def instruct_sample(run: Run, codec: InstructCodec, n: int | None) -> InstructSample:
     """The run's test records (the first `n`, or all), else a few fixed financial records."""
-    unchanged = files_unchanged(run_split.get("files", {}))
-    data = prepare_instruct(cfg.data, cfg.seed) if unchanged else None
-    digest = run_split.get("records_sha256")
-    if data is not None and (not digest or digest == data.records_sha256):
-        records, description = data.rows("test"), f"test split of {data.description}"
-    else:
+    try:
+        description, records = run.test_rows()
+    except FinloraError:  # the data is not here, or not as the run saw it
+        records = []
+    if not records:
         records = [alpaca_record(i, output, input_text) for i, input_text, output in FIXED_RECORDS]
         description = "fixed instructions (the run's data is not on this machine)"
     pairs = [(r, f) for r in records if (f := codec.encode(r)) is not None][:n]

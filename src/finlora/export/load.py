@@ -8,10 +8,10 @@ from typing import Any
 import torch
 
 from finlora.config import RunConfig
+from finlora.inference import load_base_of
 from finlora.methods import load_adapter
-from finlora.models import load_base_model
-from finlora.models.loading import load_tokenizer
-from finlora.runs import RunDir
+from finlora.runs import Run
+from finlora.tasks import Codec
 from finlora.tasks.classify import LabelCodec
 from finlora.tasks.instruct import InstructCodec
 
@@ -21,57 +21,52 @@ WEIGHT_METHODS = {"freeze": "FREEZE", "full": "FULL"}
 
 @dataclass
 class ExportContext:
-    """A run loaded for export: its config, the adapter model, and what verification needs."""
+    """A run loaded for export: the opened run, the adapter model, and what verification needs."""
 
-    run: RunDir
-    cfg: RunConfig
+    run: Run
     method: str
     kind: str
     model: Any  # the PEFT model; merged in place by merge_and_unload
     tokenizer: Any
-    codec: Any  # LabelCodec (classify) or InstructCodec (instruct)
+    codec: Codec
     base_name: str
     gguf_sources: list[str]
-    split: dict[str, Any]  # split.json: labels, data files and their sha256, test rows
     # Freeze / full runs: the base weights as loaded, before the tuned ones replaced them.
     base_state: dict[str, torch.Tensor] | None = None
 
+    @property
+    def cfg(self) -> RunConfig:
+        return self.run.config
 
-def load_context(run: RunDir, method: str) -> ExportContext:
+    @property
+    def label_codec(self) -> LabelCodec:
+        assert isinstance(self.codec, LabelCodec), "a classification run's check"
+        return self.codec
+
+    @property
+    def instruct_codec(self) -> InstructCodec:
+        assert isinstance(self.codec, InstructCodec), "an instruct run's check"
+        return self.codec
+
+
+def load_context(run: Run, method: str, trust_remote_code: bool = False) -> ExportContext:
     """The run's adapter model in fp32 on the CPU: no bf16 weights, no autocast, exact merges."""
-    cfg = run.read_config()
-    split = run.read_split()
-    kind = getattr(cfg.model, "kind", "auto")
-    base = load_base_model(
-        cfg.model.name,
-        cfg.model.trust_remote_code,
-        "eager",
-        **({} if kind == "auto" else {"kind": kind}),
-        labels=split["labels"],  # an encoder's head: one logit per label
-    )
-    tokenizer = load_tokenizer(run.tokenizer, cfg.model.trust_remote_code)
+    base, codec = load_base_of(run, "eager", trust_remote_code)
     base_state = None
     if method in WEIGHT_METHODS.values():
         # Loading freeze / full weights overwrites the base in place: keep a copy to compare.
         base_state = {k: v.detach().clone() for k, v in base.model.state_dict().items()}
-    model = load_adapter(base.model, cfg, base.kind, run.adapter).eval()
+    model = load_adapter(base.model, run.config, base.kind, run.dir.adapter).eval()
     model.requires_grad_(False)
-    codec: Any
-    if cfg.task == "instruct":
-        codec = InstructCodec.for_data(tokenizer, cfg.data, base.kind)
-    else:
-        codec = LabelCodec.for_data(tokenizer, cfg.data, split["labels"], base.kind)
     sources = [p for p in base.weights_sha256 if p.lower().endswith(".gguf")]
     return ExportContext(
         run,
-        cfg,
         method,
         base.kind,
         model,
-        tokenizer,
+        base.tokenizer,
         codec,
-        cfg.model.name,
+        run.config.model.name,
         sources,
-        split,
         base_state,
     )

@@ -20,28 +20,32 @@ from finlora.export.options import TOLERANCES, ExportOptions, ExportResult, Veri
 from finlora.export.records import EXPORT_RECORD, export_record
 from finlora.export.verify import CHECKS, verify_gguf, verify_written
 from finlora.export.writers import RELOADERS, WRITERS
-from finlora.runs import RunDir
+from finlora.runs import Run
 
 
 def export_run(
-    run_dir: Path, options: ExportOptions, log: Callable[[str], None] | None = None
+    run_dir: Path,
+    options: ExportOptions,
+    log: Callable[[str], None] | None = None,
+    *,
+    trust_remote_code: bool = False,
 ) -> ExportResult:
     """Merge RUN_DIR's adapter, write it as `options.format` to `options.out`, verify it.
 
-    Raises FinloraError for a missing or unmergeable run, an all-zero adapter, a merge that
-    changes nothing, an existing non-empty --out, or a failed verification; on any error
-    nothing is left at --out.
+    `trust_remote_code` comes from the command line only: a run whose model or tokenizer maps
+    to its own code is refused without it. Raises FinloraError for a missing or unmergeable
+    run, an all-zero adapter, a merge that changes nothing, an existing non-empty --out, or a
+    failed verification; on any error nothing is left at --out.
     """
     say = log or (lambda _msg: None)
-    run = RunDir(Path(run_dir))
-    run.require_trained()
-    method = check_mergeable(run)
-    check_out(run, options.out, options.overwrite)
-    check_adapter_not_empty(run)
+    run = Run.open(Path(run_dir))
+    method = check_mergeable(run.dir)
+    check_out(run.dir, options.out, options.overwrite)
+    check_adapter_not_empty(run.dir)
     if options.format == "gguf":
-        check_gguf_kind(run)
+        check_gguf_kind(run.dir)
     say(f"loading {run.root} ...")
-    ctx = load_context(run, method)
+    ctx = load_context(run, method, trust_remote_code)
     v = Verification()
     check = CHECKS[ctx.cfg.task](ctx, options.verify_n)
     v.data = check.description

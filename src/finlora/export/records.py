@@ -17,8 +17,8 @@ def run_manifest(run: RunDir) -> dict[str, Any]:
 
 
 def test_metrics(ctx: ExportContext) -> dict[str, Any] | None:
-    path = ctx.run.eval_dir / "test.json"
-    metrics = ctx.run.read_json(path) if path.is_file() else None
+    path = ctx.run.dir.eval_dir / "test.json"
+    metrics = ctx.run.dir.read_json(path) if path.is_file() else None
     # Before eval named its --data reports apart, a file called test.csv wrote this one.
     if not isinstance(metrics, dict) or not str(metrics.get("data", "")).startswith("test split"):
         return None
@@ -38,27 +38,28 @@ def export_record(
         "task": ctx.cfg.task,
         **_prompt_record(ctx),
         "verification": asdict(v),
-        "manifest": run_manifest(ctx.run),
+        "manifest": run_manifest(ctx.run.dir),
     }
 
 
 def _prompt_record(ctx: ExportContext) -> dict[str, Any]:
     """How to prompt the exported model: the label prompt, or the instruction template."""
-    template = ctx.codec.template
     if ctx.kind == "encoder":  # no prompt: the sentence itself, one head logit per label
-        return {"labels": ctx.codec.labels}
+        return {"labels": ctx.label_codec.labels}
     if ctx.cfg.task == "classify":
-        before, after = ctx.codec.prompt_ids
+        codec = ctx.label_codec
+        before, after = codec.prompt_ids
         return {
-            "labels": ctx.codec.labels,
-            "prompt": template.prompt,
-            "label_prefix": template.label_prefix,
+            "labels": codec.labels,
+            "prompt": codec.template.prompt,
+            "label_prefix": codec.template.label_prefix,
             # The text is tokenized on its own, between the ids of the prompt's two parts (each
             # tokenized alone, no special tokens): the whole prompt as one string can tokenize
             # differently where the text meets them.
             "prompt_ids": {"before_text": before, "after_text": after},
-            "label_ids": ctx.codec.label_ids,
+            "label_ids": codec.label_ids,
         }
+    template = ctx.instruct_codec.template
     if template.is_chat:
         return {"template": "chat"}  # the tokenizer's own, written with the model
     return {

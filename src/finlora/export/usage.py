@@ -50,7 +50,7 @@ def use_section(ctx: ExportContext, gguf: str | None) -> str:
 
 
 def _use_labels(ctx: ExportContext, gguf: str | None) -> str:
-    codec = ctx.codec
+    codec = ctx.label_codec
     before, after = codec.template.parts(codec.labels)
     label_ids = dict(zip(codec.labels, codec.label_ids, strict=True))
     words = [codec.template.verbalize(label) for label in codec.labels]
@@ -96,7 +96,7 @@ def _shell(text: str) -> str:
 
 
 def _use_instructions(ctx: ExportContext) -> str:
-    prompt = ctx.codec.template
+    prompt = ctx.instruct_codec.template
     if prompt.is_chat:
         return (
             "Trained on conversations rendered with the tokenizer's own chat template (saved\n"
@@ -110,7 +110,7 @@ def _use_instructions(ctx: ExportContext) -> str:
 
 
 def _use_instruct_gguf(ctx: ExportContext, gguf: str) -> str:
-    prompt = ctx.codec.template
+    prompt = ctx.instruct_codec.template
     values = {"gguf": repr(gguf), "n_ctx": GENERATE_CTX, "instruction": repr(EXAMPLE_INSTRUCTION)}
     if prompt.is_chat:
         snippet = template("generate_chat_llama_cpp.py.tmpl").substitute(values)
@@ -177,14 +177,15 @@ def modelfile(ctx: ExportContext, gguf: str) -> str:
         f"FROM ./{gguf}",
     ]
     if ctx.cfg.task == "classify":
-        before, after = ctx.codec.template.parts(ctx.codec.labels)
+        before, after = ctx.label_codec.template.parts(ctx.label_codec.labels)
         lines += [
             f'TEMPLATE """{before}{{{{ .Prompt }}}}{after}"""',
             "PARAMETER temperature 0",
-            f"PARAMETER num_predict {ctx.codec.max_label_len}",
+            f"PARAMETER num_predict {ctx.label_codec.max_label_len}",
         ]
-    elif not ctx.codec.template.is_chat:
-        prompt = ctx.codec.template.prompt_no_input.replace("{instruction}", "{{ .Prompt }}")
+    elif not ctx.instruct_codec.template.is_chat:
+        no_input = ctx.instruct_codec.template.prompt_no_input
+        prompt = no_input.replace("{instruction}", "{{ .Prompt }}")
         lines.append(f'TEMPLATE """{prompt}"""')
         lines += [f'PARAMETER stop "{stop}"' for stop in _stops(ctx)]
     elif _is_chatml(ctx.tokenizer):

@@ -41,20 +41,20 @@ class LabelCheck:
 
     def __init__(self, ctx: ExportContext, n: int | None) -> None:
         self.ctx = ctx
-        self.sample = label_sample(ctx.split, ctx.cfg, ctx.codec, n)
+        self.sample = label_sample(ctx.run, ctx.label_codec, n)
         self.description = self.sample.description
         self.n = len(self.sample.texts)
-        self.prompts = [ctx.codec.encode_text(t) for t in self.sample.texts]
+        self.prompts = [ctx.label_codec.encode_text(t) for t in self.sample.texts]
 
     def scores(self, model: Any) -> LabelScores:
-        return label_scores(model, self.ctx.codec, self.prompts)
+        return label_scores(model, self.ctx.label_codec, self.prompts)
 
     def compare(self, reference: LabelScores, candidate: LabelScores, v: Verification) -> None:
         v.max_abs_logit_diff, v.label_agreement = compare_scores(reference, candidate)
         v.accuracy = accuracy(candidate.labels, self.sample.gold)
 
     def gguf(self, path: Path, reference: LabelScores) -> llama_cpp_check.Agreement:
-        return gguf_label_check(path, self.ctx.codec, self.sample, reference)
+        return gguf_label_check(path, self.ctx.label_codec, self.sample, reference)
 
 
 class AnswerCheck:
@@ -65,14 +65,14 @@ class AnswerCheck:
 
     def __init__(self, ctx: ExportContext, n: int | None) -> None:
         self.ctx = ctx
-        self.sample: InstructSample = instruct_sample(ctx.split, ctx.cfg, ctx.codec, n)
+        self.sample: InstructSample = instruct_sample(ctx.run, ctx.instruct_codec, n)
         if not self.sample.features:
             raise FinloraError(f"{ctx.run.root}: no record to verify the export on")
         self.description = self.sample.description
         self.n = len(self.sample.features)
 
     def scores(self, model: Any) -> TokenScores:
-        return token_scores(model, self.ctx.codec, self.sample)
+        return token_scores(model, self.ctx.instruct_codec, self.sample)
 
     def compare(self, reference: TokenScores, candidate: TokenScores, v: Verification) -> None:
         pairs = zip(reference.logits, candidate.logits, strict=True)
@@ -81,7 +81,7 @@ class AnswerCheck:
         v.answer_tokens = self.sample.tokens
 
     def gguf(self, path: Path, reference: TokenScores) -> llama_cpp_check.Agreement:
-        return gguf_token_check(path, self.ctx.codec, self.sample, reference)
+        return gguf_token_check(path, self.ctx.instruct_codec, self.sample, reference)
 
 
 class Check(Protocol):

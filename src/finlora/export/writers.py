@@ -56,8 +56,8 @@ def _write_gguf(ctx: ExportContext, merged: Any, tmp: Path, options: ExportOptio
 
 def _what_it_does(ctx: ExportContext) -> str:
     if ctx.cfg.task == "instruct":
-        return f"instruction-tuned, {ctx.codec.template.name} template"
-    return f"labels {', '.join(ctx.codec.labels)}"
+        return f"instruction-tuned, {ctx.instruct_codec.template.name} template"
+    return f"labels {', '.join(ctx.label_codec.labels)}"
 
 
 def _source_pre(ctx: ExportContext) -> str | None:

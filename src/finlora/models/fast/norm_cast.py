@@ -3,8 +3,8 @@
 Under autocast every linear layer casts its fp32 input to bf16 itself. In a Llama-style decoder
 layer the input norm feeds q, k and v, and the post-attention norm feeds gate and up, so each
 norm output is cast three and two times: on a 2-core AMX CPU, `copy_` took 19% of a scoring
-pass (profiled on 2 CPU cores). Cast once as the norm's last step, the linear layers receive the same
-bf16 values and compute the same scores to the bit.
+pass. Cast once as the norm's last step, the linear layers receive the same bf16 values and
+compute the same scores to the bit.
 
 Only without gradients: in training, autograd would then add the q, k and v input gradients in
 bf16 instead of fp32. Only for layers known to feed the norms to nothing but those projections
