@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from finlora.data.textfile import json_beyond_limits
 from finlora.errors import FinloraError
 
 CHAT_TEMPLATE = "chat"  # the model's own chat template (instruct runs)
@@ -23,7 +24,11 @@ def template_text(name_or_path: str) -> str | None:
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
             raise FinloraError(f"{path}: no such template file")
-        return path.read_text(encoding="utf-8")
+        try:
+            # -sig: editors on Windows start UTF-8 files with a byte order mark
+            return path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            raise FinloraError(f"{path}: not UTF-8 text (a template is a JSON file)") from None
     shipped = resources.files("finlora") / "templates" / f"{name_or_path}.json"
     if not shipped.is_file():
         raise FinloraError(f"data.template: no shipped template named {name_or_path!r}")
@@ -39,9 +44,21 @@ def _read_template(name_or_path: str) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise FinloraError(f"{name_or_path}: malformed JSON template ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:
+        raise FinloraError(f"{name_or_path}: {json_beyond_limits(exc)}") from None
     if not isinstance(data, dict):
         raise FinloraError(f"{name_or_path}: a template must be a JSON object")
     return data
+
+
+def _string(name_or_path: str, data: dict[str, Any], key: str, default: str = "") -> str:
+    """`data[key]` (`default` when absent), which must be a string: prompts are built from it."""
+    value = data.get(key, default)
+    if not isinstance(value, str):
+        raise FinloraError(
+            f"{name_or_path}: '{key}' must be a string (got a {type(value).__name__})"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -57,13 +74,14 @@ class PromptTemplate:
     def load(cls, name_or_path: str) -> PromptTemplate:
         """Load a shipped template by name, or a JSON file by path."""
         data = _read_template(name_or_path)
-        if "{text}" not in str(data.get("prompt", "")):
+        prompt = _string(name_or_path, data, "prompt")
+        if "{text}" not in prompt:
             raise FinloraError(f"{name_or_path}: a template needs a 'prompt' containing {{text}}")
         return cls(
             name=Path(name_or_path).stem,
-            prompt=data["prompt"],
-            label_prefix=data.get("label_prefix", " "),
-            description=data.get("description", ""),
+            prompt=prompt,
+            label_prefix=_string(name_or_path, data, "label_prefix", " "),
+            description=_string(name_or_path, data, "description"),
         )
 
     def parts(self, labels: list[str]) -> tuple[str, str]:
@@ -101,15 +119,16 @@ class InstructTemplate:
         if name_or_path == CHAT_TEMPLATE:
             return cls(CHAT_TEMPLATE, description="the model's own chat template")
         data = _read_template(name_or_path)
-        with_input = str(data.get("prompt_input", ""))
-        without = str(data.get("prompt_no_input", ""))
+        with_input = _string(name_or_path, data, "prompt_input")
+        without = _string(name_or_path, data, "prompt_no_input")
         if "{instruction}" not in with_input + without or "{input}" not in with_input:
             raise FinloraError(
                 f"{name_or_path}: an instruction template needs 'prompt_input' (with "
                 "{instruction} and {input}) and 'prompt_no_input' (with {instruction}); for "
                 "classification use task: classify"
             )
-        return cls(Path(name_or_path).stem, with_input, without, data.get("description", ""))
+        description = _string(name_or_path, data, "description")
+        return cls(Path(name_or_path).stem, with_input, without, description)
 
     def prompt(self, instruction: str, input_text: str = "") -> str:
         template = self.prompt_input if input_text else self.prompt_no_input

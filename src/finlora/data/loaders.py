@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from finlora.data.examples import Example
-from finlora.data.textfile import json_array, json_lines, read_text
+from finlora.data.textfile import json_array, json_lines, printable, read_text
 from finlora.errors import FinloraError
 
 __all__ = [
@@ -91,11 +91,11 @@ def parse_label_map(spec: str) -> dict[str, str]:
         raw, sep, label = (part.strip() for part in piece.partition("="))
         if not (sep and raw and label):
             raise FinloraError(
-                f"label map '{spec}': bad entry '{piece.strip()}' (expected raw=label, "
-                "e.g. 0=negative)"
+                f"label map '{printable(spec)}': bad entry '{printable(piece.strip())}' "
+                "(expected raw=label, e.g. 0=negative)"
             )
         if raw in mapping:
-            raise FinloraError(f"label map '{spec}': '{raw}' is mapped twice")
+            raise FinloraError(f"label map '{printable(spec)}': '{printable(raw)}' is mapped twice")
         mapping[raw] = label
     return mapping
 
@@ -126,11 +126,14 @@ def _delimited_rows(
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     start = 1  # the line the row being read starts on: where a stray quote would be
     try:
-        header = [name.strip() for name in next(reader)]
+        # no row at all (text read elsewhere may be empty): no columns, so a missing one
+        header = [name.strip() for name in next(reader, [])]
         _check_columns(path, columns, header)
         repeated = sorted({c for c in columns if header.count(c) > 1})
         if repeated:
-            raise FinloraError(f"{path}:1: column '{repeated[0]}' appears more than once")
+            raise FinloraError(
+                f"{path}:1: column '{printable(repeated[0])}' appears more than once"
+            )
         start = reader.line_num + 1
         for cells in reader:
             if cells and any(cell.strip() for cell in cells):
@@ -159,7 +162,8 @@ def _jsonl_rows(path: Path, text: str, columns: Sequence[str]) -> _Rows:
 def _check_columns(where: object, wanted: Sequence[str], present: Sequence[str]) -> None:
     for column in wanted:
         if column not in present:
-            raise FinloraError(f"{where}: no column '{column}' (columns: {', '.join(present)})")
+            found = printable(", ".join(present))
+            raise FinloraError(f"{where}: no column '{printable(column)}' (columns: {found})")
 
 
 _TABLE_READERS: dict[str, Callable[[Path, str, Sequence[str]], _Rows]] = {
@@ -172,7 +176,7 @@ _SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "js
 
 def _cell(where: str, column: str, value: Any) -> str:
     if isinstance(value, dict | list):
-        raise FinloraError(f"{where}: column '{column}' holds a {type(value).__name__}")
+        raise FinloraError(f"{where}: column '{printable(column)}' holds a {type(value).__name__}")
     # JSON labels are often ints (0, 1, 2), floats from a pandas export (1.0) or booleans;
     # label maps and label sets are strings, written as people write them ("1", "true").
     if isinstance(value, bool):
@@ -184,7 +188,7 @@ def _cell(where: str, column: str, value: Any) -> str:
 
 
 def _unknown_label(label: str, allowed: Sequence[str]) -> str:
-    return f"unknown label '{label}' (expected one of {', '.join(allowed)})"
+    return f"unknown label '{printable(label)}' (expected one of {printable(', '.join(allowed))})"
 
 
 def _canonical_label(
@@ -222,9 +226,9 @@ def _load_table_as(
         text = _cell(where, text_column, row.get(text_column))
         raw = _cell(where, label_column, row.get(label_column))
         if not text:
-            raise FinloraError(f"{where}: empty text in column '{text_column}'")
+            raise FinloraError(f"{where}: empty text in column '{printable(text_column)}'")
         if not raw:
-            raise FinloraError(f"{where}: missing label in column '{label_column}'")
+            raise FinloraError(f"{where}: missing label in column '{printable(label_column)}'")
         examples.append(Example(text, _canonical_label(where, raw, label_map, labels), where))
     return examples
 
@@ -265,7 +269,7 @@ def load_texts(name: Path | str, text: str, text_column: str = "text") -> list[s
     for number, row in _TABLE_READERS[fmt](path, text, (text_column,)):
         value = row.get(text_column)
         if value is not None and not isinstance(value, str):
-            raise FinloraError(f"{path}:{number}: column '{text_column}' is not text")
+            raise FinloraError(f"{path}:{number}: column '{printable(text_column)}' is not text")
         if value and value.strip():
             texts.append(value.strip())
     return texts

@@ -16,10 +16,13 @@ from finlora.errors import FinloraError
 
 _BOM = b"\xef\xbb\xbf"
 STDIN = "standard input"
-# Real text never holds NUL, C0 controls other than tab/newline/carriage return, or C1 controls
-# (U+0080..U+009F): in Latin-1 those bytes mean the file is binary or in another encoding
-# (e.g. cp1252), so accepting them would silently corrupt the text.
-_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x80-\x9f]")
+# Real text never holds NUL or C0 controls other than tab/newline/carriage return. Nor C1
+# controls (U+0080..U+009F) read as Latin-1: such a byte means the file is binary or in another
+# encoding, so accepting it would silently corrupt the text. In UTF-8 a C1 control is two bytes
+# written on purpose, typically a stray left in otherwise good text by a Windows-1252 round trip
+# (the Twitter Financial News set has 31), so UTF-8 text keeps them.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f]")
+_CONTROL_OR_C1 = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x80-\x9f]")
 
 
 def read_text(path: Path) -> str:
@@ -65,7 +68,7 @@ def decode_text(data: bytes, name: str) -> str:
     """
     offset = len(_BOM) if data.startswith(_BOM) else 0
     text, encoding = _decode(data[offset:])
-    bad = _CONTROL.search(text)
+    bad = (_CONTROL if encoding == "utf-8" else _CONTROL_OR_C1).search(text)
     if bad:
         byte_offset = offset + len(text[: bad.start()].encode(encoding))
         raise FinloraError(
@@ -104,12 +107,15 @@ def json_lines(path: Path, text: str) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as err:
             raise FinloraError(
                 f"{path}:{number}: malformed JSON ({err.msg} at column {err.colno}; "
                 "expected one JSON object per line)"
             ) from None
+        except (ValueError, RecursionError) as err:
+            raise FinloraError(f"{path}:{number}: {json_beyond_limits(err)}") from None
+        yield number, value
 
 
 def json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
@@ -132,4 +138,22 @@ def json_array(path: Path, text: str) -> Iterator[tuple[int, Any]]:
             element, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise FinloraError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as err:
+            raise FinloraError(f"{path}:{line}: {json_beyond_limits(err)}") from None
         yield line, element
+
+
+def json_beyond_limits(err: ValueError | RecursionError) -> str:
+    """What stopped Python's JSON reader short of a syntax error: a value nested past the
+    recursion limit, or an integer of more than 4300 digits (`sys.get_int_max_str_digits`)."""
+    if isinstance(err, RecursionError):
+        return "malformed JSON (values nested too deeply)"
+    return "malformed JSON (a number with too many digits)"
+
+
+def printable(value: str) -> str:
+    """`value` with line breaks and other unprintable characters escaped as Python writes them
+    (`\\n`, `\\u2028`), so that a message quoting a user's value stays one line."""
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
