@@ -5,7 +5,8 @@
 - Instruct runs answer `POST /generate` (as `finlora generate --json`) and an OpenAI-style
   `POST /v1/chat/completions`, streamed as server-sent events when asked, so existing chat
   clients can talk to them.
-- `GET /health` and `GET /info` say what is loaded.
+- `GET /health` and `GET /info` say what is loaded; `GET /docs` (and /redoc) describes the API,
+  its scripts served by the server itself, so it works offline.
 - With an API key (`$FINLORA_API_KEY` for the command), every route but /health wants it as
   `Authorization: Bearer <key>`.
 
@@ -35,7 +36,9 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from finlora.chat import Write, answer, fit_conversation, instruction_prompt
@@ -484,6 +487,41 @@ def _authorized(authorization: str | None, api_key: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), api_key)
 
 
+DOCS_ASSETS = "/docs/assets"
+
+
+def _add_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc with their scripts and styles served from DOCS_ASSETS:
+    FastAPI's own pages load them from a CDN, and stay blank on a machine without internet."""
+    app.mount(
+        DOCS_ASSETS, StaticFiles(packages=[("fastapi_offline", "static")]), name="docs-assets"
+    )
+
+    @app.get("/docs", include_in_schema=False)
+    def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            # Swagger UI would otherwise send the schema's address to its online validator.
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_redoc_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
+
+
 def create_app(loaded: LoadedRun, api_key: str | None = None) -> FastAPI:
     """The FastAPI application serving `loaded`; with `api_key`, every route but /health wants
     it as a bearer token."""
@@ -491,7 +529,10 @@ def create_app(loaded: LoadedRun, api_key: str | None = None) -> FastAPI:
     app = FastAPI(
         title="finlora",
         summary=f"{server.name}: a {loaded.task} run of {loaded.cfg.model.name}",
+        docs_url=None,
+        redoc_url=None,
     )
+    _add_docs(app)
 
     if api_key is not None:
 
