@@ -4,13 +4,11 @@ metrics (less the timings) and the same adapter, byte for byte.
 Each process gets its own PYTHONHASHSEED, as two real invocations do, so that anything ordered
 by string hashes shows up here every time rather than once in a while.
 
-What is not yet byte-identical: adapter/adapter_config.json. With `lora.target_modules:
-all-linear` PEFT expands the module names into a set and writes it as `list(set)`, so the order
-of `target_modules` follows the process's string hashing (PYTHONHASHSEED), not the model. The
-weights, the metrics and the split are identical: no kernel of the tiny run (CPU, fp32, one
-thread) differs between processes. `test_adapter_files_are_byte_identical` is a strict xfail
-for that one file: it fails once the order is made stable (the names sorted before saving), and
-the marker goes with it.
+With `lora.target_modules: all-linear` PEFT expands the module names into a set and writes it
+as `list(set)`, in the order of the process's string hashing; finlora sorts those lists after
+saving (methods/storage.py), and `test_adapter_files_are_byte_identical` holds it to that. No
+kernel of the tiny run (CPU, fp32, one thread) differs between processes; GPU kernels are not
+covered here.
 """
 
 from __future__ import annotations
@@ -81,10 +79,6 @@ def test_adapter_weights_and_split_are_identical(two_runs: list[Path]) -> None:
     assert (two_runs[0] / "split.json").read_bytes() == (two_runs[1] / "split.json").read_bytes()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PEFT writes all-linear target_modules from a set, in string-hash order",
-)
 def test_adapter_files_are_byte_identical(two_runs: list[Path]) -> None:
     first, second = (_digests(run / "adapter") for run in two_runs)
     assert first == second

@@ -47,6 +47,14 @@ def read_method_name(directory: Path) -> str | None:
 
 def save_peft(model: Any, directory: Path) -> None:
     model.save_pretrained(directory)
+    # PEFT writes module names it holds as a set (target_modules after "all-linear") in the
+    # process's string-hash order; sorted, the same run gives the same bytes in every process.
+    path = directory / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "modules_to_save", "feedforward_modules"):
+        if isinstance(config.get(key), list):
+            config[key] = sorted(config[key])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def load_peft(model: Any, cfg: RunConfig, kind: str, directory: Path, build: Builder) -> Any:
