@@ -3,9 +3,12 @@
 The method (`method.name`: lora, prefix, prompt, ptuning, ia3, freeze, full) decides which
 weights train and how the adapter is saved; the loop is the same for all of them.
 
-Read top to bottom, this is the story of a run. Everything that can fail on user input (config,
-data, split, model path, output directory) is checked before the run directory is created, so a
-bad input never leaves a half-written run behind.
+Read top to bottom, this is the story of a run: `_setup` (`_setup_data`, `_setup_model`, the
+codec's features), then `_train`: `_place_model`, `_setup_optimizer`, `_resume` where asked, one
+`_epoch` after another (`_accumulate`, `optimizer_step`, `_after_step`; `_end_epoch` validates and
+keeps the best adapter) and `_finish`. The parts live in `finlora.training`. Everything that can
+fail on user input (config, data, split, model path, output directory) is checked before the run
+directory is created, so a bad input never leaves a half-written run behind.
 """
 
 from __future__ import annotations
@@ -18,11 +21,10 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -31,7 +33,6 @@ from finlora import atomic
 from finlora.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from finlora.config import RunConfig
 from finlora.data.prepare import PreparedData, PreparedInstruct, prepare_data, prepare_instruct
-from finlora.data.split import conflicting_labels
 from finlora.distributed import World
 from finlora.errors import FinloraError
 from finlora.generate import SEQ2SEQ_VIRTUAL_TOKENS
@@ -42,15 +43,15 @@ from finlora.models.device import set_gradient_checkpointing
 from finlora.models.loading import sha256_file
 from finlora.plots import plot_loss_curve
 from finlora.runs import Manifest, RunDir, SplitRecord, git_commit, library_versions
-from finlora.scoring import autocast, is_prompt_learning, label_loglik, loss_fn, response_nll
+from finlora.scoring import is_prompt_learning
 from finlora.tasks import Codec, codec_for
-from finlora.tasks.classify import (
-    LabelCodec,
-    inference_batches,
-    length_grouped_batches,
-    token_budget_chunks,
-)
-from finlora.tasks.instruct import InstructCodec
+from finlora.tasks.classify import length_grouped_batches
+from finlora.training.data import encode_split, log_data
+from finlora.training.resume import check_same_split, resume_config
+from finlora.training.step import accumulate_batch, optimizer_step, total_steps
+from finlora.training.validation import selection_score, validate
+
+__all__ = ["TrainResult", "accumulate_batch", "resume_config", "train"]
 
 Log = Callable[[str], None]
 
@@ -95,43 +96,6 @@ class _Setup:
         return self.placement.dtype
 
 
-# What a resumed run may change: how long it goes on, how often it logs and saves, and how it
-# computes. The data, seed, model, method and optimizer settings are the checkpoint's: a new
-# learning rate would be overwritten by the restored scheduler, and new data or a new seed would
-# train the rest of the run on rows the split never held.
-RESUME_FIXED = {
-    "train.learning_rate", "train.batch_size", "train.grad_accum", "train.weight_decay",
-    "train.warmup_ratio", "train.max_grad_norm",
-}  # fmt: skip
-
-
-def resume_config(run_dir: Path, overrides: list[str]) -> RunConfig:
-    """The config a stopped run was started with, plus `--set` overrides of `train.` and
-    `speed.` settings that do not change what it learns (e.g. more epochs or steps)."""
-    run = RunDir(run_dir)
-    if not run.config.is_file():
-        raise FinloraError(f"{run_dir}: nothing to resume (no config.yaml)")
-    for item in overrides:
-        key = item.partition("=")[0].strip()
-        if not key.startswith(("train.", "speed.")) or key in RESUME_FIXED:
-            raise FinloraError(
-                f"--set {key}: a resumed run keeps the settings it started with; only "
-                "train. and speed. settings such as train.epochs or train.max_steps may change "
-                "(start a new run to change the rest)"
-            )
-    return run.read_config(overrides)
-
-
-def _check_same_split(run: RunDir, s: _Setup) -> None:
-    """Refuse to resume on data that no longer splits into the rows the run started with."""
-    recorded = SplitRecord.read(run.split)
-    if not (recorded.fingerprint.matches(s.data) and recorded.same_rows(s.data)):
-        raise FinloraError(
-            f"{run.root}: the data no longer gives the split this run started with "
-            f"({s.data.description} changed since); start a new run"
-        )
-
-
 def _absolute_paths(cfg: RunConfig) -> None:
     """Record the data and a model given by a relative path as absolute paths: the run is
     evaluated, served and exported from other working directories."""
@@ -145,7 +109,8 @@ def _absolute_paths(cfg: RunConfig) -> None:
         cfg.data.template = os.path.abspath(template)
 
 
-def _prepare(cfg: RunConfig) -> PreparedData | PreparedInstruct:
+def _setup_data(cfg: RunConfig) -> PreparedData | PreparedInstruct:
+    """Read and split the data; record in `cfg` where it came from, as absolute paths."""
     if cfg.task != "instruct":
         # Instruction data is never Financial PhraseBank: no $FINLORA_FPB_DIR fallback. Record
         # where the data came from ($FINLORA_FPB_DIR may differ when the run is evaluated).
@@ -158,34 +123,15 @@ def _prepare(cfg: RunConfig) -> PreparedData | PreparedInstruct:
     return prepare_data(cfg.data, cfg.seed)
 
 
-def _features(codec: Codec, rows: list[Any], split: str, log: Log) -> list[Any]:
-    cut_before = codec.overflow.count
-    features = [codec.encode(row) for row in rows]
-    note = codec.overflow.note(cut_before, len(rows), f"{split} record(s)", codec.max_length)
-    if note:
-        log(f"data: {note}")
-    kept = [f for f in features if f is not None]
-    if len(kept) < len(features):
-        # Only instruction records can lose every answer token to data.max_length.
-        log(
-            f"data: {len(features) - len(kept)} {split} record(s) skipped: the prompt fills "
-            "data.max_length and leaves no answer token to train on"
-        )
-    return kept
-
-
-def _setup(cfg: RunConfig, log: Log, trust_remote_code: bool = False) -> _Setup:
-    data = _prepare(cfg)
-    placement = Placement.from_config(cfg.train, cfg.speed)
+def _setup_model(
+    cfg: RunConfig, labels: list[str], placement: Placement, trust_remote_code: bool
+) -> tuple[BaseModel, Any, float]:
+    """The base model with the tuning method applied (not yet placed), and its load time."""
     start = time.perf_counter()
     # Seeded before loading: an encoder classifier's new head is drawn while it loads.
     torch.manual_seed(cfg.seed)
     base = load_base_model(
-        cfg.model.name,
-        trust_remote_code,
-        placement.attention,
-        kind=cfg.model.kind,
-        labels=data.labels,
+        cfg.model.name, trust_remote_code, placement.attention, kind=cfg.model.kind, labels=labels
     )
     load_seconds = time.perf_counter() - start
     torch.manual_seed(cfg.seed)
@@ -194,32 +140,20 @@ def _setup(cfg: RunConfig, log: Log, trust_remote_code: bool = False) -> _Setup:
     model = build_method(base.model, cfg, base.kind)
     if cfg.task == "instruct" and base.kind == "seq2seq" and is_prompt_learning(model):
         raise FinloraError(SEQ2SEQ_VIRTUAL_TOKENS)
+    return base, model, load_seconds
+
+
+def _setup(cfg: RunConfig, log: Log, trust_remote_code: bool = False) -> _Setup:
+    data = _setup_data(cfg)
+    placement = Placement.from_config(cfg.train, cfg.speed)
+    base, model, load_seconds = _setup_model(cfg, data.labels, placement, trust_remote_code)
     codec = codec_for(cfg.task, base.tokenizer, cfg.data, data.labels, base.kind)
-    sizes = {name: len(getattr(data.split, name)) for name in ("train", "validation", "test")}
-    log(f"data: {data.description} -> {sizes}")
-    if data.duplicates:
-        log(f"data: {len(data.duplicates)} exact duplicate text(s) appear in more than one split")
-    if isinstance(data, PreparedData):
-        conflicts = conflicting_labels(data.examples)
-        if conflicts:
-            log(
-                f"data: {len(conflicts)} text(s) appear with different labels, e.g. "
-                f"{conflicts[0][:80]!r}"
-            )
-    train = _features(codec, data.rows("train"), "train", log)
+    log_data(data, log)
+    train = encode_split(codec, data.rows("train"), "train", log)
     if not train:
         raise FinloraError("data: no training example fits data.max_length")
-    return _Setup(
-        cfg,
-        data,
-        base,
-        model,
-        codec,
-        train=train,
-        validation=_features(codec, data.rows("validation"), "validation", log),
-        placement=placement,
-        load_seconds=load_seconds,
-    )
+    validation = encode_split(codec, data.rows("validation"), "validation", log)
+    return _Setup(cfg, data, base, model, codec, train, validation, placement, load_seconds)
 
 
 def _write_run_header(run: RunDir, s: _Setup) -> None:
@@ -234,72 +168,75 @@ def _save_dir(target: Path, save: Callable[[Path], Any]) -> None:
         save(tmp)
 
 
-@torch.no_grad()
-def validate(model: Any, s: _Setup, fast: bool, world: World | None = None) -> dict[str, float]:
-    """Validation loss (per label or answer token), perplexity and, for classify, accuracy.
+@dataclass
+class _Loop:
+    """The loop's own state: the placed model, its optimizer and schedule, where it stands."""
 
-    Under several processes each scores its share of the rows and the sums are exchanged, so
-    every process gets the same figures.
-    """
-    if not s.validation:
-        return {}
-    world = world or World()
-    mine = world.rows(range(len(s.validation)))
-    if s.cfg.task == "instruct":
-        model.eval()
-        assert isinstance(s.codec, InstructCodec)
-        nll, count = response_nll(
-            model,
-            s.codec,
-            [s.validation[i] for i in mine],
-            s.cfg.speed.eval_batch_size,
-            s.device,
-            s.dtype,
-            fast,
+    model: Any
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    total_steps: int
+    lengths: list[int]  # each training feature's width, for batches of like lengths
+    progress: Progress = field(default_factory=lambda: Progress(step=0, epoch=0, batch_in_epoch=0))
+    bar: Any = None
+    start: float = 0.0
+    tokens_seen: int = 0
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=10))
+
+
+def _place_model(s: _Setup, world: World, log: Log) -> tuple[Any, tuple[int, int]]:
+    """The model on its device, every process with rank 0's trainable weights; returns it with
+    its (trainable, total) parameter counts."""
+    speed = s.cfg.speed
+    model = s.placement.place(s.model)
+    set_gradient_checkpointing(
+        model, speed.gradient_checkpointing, speed.gradient_checkpointing_every
+    )
+    world.broadcast_trainable(model)
+    trainable, total = trainable_parameters(model)
+    processes = f" x {world.size} processes" if world.distributed else ""
+    log(
+        f"model: {s.cfg.model.name} ({s.base.kind}), method {s.cfg.method.name}, "
+        f"trainable {trainable:,} of {total:,} "
+        f"({100 * trainable / total:.2f}%), device {s.device}{processes}, "
+        f"{'bf16 autocast' if s.dtype else 'fp32'}"
+    )
+    return model, (trainable, total)
+
+
+def _setup_optimizer(s: _Setup, model: Any) -> _Loop:
+    """AdamW over the trainable weights, with linear warmup and decay over the run's steps."""
+    tc = s.cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=s.cfg.learning_rate, weight_decay=tc.weight_decay)
+    steps = total_steps(len(s.train), tc)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * steps), steps)
+    return _Loop(model, params, optimizer, scheduler, steps, [s.codec.width(f) for f in s.train])
+
+
+def _resume(run: RunDir, loop: _Loop, world: World, log: Log) -> None:
+    """Restore the newest checkpoint's weights, optimizer, schedule and progress into `loop`."""
+    found = latest_checkpoint(run.checkpoints)
+    if found is None:
+        raise FinloraError(f"{run.root}: no checkpoint to resume from")
+    loop.progress = progress = load_checkpoint(found, loop.model, loop.optimizer, loop.scheduler)
+    if world.is_main:
+        run.truncate_metrics(progress.step)
+    log(f"resuming from {found.name} (epoch {progress.epoch + 1}, step {progress.step})")
+    if progress.step >= loop.total_steps:
+        log(
+            f"note: step {progress.step} is already at the {loop.total_steps} steps these "
+            "settings allow, so there is nothing to train (raise train.max_steps or "
+            "train.epochs to go on)"
         )
-        model.train()
-        nll_sum, tokens = world.sum([nll, count], s.device)
-        loss = nll_sum / tokens
-        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0))}
-    assert isinstance(s.codec, LabelCodec)
-    model.eval()
-    gold = np.array([f.label for f in s.validation])
-    loglik = torch.zeros(len(s.validation), len(s.codec.labels), dtype=torch.float64)
-    with autocast(s.device, s.dtype):
-        prompts = [s.validation[i].prompt_ids for i in mine]
-        lengths = [len(p) for p in prompts]
-        speed = s.cfg.speed
-        for idx in inference_batches(lengths, speed.eval_batch_size, speed.trim_padding):
-            chunk = [prompts[i] for i in idx]
-            shared = speed.shared_prompt_scoring
-            scores = label_loglik(model, s.codec, chunk, fast, s.device, shared)
-            loglik[[mine[i] for i in idx]] = scores.double().cpu()
-    model.train()
-    # Rows another process scored are zero here, so the sum is every process's rows once.
-    scored = world.sum_tensor(loglik.to(s.device)).cpu().numpy()
-    tokens = sum(len(s.codec.label_ids[g]) for g in gold)
-    loss = float(-scored[np.arange(len(gold)), gold].sum() / tokens)
-    return {
-        "val_loss": loss,
-        "val_perplexity": math.exp(min(loss, 700.0)),
-        "val_accuracy": float((scored.argmax(1) == gold).mean()),
-    }
-
-
-def _selection_score(metrics: dict[str, float]) -> float | None:
-    """Accuracy first; the loss breaks ties (it is finer-grained on small validation sets).
-    Without an accuracy (instruction tuning), the lowest loss wins."""
-    if "val_loss" not in metrics:
-        return None
-    if "val_accuracy" not in metrics:
-        return -metrics["val_loss"]
-    return metrics["val_accuracy"] - 1e-6 * metrics["val_loss"]
 
 
 def _end_epoch(
     model: Any, s: _Setup, run: RunDir, progress: Progress, log: Log, world: World
 ) -> dict[str, Any]:
-    metrics = validate(model, s, s.cfg.speed.label_logits_only, world)
+    """Validate, keep the adapter if it is the best so far, and log the epoch's row."""
+    metrics = validate(model, s.codec, s.validation, s.cfg.speed, s.placement, world)
     train_loss = progress.epoch_loss_sum / max(progress.epoch_loss_count, 1)
     row: dict[str, Any] = {
         "kind": "epoch",
@@ -309,7 +246,7 @@ def _end_epoch(
         "train_perplexity": math.exp(min(train_loss, 700.0)),
         **metrics,
     }
-    score = _selection_score(metrics)
+    score = selection_score(metrics)
     # Without a validation split every epoch "wins", so the last one is kept.
     if score is None or progress.best_metric is None or score > progress.best_metric:
         progress.best_metric = score
@@ -332,44 +269,9 @@ def _checkpoint(run: RunDir, model: Any, opt: Any, sched: Any, progress: Progres
             shutil.rmtree(old, ignore_errors=True)
 
 
-def accumulate_batch(
-    model: Any,
-    codec: Codec,
-    features: list[Any],
-    cfg: RunConfig,
-    placement: Placement,
-    world: World | None = None,
-) -> tuple[float, int]:
-    """Accumulate one batch's gradients; returns its mean target-token loss and real tokens.
-
-    Targets are the label tokens (classify) or the answer tokens (instruct). The batch runs in
-    micro-batches of at most `speed.max_batch_tokens` padded tokens ("auto": by precision). Each
-    micro-batch's mean loss is weighted by its share of the batch's target tokens, so the
-    summed gradients equal those of the whole batch at once. Under several processes, this
-    one takes its rows of the batch (`World.rows`) with the same weights, and the loss and
-    tokens returned are the whole batch's; the gradients are summed at the optimizer step
-    (`World.sum_gradients`).
-    """
-    world = world or World()
-    total_targets = sum(codec.target_count(f) for f in features)
-    features = world.rows(features)
-    label_tokens = [codec.target_count(f) for f in features]
-    widths = [codec.width(f) for f in features]
-    loss_sum, real = 0.0, 0
-    # Not cut further to trim padding (as scoring is): batches are already grouped by length,
-    # and a training pass has so many operators (backward included) that two more passes cost
-    # more than the ~10% of padding they would save, measured on fp32 and bf16 CPUs.
-    # A process may have no rows of a short last batch: then no chunk, and zeros to the sum.
-    for chunk in token_budget_chunks(widths, placement.batch_tokens(cfg.speed.max_batch_tokens)):
-        batch = codec.training_batch([features[i] for i in chunk]).to(placement.device)
-        share = sum(label_tokens[i] for i in chunk) / total_targets
-        with autocast(placement.device, placement.dtype):
-            loss = loss_fn(model, batch, codec.kind, cfg.speed.label_logits_only) * share
-        (loss / cfg.train.grad_accum).backward()
-        loss_sum += loss.item()
-        real += batch.real_tokens
-    loss_sum, whole = world.sum([loss_sum, real], placement.device)
-    return loss_sum, int(whole)
+def _save_checkpoint(run: RunDir, loop: _Loop, world: World) -> None:
+    if world.is_main:
+        _checkpoint(run, loop.model, loop.optimizer, loop.scheduler, loop.progress)
 
 
 def _quiet(message: str) -> None:
@@ -388,8 +290,9 @@ def train(
 ) -> TrainResult:
     """Fine-tune per `cfg` into the run directory `output`; with `resume`, continue it.
 
-    Started by `finlora train --nproc N` or `torchrun --nproc-per-node N`, the N processes train
-    one model data-parallel (`finlora.distributed`); rank 0 writes the run.
+    `trust_remote_code` lets the model run its own code (never read from `cfg`). Started by
+    `finlora train --nproc N` or `torchrun --nproc-per-node N`, the N processes train one model
+    data-parallel (`finlora.distributed`); rank 0 writes the run.
     """
     world = World.from_env()
     log = log if world.is_main else _quiet
@@ -398,7 +301,7 @@ def train(
         run.check_new(overwrite)
     s = _setup(cfg, log, trust_remote_code)
     if resume:
-        _check_same_split(run, s)
+        check_same_split(run, s.data)
     s.placement = dataclasses.replace(s.placement, device=world.device(s.placement.device))
     with world.group(s.device):
         if resume:
@@ -422,134 +325,109 @@ def train(
 def _train(
     s: _Setup, run: RunDir, world: World, resume: bool, progress_bar: bool, log: Log
 ) -> TrainResult:
-    cfg, tc = s.cfg, s.cfg.train
-    model = s.placement.place(s.model)
-    set_gradient_checkpointing(
-        model, cfg.speed.gradient_checkpointing, cfg.speed.gradient_checkpointing_every
-    )
-    world.broadcast_trainable(model)
-    trainable, total = trainable_parameters(model)
-    processes = f" x {world.size} processes" if world.distributed else ""
-    log(
-        f"model: {cfg.model.name} ({s.base.kind}), method {cfg.method.name}, "
-        f"trainable {trainable:,} of {total:,} "
-        f"({100 * trainable / total:.2f}%), device {s.device}{processes}, "
-        f"{'bf16 autocast' if s.dtype else 'fp32'}"
-    )
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=tc.weight_decay)
-    lengths = [s.codec.width(f) for f in s.train]
-    batches_per_epoch = math.ceil(len(s.train) / tc.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / tc.grad_accum)
-    total_steps = tc.epochs * steps_per_epoch
-    if tc.max_steps:
-        total_steps = min(total_steps, tc.max_steps)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(tc.warmup_ratio * total_steps), total_steps
-    )
-    progress = Progress(step=0, epoch=0, batch_in_epoch=0)
+    model, params = _place_model(s, world, log)
+    loop = _setup_optimizer(s, model)
     if resume:
-        found = latest_checkpoint(run.checkpoints)
-        if found is None:
-            raise FinloraError(f"{run.root}: no checkpoint to resume from")
-        progress = load_checkpoint(found, model, optimizer, scheduler)
-        if world.is_main:
-            run.truncate_metrics(progress.step)
-        log(f"resuming from {found.name} (epoch {progress.epoch + 1}, step {progress.step})")
-        if progress.step >= total_steps:
-            log(
-                f"note: step {progress.step} is already at the {total_steps} steps these "
-                "settings allow, so there is nothing to train (raise train.max_steps or "
-                "train.epochs to go on)"
-            )
-    first_step = progress.step
-
-    def checkpoint() -> None:
-        if world.is_main:
-            _checkpoint(run, model, optimizer, scheduler, progress)
-
+        _resume(run, loop, world, log)
+    first_step = loop.progress.step
     model.train()
-    bar = tqdm(
-        total=total_steps,
-        initial=progress.step,
+    loop.bar = tqdm(
+        total=loop.total_steps,
+        initial=loop.progress.step,
         desc="training",
         unit="step",
         disable=not progress_bar,
         dynamic_ncols=True,
     )
-    start = time.perf_counter()
-    tokens_seen, recent = 0, deque[float](maxlen=10)
-    done = progress.step >= total_steps
-    while not done and progress.epoch < tc.epochs:
-        batches = length_grouped_batches(
-            lengths, tc.batch_size, cfg.seed + progress.epoch, cfg.speed.group_by_length
-        )
-        for bi in range(progress.batch_in_epoch, len(batches)):
-            loss, real_tokens = accumulate_batch(
-                model, s.codec, [s.train[i] for i in batches[bi]], cfg, s.placement, world
-            )
-            if not math.isfinite(loss):
-                raise FinloraError(
-                    f"training diverged: the loss is {loss} at step {progress.step + 1} "
-                    f"(learning rate {cfg.learning_rate:g}; try a lower one)"
-                )
-            tokens_seen += real_tokens
-            progress.epoch_loss_sum += loss
-            progress.epoch_loss_count += 1
-            recent.append(loss)
-            if (bi + 1) % tc.grad_accum and bi + 1 < len(batches):
-                continue
-            world.sum_gradients(params)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.batch_in_epoch = bi + 1
-            rate = tokens_seen / max(time.perf_counter() - start, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", tok_s=f"{rate:.0f}")
-            if progress.step % tc.log_every == 0 and world.is_main:
-                run.append_metrics(
-                    {
-                        "kind": "step",
-                        "step": progress.step,
-                        "epoch": progress.epoch + (bi + 1) / len(batches),
-                        "loss": loss,
-                        "lr": scheduler.get_last_lr()[0],
-                        "tokens_per_s": rate,
-                    }
-                )
-            if progress.step % tc.checkpoint_every == 0:
-                checkpoint()
-            if progress.step >= total_steps:
-                done = True
-                break
-        _end_epoch(model, s, run, progress, log, world)
-        if progress.batch_in_epoch >= len(batches):
-            # A run stopped by max_steps stays inside its epoch, so extending it continues there.
-            progress.epoch += 1
-            progress.batch_in_epoch = 0
-            progress.epoch_loss_sum, progress.epoch_loss_count = 0.0, 0
-        checkpoint()
-    bar.close()
-    seconds = time.perf_counter() - start
+    loop.start = time.perf_counter()
+    while loop.progress.step < loop.total_steps and loop.progress.epoch < s.cfg.train.epochs:
+        _epoch(s, run, world, loop, log)
+    loop.bar.close()
+    seconds = time.perf_counter() - loop.start
     peak_mib = process_peak_mib()
     if world.is_main:
-        _finish(run, s, progress, seconds, tokens_seen, (trainable, total), world.size)
+        _finish(run, s, loop.progress, seconds, loop.tokens_seen, params, world.size)
     world.barrier()  # the others read the metrics rank 0 has just finished writing
     rows = [r for r in run.read_metrics() if r.get("best")]
     return TrainResult(
         run_dir=run.root,
-        steps=progress.step,
-        steps_now=progress.step - first_step,
-        best_epoch=progress.best_epoch,
+        steps=loop.progress.step,
+        steps_now=loop.progress.step - first_step,
+        best_epoch=loop.progress.best_epoch,
         best_val_accuracy=rows[-1].get("val_accuracy") if rows else None,
         best_val_loss=rows[-1].get("val_loss") if rows else None,
         train_seconds=seconds,
-        real_tokens_per_s=tokens_seen / max(seconds, 1e-9),
+        real_tokens_per_s=loop.tokens_seen / max(seconds, 1e-9),
         peak_rss_mib=peak_mib,
     )
+
+
+def _epoch(s: _Setup, run: RunDir, world: World, loop: _Loop, log: Log) -> None:
+    """The rest of the current epoch: its batches (a step every grad_accum of them, and at its
+    end), then the validation and a checkpoint. Stops early at the run's last step."""
+    cfg, tc, progress = s.cfg, s.cfg.train, loop.progress
+    batches = length_grouped_batches(
+        loop.lengths, tc.batch_size, cfg.seed + progress.epoch, cfg.speed.group_by_length
+    )
+    for bi in range(progress.batch_in_epoch, len(batches)):
+        loss = _accumulate(s, world, loop, batches[bi])
+        if (bi + 1) % tc.grad_accum and bi + 1 < len(batches):
+            continue
+        optimizer_step(
+            loop.model, loop.params, loop.optimizer, loop.scheduler, tc.max_grad_norm, world
+        )
+        progress.step += 1
+        progress.batch_in_epoch = bi + 1
+        _after_step(s, run, world, loop, loss, (bi + 1) / len(batches))
+        if progress.step >= loop.total_steps:
+            break
+    _end_epoch(loop.model, s, run, progress, log, world)
+    if progress.batch_in_epoch >= len(batches):
+        # A run stopped by max_steps stays inside its epoch, so extending it continues there.
+        progress.epoch += 1
+        progress.batch_in_epoch = 0
+        progress.epoch_loss_sum, progress.epoch_loss_count = 0.0, 0
+    _save_checkpoint(run, loop, world)
+
+
+def _accumulate(s: _Setup, world: World, loop: _Loop, rows: list[int]) -> float:
+    """One batch's gradients (`accumulate_batch`), counted into the epoch's loss; returns it."""
+    features = [s.train[i] for i in rows]
+    loss, real_tokens = accumulate_batch(loop.model, s.codec, features, s.cfg, s.placement, world)
+    if not math.isfinite(loss):
+        raise FinloraError(
+            f"training diverged: the loss is {loss} at step {loop.progress.step + 1} "
+            f"(learning rate {s.cfg.learning_rate:g}; try a lower one)"
+        )
+    loop.tokens_seen += real_tokens
+    loop.progress.epoch_loss_sum += loss
+    loop.progress.epoch_loss_count += 1
+    loop.recent.append(loss)
+    return loss
+
+
+def _after_step(
+    s: _Setup, run: RunDir, world: World, loop: _Loop, loss: float, epoch_share: float
+) -> None:
+    """The progress bar, a metrics row every log_every steps, a checkpoint every
+    checkpoint_every steps."""
+    tc, progress = s.cfg.train, loop.progress
+    rate = loop.tokens_seen / max(time.perf_counter() - loop.start, 1e-9)
+    loop.bar.update(1)
+    loop.bar.set_postfix(loss=f"{sum(loop.recent) / len(loop.recent):.4f}", tok_s=f"{rate:.0f}")
+    if progress.step % tc.log_every == 0 and world.is_main:
+        run.append_metrics(
+            {
+                "kind": "step",
+                "step": progress.step,
+                "epoch": progress.epoch + epoch_share,
+                "loss": loss,
+                "lr": loop.scheduler.get_last_lr()[0],
+                "tokens_per_s": rate,
+            }
+        )
+    if progress.step % tc.checkpoint_every == 0:
+        _save_checkpoint(run, loop, world)
 
 
 def _finish(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -337,3 +338,13 @@ def test_training_says_how_many_texts_max_length_cut(
     lines.clear()
     train(tiny_cfg("train.max_steps=1"), tmp_path / "roomy", progress_bar=False, log=lines.append)
     assert not any("longer than data.max_length" in line for line in lines)
+
+
+def test_total_steps_counts_a_step_every_grad_accum_batches_and_at_each_epoch_end() -> None:
+    from finlora.config import TrainConfig
+    from finlora.training.step import total_steps
+
+    tc = TrainConfig(epochs=3, batch_size=8, grad_accum=2)
+    assert total_steps(33, tc) == 9  # 5 batches an epoch: steps after batches 2, 4 and 5
+    assert total_steps(33, dataclasses.replace(tc, max_steps=4)) == 4
+    assert total_steps(33, dataclasses.replace(tc, max_steps=50)) == 9

@@ -1,0 +1,46 @@
+"""The data a run trains on, as its codec's features, with what is worth saying about it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from finlora.data.prepare import PreparedData, PreparedInstruct
+from finlora.data.split import conflicting_labels
+from finlora.tasks import Codec
+
+Log = Callable[[str], None]
+
+
+def log_data(data: PreparedData | PreparedInstruct, log: Log) -> None:
+    """Say what the data is and how it split, and what in it deserves a look (texts in
+    several splits, texts with several labels)."""
+    sizes = {name: len(getattr(data.split, name)) for name in ("train", "validation", "test")}
+    log(f"data: {data.description} -> {sizes}")
+    if data.duplicates:
+        log(f"data: {len(data.duplicates)} exact duplicate text(s) appear in more than one split")
+    if isinstance(data, PreparedData):
+        conflicts = conflicting_labels(data.examples)
+        if conflicts:
+            log(
+                f"data: {len(conflicts)} text(s) appear with different labels, e.g. "
+                f"{conflicts[0][:80]!r}"
+            )
+
+
+def encode_split(codec: Codec, rows: list[Any], split: str, log: Log) -> list[Any]:
+    """`rows` of one split as the codec's features, saying what was cut or skipped to fit
+    data.max_length."""
+    cut_before = codec.overflow.count
+    features = [codec.encode(row) for row in rows]
+    note = codec.overflow.note(cut_before, len(rows), f"{split} record(s)", codec.max_length)
+    if note:
+        log(f"data: {note}")
+    kept = [f for f in features if f is not None]
+    if len(kept) < len(features):
+        # Only instruction records can lose every answer token to data.max_length.
+        log(
+            f"data: {len(features) - len(kept)} {split} record(s) skipped: the prompt fills "
+            "data.max_length and leaves no answer token to train on"
+        )
+    return kept

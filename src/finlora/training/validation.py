@@ -1,0 +1,114 @@
+"""The validation pass of training: loss, perplexity and, for classification, accuracy on the
+held-out validation features, and which epoch's adapter is best by them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from finlora.config import SpeedConfig
+from finlora.distributed import World
+from finlora.models import Placement
+from finlora.scoring import autocast, label_loglik, response_nll
+from finlora.tasks.classify import LabelCodec, inference_batches
+from finlora.tasks.instruct import InstructCodec
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))
+
+
+def _instruct_metrics(
+    model: Any,
+    codec: InstructCodec,
+    features: Sequence[Any],
+    speed: SpeedConfig,
+    placement: Placement,
+    world: World,
+) -> dict[str, float]:
+    mine = [features[i] for i in world.rows(range(len(features)))]
+    nll, count = response_nll(
+        model, codec, mine, speed.eval_batch_size, placement.device, placement.dtype,
+        speed.label_logits_only,
+    )  # fmt: skip
+    nll_sum, tokens = world.sum([nll, count], placement.device)
+    loss = nll_sum / tokens
+    return {"val_loss": loss, "val_perplexity": _perplexity(loss)}
+
+
+def _label_loglik(
+    model: Any,
+    codec: LabelCodec,
+    features: Sequence[Any],
+    speed: SpeedConfig,
+    placement: Placement,
+    world: World,
+) -> np.ndarray:
+    """Every label's log-likelihood after each feature's prompt, (N, K) float64, each process
+    scoring its share of the rows (length-sorted batches, as `predict_proba` scores).
+
+    `predict_proba` keeps only the softmax over the labels; the validation loss needs the
+    log-likelihoods themselves, so this calls `label_loglik` normalized.
+    """
+    mine = world.rows(range(len(features)))
+    device = placement.device
+    loglik = torch.zeros(len(features), len(codec.labels), dtype=torch.float64)
+    with autocast(device, placement.dtype):
+        prompts = [features[i].prompt_ids for i in mine]
+        lengths = [len(p) for p in prompts]
+        for idx in inference_batches(lengths, speed.eval_batch_size, speed.trim_padding):
+            chunk = [prompts[i] for i in idx]
+            fast, shared = speed.label_logits_only, speed.shared_prompt_scoring
+            scores = label_loglik(model, codec, chunk, fast, device, shared)
+            loglik[[mine[i] for i in idx]] = scores.double().cpu()
+    # Rows another process scored are zero here, so the sum is every process's rows once.
+    return world.sum_tensor(loglik.to(device)).cpu().numpy()
+
+
+@torch.no_grad()
+def validate(
+    model: Any,
+    codec: Any,
+    features: Sequence[Any],
+    speed: SpeedConfig,
+    placement: Placement,
+    world: World | None = None,
+) -> dict[str, float]:
+    """Validation loss (per label or answer token), perplexity and, for classify, accuracy.
+
+    Under several processes each scores its share of the rows and the sums are exchanged, so
+    every process gets the same figures. The model is left in training mode.
+    """
+    if not features:
+        return {}
+    world = world or World()
+    model.eval()
+    try:
+        if isinstance(codec, InstructCodec):
+            return _instruct_metrics(model, codec, features, speed, placement, world)
+        assert isinstance(codec, LabelCodec)
+        scored = _label_loglik(model, codec, features, speed, placement, world)
+    finally:
+        model.train()
+    gold = np.array([f.label for f in features])
+    tokens = sum(len(codec.label_ids[g]) for g in gold)
+    loss = float(-scored[np.arange(len(gold)), gold].sum() / tokens)
+    return {
+        "val_loss": loss,
+        "val_perplexity": _perplexity(loss),
+        "val_accuracy": float((scored.argmax(1) == gold).mean()),
+    }
+
+
+def selection_score(metrics: dict[str, float]) -> float | None:
+    """Accuracy first; the loss breaks ties (it is finer-grained on small validation sets).
+    Without an accuracy (instruction tuning), the lowest loss wins."""
+    if "val_loss" not in metrics:
+        return None
+    if "val_accuracy" not in metrics:
+        return -metrics["val_loss"]
+    return metrics["val_accuracy"] - 1e-6 * metrics["val_loss"]
