@@ -229,15 +229,22 @@ def select_method(data: dict[str, Any], name: str) -> dict[str, Any]:
     return result
 
 
+_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
+
+
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise FinloraError(f"--set {item!r}: expected key=value, e.g. train.epochs=3")
     key, raw = item.split("=", 1)
+    if not _KEY.fullmatch(key.strip()):
+        raise FinloraError(f"--set {key!r}: a key is dotted names, e.g. train.epochs")
     try:
         # YAML scalars: 3 -> int, 3e-4 -> float, true -> bool, null -> None, [a, b] -> list.
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except (ValueError, RecursionError):  # an integer of thousands of digits, deep nesting
+        raise FinloraError(f"--set {key.strip()}: value too long or too deeply nested") from None
     return key.strip().split("."), value
 
 

@@ -21,7 +21,9 @@ def opt_factory(factory: Callable[[], Any], help: str) -> Any:
 
 
 def fail(key: str, message: str) -> typing.NoReturn:
-    raise FinloraError(f"config: {key} {message}")
+    # The message quotes the user's value: its line breaks are escaped to keep it one line.
+    one_line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    raise FinloraError(f"config: {key} {one_line}")
 
 
 def check_fraction(key: str, value: float, *, allow_zero: bool) -> None:
