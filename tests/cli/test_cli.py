@@ -303,7 +303,7 @@ def test_predict_refuses_a_set_that_is_no_speed_setting(
     assert_user_error(cli("predict", trained, "--set", "data.path=x", TEXTS[0]), "data.path")
 
 
-LOADING = ["train", "eval", "predict", "analyze", "generate", "chat", "serve", "compare",
+LOADING = ["train", "eval", "predict", "analyze", "generate", "chat", "serve", "export", "compare",
            "bench train", "bench infer"]  # fmt: skip
 SPEED = ["eval", "predict", "analyze", "generate", "chat", "serve"]
 
