@@ -30,151 +30,34 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from fastapi.staticfiles import StaticFiles
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from finlora.chat import Write, answer, fit_conversation, instruction_prompt
 from finlora.data.documents import report_text
 from finlora.data.instruct import Message
 from finlora.errors import FinloraError
-from finlora.generate import MAX_NEW_TOKENS, GenerationOptions, Reply
+from finlora.generate import GenerationOptions, Reply
 from finlora.inference import LoadedRun, Prediction
 from finlora.report import analyze
+from finlora.serve_docs import add_docs
+from finlora.serve_schema import (
+    ROUTES,
+    AnalyzeRequest,
+    ChatMessage,
+    ChatRequest,
+    GenerateRequest,
+    PredictRequest,
+)
 
 
 def _ignore(_text: str) -> None:
     pass
-
-
-MAX_TEXTS = 1024  # sentences in one /predict request
-MAX_REPORT_CHARS = 2_000_000  # one /analyze report: a long annual report's text
-API_KEY_ENV = "FINLORA_API_KEY"
-ROUTES = {
-    "classify": ("/predict", "/analyze"),
-    "instruct": ("/generate", "/v1/chat/completions"),
-}
-
-
-def _unicode(text: str) -> str:
-    # JSON may escape a lone surrogate ("\\ud800"), which is no character: no tokenizer takes it.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode (it holds a lone surrogate)") from None
-    return text
-
-
-def _not_blank(text: str) -> str:
-    if not text.strip():
-        raise ValueError("must not be empty")
-    return text
-
-
-Unicode = Annotated[str, AfterValidator(_unicode)]
-Text = Annotated[Unicode, AfterValidator(_not_blank)]
-
-
-# finlora's own routes refuse a field they do not know (a misspelt "temprature" would be ignored
-# in silence); the OpenAI route accepts the many options its clients send (ChatRequest).
-STRICT = ConfigDict(extra="forbid")
-
-
-class PredictRequest(BaseModel):
-    model_config = STRICT
-    texts: Annotated[list[Text], Field(min_length=1, max_length=MAX_TEXTS)]
-
-
-class AnalyzeRequest(BaseModel):
-    model_config = STRICT
-    text: Annotated[Text, Field(max_length=MAX_REPORT_CHARS)]
-    top: Annotated[int, Field(ge=0, le=100)] = 5
-    source: Unicode = "request"
-
-
-class Decoding(BaseModel):
-    """Decoding options, with `finlora generate`'s defaults (greedy: reproducible answers)."""
-
-    model_config = STRICT
-
-    max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)] = 256
-    temperature: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 0.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Field(ge=0)] = 0
-    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
-
-    def options(self) -> GenerationOptions:
-        return GenerationOptions(
-            self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.seed
-        )
-
-
-class GenerateRequest(Decoding):
-    instruction: Text
-    input: Unicode = ""
-    system: Unicode | None = None
-
-
-class TextPart(BaseModel):
-    """One part of an OpenAI message's content given as a list; finlora reads text only."""
-
-    type: Literal["text"]
-    text: Unicode
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: Unicode | list[TextPart]
-
-    @property
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(part.text for part in self.content)
-
-
-class ChatRequest(BaseModel):
-    """The OpenAI chat-completions request, as far as finlora can honour it."""
-
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    model: str | None = None  # accepted and ignored: the server holds one model
-    max_tokens: Annotated[int | None, Field(ge=1, le=MAX_NEW_TOKENS)] = None
-    max_completion_tokens: Annotated[int | None, Field(ge=1, le=MAX_NEW_TOKENS)] = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 0.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = None
-    stream: bool = False
-    # Refused rather than ignored: an answer that silently ran past a stop sequence, or one
-    # choice where n were asked for, would mislead the client.
-    n: Annotated[int, Field(ge=1, le=1)] = 1
-    stop: str | list[str] | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _no_stop(cls, stop: str | list[str] | None) -> None:
-        if stop:
-            raise ValueError("stop sequences are not supported")
-        return None
-
-    @field_validator("messages")
-    @classmethod
-    def _ends_with_user(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
-        if messages[-1].role != "user":
-            raise ValueError("the last message must be the user's")
-        if not messages[-1].text.strip():
-            raise ValueError("the last (user) message must not be empty")
-        return messages
-
-    def options(self) -> GenerationOptions:
-        limit = self.max_completion_tokens or self.max_tokens or Decoding().max_new_tokens
-        return GenerationOptions(limit, self.temperature, self.top_p, 0, self.seed)
 
 
 def _split_system(messages: list[ChatMessage]) -> tuple[list[Message], list[Message]]:
@@ -487,41 +370,6 @@ def _authorized(authorization: str | None, api_key: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), api_key)
 
 
-DOCS_ASSETS = "/docs/assets"
-
-
-def _add_docs(app: FastAPI) -> None:
-    """/docs (Swagger UI) and /redoc with their scripts and styles served from DOCS_ASSETS:
-    FastAPI's own pages load them from a CDN, and stay blank on a machine without internet."""
-    app.mount(
-        DOCS_ASSETS, StaticFiles(packages=[("fastapi_offline", "static")]), name="docs-assets"
-    )
-
-    @app.get("/docs", include_in_schema=False)
-    def swagger_ui(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "").rstrip("/")
-        return get_swagger_ui_html(
-            openapi_url=f"{root}{app.openapi_url}",
-            title=f"{app.title} - Swagger UI",
-            swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
-            swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
-            swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
-            # Swagger UI would otherwise send the schema's address to its online validator.
-            swagger_ui_parameters={"validatorUrl": None},
-        )
-
-    @app.get("/redoc", include_in_schema=False)
-    def redoc(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "").rstrip("/")
-        return get_redoc_html(
-            openapi_url=f"{root}{app.openapi_url}",
-            title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
-            redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
-            with_google_fonts=False,
-        )
-
-
 def create_app(loaded: LoadedRun, api_key: str | None = None) -> FastAPI:
     """The FastAPI application serving `loaded`; with `api_key`, every route but /health wants
     it as a bearer token."""
@@ -532,7 +380,7 @@ def create_app(loaded: LoadedRun, api_key: str | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    _add_docs(app)
+    add_docs(app)
 
     if api_key is not None:
 
