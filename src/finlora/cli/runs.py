@@ -354,7 +354,8 @@ def serve(
 
     from finlora.inference import load_run
     from finlora.runs import RunDir
-    from finlora.serve import API_KEY_ENV, ROUTES, check_bindable, create_app, is_loopback
+    from finlora.serve import check_bindable, create_app, is_loopback
+    from finlora.serve_schema import API_KEY_ENV, ROUTES
 
     RunDir(run_dir).require_trained()
     check_bindable(host, port)  # before the model loads (~20 s): a taken port fails at once
