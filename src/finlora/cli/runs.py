@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -21,6 +21,9 @@ from finlora.cli.options import (
 )
 from finlora.errors import FinloraError
 
+if TYPE_CHECKING:
+    from finlora.runs import Run
+
 
 def _note_unfinished(run: Any, does: str) -> None:
     """A note on a run whose training stopped before its manifest (killed, interrupted)."""
@@ -31,22 +34,18 @@ def _note_unfinished(run: Any, does: str) -> None:
         )
 
 
-def _check_eval(run_dir: Path, zero_shot: bool, classification_options: dict[str, bool]) -> None:
-    """Refuse an option that only a classification file reads when `run_dir` is an instruct run
+def _check_eval(run: Run, zero_shot: bool, classification_options: dict[str, bool]) -> None:
+    """Refuse an option that only a classification file reads when `run` is an instruct run
     (it would be silently ignored), and note a run whose training did not finish."""
-    from finlora.runs import RunDir
-
-    run = RunDir(run_dir)
-    run.require_trained()  # before the note: a folder that is no run gets its error alone
-    if run.read_config().task == "instruct":
+    if run.task == "instruct":
         for option, was_given in classification_options.items():
             if was_given:
                 raise FinloraError(
-                    f"{option}: reads a classification file; {run_dir} is an instruct run "
+                    f"{option}: reads a classification file; {run.root} is an instruct run "
                     "(its --data is a JSONL of instruction records)"
                 )
     if not zero_shot:
-        _note_unfinished(run, "scores")
+        _note_unfinished(run.dir, "scores")
 
 
 @click.command("eval")
@@ -114,18 +113,20 @@ def eval_(
       finlora eval runs/fin-instruct --json       # perplexity, bleu, rouge1/2/L, n
     """
     from finlora.evaluate import LoaderOptions, evaluate_run, format_instruct_report
+    from finlora.inference import open_run
     from finlora.metrics import format_classification_report
 
     options = LoaderOptions(fmt, agreement, text_column, label_column, label_map)
+    run = open_run(run_dir, speed)  # once: the checks and the evaluation read the same run
     _check_eval(
-        run_dir, zero_shot,
+        run, zero_shot,
         {"--text-column": text_column != "text", "--label-column": label_column != "label",
          "--label-map": label_map is not None, "--agreement": agreement != "all",
          "--format fpb": fmt == "fpb"},
     )  # fmt: skip
     metrics = evaluate_run(
-        run_dir, data_path, options, zero_shot, not no_progress, max_new_tokens,
-        trust_remote_code=trust_remote_code, speed=speed,
+        run, data_path, options, zero_shot, not no_progress, max_new_tokens,
+        trust_remote_code=trust_remote_code,
     )  # fmt: skip
     if metrics.get("prompts_cut"):
         echo_err(

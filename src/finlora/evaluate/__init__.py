@@ -10,12 +10,13 @@ from typing import Any
 from finlora.evaluate.classify import LoaderOptions, evaluate_classify
 from finlora.evaluate.instruct import evaluate_instruct, format_instruct_report
 from finlora.inference import load_run
+from finlora.runs import Run
 
 __all__ = ["LoaderOptions", "evaluate_run", "format_instruct_report"]
 
 
 def evaluate_run(
-    run_dir: Path,
+    run_dir: Path | Run,
     data_path: Path | None = None,
     options: LoaderOptions | None = None,
     zero_shot: bool = False,
@@ -26,6 +27,8 @@ def evaluate_run(
     speed: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Score a run (or its base model with `zero_shot`) and write reports under RUN_DIR/eval.
+
+    `run_dir` may be a run already opened (`inference.open_run`, its speed overrides applied).
 
     Returns the metrics dict with `data`, `zero_shot` and `report_files` added.
     """
