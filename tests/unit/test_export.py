@@ -261,12 +261,12 @@ def test_a_gguf_llama_cpp_disagrees_with_is_an_error_and_nothing_written(
     monkeypatch.setattr(llama_cpp, "available", lambda: True)
     found = [Agreement(agreement=7 / 12, tokens_equal=1.0, max_abs_loglik_diff=3.2)]
     monkeypatch.setattr(verify.LabelCheck, "gguf", lambda *_: found[0])
-    with pytest.raises(FinloraError, match=r"only 58\.3% of 12 sentences \(at least 90%"):
+    with pytest.raises(FinloraError, match=r"only 58\.3% of 12 sentences \(at least 90\.0%"):
         export(run_dir, "gguf", tmp_path / "f16", quant="f16")
     assert not (tmp_path / "f16").exists()
     # Fewer bits are allowed more disagreement, down to 75%.
     found[0] = Agreement(agreement=10 / 12, tokens_equal=1.0, max_abs_loglik_diff=3.2)
-    with pytest.raises(FinloraError, match="at least 90%"):
+    with pytest.raises(FinloraError, match=r"at least 90\.0%"):
         export(run_dir, "gguf", tmp_path / "q8", quant="q8_0")
     result = export(run_dir, "gguf", tmp_path / "q4", quant="q4_0")
     assert result.verification.gguf_agreement == 10 / 12
@@ -364,3 +364,16 @@ def test_encoder_classifier_exports_for_the_classification_pipeline(
 
 
 FPB_ORDER = ["negative", "neutral", "positive"]
+
+
+def test_gguf_agreement_must_beat_the_majority_label() -> None:
+    from finlora.export.verify import majority_share, required_agreement
+
+    # FPB's balance: the fixed floor decides.
+    assert majority_share([0] * 60 + [1] * 25 + [2] * 15) == 0.6
+    assert required_agreement("q8_0", 0.6) == 0.9
+    assert required_agreement("q4_0", 0.6) == 0.8
+    # One label on 96% of the sentences: a file that always says it agrees 96%, and must fail.
+    assert required_agreement("q8_0", 0.96) == pytest.approx(0.98)
+    assert required_agreement("q4_0", 0.96) > 0.96
+    assert majority_share([]) == 0.0

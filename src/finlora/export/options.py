@@ -83,6 +83,8 @@ class Verification:
     # Largest |label (answer token) log-likelihood difference| against the adapter model, on
     # equal tokens.
     gguf_max_abs_loglik_diff: float | None = None
+    # The agreement it had to reach: the type's floor, or more where one answer dominates.
+    gguf_required_agreement: float | None = None
     gguf_note: str | None = None
 
 
@@ -133,8 +135,9 @@ class ExportResult:
             lines.append(
                 f"llama.cpp: {agreeing} agree {v.gguf_agreement:.1%} on {v.gguf_n} {unit}, "
                 f"tokenization equal {v.gguf_tokens_equal:.1%}, "
-                f"max |{scored} log-likelihood diff| {v.gguf_max_abs_loglik_diff:.3g}"
+                f"max |{scored} log-likelihood diff| {v.gguf_max_abs_loglik_diff:.3g} "
+                f"(required agreement {v.gguf_required_agreement:.1%})"
             )
-        elif v.gguf_note:
+        if v.gguf_note:
             lines.append(v.gguf_note)
         return lines

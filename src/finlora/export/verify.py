@@ -7,7 +7,8 @@ llama-cpp-python is installed, llama.cpp's own scores of the file are checked as
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,6 +57,9 @@ class LabelCheck:
     def gguf(self, path: Path, reference: LabelScores) -> llama_cpp_check.Agreement:
         return gguf_label_check(path, self.ctx.label_codec, self.sample, reference)
 
+    def majority_share(self, reference: LabelScores) -> float:
+        return majority_share(reference.labels)
+
 
 class AnswerCheck:
     """Instruct: the logits at the answer tokens of the run's test records, teacher-forced."""
@@ -83,6 +87,9 @@ class AnswerCheck:
     def gguf(self, path: Path, reference: TokenScores) -> llama_cpp_check.Agreement:
         return gguf_token_check(path, self.ctx.instruct_codec, self.sample, reference)
 
+    def majority_share(self, reference: TokenScores) -> float:
+        return majority_share(reference.predicted)
+
 
 class Check(Protocol):
     """What export_run needs of a task's check; the scores' type is the check's own."""
@@ -95,6 +102,7 @@ class Check(Protocol):
     def scores(self, model: Any) -> Any: ...
     def compare(self, reference: Any, candidate: Any, v: Verification) -> None: ...
     def gguf(self, path: Path, reference: Any) -> llama_cpp_check.Agreement: ...
+    def majority_share(self, reference: Any) -> float: ...
 
 
 CHECKS: dict[str, Callable[[ExportContext, int | None], Check]] = {
@@ -117,10 +125,28 @@ def verify_written(check: Check, reference: Any, written: Any, v: Verification) 
 # The least share of labels (most likely next tokens) that llama.cpp must score as the adapter
 # model does, by GGUF type. Measured (docs/benchmarks.md): f16 and q8_0 1.000 on FPB labels and
 # 0.997 and 0.973 on instruct next tokens, q5_0 and q4_0 0.969 on 64 FPB labels. A file whose
-# tensors are misnamed or laid out wrong scores near chance, or gives the majority label (60% of
-# FPB) throughout, instead.
+# tensors are misnamed or laid out wrong scores near chance, or gives the majority label
+# throughout, instead.
 GGUF_AGREEMENT_FLOORS = {"f32": 0.9, "f16": 0.9, "bf16": 0.9, "q8_0": 0.9}
 GGUF_AGREEMENT_FLOOR_FEWER_BITS = 0.75  # q5_*, q4_*
+# A fixed floor assumes a class balance: on data where one label is 95% of the checked
+# sentences, a file that always says that label would pass 90%. So llama.cpp must also agree on
+# at least this share of the sentences the majority label does not cover.
+GGUF_MARGIN_OVER_MAJORITY = 0.5
+
+
+def majority_share(predicted: Sequence[int]) -> float:
+    """The share of the most frequent prediction: what a constant answer would agree on."""
+    if not predicted:
+        return 0.0
+    return max(Counter(predicted).values()) / len(predicted)
+
+
+def required_agreement(tensor_type: str, majority: float) -> float:
+    """The agreement a GGUF of `tensor_type` must reach when the adapter model's most frequent
+    answer covers `majority` of the checked sentences (records' next tokens)."""
+    floor = GGUF_AGREEMENT_FLOORS.get(tensor_type, GGUF_AGREEMENT_FLOOR_FEWER_BITS)
+    return max(floor, majority + GGUF_MARGIN_OVER_MAJORITY * (1.0 - majority))
 
 
 def verify_gguf(
@@ -138,11 +164,19 @@ def verify_gguf(
     v.gguf_checked, v.gguf_n = True, check.n
     v.gguf_agreement, v.gguf_tokens_equal = found.agreement, found.tokens_equal
     v.gguf_max_abs_loglik_diff, v.gguf_accuracy = found.max_abs_loglik_diff, found.accuracy
-    floor = GGUF_AGREEMENT_FLOORS.get(tensor_type, GGUF_AGREEMENT_FLOOR_FEWER_BITS)
+    majority = check.majority_share(reference)
+    floor = required_agreement(tensor_type, majority)
+    v.gguf_required_agreement = round(floor, 4)
+    if majority >= 1.0:
+        v.gguf_note = (
+            f"the adapter model gives every checked {check.unit[:-1]} the same answer, so "
+            "agreement cannot tell a broken file from a good one (check more with --verify-n all)"
+        )
     if found.agreement < floor:
         raise FinloraError(
             f"verification failed: in llama.cpp the {tensor_type} GGUF gives the adapter model's "
             f"{check.agreeing} on only {found.agreement:.1%} of {check.n} {check.unit} (at least "
-            f"{floor:.0%} expected; tokenization equal on {found.tokens_equal:.1%}); nothing "
-            "written (--no-verify writes it unchecked)"
+            f"{floor:.1%} expected: the most frequent answer alone covers {majority:.1%}; "
+            f"tokenization equal on {found.tokens_equal:.1%}); nothing written (--no-verify "
+            "writes it unchecked)"
         )
