@@ -263,17 +263,41 @@ def predict_proba(
     progress: bool = True,
 ) -> np.ndarray:
     """Probabilities over `codec.labels` for each text. (N, K), rows sum to 1."""
-    device = device or torch.device("cpu")
-    prompts = [codec.encode_text(t) for t in texts]
-    out = np.zeros((len(texts), len(codec.labels)), dtype=np.float64)
     model.eval()
-    bar = tqdm(total=len(texts), desc="scoring", unit="sent", disable=not progress, leave=False)
+    prompts = [codec.encode_text(t) for t in texts]
+    # Only the softmax over the labels is kept: a constant per row does not matter.
+    loglik = prompt_logliks(
+        model, codec, prompts, batch_size=batch_size, device=device, dtype=dtype, fast=fast,
+        shared_prompt=shared_prompt, trim_padding=trim_padding, normalized=False,
+        progress=progress,
+    )  # fmt: skip
+    return torch.softmax(loglik.float(), dim=-1).numpy().astype(np.float64)
+
+
+def prompt_logliks(
+    model: Any,
+    codec: LabelCodec,
+    prompts: Sequence[list[int]],
+    *,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    fast: bool = True,
+    shared_prompt: bool = True,
+    trim_padding: bool = True,
+    normalized: bool = True,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Every label's log-likelihood after each encoded prompt, (N, K) float64 on the CPU, in
+    length-sorted batches: the scoring of prediction, evaluation and validation alike."""
+    device = device or torch.device("cpu")
+    out = torch.zeros(len(prompts), len(codec.labels), dtype=torch.float64)
+    bar = tqdm(total=len(prompts), desc="scoring", unit="sent", disable=not progress, leave=False)
     with autocast(device, dtype):
         for idx in inference_batches([len(p) for p in prompts], batch_size, trim_padding):
             chunk = [prompts[i] for i in idx]
-            # Only the softmax over the labels is kept: a constant per row does not matter.
-            loglik = label_loglik(model, codec, chunk, fast, device, shared_prompt, False)
-            out[idx] = torch.softmax(loglik.float(), dim=-1).cpu().numpy()
+            loglik = label_loglik(model, codec, chunk, fast, device, shared_prompt, normalized)
+            out[idx] = loglik.double().cpu()
             bar.update(len(idx))
     bar.close()
     return out

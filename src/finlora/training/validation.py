@@ -13,8 +13,8 @@ import torch
 from finlora.config import SpeedConfig
 from finlora.distributed import World
 from finlora.models import Placement
-from finlora.scoring import autocast, label_loglik, response_nll
-from finlora.tasks.classify import LabelCodec, inference_batches
+from finlora.scoring import prompt_logliks, response_nll
+from finlora.tasks.classify import LabelCodec
 from finlora.tasks.instruct import InstructCodec
 
 
@@ -49,22 +49,17 @@ def _label_loglik(
     world: World,
 ) -> np.ndarray:
     """Every label's log-likelihood after each feature's prompt, (N, K) float64, each process
-    scoring its share of the rows (length-sorted batches, as `predict_proba` scores).
-
-    `predict_proba` keeps only the softmax over the labels; the validation loss needs the
-    log-likelihoods themselves, so this calls `label_loglik` normalized.
-    """
+    scoring its share of the rows through the scoring path prediction uses (normalized: the
+    validation loss needs the log-likelihoods themselves, not only their softmax)."""
     mine = world.rows(range(len(features)))
     device = placement.device
+    scored = prompt_logliks(
+        model, codec, [features[i].prompt_ids for i in mine], batch_size=speed.eval_batch_size,
+        device=device, dtype=placement.dtype, fast=speed.label_logits_only,
+        shared_prompt=speed.shared_prompt_scoring, trim_padding=speed.trim_padding,
+    )  # fmt: skip
     loglik = torch.zeros(len(features), len(codec.labels), dtype=torch.float64)
-    with autocast(device, placement.dtype):
-        prompts = [features[i].prompt_ids for i in mine]
-        lengths = [len(p) for p in prompts]
-        for idx in inference_batches(lengths, speed.eval_batch_size, speed.trim_padding):
-            chunk = [prompts[i] for i in idx]
-            fast, shared = speed.label_logits_only, speed.shared_prompt_scoring
-            scores = label_loglik(model, codec, chunk, fast, device, shared)
-            loglik[[mine[i] for i in idx]] = scores.double().cpu()
+    loglik[mine] = scored
     # Rows another process scored are zero here, so the sum is every process's rows once.
     return world.sum_tensor(loglik.to(device)).cpu().numpy()
 
