@@ -36,7 +36,7 @@ from finlora.memory import PeakMemory
 from finlora.methods import METHODS, check_method, check_positions
 from finlora.models.loading import config_kind, model_config
 from finlora.plots import plot_method_comparison
-from finlora.runs import RunDir
+from finlora.runs import Manifest, RunDir
 from finlora.train import train
 
 Log = Callable[[str], None]
@@ -143,7 +143,7 @@ def _train_and_evaluate(
         )
     metrics = evaluate_run(run_dir, progress=progress_bar, trust_remote_code=trust_remote_code)
     run = RunDir(run_dir)
-    manifest = run.read_json(run.manifest)
+    manifest = _manifest(run)
     # Checkpoints exist for --resume only, and a full fine-tune's hold three times the model.
     shutil.rmtree(run.checkpoints, ignore_errors=True)
     return RunResult(
@@ -151,8 +151,8 @@ def _train_and_evaluate(
         seed=cfg.seed,
         run_dir=str(run_dir),
         scores={key: float(metrics[key]) for key, _ in SCORES[cfg.task]},
-        trainable_params=int(manifest["trainable_params"]),
-        total_params=int(manifest["total_params"]),
+        trainable_params=int(manifest.trainable_params or 0),
+        total_params=int(manifest.total_params or 0),
         adapter_bytes=_dir_bytes(run.adapter),
         train_s=float(result.train_seconds),
         peak_rss_mib=round(peak.peak_mib, 1),
@@ -272,17 +272,23 @@ def _new_output(output: Path, overwrite: bool) -> None:
     output.mkdir(parents=True, exist_ok=True)
 
 
+def _manifest(run: RunDir) -> Manifest:
+    manifest = Manifest.read(run.manifest)
+    if manifest is None:  # train() writes it before it returns
+        raise FinloraError(f"{run.manifest}: missing after training")
+    return manifest
+
+
 def _table(
     configs: Sequence[RunConfig], results: Sequence[RunResult], command: str | None
 ) -> dict[str, Any]:
-    first = RunDir(Path(results[0].run_dir))
-    manifest = first.read_json(first.manifest)
+    manifest = _manifest(RunDir(Path(results[0].run_dir)))
     return {
         "task": configs[0].task,
         "model": configs[0].model.name,
-        "kind": manifest["base_model"]["kind"],
-        "data": manifest["data"]["description"],
-        "synthetic": manifest["data"]["synthetic"],
+        "kind": manifest.base_model["kind"],
+        "data": manifest.data["description"],
+        "synthetic": manifest.data["synthetic"],
         "seeds": sorted({cfg.seed for cfg in configs}),
         "steps": results[0].steps,
         "command": command,

@@ -7,13 +7,15 @@ from typing import Any
 
 from finlora.export.load import ExportContext
 from finlora.export.options import ExportOptions, Verification
-from finlora.runs import RunDir
+from finlora.runs import Manifest, RunDir
 
 EXPORT_RECORD = "finlora_export.json"
 
 
 def run_manifest(run: RunDir) -> dict[str, Any]:
-    return run.read_json(run.manifest) if run.manifest.is_file() else {}
+    """The run's manifest as plain data ({} for a run stopped before writing one)."""
+    manifest = Manifest.read(run.manifest)
+    return manifest.to_dict() if manifest is not None else {}
 
 
 def test_metrics(ctx: ExportContext) -> dict[str, Any] | None:
