@@ -7,7 +7,7 @@ long training loop without leaking memory or leaving half-written images behind.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -426,4 +426,45 @@ def plot_report_comparison(
     ax.set_title("Label shares by report", fontsize=10)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(rows) < 4 else -0.12),
               ncol=len(labels), fontsize=8)  # fmt: skip
+    return _save(fig, path)
+
+
+def plot_suite(
+    results: Mapping[str, Mapping[str, Mapping[str, float]]],
+    path: Path,
+    title: str = "Suite",
+    scores: Sequence[tuple[str, str]] = (("accuracy", "accuracy"), ("macro_f1", "macro-F1")),
+) -> Path:
+    """Grouped bars of a suite: a group per set, a bar per model (tuned, zero-shot, K-shot),
+    one panel per score in [0, 1].
+
+    `results` maps set -> model -> {score key: value}, every set with the same models (the
+    mean over sets is a set like the others). Raises FinloraError when there is no set.
+    """
+    if not results:
+        raise FinloraError("nothing to plot: no set in the suite")
+    sets = list(results)
+    models = list(next(iter(results.values())))
+    x = np.arange(len(sets))
+    width = 0.8 / len(models)
+    fig, grid = plt.subplots(
+        len(scores), 1, squeeze=False, figsize=(max(6.0, 0.5 * len(sets) * len(models) + 2.5), 7)
+    )
+    slanted = sum(len(s) for s in sets) > 10 * len(sets)  # long names would run into each other
+    for ax, (key, name) in zip(grid[:, 0], scores, strict=True):
+        for j, model in enumerate(models):
+            values = [float(results[s][model][key]) for s in sets]
+            shift = (j - (len(models) - 1) / 2) * width
+            bars = ax.bar(x + shift, values, width, color=f"C{j % 10}", label=model)
+            ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=2)
+        ax.set_xticks(
+            x, labels=sets, rotation=20 if slanted else 0, ha="right" if slanted else "center"
+        )
+        ax.set_ylim(0, 1.1)
+        ax.set_ylabel(name)
+        ax.grid(axis="y", alpha=0.3)
+    grid[0, 0].set_title(title)
+    handles, names = grid[0, 0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(models), fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))  # the legend below the panels, clear of the bars
     return _save(fig, path)

@@ -48,6 +48,61 @@ def _check_eval(run: Run, zero_shot: bool, classification_options: dict[str, boo
         _note_unfinished(run.dir, "scores")
 
 
+# What `eval --suite` and `eval --few-shot` read: any other option given would be ignored.
+_BASELINE_READS = {"run_dir", "suite", "few_shot", "zero_shot", "as_json", "no_progress", "speed",
+                   "trust_remote_code"}  # fmt: skip
+
+
+def _check_unread(reads: set[str], why: str) -> None:
+    """Refuse an option given on the command line that this evaluation would not read."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name or "")
+        if param.name not in reads and source is ParameterSource.COMMANDLINE:
+            raise FinloraError(f"{param.opts[0]}: not read {why}")
+
+
+def _eval_baselines(
+    run: Run,
+    suite: Path | None,
+    few_shot: int | None,
+    zero_shot: bool,
+    as_json: bool,
+    progress: bool,
+    trust_remote_code: bool,
+) -> None:
+    """`eval --suite` (every set, the baselines as rows of their own) or `eval --few-shot`
+    alone (the few-shot baseline on the run's test split)."""
+    from finlora.evaluate import evaluate_few_shot, evaluate_suite, format_suite, load_suite
+    from finlora.metrics import format_classification_report
+
+    if suite is not None:
+        _check_unread(_BASELINE_READS, "with --suite (the suite file says how to read each set)")
+        report = evaluate_suite(
+            run, load_suite(suite), zero_shot=zero_shot, few_shot=few_shot, progress=progress,
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+        click.echo(json.dumps(report) if as_json else format_suite(report), nl=as_json)
+        if not as_json:
+            click.echo(f"reports: {report['report_files']['md']} (and .json, .png)")
+        return
+    _check_unread(
+        _BASELINE_READS - {"zero_shot"},
+        "with --few-shot alone, which scores the run's test split (name files and the "
+        "--zero-shot baseline with --suite)",
+    )
+    assert few_shot is not None
+    metrics = evaluate_few_shot(run, few_shot, progress, trust_remote_code=trust_remote_code)
+    if as_json:
+        click.echo(json.dumps(metrics))
+        return
+    title = f"{few_shot}-shot base model on {metrics['data']}"
+    click.echo(format_classification_report(metrics, title))
+    click.echo(f"reports: {Path(metrics['report_files']['json']).parent}")
+
+
 @click.command("eval")
 @run_dir_argument
 @click.option(
@@ -77,6 +132,19 @@ def _check_eval(run: Run, zero_shot: bool, classification_options: dict[str, boo
 )
 @zero_shot_option("Evaluate the base model without the adapter.")
 @click.option(
+    "--suite",
+    type=click.Path(path_type=Path),
+    help="A YAML suite of labelled sets (configs/suites/): one table of every set, with the "
+    "--zero-shot and --few-shot baselines as rows of their own.",
+)
+@click.option(
+    "--few-shot",
+    type=click.IntRange(min=1),
+    metavar="K",
+    help="The base model with K labelled examples from the run's training split before each "
+    "sentence (in-context learning).",
+)
+@click.option(
     "--max-new-tokens",
     default=128,
     show_default=True,
@@ -95,6 +163,8 @@ def eval_(
     label_column: str,
     label_map: str | None,
     zero_shot: bool,
+    suite: Path | None,
+    few_shot: int | None,
     max_new_tokens: int,
     as_json: bool,
     no_progress: bool,
@@ -111,6 +181,8 @@ def eval_(
       finlora eval runs/fpb --data news.csv --text-column headline --label-column y \\
           --label-map "0=negative,1=neutral,2=positive"
       finlora eval runs/fin-instruct --json       # perplexity, bleu, rouge1/2/L, n
+      finlora eval runs/fpb --few-shot 5          # the base model reading 5 examples
+      finlora eval runs/fpb --suite configs/suites/fin-sentiment.yaml --zero-shot --few-shot 5
     """
     from finlora.evaluate import LoaderOptions, evaluate_run, format_instruct_report
     from finlora.inference import open_run
@@ -124,6 +196,11 @@ def eval_(
          "--label-map": label_map is not None, "--agreement": agreement != "all",
          "--format fpb": fmt == "fpb"},
     )  # fmt: skip
+    if suite is not None or few_shot is not None:
+        _eval_baselines(
+            run, suite, few_shot, zero_shot, as_json, not no_progress, trust_remote_code
+        )
+        return
     metrics = evaluate_run(
         run, data_path, options, zero_shot, not no_progress, max_new_tokens,
         trust_remote_code=trust_remote_code,

@@ -1,5 +1,6 @@
 """Evaluation: a run on its own held-out test rows, or on any labelled file; one evaluator per
-task (classify: accuracy, F1, calibration; instruct: perplexity, BLEU, ROUGE)."""
+task (classify: accuracy, F1, calibration; instruct: perplexity, BLEU, ROUGE); suites of
+labelled sets with the zero-shot and few-shot baselines beside the run."""
 
 from __future__ import annotations
 
@@ -8,11 +9,21 @@ from pathlib import Path
 from typing import Any
 
 from finlora.evaluate.classify import LoaderOptions, evaluate_classify
+from finlora.evaluate.fewshot import evaluate_few_shot
 from finlora.evaluate.instruct import evaluate_instruct, format_instruct_report
+from finlora.evaluate.suite import evaluate_suite, format_suite, load_suite
 from finlora.inference import load_run
 from finlora.runs import Run
 
-__all__ = ["LoaderOptions", "evaluate_run", "format_instruct_report"]
+__all__ = [
+    "LoaderOptions",
+    "evaluate_few_shot",
+    "evaluate_run",
+    "evaluate_suite",
+    "format_instruct_report",
+    "format_suite",
+    "load_suite",
+]
 
 
 def evaluate_run(
