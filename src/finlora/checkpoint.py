@@ -1,4 +1,9 @@
-"""Training checkpoints for --resume, written with safetensors and JSON only (no pickle)."""
+"""Training checkpoints for --resume, written with safetensors and JSON only (no pickle).
+
+A checkpoint is written whole into a temporary directory, flushed to disk and renamed into
+place (`atomic_dir`), so a process killed while writing one (or a disk that fills up) leaves
+the previous checkpoint as it was: `latest_checkpoint` only ever sees whole ones.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from finlora.atomic import atomic_dir
+from finlora import atomic
 from finlora.errors import FinloraError
+
+FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
 
 
 @dataclass
@@ -47,9 +55,14 @@ def save_checkpoint(
     scheduler: Any,
     progress: Progress,
 ) -> None:
-    """Write a checkpoint directory atomically (temp dir, then rename)."""
-    with atomic_dir(directory) as tmp:
+    """Write a checkpoint directory atomically (temp dir, then rename).
+
+    Raises FinloraError naming `directory` when the write fails (a full disk); then nothing
+    at `directory` changes.
+    """
+    with atomic.write_errors(directory), atomic.atomic_dir(directory, durable=True) as tmp:
         save_file(_trainable(model), str(tmp / "trainable.safetensors"))
+        atomic.kill_point("checkpoint")
         tensors, groups = _optimizer_tensors(optimizer)
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -62,8 +75,18 @@ def save_checkpoint(
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
-    found = sorted(p for p in checkpoints.glob("step-*") if (p / "state.json").is_file())
-    return found[-1] if found else None
+    """The newest whole checkpoint (`step-NNNNNNN` with all its files), or None.
+
+    A checkpoint being written lives in a temporary directory (`.step-*.tmp`) until it is
+    whole, so a write killed mid-way is never taken; neither is an old checkpoint whose
+    removal was cut short.
+    """
+    found = [
+        (int(p.name[len("step-") :]), p)
+        for p in checkpoints.glob("step-*")
+        if p.name[len("step-") :].isdigit() and all((p / f).is_file() for f in FILES)
+    ]
+    return max(found)[1] if found else None
 
 
 def load_checkpoint(
@@ -74,7 +97,7 @@ def load_checkpoint(
         meta = json.loads((directory / "state.json").read_text(encoding="utf-8"))
         weights = load_file(str(directory / "trainable.safetensors"))
         tensors = load_file(str(directory / "optimizer.safetensors"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise FinloraError(f"{directory}: unreadable checkpoint ({exc})") from None
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]

@@ -9,10 +9,16 @@ codec's features), then `_train`: `_place_model`, `_setup_optimizer`, `_resume` 
 keeps the best adapter) and `_finish`. The parts live in `finlora.training`. Everything that can
 fail on user input (config, data, split, model path, output directory) is checked before the run
 directory is created, so a bad input never leaves a half-written run behind.
+
+Crash safety: every file of the run is written atomically (`finlora.atomic`) and checkpoints are
+whole or absent, so a run killed at any point resumes (`--resume`) from its last checkpoint to
+the same adapter, byte for byte; a run killed before its first checkpoint starts again with
+--overwrite. A write that fails (a full disk) stops the run in one line naming the path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -157,15 +163,30 @@ def _setup(cfg: RunConfig, log: Log, trust_remote_code: bool = False) -> _Setup:
 
 
 def _write_run_header(run: RunDir, s: _Setup) -> None:
+    # split.json first: it marks the directory as a finlora run (`RunDir.is_finlora_run`), so a
+    # run killed while writing the rest can be started again with --overwrite.
+    SplitRecord.of(s.cfg.task, s.cfg.seed, s.data).write(run.split)
     atomic.write_text(run.config, s.cfg.to_yaml())
     run.write_template(s.cfg.data.template)
-    SplitRecord.of(s.cfg.task, s.cfg.seed, s.data).write(run.split)
     _save_dir(run.tokenizer, s.base.tokenizer.save_pretrained)
 
 
 def _save_dir(target: Path, save: Callable[[Path], Any]) -> None:
-    with atomic.atomic_dir(target) as tmp:
+    with atomic.write_errors(target), atomic.atomic_dir(target) as tmp:
         save(tmp)
+
+
+def _append_metrics(run: RunDir, row: dict[str, Any]) -> None:
+    """Append a row to metrics.jsonl. An append that fails (a full disk) is cut off again, so
+    the file holds whole rows only and the run can still be resumed."""
+    size = run.metrics.stat().st_size if run.metrics.exists() else 0
+    try:
+        with atomic.write_errors(run.metrics):
+            run.append_metrics(row)
+    except FinloraError:
+        with contextlib.suppress(OSError):
+            os.truncate(run.metrics, size)
+        raise
 
 
 @dataclass
@@ -236,6 +257,7 @@ def _end_epoch(
     model: Any, s: _Setup, run: RunDir, progress: Progress, log: Log, world: World
 ) -> dict[str, Any]:
     """Validate, keep the adapter if it is the best so far, and log the epoch's row."""
+    atomic.kill_point("validation")
     metrics = validate(model, s.codec, s.validation, s.cfg.speed, s.placement, world)
     train_loss = progress.epoch_loss_sum / max(progress.epoch_loss_count, 1)
     row: dict[str, Any] = {
@@ -255,7 +277,7 @@ def _end_epoch(
             _save_dir(run.adapter, lambda tmp: save_adapter(model, s.cfg, tmp))
         row["best"] = True
     if world.is_main:
-        run.append_metrics(row)
+        _append_metrics(run, row)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
     log(f"epoch {row['epoch']}: {shown}{' (best so far)' if row.get('best') else ''}")
     return row
@@ -264,6 +286,8 @@ def _end_epoch(
 def _checkpoint(run: RunDir, model: Any, opt: Any, sched: Any, progress: Progress) -> None:
     target = run.checkpoints / f"step-{progress.step:07d}"
     save_checkpoint(target, model, opt, sched, progress)
+    atomic.kill_point("prune")
+    # Only once the new checkpoint is whole and in place: a stop before here keeps the old.
     for old in run.checkpoints.glob("step-*"):
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
@@ -297,7 +321,10 @@ def train(
     world = World.from_env()
     log = log if world.is_main else _quiet
     run = RunDir(output)
-    if world.is_main and not resume:
+    if resume:
+        _check_resumable(run, world)
+    elif world.is_main:
+        _check_retry(run, overwrite)
         run.check_new(overwrite)
     s = _setup(cfg, log, trust_remote_code)
     if resume:
@@ -320,6 +347,32 @@ def train(
             if world.is_main and latest_checkpoint(run.checkpoints) is None:
                 shutil.rmtree(run.root, ignore_errors=True)
             raise
+
+
+def _check_resumable(run: RunDir, world: World) -> None:
+    """Before any model is loaded: tidy what writes killed mid-way left in the run, and refuse
+    a run without a whole checkpoint to resume from."""
+    if world.is_main:
+        atomic.clean_leftovers(run.root)
+        if run.checkpoints.is_dir():
+            atomic.clean_leftovers(run.checkpoints)
+    if latest_checkpoint(run.checkpoints) is None:
+        raise FinloraError(
+            f"{run.root}: no checkpoint to resume from (a run stopped before its first "
+            "checkpoint starts again with --overwrite)"
+        )
+
+
+def _check_retry(run: RunDir, overwrite: bool) -> None:
+    """A run killed before its first checkpoint (SIGKILL leaves no chance to remove it) holds
+    nothing to resume: point to --overwrite, the option that starts it again."""
+    if overwrite or run.manifest.exists() or not run.is_finlora_run():
+        return
+    if latest_checkpoint(run.checkpoints) is None:
+        raise FinloraError(
+            f"{run.root}: a run stopped before its first checkpoint, with nothing to resume "
+            "(use --overwrite to start it again)"
+        )
 
 
 def _train(
@@ -378,7 +431,8 @@ def _epoch(s: _Setup, run: RunDir, world: World, loop: _Loop, log: Log) -> None:
         )
         progress.step += 1
         progress.batch_in_epoch = bi + 1
-        _after_step(s, run, world, loop, loss, (bi + 1) / len(batches))
+        last = bi + 1 == len(batches) or progress.step >= loop.total_steps
+        _after_step(s, run, world, loop, loss, (bi + 1) / len(batches), last)
         if progress.step >= loop.total_steps:
             break
     _end_epoch(loop.model, s, run, progress, log, world)
@@ -407,16 +461,25 @@ def _accumulate(s: _Setup, world: World, loop: _Loop, rows: list[int]) -> float:
 
 
 def _after_step(
-    s: _Setup, run: RunDir, world: World, loop: _Loop, loss: float, epoch_share: float
+    s: _Setup,
+    run: RunDir,
+    world: World,
+    loop: _Loop,
+    loss: float,
+    epoch_share: float,
+    last: bool,
 ) -> None:
     """The progress bar, a metrics row every log_every steps, a checkpoint every
-    checkpoint_every steps."""
+    checkpoint_every steps but the `last` of its epoch or run (its validation follows, then a
+    checkpoint of the same step: writing one before would mean replacing a checkpoint, and a
+    run stopped in between would validate that epoch twice)."""
     tc, progress = s.cfg.train, loop.progress
     rate = loop.tokens_seen / max(time.perf_counter() - loop.start, 1e-9)
     loop.bar.update(1)
     loop.bar.set_postfix(loss=f"{sum(loop.recent) / len(loop.recent):.4f}", tok_s=f"{rate:.0f}")
     if progress.step % tc.log_every == 0 and world.is_main:
-        run.append_metrics(
+        _append_metrics(
+            run,
             {
                 "kind": "step",
                 "step": progress.step,
@@ -424,9 +487,9 @@ def _after_step(
                 "loss": loss,
                 "lr": loop.scheduler.get_last_lr()[0],
                 "tokens_per_s": rate,
-            }
+            },
         )
-    if progress.step % tc.checkpoint_every == 0:
+    if progress.step % tc.checkpoint_every == 0 and not last:
         _save_checkpoint(run, loop, world)
 
 

@@ -7,17 +7,19 @@ dequantizing takes ~20 s and a GGUF-loaded model cannot `save_pretrained` itself
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from filelock import FileLock, Timeout  # a dependency of huggingface_hub, so of transformers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -27,7 +29,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from finlora.atomic import atomic_dir
+from finlora.atomic import atomic_dir, clean_leftovers, write_errors
 from finlora.errors import FinloraError
 from finlora.models.registry import EMBEDDED
 
@@ -88,16 +90,44 @@ def _gguf_cache_dir(gguf: Path, digest: str) -> Path:
     return finlora_home() / "models" / f"{stem}-{digest[:16]}"
 
 
+@contextlib.contextmanager
+def _conversion_lock(target: Path) -> Iterator[None]:
+    """Hold the lock file beside the cache entry `target` (`NAME.lock`), waiting for another
+    process that holds it."""
+    lock = FileLock(target.with_name(f"{target.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process converting into %s ...", target)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def convert_gguf(gguf: Path, digest: str) -> Path:
     """Dequantize `gguf` into a cached Hugging Face checkpoint and return its directory.
 
     The checkpoint is built in a temporary directory beside the cache entry and renamed into
-    place, so a killed conversion never leaves a half-written cache behind.
+    place, so a killed conversion never leaves a half-written cache behind. Processes that
+    convert the same file at once (runs started together, `--nproc`) take turns under a file
+    lock: the first converts, the others find its cache. Raises FinloraError for a file that
+    is no GGUF model, or a cache that cannot be written (naming it).
     """
     target = _gguf_cache_dir(gguf, digest)
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    with write_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _conversion_lock(target):
+            if not (target / "config.json").is_file():
+                clean_leftovers(target.parent, target.name)  # of conversions killed mid-way
+                _convert_gguf(gguf, digest, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, digest: str, target: Path) -> None:
     log.info("converting %s to a Hugging Face checkpoint (once) ...", gguf.name)
     with atomic_dir(target, replace=False) as tmp:
         try:
@@ -117,7 +147,6 @@ def convert_gguf(gguf: Path, digest: str) -> Path:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{gguf}\nsha256 {digest}\n", encoding="utf-8")
-    return target
 
 
 def _class_names(mapping: Mapping[str, Any]) -> set[str]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from finlora import atomic
 from finlora.config import RunConfig, TrainConfig
 from finlora.distributed import World
 from finlora.models import Placement
@@ -77,5 +78,6 @@ def optimizer_step(
     world.sum_gradients(params)
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
+    atomic.kill_point("step")  # the weights moved, the schedule not yet: the crash test's mid-step
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
