@@ -75,9 +75,18 @@ def _is_section(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+def _listed_section(tp: Any) -> Any:
+    """The section type of a list of sections (`list[DataSource]`), else None."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is list and len(args) == 1 and _is_section(args[0]):
+        return args[0]
+    return None
+
+
 def config_sections() -> list[tuple[str, type, list[dataclasses.Field[Any]]]]:
     """(dotted name, class, its plain fields) for RunConfig's top level and every section under
-    it, depth first in declaration order; the top level's name is ""."""
+    it, depth first in declaration order; the top level's name is "", an entry of a list of
+    sections is named like `data.sources[]`."""
     from finlora.config import RunConfig
 
     found: list[tuple[str, type, list[dataclasses.Field[Any]]]] = []
@@ -88,8 +97,11 @@ def config_sections() -> list[tuple[str, type, list[dataclasses.Field[Any]]]]:
         plain = [f for f in fields if not _is_section(hints[f.name])]
         found.append((prefix, cls, plain))
         for f in fields:
+            name = f"{prefix}.{f.name}" if prefix else f.name
             if _is_section(hints[f.name]):
-                visit(f"{prefix}.{f.name}" if prefix else f.name, hints[f.name])
+                visit(name, hints[f.name])
+            elif _listed_section(hints[f.name]) is not None:
+                visit(f"{name}[]", _listed_section(hints[f.name]))
 
     visit("", RunConfig)
     return found

@@ -173,8 +173,24 @@ def format_classification_report(m: dict[str, Any], title: str | None = None) ->
         lines.append(
             f"(macro-F1 averages the labels present; absent here: {', '.join(m['absent_labels'])})"
         )
+    if m.get("sources"):
+        lines += ["", *_sources_table(m)]
     lines += ["", *_per_class_table(m), "", *_confusion_table(m)]
     return "\n".join(lines) + "\n"
+
+
+def _sources_table(m: dict[str, Any]) -> list[str]:
+    """A run on several sources: each source's figures on its own test rows, then the pool's."""
+    rows = [*m["sources"].items(), ("pooled", m)]
+    width = max(len("source"), *(len(name) for name, _ in rows))
+    head = f"{'source':<{width}}  {'accuracy':>9}  {'macro-F1':>9}  {'weighted-F1':>11}  "
+    lines = [head + f"{'ECE':>7}  {'n':>6}"]
+    for name, s in rows:
+        lines.append(
+            f"{name:<{width}}  {s['accuracy']:>9.4f}  {s['macro_f1']:>9.4f}  "
+            f"{s['weighted_f1']:>11.4f}  {s['ece']:>7.4f}  {s['n']:>6d}"
+        )
+    return lines
 
 
 def _per_class_table(m: dict[str, Any]) -> list[str]:

@@ -8,7 +8,8 @@ RUN_DIR/
   template/NAME.json  the prompt template the run trained with, under its own name (a copy:
                       later edits of the template file, or of a shipped one, do not change a
                       trained run; none for the model's own chat template)
-  split.json          labels, data fingerprint and the row indices of each split (`SplitRecord`)
+  split.json          labels, data fingerprint and the row indices of each split (`SplitRecord`);
+                      for data.sources, each source's file, rows and split (`SourceRecord`)
   metrics.jsonl       one JSON record per log step and per epoch
   loss_curve.png
   manifest.json       base model and data sha256, seed, versions, git commit, timings (`Manifest`)
@@ -22,6 +23,7 @@ the `Run` it opened. Runs written before the template copy or the typed records 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
 import json
 import platform
@@ -215,6 +217,78 @@ def _row_list(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
+class SourceRecord:
+    """One source of a run on several files (data.sources), in split.json: its file and
+    fingerprint, its rows [start, stop) in the pooled example list, and how it was sampled,
+    split, weighted and found leaking into the test split."""
+
+    name: str
+    path: str
+    sha256: str
+    rows: tuple[int, int]
+    loaded: int  # rows in the file, before max_rows
+    max_rows: int | None
+    weight: float
+    split: dict[str, int]  # rows of the source in each split
+    train_draws: int  # training rows an epoch draws, after the weight
+    leakage: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def all_of(cls, data: PreparedData, fingerprint: DataFingerprint) -> list[SourceRecord]:
+        split = data.split.to_dict()
+        draws = data.train_draws if data.train_draws is not None else split["train"]
+        records = []
+        for s in data.sources:
+            digests = [fingerprint.files[str(f)] for f in s.files]
+            # One file: its own path and digest; several (a `datasets` directory): the
+            # directory, and the digest of its files' digests.
+            one = len(s.files) == 1
+            records.append(
+                cls(
+                    s.name,
+                    str(s.files[0] if one else s.path),
+                    digests[0] if one else hashlib.sha256(" ".join(digests).encode()).hexdigest(),
+                    (s.start, s.stop),
+                    s.loaded,
+                    s.max_rows,
+                    s.weight,
+                    {name: sum(1 for i in split[name] if i in s.rows) for name in SPLIT_NAMES},
+                    sum(1 for i in draws if i in s.rows),
+                    data.leakage.counts(s.rows) if data.leakage is not None else {},
+                )
+            )
+        return records
+
+    def contains(self, index: int) -> bool:
+        return self.rows[0] <= index < self.rows[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "rows": list(self.rows)}
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> SourceRecord:
+        """Raises ValueError, TypeError or KeyError on a malformed entry."""
+        start, stop = raw["rows"]
+        if not (type(start) is int and type(stop) is int and 0 <= start <= stop):
+            raise ValueError(f"rows {raw['rows']}")
+        for key in ("name", "path", "sha256"):
+            if not isinstance(raw[key], str):
+                raise TypeError(f"{key} is not a string")
+        return cls(
+            raw["name"],
+            raw["path"],
+            raw["sha256"],
+            (start, stop),
+            int(raw["loaded"]),
+            raw.get("max_rows"),
+            float(raw["weight"]),
+            {k: int(v) for k, v in raw["split"].items()},
+            int(raw["train_draws"]),
+            {k: int(v) for k, v in raw.get("leakage", {}).items()},
+        )
+
+
+@dataclass(frozen=True)
 class SplitRecord:
     """split.json: the run's task, label set, data and the rows of each split."""
 
@@ -228,10 +302,23 @@ class SplitRecord:
     seed: int | None = None
     fingerprint: DataFingerprint = field(default_factory=DataFingerprint)
     duplicates_across_splits: list[dict[str, Any]] = field(default_factory=list)
+    # Written only for a run on data.sources or with data.dedup: a one-file run's split.json
+    # keeps the layout it always had.
+    leakage: dict[str, Any] | None = None
+    sources: list[SourceRecord] = field(default_factory=list)
 
     @classmethod
     def of(cls, task: str, seed: int, data: Prepared) -> SplitRecord:
+        from finlora.data.prepare import PreparedData
+
         rows = data.split.to_dict()
+        fingerprint = DataFingerprint.of(data)
+        leakage, sources = None, []
+        if isinstance(data, PreparedData):
+            if data.leakage is not None:
+                source_of = data.source_of if data.sources else None
+                leakage = data.leakage.to_dict(source_of)
+            sources = SourceRecord.all_of(data, fingerprint)
         return cls(
             task,
             list(data.labels),
@@ -241,8 +328,10 @@ class SplitRecord:
             data.description,
             data.synthetic,
             seed,
-            DataFingerprint.of(data),
+            fingerprint,
             data.duplicates,
+            leakage,
+            sources,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -256,6 +345,8 @@ class SplitRecord:
             "seed": self.seed,
             "duplicates_across_splits": self.duplicates_across_splits,
             **({"records_sha256": digest} if digest else {}),
+            **({"leakage": self.leakage} if self.leakage is not None else {}),
+            **({"sources": [s.to_dict() for s in self.sources]} if self.sources else {}),
             **{name: getattr(self, name) for name in SPLIT_NAMES},
         }
 
@@ -283,6 +374,9 @@ class SplitRecord:
         files = raw.get("files", {})
         if not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
             raise FinloraError(f"{path}: malformed ('files' is not a map of sha256 digests)")
+        leakage = raw.get("leakage")
+        if not (leakage is None or isinstance(leakage, dict)):
+            raise FinloraError(f"{path}: malformed ('leakage' is not an object)")
         return cls(
             str(task),
             labels,
@@ -294,11 +388,32 @@ class SplitRecord:
             seed=raw.get("seed"),
             fingerprint=DataFingerprint(files, raw.get("records_sha256")),
             duplicates_across_splits=list(raw.get("duplicates_across_splits", [])),
+            leakage=leakage,
+            sources=_read_sources(path, raw.get("sources", [])),
         )
 
     def same_rows(self, data: Prepared) -> bool:
         now = data.split.to_dict()
         return all(getattr(self, name) == now[name] for name in SPLIT_NAMES)
+
+    def same_sources(self, data: Prepared) -> bool:
+        """Whether `data` pools its sources into the rows this run recorded (a one-file run
+        records none)."""
+        now = [(s.name, (s.start, s.stop)) for s in getattr(data, "sources", [])]
+        return [(s.name, s.rows) for s in self.sources] == now
+
+    def source_names(self, indices: list[int]) -> list[str]:
+        """The source each row of `indices` came from ("" for a one-file run)."""
+        return [next((s.name for s in self.sources if s.contains(i)), "") for i in indices]
+
+
+def _read_sources(path: Path, raw: Any) -> list[SourceRecord]:
+    if not isinstance(raw, list):
+        raise FinloraError(f"{path}: malformed ('sources' is not a list)")
+    try:
+        return [SourceRecord.from_dict(entry) for entry in raw]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FinloraError(f"{path}: malformed ('sources' entry: {exc})") from None
 
 
 @dataclass
@@ -380,13 +495,16 @@ class Run:
         """Raise unless the run's data can be rebuilt as it trained on it: every file there
         with the same content and, given the data as prepared now, the same records."""
         problem = self.split.fingerprint.problem()
-        if problem is None and data is not None and not self.split.fingerprint.matches(data):
+        if problem is None and data is not None and not self._same_data(data):
             problem = f"{data.description}: changed since training (another finlora version?)"
         if problem is not None:
             raise FinloraError(
                 f"{problem}; cannot rebuild the run's test split (pass --data to evaluate on "
                 "a file)"
             )
+
+    def _same_data(self, data: Prepared) -> bool:
+        return self.split.fingerprint.matches(data) and self.split.same_sources(data)
 
     def data_available(self) -> bool:
         """Whether the run's data files are here unchanged (the synthetic and packaged sets

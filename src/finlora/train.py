@@ -107,6 +107,8 @@ def _absolute_paths(cfg: RunConfig) -> None:
     evaluated, served and exported from other working directories."""
     if cfg.data.path:
         cfg.data.path = os.path.abspath(os.path.expanduser(cfg.data.path))
+    for source in cfg.data.sources:
+        source.path = os.path.abspath(os.path.expanduser(source.path))
     name = cfg.model.name
     if name not in EMBEDDED and Path(name).expanduser().exists():
         cfg.model.name = os.path.abspath(os.path.expanduser(name))
@@ -117,7 +119,7 @@ def _absolute_paths(cfg: RunConfig) -> None:
 
 def _setup_data(cfg: RunConfig) -> PreparedData | PreparedInstruct:
     """Read and split the data; record in `cfg` where it came from, as absolute paths."""
-    if cfg.task != "instruct":
+    if cfg.task != "instruct" and not cfg.data.sources:
         # Instruction data is never Financial PhraseBank: no $FINLORA_FPB_DIR fallback. Record
         # where the data came from ($FINLORA_FPB_DIR may differ when the run is evaluated).
         cfg.data.path = cfg.data.resolved_path()

@@ -54,6 +54,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             fail(key, f"must be a list (got {value!r})")
         return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a section in a list
+        return _build(tp, value, key)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -116,8 +118,8 @@ def _check_method_sections(data: dict[str, Any], chosen: str) -> None:
 
 
 def _plain_data_options(section: Any) -> Any:
-    """The data section with two natural YAML spellings turned into the settings' own:
-    `agreement: 75` (an integer) and `label_map` as a mapping (`0: negative`)."""
+    """The data section (or one of its sources) with two natural YAML spellings turned into
+    the settings' own: `agreement: 75` (an integer) and `label_map` as a mapping (`0: negative`)."""
     if not isinstance(section, dict):
         return section
     section = dict(section)
@@ -126,6 +128,8 @@ def _plain_data_options(section: Any) -> Any:
         section["agreement"] = str(agreement)
     if isinstance(section.get("label_map"), dict):
         section["label_map"] = ",".join(f"{k}={v}" for k, v in section["label_map"].items())
+    if isinstance(section.get("sources"), list):
+        section["sources"] = [_plain_data_options(s) for s in section["sources"]]
     return section
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -51,6 +53,7 @@ class ModelConfig:
         "registry); set it where that guesses wrong, e.g. a bare encoder checkpoint whose "
         "architectures name no head.",
     )
+
     def validate(self, prefix: str) -> None:
         if not self.name.strip():
             fail(f"{prefix}.name", "must not be empty")
@@ -59,6 +62,81 @@ class ModelConfig:
 
 DATA_FORMATS = ("auto", "fpb", "csv", "tsv", "jsonl", "synthetic")
 FPB_AGREEMENTS = ("all", "75", "66", "50")
+# A source's name becomes part of report file names (eval/test-NAME.json).
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".txt")
+
+
+@dataclass
+class DataSource:
+    """One labelled file of several in one run (data.sources): how to read it, how many of its
+    rows to use, and how much its training rows count."""
+
+    path: str = opt("", "The data file, or a Financial PhraseBank directory.")
+    name: str = opt(
+        "",
+        "The source's name in split.json and in eval's reports (letters, digits, . _ -). "
+        "Empty: the file's name without its suffix.",
+    )
+    format: str = opt(
+        "auto", "As data.format, for this file (synthetic aside); auto: by the file's suffix."
+    )
+    agreement: str = opt("all", "As data.agreement, for a Financial PhraseBank source.")
+    text_column: str = opt("text", "The column (CSV, TSV) or key (JSON) holding the text.")
+    label_column: str = opt("label", "The column (CSV, TSV) or key (JSON) holding the label.")
+    label_map: str | None = opt(
+        None,
+        'This file\'s raw label value -> label name, e.g. "0=negative,1=positive,2=neutral" '
+        "(a YAML mapping works too). null: the raw values are the names.",
+    )
+    max_rows: int | None = opt(
+        None,
+        "Rows of the file used at most: a sample stratified by label and fixed by the run's "
+        "seed, taken before the split. null: every row.",
+    )
+    weight: float = opt(
+        1.0,
+        "How many times each training row of this source is drawn per epoch: 2 repeats every "
+        "one, 0.5 draws half of them (by seed), 1.5 all once and half again. Validation and "
+        "test rows are not weighted.",
+    )
+
+    @property
+    def resolved_name(self) -> str:
+        """`name`, else the file's name without a data suffix, in the characters names take."""
+        if self.name:
+            return self.name
+        base = Path(self.path.rstrip("/\\")).name
+        for suffix in _TABLE_SUFFIXES:
+            if base.lower().endswith(suffix) and len(base) > len(suffix):
+                base = base[: -len(suffix)]
+                break
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-._") or "source"
+
+    def validate(self, prefix: str) -> None:
+        if not self.path.strip():
+            fail(f"{prefix}.path", "must name a data file or directory")
+        if self.name and not _SOURCE_NAME.fullmatch(self.name):
+            fail(f"{prefix}.name", f"must be letters, digits, '.', '_' or '-' (got {self.name!r})")
+        formats = tuple(f for f in DATA_FORMATS if f != "synthetic")
+        check_choice(f"{prefix}.format", self.format, formats)
+        check_choice(f"{prefix}.agreement", self.agreement, FPB_AGREEMENTS)
+        if self.text_column == self.label_column:
+            fail(f"{prefix}.label_column", f"must differ from {prefix}.text_column")
+        if self.max_rows is not None and self.max_rows <= 0:
+            fail(f"{prefix}.max_rows", f"must be a positive integer or null (got {self.max_rows})")
+        if self.weight <= 0:
+            fail(f"{prefix}.weight", f"must be positive (got {self.weight})")
+
+
+# What data.path reads; with data.sources each source sets its own.
+_PER_FILE_OPTIONS = {
+    "format": "auto",
+    "agreement": "all",
+    "text_column": "text",
+    "label_column": "label",
+    "label_map": None,
+}
 
 
 @dataclass
@@ -68,7 +146,14 @@ class DataConfig:
     path: str | None = opt(
         None,
         "A data file or directory. null: $FINLORA_FPB_DIR (Financial PhraseBank) when it is "
-        "set, else the synthetic set.",
+        "set, else the synthetic set (when data.sources is empty too).",
+    )
+    sources: list[DataSource] = opt_factory(
+        list,
+        "Several labelled files in one run, instead of data.path: each entry a path, its own "
+        "format, columns and label_map (onto one label set: data.labels, else the labels "
+        "found, sorted), and optional max_rows and weight. Each is split by the run's seed "
+        "and the splits pooled; eval reports every source and the pool.",
     )
     format: str = opt(
         "auto",
@@ -96,6 +181,12 @@ class DataConfig:
     val_fraction: float = opt(
         0.1, "Share of the rows held out for validation (0 <= x < 1; 0: no validation)."
     )
+    dedup: bool = opt(
+        False,
+        "Drop from the training split every row whose text a test row repeats, exactly or "
+        "once case, whitespace, URLs, $TICKER symbols and punctuation are set aside (split.json "
+        "lists them under leakage, found with or without this).",
+    )
     synthetic_size: int = opt(600, "Rows of the synthetic set, when it is used (at least 30).")
     template: str = opt(
         "sentiment",
@@ -121,10 +212,38 @@ class DataConfig:
             fail(f"{prefix}.labels", f"has duplicates ({self.labels})")
         if self.text_column == self.label_column:
             fail(f"{prefix}.label_column", f"must differ from {prefix}.text_column")
+        if self.sources:
+            self._validate_sources(prefix)
+
+    def _validate_sources(self, prefix: str) -> None:
+        if self.path:
+            fail(
+                f"{prefix}.path",
+                f"and {prefix}.sources are both set (give one file as {prefix}.path, or every "
+                f"file as an entry of {prefix}.sources)",
+            )
+        for name, default in _PER_FILE_OPTIONS.items():
+            if getattr(self, name) != default:
+                fail(
+                    f"{prefix}.{name}",
+                    f"applies to {prefix}.path; with {prefix}.sources set it on each source "
+                    f"({prefix}.sources[0].{name})",
+                )
+        seen: dict[str, int] = {}
+        for i, source in enumerate(self.sources):
+            name = source.resolved_name
+            if name in seen:
+                fail(
+                    f"{prefix}.sources[{i}].name",
+                    f"{name!r} is also {prefix}.sources[{seen[name]}]'s name (give each source "
+                    "its own name)",
+                )
+            seen[name] = i
 
     def resolved_path(self) -> str | None:
-        """The data path to read, after the $FINLORA_FPB_DIR fallback; None means synthetic."""
-        if self.format == "synthetic":
+        """The data path to read, after the $FINLORA_FPB_DIR fallback; None means synthetic,
+        or, with data.sources, that the sources are read instead."""
+        if self.format == "synthetic" or self.sources:
             return None
         if self.path:
             return self.path
@@ -336,6 +455,8 @@ class RunConfig:
         check_choice("task", self.task, TASKS)
         if not 0 <= self.seed < 2**32:  # what numpy and scikit-learn take
             fail("seed", f"must be between 0 and 2**32 - 1 (got {self.seed})")
+        if self.task == "instruct" and self.data.sources:
+            fail("data.sources", "is for task classify (an instruct run reads data.path)")
         if self.task == "instruct" and self.data.format not in ("auto", "jsonl"):
             fail(
                 "data.format",

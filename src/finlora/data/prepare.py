@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from finlora.config import DataConfig
+from finlora.config.sections import DataSource
 from finlora.data.examples import Example
 from finlora.data.fin_instruct import FIN_INSTRUCT_NOTE, fin_instruct_set, records_sha256
 from finlora.data.instruct import InstructRecord, load_instruct
+from finlora.data.leakage import Leakage, find_leakage, without_leaks
 from finlora.data.loaders import FPB_FILES, FPB_LABELS, load_examples, parse_label_map
+from finlora.data.sources import SourceSlice, pool_sources, training_draws
 from finlora.data.split import Split, cross_split_duplicates, stratified_split
 from finlora.data.synthetic import SYNTHETIC_NOTE, synthetic_sentiment
 from finlora.errors import FinloraError
@@ -26,13 +29,31 @@ class PreparedData:
     description: str  # shown wherever the data is named
     duplicates: list[dict[str, Any]] = field(default_factory=list)
     records_sha256: str | None = None  # only the packaged instruction set has one
+    sources: list[SourceSlice] = field(default_factory=list)  # data.sources, each's rows
+    # Found for data.sources or data.dedup; a one-file run without dedup records none, so its
+    # split.json keeps the layout it always had.
+    leakage: Leakage | None = None
+    train_draws: list[int] | None = None  # the training rows weighted, when sources weigh them
 
     @property
     def synthetic(self) -> bool:
         return not self.files
 
     def rows(self, name: str) -> list[Example]:
-        return [self.examples[i] for i in getattr(self.split, name)]
+        """The examples of split `name`; for "train", as an epoch draws them (data.sources'
+        weights)."""
+        indices = getattr(self.split, name)
+        if name == "train" and self.train_draws is not None:
+            indices = self.train_draws
+        return [self.examples[i] for i in indices]
+
+    def source_of(self, index: int) -> str:
+        """The name of the source that row `index` came from ("" for a one-file run)."""
+        return next((s.name for s in self.sources if index in s.rows), "")
+
+
+def _is_fpb(path: Path, fmt: str) -> bool:
+    return fmt == "fpb" or (fmt == "auto" and (path.is_dir() or path.suffix.lower() == ".txt"))
 
 
 def data_files(path: Path, fmt: str, agreement: str) -> list[Path]:
@@ -53,7 +74,7 @@ def load_labelled(
     labels: list[str] | None = None,
 ) -> list[Example]:
     """Load a labelled file with loader options as the config and the CLI name them."""
-    if fmt == "fpb" or (fmt == "auto" and (path.is_dir() or path.suffix.lower() == ".txt")):
+    if _is_fpb(path, fmt):
         if label_map:
             raise FinloraError(
                 f"{path}: a label map applies to CSV, TSV and JSON tables; Financial "
@@ -94,38 +115,66 @@ def _check_label_case(labels: list[str], description: str, listed: bool) -> None
             )
 
 
-def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
-    """Load the configured data (or the synthetic set) and split it deterministically by seed."""
+def _load_one(cfg: DataConfig) -> tuple[list[Example], list[Path], str, bool]:
+    """data.path (or $FINLORA_FPB_DIR, or the synthetic set): examples, files, description,
+    and whether its labels are Financial PhraseBank's."""
     resolved = cfg.resolved_path()
     if resolved is None:
-        examples = synthetic_sentiment(cfg.synthetic_size, seed=0)
-        files: list[Path] = []
-        description = SYNTHETIC_NOTE
-        is_fpb = True
+        return synthetic_sentiment(cfg.synthetic_size, seed=0), [], SYNTHETIC_NOTE, True
+    path = Path(resolved).expanduser()
+    examples = load_labelled(
+        path,
+        cfg.format,
+        agreement=cfg.agreement,
+        text_column=cfg.text_column,
+        label_column=cfg.label_column,
+        label_map=cfg.label_map,
+        labels=cfg.labels,
+    )
+    files = data_files(path, cfg.format, cfg.agreement)
+    is_fpb = cfg.format == "fpb" or path.is_dir() or path.suffix.lower() == ".txt"
+    return examples, files, ", ".join(str(f) for f in files), is_fpb
+
+
+def _source_files(path: Path, source: DataSource) -> list[Path]:
+    return data_files(path, source.format, source.agreement)
+
+
+def prepare_data(cfg: DataConfig, seed: int) -> PreparedData:
+    """Load the configured data (data.sources, data.path, or the synthetic set) and split it
+    deterministically by seed; with data.dedup, training rows a test row repeats are dropped."""
+    sources: list[SourceSlice] = []
+    if cfg.sources:
+        pooled = pool_sources(cfg, seed, load_labelled, _source_files)
+        examples, files, description = pooled.examples, pooled.files, pooled.description
+        is_fpb = all(_is_fpb(Path(s.path), s.format) for s in cfg.sources)
+        split, sources = pooled.split, pooled.sources
     else:
-        path = Path(resolved).expanduser()
-        examples = load_labelled(
-            path,
-            cfg.format,
-            agreement=cfg.agreement,
-            text_column=cfg.text_column,
-            label_column=cfg.label_column,
-            label_map=cfg.label_map,
-            labels=cfg.labels,
-        )
-        files = data_files(path, cfg.format, cfg.agreement)
-        is_fpb = cfg.format == "fpb" or path.is_dir() or path.suffix.lower() == ".txt"
-        description = ", ".join(str(f) for f in files)
+        examples, files, description, is_fpb = _load_one(cfg)
     labels = _label_set(cfg, examples, is_fpb)
     _check_label_case(labels, description, listed=bool(cfg.labels))
     if len(labels) < 2:
         raise FinloraError(f"{description}: needs at least two labels (found {labels})")
-    try:
-        split = stratified_split(examples, cfg.test_fraction, cfg.val_fraction, seed)
-    except FinloraError as exc:
-        raise FinloraError(f"{description}: {exc}") from None
+    if not cfg.sources:
+        try:
+            split = stratified_split(examples, cfg.test_fraction, cfg.val_fraction, seed)
+        except FinloraError as exc:
+            raise FinloraError(f"{description}: {exc}") from None
+    leakage = None
+    if cfg.sources or cfg.dedup:
+        leakage = find_leakage(examples, split, cfg.dedup)
+        split = without_leaks(split, leakage)
+    draws = training_draws(split.train, sources, seed) if sources else None
     return PreparedData(
-        examples, labels, split, files, description, cross_split_duplicates(examples, split)
+        examples,
+        labels,
+        split,
+        files,
+        description,
+        cross_split_duplicates(examples, split),
+        sources=sources,
+        leakage=leakage,
+        train_draws=draws if draws != list(split.train) else None,
     )
 
 

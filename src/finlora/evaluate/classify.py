@@ -3,7 +3,7 @@ own held-out test rows or on any labelled file."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ class EvalData:
     name: str  # report file stem, e.g. "test" or "sentences"
     description: str
     examples: list[Example]
+    # Each row's source, for the test rows of a run on data.sources (else empty).
+    sources: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -38,9 +40,12 @@ class LoaderOptions:
 
 
 def _run_test_rows(loaded: LoadedRun) -> EvalData:
-    """The exact rows the run held out, after checking the data has not changed since."""
+    """The exact rows the run held out, after checking the data has not changed since; for a
+    run on data.sources, with the source of each."""
     description, rows = loaded.run.test_rows()
-    return EvalData("test", description, rows)
+    split = loaded.run.split
+    sources = split.source_names(split.test) if split.sources else []
+    return EvalData("test", description, rows, sources)
 
 
 def _file_rows(loaded: LoadedRun, path: Path, options: LoaderOptions) -> EvalData:
@@ -81,8 +86,36 @@ def evaluate_classify(
             "synthetic": loaded.run.split.synthetic and data_path is None,
         }
     )
+    if data.sources:
+        metrics["sources"] = _per_source(loaded, stem, data.sources, probs, gold)
     metrics["report_files"] = _write_reports(loaded, stem, metrics, probs, gold)
     return metrics
+
+
+# What the pooled report repeats of each source; its own report (STEM-NAME.json) has the rest.
+SOURCE_SUMMARY = ("n", "accuracy", "macro_f1", "weighted_f1", "ece", "absent_labels", "data")
+
+
+def _per_source(
+    loaded: LoadedRun, stem: str, sources: list[str], probs: np.ndarray, gold: list[str]
+) -> dict[str, Any]:
+    """Each source's metrics on its own test rows, in the order of the sources; each source's
+    reports are written as STEM-NAME.json (and .txt, and the plots)."""
+    paths = {s.name: s.path for s in loaded.run.split.sources}
+    summary = {}
+    for name in dict.fromkeys(sources):
+        rows = [i for i, source in enumerate(sources) if source == name]
+        own_probs, own_gold = probs[rows], [gold[i] for i in rows]
+        predicted = [loaded.labels[i] for i in own_probs.argmax(1)]
+        metrics = classification_metrics(own_gold, predicted, own_probs, loaded.labels)
+        metrics["data"] = f"test split of {name} ({paths.get(name, '')})"
+        metrics["zero_shot"] = loaded.zero_shot
+        files = _write_reports(loaded, f"{stem}-{name}", metrics, own_probs, own_gold)
+        summary[name] = {
+            **{k: metrics[k] for k in SOURCE_SUMMARY},
+            "report_files": files,
+        }
+    return summary
 
 
 def _write_reports(

@@ -17,8 +17,22 @@ def log_data(data: PreparedData | PreparedInstruct, log: Log) -> None:
     several splits, texts with several labels)."""
     sizes = {name: len(getattr(data.split, name)) for name in ("train", "validation", "test")}
     log(f"data: {data.description} -> {sizes}")
+    if isinstance(data, PreparedData):
+        _log_sources(data, log)
     if data.duplicates:
         log(f"data: {len(data.duplicates)} exact duplicate text(s) appear in more than one split")
+    if isinstance(data, PreparedData) and data.leakage is not None:
+        counts = data.leakage.counts()
+        if counts["exact"] or counts["near"]:
+            log(
+                f"data: {counts['exact']} test row(s) repeat a training row's text exactly and "
+                f"{counts['near']} nearly (split.json: leakage); "
+                + (
+                    f"{counts['dropped_from_train']} training row(s) dropped (data.dedup)"
+                    if data.leakage.dedup
+                    else "data.dedup=true drops them from training"
+                )
+            )
     if isinstance(data, PreparedData):
         conflicts = conflicting_labels(data.examples)
         if conflicts:
@@ -26,6 +40,20 @@ def log_data(data: PreparedData | PreparedInstruct, log: Log) -> None:
                 f"data: {len(conflicts)} text(s) appear with different labels, e.g. "
                 f"{conflicts[0][:80]!r}"
             )
+
+
+def _log_sources(data: PreparedData, log: Log) -> None:
+    draws = data.train_draws if data.train_draws is not None else data.split.train
+    for source in data.sources:
+        sizes = {
+            name: sum(1 for i in getattr(data.split, name) if i in source.rows)
+            for name in ("train", "validation", "test")
+        }
+        drawn = sum(1 for i in draws if i in source.rows)
+        log(
+            f"data: {source.name}: {len(source.rows)} of {source.loaded} rows -> {sizes}; "
+            f"weight {source.weight:g}: {drawn} training draws an epoch"
+        )
 
 
 def encode_split(codec: Codec, rows: list[Any], split: str, log: Log) -> list[Any]:
