@@ -160,15 +160,44 @@ def _check_inputs(y_true: list[str], y_pred: list[str], p: np.ndarray, labels: l
         raise FinloraError(f"labels {unknown} are not among the known labels {labels}")
 
 
+# Below this many rows, a 95 % interval of the accuracy is wider than about +-0.1 near 0.5.
+SMALL_TEST = 100
+_Z95 = 1.959964  # the standard normal quantile of 0.975
+
+
+def wilson_interval(correct: int, n: int, z: float = _Z95) -> tuple[float, float]:
+    """The Wilson score interval of the proportion `correct / n` (95 % with the default `z`).
+
+    Unlike p +- z * sqrt(p(1-p)/n) it stays within [0, 1] and keeps a width at 0 or n correct,
+    which is what small test sets need. (0.0, 1.0) for n = 0.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    scale = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / scale
+    half = z / scale * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
 def format_classification_report(m: dict[str, Any], title: str | None = None) -> str:
-    """Render the output of `classification_metrics` as an aligned plain-text report."""
+    """Render the output of `classification_metrics` as an aligned plain-text report: the
+    accuracy with its 95 % (Wilson) interval, and a note when fewer than 100 rows were
+    scored."""
     lines = []
     if title:
         lines += [title, "=" * len(title)]
+    low, high = wilson_interval(round(m["accuracy"] * m["n"]), m["n"])
     lines.append(
-        f"accuracy {m['accuracy']:.4f}   macro-F1 {m['macro_f1']:.4f}   "
-        f"weighted-F1 {m['weighted_f1']:.4f}   ECE {m['ece']:.4f}   n {m['n']}"
+        f"accuracy {m['accuracy']:.4f} (95% CI {low:.3f}-{high:.3f})   "
+        f"macro-F1 {m['macro_f1']:.4f}   weighted-F1 {m['weighted_f1']:.4f}   "
+        f"ECE {m['ece']:.4f}   n {m['n']}"
     )
+    if m["n"] < SMALL_TEST:
+        lines.append(
+            f"(only {m['n']} rows: the accuracy is known to within the interval beside it; "
+            "runs that differ by less cannot be told apart here)"
+        )
     if m.get("absent_labels"):
         lines.append(
             f"(macro-F1 averages the labels present; absent here: {', '.join(m['absent_labels'])})"

@@ -259,13 +259,15 @@ def test_predict_csv_to_csv(
     assert result.err == f"wrote 15 predictions to {out}\n"
     with out.open(encoding="utf-8", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["text", "label", "p_negative", "p_neutral", "p_positive"]
+    # every input column, then the prediction (the run's label column, "label", is not here)
+    assert list(rows[0]) == ["id", "headline", "y", "predicted", *(f"p_{x}" for x in FPB_LABELS)]
     with csv_file.open(encoding="utf-8", newline="") as fh:
-        assert [r["text"] for r in rows] == [r["headline"] for r in csv.DictReader(fh)]
+        source = list(csv.DictReader(fh))
+    assert [{k: r[k] for k in ("id", "headline", "y")} for r in rows] == source
     for row in rows:
         probs = [float(row[f"p_{label}"]) for label in FPB_LABELS]
         assert sum(probs) == pytest.approx(1.0, abs=1e-5)
-        assert row["label"] == FPB_LABELS[probs.index(max(probs))]
+        assert row["predicted"] == FPB_LABELS[probs.index(max(probs))]
 
 
 def test_predict_jsonl_to_jsonl(cli: Callable[..., Result], trained: Path, tmp_path: Path) -> None:
@@ -278,8 +280,8 @@ def test_predict_jsonl_to_jsonl(cli: Callable[..., Result], trained: Path, tmp_p
     result = cli("predict", trained, "--file", source, "--out", out)
     assert result.code == 0, result.err
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert [r["text"] for r in rows] == TEXTS
-    assert all(set(r) == {"text", "label", "probabilities"} for r in rows)
+    assert [r["text"] for r in rows] == TEXTS and [r["id"] for r in rows] == [0, 1, 2, 3]
+    assert all(list(r) == ["text", "id", "predicted", "probabilities"] for r in rows)
 
 
 def test_predict_plain_text_file(cli: Callable[..., Result], trained: Path, tmp_path: Path) -> None:

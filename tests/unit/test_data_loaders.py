@@ -1,4 +1,5 @@
-"""Loaders: encodings, FPB, CSV / TSV / JSON Lines tables, format dispatch, error messages."""
+"""Loaders: encodings and repairs, FPB, tables (CSV / TSV / JSON Lines, Parquet, Excel, datasets
+directories), format dispatch, error messages."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from finlora.data import (
     parse_label_map,
     read_text,
 )
+from finlora.data.loaders import repair_note
 from finlora.errors import FinloraError
 
 FPB_DIR = os.environ.get("FINLORA_FPB_DIR")
@@ -303,12 +305,12 @@ def test_table_label_outside_allowed_set(tmp_path: Path) -> None:
 
 
 def test_table_unknown_suffix(tmp_path: Path) -> None:
-    path = write(tmp_path / "a.xlsx", "x")
+    path = write(tmp_path / "a.xls", "x")  # the Excel format before 2007: not read
     with pytest.raises(FinloraError) as err:
         load_table(path)
     assert one_line(err) == (
-        f"{path}: cannot tell the table format from suffix '.xlsx' "
-        "(expected one of .csv, .tsv, .jsonl, .json)"
+        f"{path}: cannot tell the table format from suffix '.xls' "
+        "(expected one of .csv, .tsv, .jsonl, .json, .parquet, .xlsx)"
     )
 
 
@@ -333,11 +335,14 @@ def test_load_examples_errors(tmp_path: Path) -> None:
         load_examples(path)
     assert one_line(err) == f"{path}: no examples"
     with pytest.raises(FinloraError) as err:
-        load_examples(path, fmt="parquet")
-    assert (
-        one_line(err)
-        == "unknown data format 'parquet' (expected one of auto, fpb, csv, tsv, jsonl)"
+        load_examples(path, fmt="feather")
+    assert one_line(err) == (
+        "unknown data format 'feather' "
+        "(expected one of auto, fpb, csv, tsv, jsonl, parquet, xlsx, hf)"
     )
+    with pytest.raises(FinloraError) as err:
+        load_examples(path, fmt="parquet")
+    assert one_line(err).startswith(f"{path}: not a readable Parquet file (")
     with pytest.raises(FinloraError) as err:
         load_examples(tmp_path / "missing.csv")
     assert one_line(err) == f"{tmp_path / 'missing.csv'}: no such file"
@@ -387,3 +392,171 @@ def test_labels_that_differ_only_in_case_are_refused(tmp_path: Path) -> None:
     fpb = write(tmp_path / "fpb.txt", "Sales rose .@positive\n")
     with pytest.raises(FinloraError, match="a label map applies to CSV, TSV and JSON tables"):
         prepare_data(DataConfig(path=str(fpb), label_map="1=positive"), seed=0)
+
+
+# Files as found: repaired text, Parquet, Excel, datasets directories
+
+TFNS = (
+    Path(__file__).resolve().parents[2].parent
+    / "shared/data/twitter-financial-news-sentiment/sent_train.csv"
+)
+
+
+def test_c1_controls_and_mojibake_are_repaired_and_noted(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "news.csv",
+        "text,label\n"
+        "Profit rose 5 %,up\n"
+        "\u0080 100 million plant opens,up\n"  # "€" through a Windows-1252 round trip
+        '"He said ""it is possible,\'\u009d but",down\n'  # the last byte of a closing quote
+        "Sales at Caf\u00c3\u00a9 Nord fell \u00e2\u20ac\u201c again,down\n"  # UTF-8 read as cp1252
+        "\u201cNo change\u201d \u2014 na\u00efve r\u00e9sum\u00e9 \u20ac5,flat\n",  # clean: kept
+    )
+    examples = load_examples(path)
+    assert [e.text for e in examples] == [
+        "Profit rose 5 %",
+        "\u20ac 100 million plant opens",
+        "He said \"it is possible,' but",
+        "Sales at Caf\u00e9 Nord fell \u2013 again",
+        "\u201cNo change\u201d \u2014 na\u00efve r\u00e9sum\u00e9 \u20ac5",
+    ]
+    assert [e.repaired for e in examples] == [False, True, True, True, False]
+    assert repair_note(examples) == (
+        "repaired mis-decoded characters (C1 controls, mojibake) in 3 of 5 rows, the first at "
+        f"{path}:3"
+    )
+    assert repair_note(examples[:1]) is None
+
+
+def test_a_few_stray_controls_are_no_reason_to_refuse_a_file(tmp_path: Path) -> None:
+    rows = "".join(f"Row {i} of the sheet,up\n" for i in range(200))
+    path = write(tmp_path / "a.csv", "text,label\nSales\x0bnote,up\n" + rows)
+    assert load_table(path)[0] == Example("Sales note", "up", f"{path}:2")
+    # Windows-1252 with a byte it leaves undefined (0x9D) and its curly quotes
+    cp1252 = b"text,label\n\x93Quoted\x94 \x9d,up\n" + rows.encode()
+    assert load_table(write(tmp_path / "b.csv", cp1252))[0].text == "\u201cQuoted\u201d"
+    with pytest.raises(FinloraError, match="undecodable bytes at byte offset 3 "):
+        read_text(write(tmp_path / "c.csv", b"abc" + bytes(range(1, 9)) * 3 + b"\n"))
+
+
+@pytest.mark.skipif(not TFNS.is_file(), reason="../shared/data holds the TFNS file")
+def test_twitter_financial_news_loads_as_it_is_with_a_note() -> None:
+    tfns = parse_label_map("0=Bearish,1=Bullish,2=Neutral")
+    examples = load_examples(TFNS, label_map=tfns)
+    assert Counter(e.label for e in examples) == {"Bearish": 1442, "Bullish": 1923, "Neutral": 6178}
+    assert not any(c in e.text for e in examples for c in map(chr, range(0x80, 0xA0)))
+    note = repair_note(examples)
+    assert note == (
+        "repaired mis-decoded characters (C1 controls, mojibake) in 43 of 9543 rows, the first "
+        f"at {TFNS}:414"
+    )
+    first = next(e for e in examples if e.repaired)
+    assert first.text.startswith(
+        "Janet Yellen says a V-shaped economic recovery \"is possible,' but"
+    )
+
+
+def test_parquet(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    path = tmp_path / "news.parquet"
+    frame = pd.DataFrame({"Headline": ["Profit up", "Caf\u00c3\u00a9 sales down"], "y": [1, 0]})
+    frame.to_parquet(path)
+    examples = load_examples(
+        path, text_column="Headline", label_column="y", label_map={"0": "down", "1": "up"}
+    )
+    assert examples == [
+        Example("Profit up", "up", f"{path}:1"),
+        Example("Caf\u00e9 sales down", "down", f"{path}:2"),
+    ]
+    assert repair_note(examples) is not None
+    with pytest.raises(FinloraError) as err:
+        load_examples(path, text_column="headline", label_column="y")
+    assert one_line(err) == (
+        f"{path}: no column 'headline' (columns: Headline, y); did you mean 'Headline'?"
+    )
+    broken = write(tmp_path / "broken.parquet", "text,label\nA,b\n")
+    with pytest.raises(FinloraError) as err:
+        load_examples(broken)
+    assert one_line(err).startswith(f"{broken}: not a readable Parquet file (")
+
+
+def test_xlsx(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    path = tmp_path / "sheet.xlsx"
+    frame = pd.DataFrame({"Headline": ["Profit up", None, "Sales down"], "Sentiment": [
+        "Bullish", None, "Bearish"]})  # fmt: skip
+    frame.to_excel(path, index=False)
+    # the sheet's own row numbers: the header is row 1; the blank row 3 is skipped
+    assert load_examples(path, text_column="Headline", label_column="Sentiment") == [
+        Example("Profit up", "Bullish", f"{path}:2"),
+        Example("Sales down", "Bearish", f"{path}:4"),
+    ]
+    with pytest.raises(FinloraError) as err:
+        load_examples(path, text_column="Headline", label_column="sentiment")
+    assert one_line(err).endswith("did you mean 'Sentiment'?")
+    not_xlsx = write(tmp_path / "renamed.xlsx", "text,label\nA,b\n")
+    with pytest.raises(FinloraError) as err:
+        load_examples(not_xlsx)
+    assert one_line(err).startswith(f"{not_xlsx}: not a readable .xlsx workbook (")
+
+
+def test_datasets_directory(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    from finlora.data.loaders import files_read
+
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["bear", "bull"])}
+    )
+    dataset = datasets.Dataset.from_dict(
+        {"text": ["Profit up", "Sales down"], "label": [1, 0]}, features=features
+    )
+    path = tmp_path / "tweets"
+    dataset.save_to_disk(str(path))
+    # auto: a directory with dataset_info.json; a ClassLabel column gives its names
+    expected = [
+        Example("Profit up", "bull", f"{path}:1"),
+        Example("Sales down", "bear", f"{path}:2"),
+    ]
+    assert load_examples(path) == expected
+    assert load_examples(path, "hf") == expected
+    assert load_table(path) == expected
+    assert files_read(path, "auto", "all") == [path / "data-00000-of-00001.arrow"]
+    splits = tmp_path / "splits"
+    datasets.DatasetDict({"train": dataset, "test": dataset}).save_to_disk(str(splits))
+    with pytest.raises(FinloraError) as err:
+        load_examples(splits)
+    assert one_line(err) == (
+        f"{splits}: a DatasetDict with splits train, test; name one split's directory "
+        f"(e.g. {splits / 'train'})"
+    )
+    assert load_examples(splits / "test") == [
+        Example(e.text, e.label, f"{splits / 'test'}:{i}") for i, e in enumerate(expected, 1)
+    ]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    with pytest.raises(FinloraError, match=f"{plain}: not a readable datasets directory"):
+        load_examples(plain, "hf")
+
+
+def test_format_follows_the_suffix_then_the_run(tmp_path: Path) -> None:
+    from finlora.config import DataConfig
+    from finlora.config.sections import DataSource
+    from finlora.data.loaders import format_for, run_reading
+
+    tsv_run = DataConfig(path="train.txt", format="tsv", text_column="Headline")
+    csv_run = DataConfig(path="train.csv")  # auto: csv by its suffix
+    assert format_for(tmp_path / "more.txt", tsv_run) == "tsv"
+    assert format_for(tmp_path / "more.txt", csv_run) == "csv"
+    assert format_for(tmp_path / "more.jsonl", tsv_run) == "jsonl"
+    assert format_for(tmp_path / "more.xlsx", DataConfig()) == "xlsx"
+    assert format_for(tmp_path / "more.txt", DataConfig()) == "auto"
+    two = DataConfig(
+        sources=[
+            DataSource(path=str(tmp_path / "a.csv"), text_column="a"),
+            DataSource(path=str(tmp_path / "b.parquet"), text_column="b"),
+        ]
+    )
+    assert run_reading(two, tmp_path / "b.parquet").text_column == "b"
+    assert run_reading(two, tmp_path / "other.parquet").text_column == "b"
+    assert run_reading(two, tmp_path / "other.jsonl").text_column == "a"
+    assert run_reading(tsv_run, tmp_path / "x.csv") is tsv_run

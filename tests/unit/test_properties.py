@@ -246,11 +246,13 @@ def test_decode_text_gives_text_or_one_line(data: bytes) -> None:
 
 def test_utf8_c1_controls_from_windows_1252_round_trips_are_read(tmp_path: Path) -> None:
     # U+009D and U+0081 are what cp1252 leaves undefined, written back as UTF-8: the Twitter
-    # Financial News set holds 31 such characters, and its texts are good all the same.
+    # Financial News set holds 31 such characters, and its texts are good all the same. They
+    # are read, and dropped from the texts (what they stood for is lost).
     path = tmp_path / "news.csv"
     path.write_bytes('text,label\n"Sales rose,\u009d she said",0\nRev\u0081 up,1\n'.encode())
     examples = load_table(path, label_map={"0": "negative", "1": "positive"})
-    assert [e.text for e in examples] == ["Sales rose,\u009d she said", "Rev\u0081 up"]
+    assert [e.text for e in examples] == ["Sales rose, she said", "Rev up"]
+    assert [e.repaired for e in examples] == [True, True]
     assert read_text(path).count("\u009d") == 1
 
 

@@ -103,6 +103,34 @@ def _eval_baselines(
     click.echo(f"reports: {Path(metrics['report_files']['json']).parent}")
 
 
+# What --data / --file may be; the run's data.format besides.
+_FILE_FORMATS = ("auto", "fpb", "csv", "tsv", "jsonl", "parquet", "xlsx", "hf")
+
+
+def _read_options(what: str) -> Any:
+    """--format, --text-column, --label-column and --label-map for reading `what`; each left
+    out (None) is the run's own, from its config.yaml."""
+
+    def add(fn: Any) -> Any:
+        for option in reversed([
+            click.option("--format", "fmt", type=click.Choice(_FILE_FORMATS),
+                          help=f"How {what} reads (default: by its suffix, else as the run's "
+                          "data; hf: a datasets directory from save_to_disk)."),
+            click.option("--text-column",
+                         help="Column holding the text (default: the run's data.text_column)."),
+            click.option("--label-column",
+                         help="Column holding the label (default: the run's data.label_column)."),
+            click.option("--label-map",
+                         help='Raw label -> label name, e.g. "0=negative,1=neutral,2=positive" '
+                         "(default: the run's data.label_map; with none, the raw labels are "
+                         "the names)."),
+        ]):  # fmt: skip
+            fn = option(fn)
+        return fn
+
+    return add
+
+
 @click.command("eval")
 @run_dir_argument
 @click.option(
@@ -111,24 +139,11 @@ def _eval_baselines(
     type=click.Path(path_type=Path),
     help="Evaluate on all rows of this labelled file instead of the run's test split.",
 )
-@click.option(
-    "--format",
-    "fmt",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "fpb", "csv", "tsv", "jsonl"]),
-)
+@_read_options("--data")
 @click.option(
     "--agreement",
-    default="all",
-    show_default=True,
     type=click.Choice(["all", "75", "66", "50"]),
-    help="FPB agreement level.",
-)
-@click.option("--text-column", default="text", show_default=True)
-@click.option("--label-column", default="label", show_default=True)
-@click.option(
-    "--label-map", help='Raw label -> label name, e.g. "0=negative,1=neutral,2=positive".'
+    help="FPB agreement level (default: the run's data.agreement).",
 )
 @zero_shot_option("Evaluate the base model without the adapter.")
 @click.option(
@@ -157,11 +172,11 @@ def _eval_baselines(
 def eval_(
     run_dir: Path,
     data_path: Path | None,
-    fmt: str,
-    agreement: str,
-    text_column: str,
-    label_column: str,
+    fmt: str | None,
+    text_column: str | None,
+    label_column: str | None,
     label_map: str | None,
+    agreement: str | None,
     zero_shot: bool,
     suite: Path | None,
     few_shot: int | None,
@@ -171,8 +186,12 @@ def eval_(
     speed: tuple[str, ...],
     trust_remote_code: bool,
 ) -> None:
-    """Measure a run: accuracy, macro/weighted F1, per-class scores, confusion matrix, ECE;
-    for an instruct run, perplexity, BLEU, ROUGE-1/2/L and label answers.
+    """Measure a run: accuracy (with its 95 % interval), macro/weighted F1, per-class scores,
+    confusion matrix, ECE; for an instruct run, perplexity, BLEU, ROUGE-1/2/L and label answers.
+
+    A --data file is read as the run read its own data (format, columns, label map), unless
+    the options below say otherwise; with no label map anywhere, the file's labels are the
+    label names (Bullish / Bearish stay Bullish / Bearish).
 
     \b
     Example:
@@ -188,12 +207,14 @@ def eval_(
     from finlora.inference import open_run
     from finlora.metrics import format_classification_report
 
-    options = LoaderOptions(fmt, agreement, text_column, label_column, label_map)
     run = open_run(run_dir, speed)  # once: the checks and the evaluation read the same run
+    options = LoaderOptions.like_run(
+        run.config.data, data_path, fmt, agreement, text_column, label_column, label_map, echo_err
+    )
     _check_eval(
         run, zero_shot,
-        {"--text-column": text_column != "text", "--label-column": label_column != "label",
-         "--label-map": label_map is not None, "--agreement": agreement != "all",
+        {"--text-column": text_column is not None, "--label-column": label_column is not None,
+         "--label-map": label_map is not None, "--agreement": agreement is not None,
          "--format fpb": fmt == "fpb"},
     )  # fmt: skip
     if suite is not None or few_shot is not None:
@@ -230,11 +251,16 @@ def eval_(
     "--file",
     "file",
     type=click.Path(path_type=Path),
-    help="CSV/TSV (with --text-column), JSONL or a .json list, or plain text with one "
-    "sentence a line; - for stdin.",
+    help="A table (CSV/TSV, JSONL or a .json list, Parquet, .xlsx, a datasets directory), or "
+    "plain text with one sentence a line (.txt); - for stdin.",
 )
-@click.option("--text-column", default="text", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), help="Write predictions to .csv or .jsonl.")
+@_read_options("--file")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    help="Write predictions to .csv or .jsonl, beside every column of the --file and its true "
+    "label where it has the label column.",
+)
 @as_json_option("Print one JSON object per input line (with --out too).")
 @zero_shot_option()
 @speed_option
@@ -243,7 +269,10 @@ def predict(
     run_dir: Path,
     texts: tuple[str, ...],
     file: Path | None,
-    text_column: str,
+    fmt: str | None,
+    text_column: str | None,
+    label_column: str | None,
+    label_map: str | None,
     out: Path | None,
     as_json: bool,
     zero_shot: bool,
@@ -252,16 +281,25 @@ def predict(
 ) -> None:
     """Label new sentences with a trained run; reads stdin when no text or file is given.
 
+    A --file table is read with the run's own columns and label map (those it was trained
+    on) unless the options below say otherwise. --out keeps every column of the file, adds
+    the predicted label and one probability per label, and the true label where the file has
+    the label column (mapped to the run's names; with no label map, the raw labels are the
+    names, e.g. Bullish / Bearish). A .csv is written with the input's delimiter, and its
+    byte-order mark where it had one.
+
     \b
     Example:
       finlora predict runs/fpb "Net sales fell 12 % to EUR 3.1 mn."
       finlora predict runs/fpb --file news.csv --text-column headline --out labelled.csv
+      finlora predict runs/tweets --file sheet.xlsx --out sheet-labelled.csv
       cat headlines.txt | finlora predict runs/fpb --json
     """
-    from finlora.labelling import label_texts
+    from finlora.labelling import InputOptions, label_texts
 
+    options = InputOptions(fmt, text_column, label_column, label_map)
     predictions = label_texts(
-        run_dir, texts, file, text_column=text_column, out=out, zero_shot=zero_shot,
+        run_dir, texts, file, options=options, out=out, zero_shot=zero_shot,
         trust_remote_code=trust_remote_code, speed=speed, log=echo_err,
     )  # fmt: skip
     if out is not None and not as_json:

@@ -60,7 +60,7 @@ class ModelConfig:
         check_choice(f"{prefix}.kind", self.kind, MODEL_KINDS)
 
 
-DATA_FORMATS = ("auto", "fpb", "csv", "tsv", "jsonl", "synthetic")
+DATA_FORMATS = ("auto", "fpb", "csv", "tsv", "jsonl", "parquet", "xlsx", "hf", "synthetic")
 FPB_AGREEMENTS = ("all", "75", "66", "50")
 # A source's name becomes part of report file names (eval/test-NAME.json).
 _SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

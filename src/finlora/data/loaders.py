@@ -1,32 +1,53 @@
-"""Loaders: Financial PhraseBank, CSV / TSV / JSON Lines tables, and one dispatching entry point.
+"""Loaders: Financial PhraseBank, tables (CSV / TSV / JSON Lines, Parquet, Excel, `datasets`
+directories), and one dispatching entry point; the rows `finlora predict` labels.
 
 Every loader returns `Example`s with canonical labels and a "file:line" source, and turns every
-problem in the file into a one-line `FinloraError` naming the file and line.
+problem in the file into a one-line `FinloraError` naming the file and line. Text marked by a
+wrong decode (mojibake, C1 controls) is repaired (`textfile.repair`) and the example flagged, for
+`repair_note`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finlora.data.examples import Example
-from finlora.data.textfile import json_array, json_lines, printable, read_text
+from finlora.data.tables import (
+    SUFFIX_FORMATS,
+    TABLE_FORMATS,
+    TEXT_READERS,
+    csv_delimiter,
+    dataset_files,
+    is_dataset_dir,
+    table_rows,
+)
+from finlora.data.textfile import printable, read_text, repair
 from finlora.errors import FinloraError
+
+if TYPE_CHECKING:
+    from finlora.config.sections import DataConfig, DataSource
 
 __all__ = [
     "FPB_FILES",
     "FPB_LABELS",
+    "InputRows",
+    "files_read",
+    "format_for",
     "load_examples",
     "load_fpb",
+    "load_inputs",
     "load_table",
     "load_texts",
     "parse_label_map",
     "read_text",
+    "reads_as_fpb",
+    "repair_note",
+    "run_reading",
 ]
 
 FPB_LABELS = ("negative", "neutral", "positive")
@@ -63,11 +84,16 @@ def load_fpb(path: Path, agreement: str = "all") -> list[Example]:
                 "PhraseBank (name a CSV, TSV or JSON Lines file for other data)"
             )
         path = path / FPB_FILES[agreement]
+    return _fpb_examples(path, read_text(path))
+
+
+def _fpb_examples(name: Path | str, text: str) -> list[Example]:
     examples = []
-    for number, line in _lines(read_text(path)):
+    for number, raw in _lines(text):
+        line = repair(raw)
         if not line.strip():
             continue
-        where = f"{path}:{number}"
+        where = f"{name}:{number}"
         # split on the last '@': sentences themselves may contain '@'
         sentence, sep, label = line.rpartition("@")
         if not sep:
@@ -77,7 +103,7 @@ def load_fpb(path: Path, agreement: str = "all") -> list[Example]:
             raise FinloraError(f"{where}: {_unknown_label(label, FPB_LABELS)}")
         if not sentence.strip():
             raise FinloraError(f"{where}: empty sentence before '@{label}'")
-        examples.append(Example(sentence.strip(), label, where))
+        examples.append(Example(sentence.strip(), label, where, repaired=line != raw))
     return examples
 
 
@@ -100,80 +126,6 @@ def parse_label_map(spec: str) -> dict[str, str]:
     return mapping
 
 
-# A table reader yields (line number, row) pairs, rows as {column: value}; it checks the columns.
-_Rows = Iterator[tuple[int, dict[str, Any]]]
-
-
-def _csv_delimiter(text: str, columns: Sequence[str]) -> str:
-    """ "," unless the header names the columns only when split at ";", "|" or a tab:
-    spreadsheets set to a European locale write ";" (the decimal comma) into files they still
-    call .csv, and tab-separated exports are often saved as .csv too."""
-    header = text.split("\n", 1)[0]
-    for delimiter in (",", ";", "|", "\t"):
-        if all(c in (name.strip().strip('"') for name in header.split(delimiter)) for c in columns):
-            return delimiter
-    return ","
-
-
-def _delimited_rows(
-    path: Path, text: str, columns: Sequence[str], delimiter: str | None = None
-) -> _Rows:
-    """A CSV (`delimiter` None: ",", or ";", "|" or a tab where the header says so) or TSV
-    table."""
-    delimiter = delimiter or _csv_delimiter(text, columns)
-    # strict: a stray quote ('"Sales rose,positive') is an error at its line, not a field that
-    # silently swallows the rows after it.
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    start = 1  # the line the row being read starts on: where a stray quote would be
-    try:
-        # no row at all (text read elsewhere may be empty): no columns, so a missing one
-        header = [name.strip() for name in next(reader, [])]
-        _check_columns(path, columns, header)
-        repeated = sorted({c for c in columns if header.count(c) > 1})
-        if repeated:
-            raise FinloraError(
-                f"{path}:1: column '{printable(repeated[0])}' appears more than once"
-            )
-        start = reader.line_num + 1
-        for cells in reader:
-            if cells and any(cell.strip() for cell in cells):
-                if len(cells) > len(header):
-                    raise FinloraError(
-                        f"{path}:{start}: {len(cells)} fields but the header has {len(header)}"
-                    )
-                yield start, dict(zip(header, cells, strict=False))
-            start = reader.line_num + 1
-    except csv.Error as err:
-        raise FinloraError(
-            f"{path}:{start}: malformed {delimiter!r} table in the row from this line ({err})"
-        ) from None
-
-
-def _jsonl_rows(path: Path, text: str, columns: Sequence[str]) -> _Rows:
-    """JSON Lines; a .json file may instead hold one list of objects."""
-    is_list = path.suffix.lower() == ".json" and text.lstrip().startswith("[")
-    for number, row in json_array(path, text) if is_list else json_lines(path, text):
-        if not isinstance(row, dict):
-            raise FinloraError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        _check_columns(f"{path}:{number}", columns, list(row))
-        yield number, row
-
-
-def _check_columns(where: object, wanted: Sequence[str], present: Sequence[str]) -> None:
-    for column in wanted:
-        if column not in present:
-            found = printable(", ".join(present))
-            raise FinloraError(f"{where}: no column '{printable(column)}' (columns: {found})")
-
-
-_TABLE_READERS: dict[str, Callable[[Path, str, Sequence[str]], _Rows]] = {
-    "csv": _delimited_rows,
-    "tsv": partial(_delimited_rows, delimiter="\t"),
-    "jsonl": _jsonl_rows,
-}
-_SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".txt": "fpb"}
-
-
 def _cell(where: str, column: str, value: Any) -> str:
     if isinstance(value, dict | list):
         raise FinloraError(f"{where}: column '{printable(column)}' holds a {type(value).__name__}")
@@ -183,6 +135,8 @@ def _cell(where: str, column: str, value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
+    if isinstance(value, float) and value != value:
+        return ""  # NaN: how pandas writes an empty cell into Parquet
     text = "" if value is None else str(value).strip()
     return text.lower() if text.lower() in ("true", "false") else text  # pandas writes True
 
@@ -219,17 +173,18 @@ def _load_table_as(
     labels: Sequence[str] | None = None,
 ) -> list[Example]:
     path = Path(path)
-    rows = _TABLE_READERS[fmt](path, read_text(path), (text_column, label_column))
     examples = []
-    for number, row in rows:
+    for number, row in table_rows(path, fmt, (text_column, label_column)):
         where = f"{path}:{number}"
-        text = _cell(where, text_column, row.get(text_column))
-        raw = _cell(where, label_column, row.get(label_column))
+        cells = (_cell(where, text_column, row.get(text_column)),
+                 _cell(where, label_column, row.get(label_column)))  # fmt: skip
+        text, raw = (repair(c).strip() for c in cells)
         if not text:
             raise FinloraError(f"{where}: empty text in column '{printable(text_column)}'")
         if not raw:
             raise FinloraError(f"{where}: missing label in column '{printable(label_column)}'")
-        examples.append(Example(text, _canonical_label(where, raw, label_map, labels), where))
+        label = _canonical_label(where, raw, label_map, labels)
+        examples.append(Example(text, label, where, repaired=(text, raw) != cells))
     return examples
 
 
@@ -240,16 +195,17 @@ def load_table(
     label_map: dict[str, str] | None = None,
     labels: Sequence[str] | None = None,
 ) -> list[Example]:
-    """Load a CSV (.csv), TSV (.tsv) or JSON Lines (.jsonl / .json) table of examples.
+    """Load a table of examples: CSV (.csv), TSV (.tsv), JSON Lines (.jsonl / .json), Parquet
+    (.parquet), an Excel workbook (.xlsx) or a `datasets` directory (`save_to_disk`).
 
     Labels are stringified and stripped, mapped through `label_map` when given (a raw value not
     in it is an error), then checked against `labels` when given. Raises FinloraError on a
     missing column, malformed row, empty text, missing or unknown label, naming file and line.
     """
     path = Path(path)
-    fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
-    if fmt not in _TABLE_READERS:
-        allowed = ", ".join(s for s, f in _SUFFIX_FORMATS.items() if f in _TABLE_READERS)
+    fmt = "hf" if is_dataset_dir(path) else SUFFIX_FORMATS.get(path.suffix.lower())
+    if fmt not in TABLE_FORMATS:
+        allowed = ", ".join(s for s, f in SUFFIX_FORMATS.items() if f in TABLE_FORMATS)
         raise FinloraError(
             f"{path}: cannot tell the table format from suffix '{path.suffix}' "
             f"(expected one of {allowed})"
@@ -257,50 +213,92 @@ def load_table(
     return _load_table_as(fmt, path, text_column, label_column, label_map, labels)
 
 
-def load_texts(name: Path | str, text: str, text_column: str = "text") -> list[str]:
-    """The non-blank texts of unlabelled data, as `predict --file` reads it: a table's
-    `text_column` (read as training reads tables: ";"-split CSVs, a .json list), else one text
-    a line. `name` is the file's path (its suffix says which) or "standard input"."""
-    path = Path(name)
-    fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
-    if fmt not in _TABLE_READERS:
-        return [line.strip() for line in text.splitlines() if line.strip()]
-    texts = []
-    for number, row in _TABLE_READERS[fmt](path, text, (text_column,)):
-        value = row.get(text_column)
-        if value is not None and not isinstance(value, str):
-            raise FinloraError(f"{path}:{number}: column '{printable(text_column)}' is not text")
-        if value and value.strip():
-            texts.append(value.strip())
-    return texts
-
-
 _LOADERS: dict[str, Callable[..., list[Example]]] = {
     "fpb": load_fpb,
-    **{fmt: partial(_load_table_as, fmt) for fmt in _TABLE_READERS},
+    **{fmt: partial(_load_table_as, fmt) for fmt in TABLE_FORMATS},
 }
 
 
+def _named_format(path: Path) -> str | None:
+    """The format `path` says it is in: a `datasets` directory, or a table suffix (.txt names
+    none: it holds Financial PhraseBank, plain lines or any table)."""
+    if is_dataset_dir(path):
+        return "hf"
+    fmt = SUFFIX_FORMATS.get(path.suffix.lower())
+    return fmt if fmt in TABLE_FORMATS and not path.is_dir() else None
+
+
 def _detect_format(path: Path) -> str:
+    named = _named_format(path)
+    if named is not None:
+        return named
     if path.is_dir():
         return "fpb"
     if not path.exists():
         raise FinloraError(f"{path}: no such file")
-    fmt = _SUFFIX_FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise FinloraError(
-            f"{path}: cannot tell the format from suffix '{path.suffix}' "
-            f"(name one of {', '.join(_LOADERS)})"
-        )
-    return fmt
+    if path.suffix.lower() == ".txt":
+        return "fpb"
+    raise FinloraError(
+        f"{path}: cannot tell the format from suffix '{path.suffix}' "
+        f"(name one of {', '.join(_LOADERS)})"
+    )
+
+
+def format_for(path: Path, run: DataConfig | DataSource) -> str:
+    """The format to read `path` in when the user names none: what its suffix says (or a
+    `datasets` directory), else the format `run` (`run_reading`) read its own data in (a run
+    trained on a TSV saved as .txt reads another .txt so), else "auto"."""
+    named = _named_format(Path(path))
+    if named is not None:
+        return named
+    fmt = run.format
+    if fmt == "auto" and run.path:
+        fmt = _named_format(Path(run.path).expanduser()) or "auto"
+    return fmt if fmt in _LOADERS else "auto"
+
+
+def reads_as_fpb(path: Path, fmt: str) -> bool:
+    """Whether `path` read in format `fmt` is Financial PhraseBank (a directory or .txt file
+    under "auto", unless it is a `datasets` directory)."""
+    path = Path(path)
+    auto_fpb = _named_format(path) is None and (path.is_dir() or path.suffix.lower() == ".txt")
+    return fmt == "fpb" or (fmt == "auto" and auto_fpb)
+
+
+def files_read(path: Path, fmt: str, agreement: str) -> list[Path]:
+    """The files a loader reads for `path`: a Financial PhraseBank directory's agreement file,
+    a `datasets` directory's Arrow files, else `path` itself."""
+    path = Path(path)
+    if fmt == "hf" or (fmt == "auto" and is_dataset_dir(path)):
+        return dataset_files(path)
+    if path.is_dir():
+        return [path / FPB_FILES[agreement]]
+    return [path]
+
+
+def run_reading(data: DataConfig, path: Path) -> DataConfig | DataSource:
+    """What in a run's data section says how to read `path` as the run read its own data:
+    the section itself, or with data.sources the source that is `path`, else the first source
+    whose file has `path`'s format, else the first."""
+    if not data.sources:
+        return data
+    target = Path(path).expanduser().resolve()
+    for source in data.sources:
+        if Path(source.path).expanduser().resolve() == target:
+            return source
+    fmt = _named_format(Path(path))
+    same = [s for s in data.sources if fmt and _named_format(Path(s.path)) == fmt]
+    return (same or data.sources)[0]
 
 
 def load_examples(path: Path, fmt: str = "auto", **options: Any) -> list[Example]:
-    """Load examples from `path` in format `fmt` ("auto", "fpb", "csv", "tsv", "jsonl").
+    """Load examples from `path` in format `fmt` ("auto", "fpb", "csv", "tsv", "jsonl",
+    "parquet", "xlsx", "hf").
 
-    "auto" picks by suffix (.txt or a directory -> fpb). `options` go to the loader
-    (`agreement` for fpb; `text_column`, `label_column`, `label_map`, `labels` for tables).
-    Raises FinloraError on an unknown format, any loader error, or a file with no examples.
+    "auto" picks by suffix (.txt or a directory -> fpb; a directory with a dataset_info.json ->
+    hf). `options` go to the loader (`agreement` for fpb; `text_column`, `label_column`,
+    `label_map`, `labels` for tables). Raises FinloraError on an unknown format, any loader
+    error, or a file with no examples.
     """
     path = Path(path)
     if fmt == "auto":
@@ -313,3 +311,130 @@ def load_examples(path: Path, fmt: str = "auto", **options: Any) -> list[Example
     if not examples:
         raise FinloraError(f"{path}: no examples")
     return examples
+
+
+def _repaired_note(repaired: Sequence[str], total: int) -> str | None:
+    if not repaired:
+        return None
+    return (
+        f"repaired mis-decoded characters (C1 controls, mojibake) in {len(repaired)} of "
+        f"{total} rows, the first at {repaired[0]}"
+    )
+
+
+def repair_note(examples: Sequence[Example]) -> str | None:
+    """One line on the examples whose text `textfile.repair` changed: how many, and where the
+    first is; None when there are none."""
+    return _repaired_note([e.source for e in examples if e.repaired], len(examples))
+
+
+@dataclass
+class InputRows:
+    """Rows to label (`finlora predict`): each row's cells as read, with its text, and its true
+    label where the file has a label column; how a CSV was written, to write one back alike."""
+
+    columns: list[str]  # every column, in order; ["text"] for plain lines
+    rows: list[dict[str, Any]]
+    texts: list[str]  # repaired and stripped
+    sources: list[str]  # "file:line" of each row
+    labels: list[str] | None = None  # None: the file has no label column
+    repaired: list[str] = field(default_factory=list)  # sources of rows `repair` changed
+    skipped: list[str] = field(default_factory=list)  # sources of rows without text
+    delimiter: str = ","
+
+    def notes(self) -> list[str]:
+        """What reading the rows changed or left out, one line each."""
+        notes = [_repaired_note(self.repaired, len(self.rows))]
+        if self.skipped:
+            notes.append(f"{len(self.skipped)} row(s) without text skipped, the first at "
+                         f"{self.skipped[0]}")  # fmt: skip
+        return [n for n in notes if n]
+
+
+def _plain_lines(name: Path | str, text: str) -> InputRows:
+    table = InputRows(["text"], [], [], [])
+    for number, raw in _lines(text):
+        line = repair(raw).strip()
+        if line:
+            table.rows.append({"text": line})
+            table.texts.append(line)
+            table.sources.append(f"{name}:{number}")
+            if line != raw.strip():
+                table.repaired.append(table.sources[-1])
+    return table
+
+
+def load_inputs(
+    name: Path | str,
+    text: str | None = None,
+    fmt: str = "auto",
+    *,
+    text_column: str = "text",
+    label_column: str | None = None,
+    label_map: dict[str, str] | None = None,
+) -> InputRows:
+    """The rows of unlabelled (or labelled) data to predict on, as `predict --file` reads it.
+
+    `name` is the file's path or "standard input" (`text`: its text, already read; None: read
+    the file). "auto" takes a table by its suffix (read as training reads tables: ";"-split
+    CSVs, a .json list), else one text a line; "fpb" reads `sentence@label` lines. The
+    `label_column`, where the table has it, gives the true labels, mapped through `label_map`
+    (values the map lacks are kept as written).
+    """
+    path = Path(name)
+    if fmt == "auto":
+        fmt = _named_format(path) or "lines"
+    if fmt == "lines":
+        return _plain_lines(name, read_text(path) if text is None else text)
+    if fmt == "fpb":
+        examples = load_fpb(path) if text is None else _fpb_examples(name, text)
+        rows = [{"text": e.text, "label": e.label} for e in examples]
+        return InputRows(["text", "label"], rows, [e.text for e in examples],
+                         [e.source for e in examples], [e.label for e in examples],
+                         [e.source for e in examples if e.repaired])  # fmt: skip
+    if fmt not in TABLE_FORMATS:
+        raise FinloraError(
+            f"unknown data format '{fmt}' (expected one of auto, fpb, {', '.join(TABLE_FORMATS)})"
+        )
+    if text is None and fmt in TEXT_READERS:
+        text = read_text(path)  # read here: a CSV's delimiter is written back alike
+    return _table_inputs(path, fmt, text, text_column, label_column, label_map)
+
+
+def _table_inputs(
+    path: Path,
+    fmt: str,
+    text: str | None,
+    text_column: str,
+    label_column: str | None,
+    label_map: dict[str, str] | None,
+) -> InputRows:
+    delimiter = "\t" if fmt == "tsv" else ","
+    if fmt == "csv" and text is not None:
+        delimiter = csv_delimiter(text, (text_column,))
+    table = InputRows([], [], [], [], delimiter=delimiter)
+    labels: list[str] = []
+    for number, row in table_rows(path, fmt, (text_column,), text):
+        where = f"{path}:{number}"
+        value = _cell(where, text_column, row.get(text_column))
+        cleaned = repair(value).strip()
+        if not cleaned:
+            table.skipped.append(where)
+            continue
+        table.columns += [c for c in row if c not in table.columns]
+        table.rows.append(row)
+        table.texts.append(cleaned)
+        table.sources.append(where)
+        if cleaned != value:
+            table.repaired.append(where)
+        if label_column is not None:
+            raw = repair(_cell(where, label_column, row.get(label_column))).strip()
+            labels.append(label_map.get(raw, raw) if label_map else raw)
+    if label_column is not None and label_column in table.columns:
+        table.labels = labels
+    return table
+
+
+def load_texts(name: Path | str, text: str, text_column: str = "text") -> list[str]:
+    """The non-blank texts of unlabelled data (`load_inputs` on text already read)."""
+    return load_inputs(name, text, text_column=text_column).texts

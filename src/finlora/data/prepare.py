@@ -13,7 +13,13 @@ from finlora.data.examples import Example
 from finlora.data.fin_instruct import FIN_INSTRUCT_NOTE, fin_instruct_set, records_sha256
 from finlora.data.instruct import InstructRecord, load_instruct
 from finlora.data.leakage import Leakage, find_leakage, without_leaks
-from finlora.data.loaders import FPB_FILES, FPB_LABELS, load_examples, parse_label_map
+from finlora.data.loaders import (
+    FPB_LABELS,
+    files_read,
+    load_examples,
+    parse_label_map,
+    reads_as_fpb,
+)
 from finlora.data.sources import SourceSlice, pool_sources, training_draws
 from finlora.data.split import Split, cross_split_duplicates, stratified_split
 from finlora.data.synthetic import SYNTHETIC_NOTE, synthetic_sentiment
@@ -53,14 +59,13 @@ class PreparedData:
 
 
 def _is_fpb(path: Path, fmt: str) -> bool:
-    return fmt == "fpb" or (fmt == "auto" and (path.is_dir() or path.suffix.lower() == ".txt"))
+    return reads_as_fpb(path, fmt)
 
 
 def data_files(path: Path, fmt: str, agreement: str) -> list[Path]:
-    """The files a loader reads for `path`: an FPB directory means one agreement file."""
-    if path.is_dir():
-        return [path / FPB_FILES[agreement]]
-    return [path]
+    """The files a loader reads for `path`: an FPB directory means one agreement file, a
+    `datasets` directory its Arrow files."""
+    return files_read(path, fmt, agreement)
 
 
 def load_labelled(
@@ -70,10 +75,11 @@ def load_labelled(
     agreement: str = "all",
     text_column: str = "text",
     label_column: str = "label",
-    label_map: str | None = None,
+    label_map: str | dict[str, str] | None = None,
     labels: list[str] | None = None,
 ) -> list[Example]:
-    """Load a labelled file with loader options as the config and the CLI name them."""
+    """Load a labelled file with loader options as the config and the CLI name them (a label
+    map as written, "0=negative,...", or parsed)."""
     if _is_fpb(path, fmt):
         if label_map:
             raise FinloraError(
@@ -81,12 +87,14 @@ def load_labelled(
                 "PhraseBank files have their own labels"
             )
         return load_examples(path, "fpb", agreement=agreement)
+    if isinstance(label_map, str):
+        label_map = parse_label_map(label_map) if label_map else None
     return load_examples(
         path,
         fmt,
         text_column=text_column,
         label_column=label_column,
-        label_map=parse_label_map(label_map) if label_map else None,
+        label_map=label_map or None,
         labels=labels or None,
     )
 
@@ -132,7 +140,7 @@ def _load_one(cfg: DataConfig) -> tuple[list[Example], list[Path], str, bool]:
         labels=cfg.labels,
     )
     files = data_files(path, cfg.format, cfg.agreement)
-    is_fpb = cfg.format == "fpb" or path.is_dir() or path.suffix.lower() == ".txt"
+    is_fpb = _is_fpb(path, cfg.format)
     return examples, files, ", ".join(str(f) for f in files), is_fpb
 
 

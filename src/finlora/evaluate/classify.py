@@ -3,6 +3,7 @@ own held-out test rows or on any labelled file."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,9 @@ from typing import Any
 import numpy as np
 
 from finlora import atomic
+from finlora.config import DataConfig
 from finlora.data import Example
+from finlora.data.loaders import format_for, parse_label_map, reads_as_fpb, repair_note, run_reading
 from finlora.data.prepare import load_labelled
 from finlora.errors import FinloraError
 from finlora.evaluate.common import data_report_stem, report_title
@@ -30,13 +33,43 @@ class EvalData:
 
 @dataclass
 class LoaderOptions:
-    """How to read a labelled file given with `finlora eval --data`."""
+    """How to read a labelled file given with `finlora eval --data`, and where to say what
+    reading it repaired (`log`; None: nowhere)."""
 
     format: str = "auto"
     agreement: str = "all"
     text_column: str = "text"
     label_column: str = "label"
     label_map: str | None = None
+    log: Callable[[str], None] | None = None
+    # The label map is the run's own, not one given for this file: a file already written in
+    # the run's label names reads as it is.
+    runs_label_map: bool = False
+
+    @classmethod
+    def like_run(
+        cls,
+        data: DataConfig,
+        path: Path | None,
+        fmt: str | None = None,
+        agreement: str | None = None,
+        text_column: str | None = None,
+        label_column: str | None = None,
+        label_map: str | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> LoaderOptions:
+        """The options given (not None), the rest as the run read its own data (`data`, its
+        data section), to read `path` alike (`loaders.run_reading`)."""
+        run = run_reading(data, path) if path is not None else data
+        return cls(
+            fmt or (format_for(path, run) if path is not None else "auto"),
+            agreement or run.agreement,
+            text_column or run.text_column,
+            label_column or run.label_column,
+            label_map if label_map is not None else run.label_map,
+            log,
+            runs_label_map=label_map is None and run.label_map is not None,
+        )
 
 
 def _run_test_rows(loaded: LoadedRun) -> EvalData:
@@ -49,15 +82,24 @@ def _run_test_rows(loaded: LoadedRun) -> EvalData:
 
 
 def _file_rows(loaded: LoadedRun, path: Path, options: LoaderOptions) -> EvalData:
+    label_map: str | dict[str, str] | None = options.label_map
+    if options.runs_label_map and options.label_map:
+        # Financial PhraseBank has its own labels; a table may hold the raw values or names.
+        own = {label: label for label in loaded.labels}
+        fpb = reads_as_fpb(path, options.format)
+        label_map = None if fpb else {**own, **parse_label_map(options.label_map)}
     examples = load_labelled(
         path,
         options.format,
         agreement=options.agreement,
         text_column=options.text_column,
         label_column=options.label_column,
-        label_map=options.label_map,
+        label_map=label_map,
         labels=loaded.labels,
     )
+    note = repair_note(examples)
+    if note and options.log is not None:
+        options.log(f"note: {note}")
     unknown = sorted({e.label for e in examples} - set(loaded.labels))
     if unknown:
         where = next(e.source for e in examples if e.label in unknown)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from finlora.data.loaders import repair_note
 from finlora.data.prepare import PreparedData, PreparedInstruct
 from finlora.data.split import conflicting_labels
 from finlora.tasks import Codec
@@ -13,8 +14,8 @@ Log = Callable[[str], None]
 
 
 def log_data(data: PreparedData | PreparedInstruct, log: Log) -> None:
-    """Say what the data is and how it split, and what in it deserves a look (texts in
-    several splits, texts with several labels)."""
+    """Say what the data is and how it split, and what in it deserves a look (texts repaired
+    on reading, texts in several splits, texts with several labels)."""
     sizes = {name: len(getattr(data.split, name)) for name in ("train", "validation", "test")}
     log(f"data: {data.description} -> {sizes}")
     if isinstance(data, PreparedData):
@@ -34,6 +35,9 @@ def log_data(data: PreparedData | PreparedInstruct, log: Log) -> None:
                 )
             )
     if isinstance(data, PreparedData):
+        repaired = repair_note(data.examples)
+        if repaired:
+            log(f"data: {repaired}")
         conflicts = conflicting_labels(data.examples)
         if conflicts:
             log(
