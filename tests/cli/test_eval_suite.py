@@ -4,6 +4,7 @@ few-shot examples come from the run's training split."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from collections import Counter
@@ -77,6 +78,10 @@ def _eval_json(cli: Callable[..., Result], *args: object) -> dict:
     return json.loads(result.out)
 
 
+def files_of(report: dict) -> dict[str, Path]:
+    return {kind: Path(path) for kind, path in report["report_files"].items()}
+
+
 def _figures(metrics: dict) -> dict:
     return {k: metrics[k] for k in FIGURES}
 
@@ -103,12 +108,22 @@ def test_suite_figures_equal_eval_of_each_set(
     assert headlines["results"]["tuned"] == _figures(
         _eval_json(cli, trained, "--data", scored_files[1])
     )
+    # The CSV's sentences come from the generator of the run's own data: the report counts the
+    # rows that repeat a training or validation sentence, and says so under the table.
+    run = Run.open(trained)
+    data = run.prepared()
+    trained_on = {data.examples[i].text for i in (*run.split.train, *run.split.validation)}
+    with csv_file.open(encoding="utf-8") as fh:
+        news_texts = [row["headline"] for row in csv.DictReader(fh)]
+    assert news["seen_in_training"] == sum(t in trained_on for t in news_texts) > 0
+    markdown = files_of(report)["md"].read_text(encoding="utf-8")
+    assert f"- news: {news['seen_in_training']} of its rows repeat sentences" in markdown
     mean = report["mean"]["tuned"]
     assert mean["n"] == 12 + 15 + 12
     assert mean["accuracy"] == pytest.approx(
         sum(s["results"]["tuned"]["accuracy"] for s in report["sets"]) / 3
     )
-    files = {kind: Path(path) for kind, path in report["report_files"].items()}
+    files = files_of(report)
     assert files == {
         kind: trained / "eval" / f"suite-tiny.{kind}" for kind in ("md", "json", "png")
     }

@@ -8,6 +8,7 @@ public sets."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 from finlora import atomic
 from finlora.config import read_yaml
 from finlora.data import Example
-from finlora.data.prepare import load_labelled
+from finlora.data.prepare import PreparedData, load_labelled
 from finlora.errors import FinloraError
 from finlora.evaluate.fewshot import (
     check_few_shot,
@@ -185,11 +186,14 @@ class SetRows:
     spec: SuiteSet
     examples: list[Example]
     training_data: bool  # the run's own data file: only its test-split rows are kept
+    # Rows whose sentence the run trained or validated on (None: the run's data is not here).
+    seen: int | None = None
 
 
-def read_set(spec: SuiteSet, run: Run) -> SetRows:
+def read_set(spec: SuiteSet, run: Run, trained_on: set[str] | None = None) -> SetRows:
     """A suite set's labelled rows, read as `finlora eval --data` reads the file; a set that is
-    the run's own training data keeps only the rows of the run's test split."""
+    the run's own training data keeps only the rows of the run's test split. With `trained_on`
+    (the texts of the run's training and validation rows), counts the rows it repeats."""
     try:
         examples = _load(spec, run.labels)
         training = _is_training_source(spec.path, run)
@@ -197,7 +201,19 @@ def read_set(spec: SuiteSet, run: Run) -> SetRows:
             examples = _held_out(examples, run)
     except FinloraError as exc:
         raise FinloraError(f"suite set {spec.name!r}: {exc}") from None
-    return SetRows(spec, examples, training)
+    seen = None if trained_on is None else sum(e.text in trained_on for e in examples)
+    return SetRows(spec, examples, training, seen)
+
+
+def trained_texts(run: Run) -> set[str] | None:
+    """The sentences of the run's training and validation rows; None when its data is not
+    here unchanged (the suite is then scored without the check)."""
+    if not run.data_available():
+        return None
+    data = run.prepared()
+    if not isinstance(data, PreparedData):
+        return None
+    return {data.examples[i].text for i in (*run.split.train, *run.split.validation)}
 
 
 def _load(spec: SuiteSet, labels: list[str]) -> list[Example]:
@@ -212,7 +228,7 @@ def _load(spec: SuiteSet, labels: list[str]) -> list[Example]:
         labels=None if rule else labels,  # scores become labels below
     )
     if rule is not None:
-        examples = [Example(e.text, rule.label(e.source, e.label), e.source) for e in examples]
+        examples = [dataclasses.replace(e, label=rule.label(e.source, e.label)) for e in examples]
     unknown = sorted({e.label for e in examples} - set(labels))
     if unknown:
         where = next(e.source for e in examples if e.label in unknown)
@@ -291,7 +307,8 @@ def evaluate_suite(
     if few_shot is not None:
         check_few_shot(run, trust_remote_code)
         examples = few_shot_examples(run, few_shot)
-    sets = [read_set(spec, run) for spec in suite.sets]  # every file read before any model
+    trained_on = trained_texts(run)
+    sets = [read_set(spec, run, trained_on) for spec in suite.sets]  # all read before any model
     results: dict[str, dict[str, dict[str, Any]]] = {}
     if zero_shot or examples is not None:  # first: an encoder's refusal comes before any work
         base = load_run(run, zero_shot=True, trust_remote_code=trust_remote_code)
@@ -327,6 +344,7 @@ def _report(
                 "name": rows.spec.name,
                 "data": str(rows.spec.path),
                 "training_data": rows.training_data,
+                "seen_in_training": rows.seen,
                 "results": {model: results[model][rows.spec.name] for model in results},
             }
             for rows in sets
@@ -365,6 +383,12 @@ def _footnotes(report: dict[str, Any]) -> list[str]:
         "rows of the run's test split alone.",
         "The mean weighs every set alike; its n is their sum.",
     ]
+    for entry in report["sets"]:
+        if entry["seen_in_training"] and not entry["training_data"]:
+            notes.append(
+                f"{entry['name']}: {entry['seen_in_training']} of its rows repeat sentences the "
+                "run trained or validated on, so it is not wholly held out."
+            )
     if ZERO_SHOT in report["models"]:
         notes.append("zero-shot: the base model without the adapter.")
     shots = report.get("few_shot")
