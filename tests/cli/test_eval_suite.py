@@ -17,6 +17,7 @@ from cli_support import Result, assert_user_error
 from finlora.config import RunConfig
 from finlora.data import FPB_LABELS
 from finlora.data.loaders import load_fpb
+from finlora.data.prepare import PreparedData
 from finlora.errors import FinloraError
 from finlora.evaluate.fewshot import check_few_shot, few_shot_examples
 from finlora.evaluate.suite import TRAINING_MARK
@@ -112,6 +113,7 @@ def test_suite_figures_equal_eval_of_each_set(
     # rows that repeat a training or validation sentence, and says so under the table.
     run = Run.open(trained)
     data = run.prepared()
+    assert isinstance(data, PreparedData)
     trained_on = {data.examples[i].text for i in (*run.split.train, *run.split.validation)}
     with csv_file.open(encoding="utf-8") as fh:
         news_texts = [row["headline"] for row in csv.DictReader(fh)]
