@@ -20,7 +20,7 @@ from finlora.data.loaders import load_fpb
 from finlora.data.prepare import PreparedData
 from finlora.errors import FinloraError
 from finlora.evaluate.fewshot import check_few_shot, few_shot_examples
-from finlora.evaluate.suite import TRAINING_MARK
+from finlora.evaluate.suite import TRAINING_MARK, evaluate_suite, load_suite
 from finlora.runs import Run
 
 LABEL_MAP = "0=negative,1=neutral,2=positive"
@@ -228,3 +228,14 @@ def test_suite_names_the_set_of_an_unknown_label(
     suite = tmp_path / "s.yaml"
     suite.write_text(f"sets:\n  - name: odd\n    path: {data}\n", encoding="utf-8")
     assert_user_error(cli("eval", trained, "--suite", suite), "suite set 'odd'", "'bullish'")
+
+
+def test_suite_and_few_shot_refuse_an_instruct_run(
+    trained: Path, tiny_cfg: Callable[..., RunConfig], suite_file: Path
+) -> None:
+    run = Run.open(trained)
+    instruct = dataclasses.replace(run, config=tiny_cfg("task=instruct"))
+    with pytest.raises(FinloraError, match="--few-shot: .*'s task is instruct"):
+        check_few_shot(instruct)
+    with pytest.raises(FinloraError, match="--suite: .*'s task is instruct"):
+        evaluate_suite(instruct, load_suite(suite_file))

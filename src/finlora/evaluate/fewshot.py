@@ -95,7 +95,7 @@ def check_few_shot(run: Run, trust_remote_code: bool = False) -> None:
     cfg = run.config
     if run.task != "classify":
         raise FinloraError(
-            f"--few-shot: scores labels of a classification run; {run.root} is an {run.task} run"
+            f"--few-shot: scores labels of a classification run; {run.root}'s task is {run.task}"
         )
     if model_kind(cfg.model.name, cfg.model.kind, trust_remote_code) == "encoder":
         raise FinloraError(
@@ -108,7 +108,7 @@ def few_shot_examples(run: Run, k: int) -> list[Example]:
     """The run's K few-shot examples: from its training split, fixed by its seed."""
     data = run.prepared()
     if not isinstance(data, PreparedData):
-        raise FinloraError(f"--few-shot: {run.root} is an {run.task} run, not a classification run")
+        raise FinloraError(f"--few-shot: {run.root}'s task is {run.task}, not classify")
     train = [data.examples[i] for i in run.split.train]
     return pick_examples(train, k, run.config.seed, run.labels)
 

@@ -302,7 +302,7 @@ def evaluate_suite(
     `report_files`. Raises FinloraError on a run of another task, an encoder run with a
     baseline, or a set that cannot be read (naming it)."""
     if run.task != "classify":
-        raise FinloraError(f"--suite: scores classification sets; {run.root} is a {run.task} run")
+        raise FinloraError(f"--suite: scores classification sets; {run.root}'s task is {run.task}")
     examples = None
     if few_shot is not None:
         check_few_shot(run, trust_remote_code)
