@@ -64,7 +64,7 @@ DATA_FORMATS = ("auto", "fpb", "csv", "tsv", "jsonl", "parquet", "xlsx", "hf", "
 FPB_AGREEMENTS = ("all", "75", "66", "50")
 # A source's name becomes part of report file names (eval/test-NAME.json).
 _SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".txt")
+_TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".txt", ".parquet", ".xlsx")
 
 
 @dataclass
@@ -157,9 +157,10 @@ class DataConfig:
     )
     format: str = opt(
         "auto",
-        "fpb (a Financial PhraseBank directory or Sentences_*.txt file), csv, tsv, jsonl, or "
-        "synthetic (a generated financial sentiment set). auto: by the file's suffix, a "
-        "directory or .txt file being fpb.",
+        "fpb (a Financial PhraseBank directory or Sentences_*.txt file), csv, tsv, jsonl, "
+        "parquet, xlsx (the first sheet), hf (a directory written by datasets' save_to_disk), "
+        "or synthetic (a generated financial sentiment set). auto: by the file's suffix; a "
+        "directory with dataset_info.json is hf, another directory or a .txt file fpb.",
     )
     agreement: str = opt(
         "all",

@@ -35,7 +35,7 @@ TUNED, ZERO_SHOT = "tuned", "zero-shot"
 FIGURES = ("accuracy", "macro_f1", "weighted_f1", "ece", "n")
 _COLUMNS = ("accuracy", "macro-F1", "weighted-F1", "ECE", "n")
 TRAINING_MARK = "(training data: only its test split is held out)"
-_FORMATS = ("auto", "fpb", "csv", "tsv", "jsonl")
+_FORMATS = ("auto", "fpb", "csv", "tsv", "jsonl", "parquet", "xlsx", "hf")
 _AGREEMENTS = ("all", "75", "66", "50")
 _SET_KEYS = (
     "name", "path", "format", "agreement", "text_column", "label_column", "label_map",
