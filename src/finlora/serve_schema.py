@@ -1,16 +1,18 @@
-"""The HTTP server's request bodies and their limits: what a client may send, checked by
-pydantic before any work starts (a bad field is a 422 naming it)."""
+"""The HTTP server's request bodies and their limits: what a client may send, checked before any
+work starts. pydantic checks a body's shape; `ServeLimits`, set when the server starts, bounds
+its sizes. A bad field is a 422 naming it either way."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from finlora.generate import MAX_NEW_TOKENS, GenerationOptions
+from finlora.serve_limits import ServeLimits
 
-MAX_TEXTS = 1024  # sentences in one /predict request
-MAX_REPORT_CHARS = 2_000_000  # one /analyze report: a long annual report's text
 API_KEY_ENV = "FINLORA_API_KEY"
 ROUTES = {
     "classify": ("/predict", "/analyze"),
@@ -37,6 +39,37 @@ Unicode = Annotated[str, AfterValidator(_unicode)]
 Text = Annotated[Unicode, AfterValidator(_not_blank)]
 
 
+# A limit error in pydantic's shape (what FastAPI's 422 lists), `loc` inside the body.
+LimitError = dict[str, Any]
+
+
+def _chars(loc: tuple[str | int, ...], text: str, limit: int) -> Iterator[LimitError]:
+    if len(text) > limit:
+        yield {
+            "type": "string_too_long",
+            "loc": ("body", *loc),
+            "msg": f"String should have at most {limit} characters",
+        }
+
+
+def _items(loc: tuple[str | int, ...], items: list[Any], limit: int) -> Iterator[LimitError]:
+    if len(items) > limit:
+        yield {
+            "type": "too_long",
+            "loc": ("body", *loc),
+            "msg": f"List should have at most {limit} items",
+        }
+
+
+def _at_most(loc: tuple[str | int, ...], value: int | None, limit: int) -> Iterator[LimitError]:
+    if value is not None and value > limit:
+        yield {
+            "type": "less_than_equal",
+            "loc": ("body", *loc),
+            "msg": f"Input should be less than or equal to {limit}",
+        }
+
+
 # finlora's own routes refuse a field they do not know (a misspelt "temprature" would be ignored
 # in silence); the OpenAI route accepts the many options its clients send (ChatRequest).
 STRICT = ConfigDict(extra="forbid")
@@ -44,14 +77,25 @@ STRICT = ConfigDict(extra="forbid")
 
 class PredictRequest(BaseModel):
     model_config = STRICT
-    texts: Annotated[list[Text], Field(min_length=1, max_length=MAX_TEXTS)]
+    texts: Annotated[list[Text], Field(min_length=1)]
+    # Off by default: the client has its texts, and sending them back doubles the answer.
+    echo: bool = Field(False, description="Repeat each text in its prediction.")
+
+    def over_limits(self, limits: ServeLimits) -> Iterator[LimitError]:
+        yield from _items(("texts",), self.texts, limits.max_texts)
+        for i, text in enumerate(self.texts):
+            yield from _chars(("texts", i), text, limits.max_text_chars)
 
 
 class AnalyzeRequest(BaseModel):
     model_config = STRICT
-    text: Annotated[Text, Field(max_length=MAX_REPORT_CHARS)]
+    text: Text
     top: Annotated[int, Field(ge=0, le=100)] = 5
     source: Unicode = "request"
+
+    def over_limits(self, limits: ServeLimits) -> Iterator[LimitError]:
+        yield from _chars(("text",), self.text, limits.max_report_chars)
+        yield from _chars(("source",), self.source, limits.max_text_chars)
 
 
 class Decoding(BaseModel):
@@ -75,6 +119,18 @@ class GenerateRequest(Decoding):
     instruction: Text
     input: Unicode = ""
     system: Unicode | None = None
+    echo: bool = Field(False, description="Repeat the instruction and input in the answer.")
+
+    def over_limits(self, limits: ServeLimits) -> Iterator[LimitError]:
+        for name in ("instruction", "input", "system"):
+            yield from _chars((name,), getattr(self, name) or "", limits.max_text_chars)
+        if "max_new_tokens" in self.model_fields_set:
+            yield from _at_most(("max_new_tokens",), self.max_new_tokens, limits.max_tokens)
+
+    def limited_options(self, limits: ServeLimits) -> GenerationOptions:
+        """`options()`, the default answer length cut to the server's limit."""
+        options = self.options()
+        return replace(options, max_new_tokens=min(options.max_new_tokens, limits.max_tokens))
 
 
 class TextPart(BaseModel):
@@ -127,6 +183,18 @@ class ChatRequest(BaseModel):
             raise ValueError("the last (user) message must not be empty")
         return messages
 
+    def over_limits(self, limits: ServeLimits) -> Iterator[LimitError]:
+        yield from _items(("messages",), self.messages, limits.max_messages)
+        for i, message in enumerate(self.messages):
+            yield from _chars(("messages", i, "content"), message.text, limits.max_text_chars)
+        for name in ("max_tokens", "max_completion_tokens"):
+            yield from _at_most((name,), getattr(self, name), limits.max_tokens)
+
     def options(self) -> GenerationOptions:
         limit = self.max_completion_tokens or self.max_tokens or Decoding().max_new_tokens
         return GenerationOptions(limit, self.temperature, self.top_p, 0, self.seed)
+
+    def limited_options(self, limits: ServeLimits) -> GenerationOptions:
+        """`options()`, the default answer length cut to the server's limit."""
+        options = self.options()
+        return replace(options, max_new_tokens=min(options.max_new_tokens, limits.max_tokens))

@@ -1,19 +1,21 @@
 """`finlora serve`: the HTTP routes on tiny classify and instruct runs (FastAPI's test client),
 what they answer against the library calls behind `finlora predict` and `finlora generate`, the
-refusals, and the real command listening on 127.0.0.1."""
+refusals, the limits (413, 422 naming the field, 503), /predict's shared batches, and the real
+command listening on 127.0.0.1."""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,12 @@ from test_instruct_cli import instruct_rows
 
 from finlora.chat import answer, instruction_prompt
 from finlora.config import load_config
+from finlora.errors import FinloraError
 from finlora.generate import GenerationOptions
 from finlora.inference import LoadedRun, load_run
 from finlora.report import analyze
 from finlora.serve import PredictQueue, create_app, is_loopback
+from finlora.serve_limits import BodyLimit, ServeLimits, release_memory
 from finlora.train import train
 
 TEXTS = [
@@ -109,7 +113,10 @@ def test_predict_answers_as_the_library_does(
     assert response.status_code == 200
     served = response.json()["predictions"]
     expected = [p.to_dict() for p in classify_loaded.predict(TEXTS, progress=False)]
-    assert served == expected
+    # The texts are not sent back unless asked for: the client has them, in this order.
+    assert served == [{k: v for k, v in row.items() if k != "text"} for row in expected]
+    echoed = classify_client.post("/predict", json={"texts": TEXTS, "echo": True})
+    assert echoed.json()["predictions"] == expected
     for row in served:
         assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
         assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
@@ -210,6 +217,7 @@ def test_predict_refuses_a_lone_surrogate(classify_client: TestClient) -> None:
 def test_predict_refuses_too_many_texts(classify_client: TestClient) -> None:
     response = classify_client.post("/predict", json={"texts": ["Sales rose."] * 1025})
     assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "texts"]
 
 
 def test_instruct_routes_refuse_a_classify_run(classify_client: TestClient) -> None:
@@ -262,8 +270,10 @@ def test_generate_answers_as_the_library_does(
     assert response.status_code == 200
     served = response.json()
     assert served["answer"] == _library_answer(instruct_loaded, "What is EBITDA?", 12)
-    assert served["instruction"] == "What is EBITDA?"
+    assert served.keys() == {"answer", "finish_reason"}  # the question is not sent back ...
     assert served["finish_reason"] in ("stop", "length")
+    echoed = instruct_client.post("/generate", json={**body, "echo": True}).json()
+    assert echoed == {"instruction": "What is EBITDA?", "input": "", **served}  # ... unless asked
     # The tiny run's Alpaca template has no system prompt, and /info says so.
     assert instruct_client.get("/info").json()["system_prompt"] is False
 
@@ -513,6 +523,324 @@ def test_chat_refuses_bad_conversations(
     assert response.status_code == 422
 
 
+# ---- limits ------------------------------------------------------------------------------------
+
+LIMITS = ServeLimits(
+    max_body_bytes=20_000, max_text_chars=60, max_texts=3, max_report_chars=300,
+    max_messages=2, max_tokens=16,
+)  # fmt: skip
+SECRET = "Confidential: the merger closes on Friday. "  # what no refusal may send back
+
+
+@pytest.fixture(scope="module")
+def limited_classify(classify_loaded: LoadedRun) -> TestClient:
+    return TestClient(create_app(classify_loaded, limits=LIMITS))
+
+
+@pytest.fixture(scope="module")
+def limited_instruct(instruct_loaded: LoadedRun) -> TestClient:
+    return TestClient(create_app(instruct_loaded, limits=LIMITS))
+
+
+def test_a_body_over_the_limit_by_its_length_is_a_413(limited_classify: TestClient) -> None:
+    body = json.dumps({"texts": [SECRET] * 600}).encode()  # 27 KB
+    response = limited_classify.post(
+        "/predict", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    assert response.headers["connection"] == "close"
+    assert "20000 bytes" in response.json()["detail"] and SECRET not in response.text
+    # Under the limit the same route answers.
+    assert limited_classify.post("/predict", json={"texts": TEXTS[:1]}).status_code == 200
+
+
+def test_a_chunked_body_over_the_limit_is_a_413(limited_classify: TestClient) -> None:
+    def chunks() -> Any:  # no Content-Length: sent chunked
+        yield b'{"texts": ["'
+        for _ in range(100):
+            yield SECRET.encode() * 10
+        yield b'"]}'
+
+    response = limited_classify.post(
+        "/predict", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413 and SECRET not in response.text
+
+
+def test_the_body_limit_stops_reading_at_the_limit() -> None:
+    """A streamed body is counted as it comes, and not read past the limit."""
+    import asyncio
+
+    sent: list[Any] = []
+    read = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # reads the whole body first
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def receive() -> dict[str, Any]:
+        nonlocal read
+        read += 1
+        return {"type": "http.request", "body": b"x" * 1000, "more_body": read < 1000}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": []}
+    asyncio.run(BodyLimit(app, max_bytes=10_000)(scope, receive, send))
+    assert read == 11  # 11,000 bytes of the 1,000,000 sent
+    assert sent[0]["status"] == 413 and len(sent) == 2
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "loc"),
+    [
+        ("/predict", {"texts": ["Sales rose.", SECRET * 2]}, ["body", "texts", 1]),
+        ("/predict", {"texts": [SECRET[:20]] * 4}, ["body", "texts"]),
+        ("/analyze", {"text": SECRET * 8}, ["body", "text"]),
+        ("/analyze", {"text": "Sales rose.", "source": SECRET * 2}, ["body", "source"]),
+    ],
+)
+def test_classify_fields_past_their_limits_are_a_422_naming_them(
+    limited_classify: TestClient, route: str, body: dict[str, Any], loc: list[Any]
+) -> None:
+    response = limited_classify.post(route, json=body)
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == loc
+    assert error.keys() == {"type", "loc", "msg"}
+    assert SECRET[:20] not in response.text  # neither the input nor a piece of it
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "loc"),
+    [
+        ("/generate", {"instruction": SECRET * 2}, ["body", "instruction"]),
+        ("/generate", {"instruction": "Define EBIT.", "input": SECRET * 2}, ["body", "input"]),
+        ("/generate", {"instruction": "Define EBIT.", "system": SECRET * 2}, ["body", "system"]),
+        (
+            "/generate",
+            {"instruction": "Define EBIT.", "max_new_tokens": 17},
+            ["body", "max_new_tokens"],
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": SECRET[:20]}] * 3},
+            ["body", "messages"],
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": SECRET * 2}]},
+            ["body", "messages", 0, "content"],
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": SECRET * 2}]}]},
+            ["body", "messages", 0, "content"],
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 17},
+            ["body", "max_tokens"],
+        ),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_completion_tokens": 999,
+                "stream": True,
+            },
+            ["body", "max_completion_tokens"],
+        ),
+    ],  # fmt: skip
+)
+def test_instruct_fields_past_their_limits_are_a_422_naming_them(
+    limited_instruct: TestClient, route: str, body: dict[str, Any], loc: list[Any]
+) -> None:
+    response = limited_instruct.post(route, json=body)
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == loc
+    assert error.keys() == {"type", "loc", "msg"}
+    assert SECRET[:20] not in response.text
+
+
+def test_the_default_answer_length_is_cut_to_the_limit(
+    limited_instruct: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finlora import serve
+    from finlora.generate import Reply
+
+    asked: list[int] = []
+
+    def short(loaded: Any, prompt: Any, options: GenerationOptions, write: Any) -> Reply:
+        asked.append(options.max_new_tokens)
+        return Reply("EBIT is earnings before interest and taxes.", 9, False)
+
+    monkeypatch.setattr(serve, "answer", short)
+    assert limited_instruct.post("/generate", json={"instruction": "Hi"}).status_code == 200
+    chat = {"messages": [{"role": "user", "content": "Hi"}]}
+    assert limited_instruct.post("/v1/chat/completions", json=chat).status_code == 200
+    assert asked == [16, 16]  # not the usual 256: the server's --max-tokens
+
+
+def test_info_lists_the_limits(limited_classify: TestClient) -> None:
+    assert limited_classify.get("/info").json()["limits"] == LIMITS.to_dict()
+
+
+def test_a_full_server_answers_503_with_retry_after(
+    classify_loaded: LoadedRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = TestClient(create_app(classify_loaded, limits=ServeLimits(queue_size=1)))
+    at_model, go_on = threading.Event(), threading.Event()
+    predict = classify_loaded.predict
+
+    def held(texts: list[str], progress: bool = True) -> Any:
+        at_model.set()
+        assert go_on.wait(timeout=30)
+        return predict(texts, progress=progress)
+
+    monkeypatch.setattr(classify_loaded, "predict", held)
+    first: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: first.append(client.post("/predict", json={"texts": TEXTS[:1]}))
+    )
+    thread.start()
+    try:
+        assert at_model.wait(timeout=30)  # the one place is taken
+        busy = client.post("/predict", json={"texts": TEXTS[1:2]})
+        assert busy.status_code == 503
+        assert busy.headers["retry-after"] == "1"
+        assert "busy" in busy.json()["detail"]
+        assert client.get("/health").status_code == 200  # what needs no model still answers
+    finally:
+        go_on.set()
+        thread.join(timeout=60)
+    assert first[0].status_code == 200
+    # The place is free again.
+    assert client.post("/predict", json={"texts": TEXTS[1:2]}).status_code == 200
+
+
+def test_a_long_request_shares_the_model_with_a_short_one() -> None:
+    """A long request's texts go in batches, the short request's text in the first of them:
+    the short one is answered before the long one."""
+    lock = threading.Lock()
+    calls: list[list[str]] = []
+    finished: list[str] = []
+    short_answered = threading.Event()
+
+    def score(texts: list[str]) -> list[str]:
+        calls.append(texts)
+        if len(calls) == 2:  # the long request cannot end before the short one is answered
+            assert short_answered.wait(timeout=30)
+        return [f"scored {t}" for t in texts]
+
+    queue = PredictQueue(lock, score, batch_size=4)
+    long = [f"long {i}" for i in range(10)]
+    results: dict[str, Any] = {}
+
+    def send(name: str, texts: list[str]) -> None:
+        results[name] = queue.predict(texts)
+        finished.append(name)
+        if name == "short":
+            short_answered.set()
+
+    threads = {
+        "long": threading.Thread(target=send, args=("long", long)),
+        "short": threading.Thread(target=send, args=("short", ["short 0"])),
+    }
+    with lock:  # the model is busy: both wait, the long one queued first
+        for n, name in enumerate(("long", "short"), start=1):
+            threads[name].start()
+            deadline = time.monotonic() + 30
+            while queue.pending < n and time.monotonic() < deadline:
+                time.sleep(0.01)
+    for thread in threads.values():
+        thread.join(timeout=60)
+    assert finished == ["short", "long"]
+    assert calls[0] == [
+        "long 0",
+        "long 1",
+        "long 2",
+        "short 0",
+    ]  # the short one's text in the first
+    assert all(len(c) <= 4 for c in calls)
+    assert [t for c in calls for t in c if t.startswith("long")] == long  # in order, once each
+    assert results["long"] == [f"scored {t}" for t in long]
+    assert results["short"] == ["scored short 0"]
+
+
+def test_a_long_request_that_finds_the_model_idle_is_scored_in_batches() -> None:
+    calls: list[int] = []
+
+    def score(texts: list[str]) -> list[str]:
+        calls.append(len(texts))
+        return texts
+
+    queue = PredictQueue(threading.Lock(), score, batch_size=4)
+    assert queue.predict([str(i) for i in range(10)]) == [str(i) for i in range(10)]
+    assert calls == [4, 4, 2]
+    assert queue.predict(["a", "b"]) == ["a", "b"] and calls[-1] == 2
+
+
+def test_memory_is_handed_back_after_a_large_request(
+    classify_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finlora import serve
+
+    released: list[int] = []
+    monkeypatch.setattr(serve, "release_memory", lambda: released.append(1))
+    monkeypatch.setattr(serve, "LARGE_REQUEST_CHARS", 100)
+    assert classify_client.post("/predict", json={"texts": TEXTS[:1]}).status_code == 200
+    assert released == []  # a small request: no gc pass
+    assert classify_client.post("/predict", json={"texts": TEXTS * 2}).status_code == 200
+    assert released == [1]
+    release_memory()  # the real one: glibc's malloc_trim where there is one, no error elsewhere
+
+
+def test_the_heap_is_trimmed_once_the_server_is_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    from finlora import serve_limits
+
+    trimmed = threading.Event()
+    monkeypatch.setattr(serve_limits, "trim_heap", trimmed.set)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    async def nothing(*_: Any) -> Any:
+        pass
+
+    middleware = serve_limits.TrimWhenIdle(app, idle_s=0.01)
+    scope = {"type": "http", "method": "GET", "path": "/health", "headers": []}
+    asyncio.run(middleware(scope, nothing, nothing))
+    assert middleware.watcher is None  # no model work yet: nothing to trim
+    asyncio.run(middleware({**scope, "method": "POST"}, nothing, nothing))
+    assert trimmed.wait(timeout=30)
+    assert not middleware.worked.is_set()
+
+
+@pytest.mark.parametrize(
+    ("changes", "option"),
+    [
+        ({"max_texts": 0}, "--max-texts"),
+        ({"queue_size": -1}, "--queue-size"),
+        ({"max_tokens": 5000}, "--max-tokens"),
+    ],  # fmt: skip
+)
+def test_limits_are_checked_where_they_are_made(changes: dict[str, int], option: str) -> None:
+    with pytest.raises(FinloraError, match=option):
+        ServeLimits(**changes)
+
+
+def test_serve_refuses_a_bad_limit_in_one_line(cli: Callable[..., Result], tmp_path: Path) -> None:
+    assert_user_error(cli("serve", tmp_path / "nowhere", "--max-body-bytes", 0), "--max-body-bytes")
+
+
 # ---- the command -------------------------------------------------------------------------------
 
 
@@ -530,14 +858,30 @@ def _post(url: str, body: dict[str, Any]) -> Any:
         return json.load(response)
 
 
+def _raw_post(port: int, header: bytes, body: Iterator[bytes]) -> bytes:
+    """A POST /predict written to the socket by hand, as a client that sends its body until the
+    server answers; the start of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\n" + header + b"\r\n")
+        for piece in body:
+            if select.select([sock], [], [], 0)[0]:  # answered: the rest is not wanted
+                break
+            try:
+                sock.sendall(piece)
+            except OSError:  # the server closed the connection after its answer
+                break
+        return sock.recv(4096)
+
+
 def test_serve_listens_on_loopback_and_predicts(
     classify_run: Path, classify_loaded: LoadedRun, tmp_path: Path
 ) -> None:
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     log = (tmp_path / "serve.log").open("w+")
+    command = ["serve", str(classify_run), "--port", str(port), "--max-body-bytes", "100000"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "finlora.cli", "serve", str(classify_run), "--port", str(port)],
+        [sys.executable, "-m", "finlora.cli", *command],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -561,6 +905,14 @@ def test_serve_listens_on_loopback_and_predicts(
         for got, want in zip(served, expected, strict=True):
             for label, p in want["probabilities"].items():
                 assert got["probabilities"][label] == pytest.approx(p, abs=1e-5)
+        # 50 MB bodies, announced and chunked: refused after at most the limit is read.
+        piece = b"x" * 100_000
+        announced = _raw_post(port, b"Content-Length: 50000000\r\n", (piece for _ in range(500)))
+        chunked = (b"%x\r\n" % len(piece) + piece + b"\r\n" for _ in range(500))
+        unannounced = _raw_post(port, b"Transfer-Encoding: chunked\r\n", chunked)
+        for head in (announced, unannounced):
+            assert head.startswith(b"HTTP/1.1 413 "), head
+        assert _post(f"{base}/predict", {"texts": TEXTS[:1]})["predictions"]  # still serving
     finally:
         proc.terminate()
         proc.wait(timeout=30)

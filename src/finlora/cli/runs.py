@@ -436,6 +436,21 @@ def export(
         click.echo(line)
 
 
+def _serve_limit_options(fn: Any) -> Any:
+    """An option for each of ServeLimits' fields (--max-body-bytes, ...), with its default and
+    help; the command gets them as keyword arguments of the same names."""
+    from dataclasses import fields
+
+    from finlora.serve_limits import ServeLimits
+
+    for f in reversed(fields(ServeLimits)):
+        option = "--" + f.name.replace("_", "-")
+        fn = click.option(
+            option, f.name, type=int, default=f.default, show_default=True, help=f.metadata["help"]
+        )(fn)
+    return fn
+
+
 @click.command()
 @run_dir_argument
 @click.option(
@@ -446,6 +461,7 @@ def export(
 )
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @zero_shot_option("Serve the base model without the adapter.")
+@_serve_limit_options
 @speed_option
 @trust_remote_code_option
 def serve(
@@ -455,14 +471,23 @@ def serve(
     zero_shot: bool,
     speed: tuple[str, ...],
     trust_remote_code: bool,
+    **limits: int,
 ) -> None:
     """Serve a trained run over HTTP: /predict for a classification run, /generate and an
     OpenAI-style /v1/chat/completions for an instruct run; /health, /info, and /docs. With
     $FINLORA_API_KEY set, requests need `Authorization: Bearer $FINLORA_API_KEY`.
 
+    Each request is held to the limits below: a body over --max-body-bytes is refused with 413
+    before it is read; a text, list or answer length past its limit with 422 naming the field;
+    and with --queue-size requests already in the server, a new one gets 503 and Retry-After.
+    /info lists the limits. /predict answers a label and probabilities for each text, in order;
+    `"echo": true` in the body repeats the texts too (and the instruction and input of
+    /generate).
+
     \b
     Example:
       finlora serve runs/fpb
+      finlora serve runs/fpb --max-texts 64 --queue-size 16
       curl -s localhost:8000/predict -H 'content-type: application/json' \\
           -d '{"texts": ["Net sales fell 12 % to EUR 3.1 mn."]}'
     """
@@ -471,8 +496,10 @@ def serve(
     from finlora.inference import load_run
     from finlora.runs import RunDir
     from finlora.serve import check_bindable, create_app, is_loopback
+    from finlora.serve_limits import ServeLimits
     from finlora.serve_schema import API_KEY_ENV, ROUTES
 
+    serve_limits = ServeLimits(**limits)  # a bad limit fails before the model loads
     RunDir(run_dir).require_trained()
     check_bindable(host, port)  # before the model loads (~20 s): a taken port fails at once
     api_key = os.environ.get(API_KEY_ENV) or None
@@ -486,4 +513,5 @@ def serve(
     )
     routes = ", ".join(ROUTES[loaded.task])
     echo_err(f"finlora serve: {run_dir} ({loaded.task}): POST {routes}; API docs at /docs")
-    uvicorn.run(create_app(loaded, api_key), host=host, port=port, log_level="info")
+    app = create_app(loaded, api_key, serve_limits)
+    uvicorn.run(app, host=host, port=port, log_level="info")
