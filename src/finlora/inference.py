@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from finlora.calibration import calibrated
 from finlora.config import RunConfig, with_speed_overrides
 from finlora.errors import FinloraError
 from finlora.methods import load_adapter, merged_for_inference
@@ -75,8 +76,22 @@ class LoadedRun:
     def require_task(self, task: str, instead: str) -> None:
         _check_task(self.run.root, self.task, task, instead)
 
-    def proba(self, texts: Sequence[str], progress: bool = True) -> np.ndarray:
-        """Label probabilities, (N, K) in `labels` order."""
+    @property
+    def temperature(self) -> float:
+        """What the tuned run's label scores are divided by before their softmax (its
+        calibration; 1.0 for the base model, or a run without one)."""
+        calibration = None if self.zero_shot else self.run.calibration()
+        return calibration.temperature if calibration is not None else 1.0
+
+    def proba(
+        self, texts: Sequence[str], progress: bool = True, calibrate: bool = True
+    ) -> np.ndarray:
+        """Label probabilities, (N, K) in `labels` order; calibrated by the run's temperature
+        unless `calibrate` is off (the argmax is the same either way)."""
+        probs = self._proba(texts, progress)
+        return calibrated(probs, self.temperature) if calibrate else probs
+
+    def _proba(self, texts: Sequence[str], progress: bool) -> np.ndarray:
         speed = self.cfg.speed
         return predict_proba(
             self.model,

@@ -13,6 +13,8 @@ RUN_DIR/
   metrics.jsonl       one JSON record per log step and per epoch
   loss_curve.png
   manifest.json       base model and data sha256, seed, versions, git commit, timings (`Manifest`)
+  calibration.json    a classification run's temperature, fitted on its validation split at
+                      the best epoch (`Calibration`)
   checkpoints/        step-NNNNNN/ for --resume
   eval/               reports written by `finlora eval`
 
@@ -26,6 +28,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import math
 import platform
 import shutil
 import subprocess
@@ -70,6 +73,7 @@ class RunDir:
     metrics = property(lambda self: self.root / "metrics.jsonl")
     loss_curve = property(lambda self: self.root / "loss_curve.png")
     manifest = property(lambda self: self.root / "manifest.json")
+    calibration = property(lambda self: self.root / "calibration.json")
     checkpoints = property(lambda self: self.root / "checkpoints")
     eval_dir = property(lambda self: self.root / "eval")
 
@@ -462,6 +466,37 @@ class Manifest:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """calibration.json: the temperature that divides the run's label scores before their
+    softmax, and the validation ECE before and after it."""
+
+    temperature: float
+    epoch: int
+    val_ece: float
+    val_ece_calibrated: float
+    fit_on: str = "validation split"
+
+    def write(self, path: Path) -> None:
+        atomic.write_json(path, dataclasses.asdict(self))
+
+    @classmethod
+    def read(cls, path: Path) -> Calibration | None:
+        """The run's calibration; None for a run without one (instruct, no validation split,
+        or older than calibration)."""
+        if not path.is_file():
+            return None
+        raw = read_json(path)
+        try:
+            calibration = cls(**raw)
+            valid = math.isfinite(calibration.temperature) and calibration.temperature > 0
+        except TypeError:
+            valid = False
+        if not valid:
+            raise FinloraError(f"{path}: malformed (no positive temperature)")
+        return calibration
+
+
+@dataclass(frozen=True)
 class Run:
     """A trained run, opened once: its layout, config and split, read and checked."""
 
@@ -490,6 +525,9 @@ class Run:
 
     def manifest(self) -> Manifest | None:
         return Manifest.read(self.dir.manifest)
+
+    def calibration(self) -> Calibration | None:
+        return Calibration.read(self.dir.calibration)
 
     def check_data_unchanged(self, data: Prepared | None = None) -> None:
         """Raise unless the run's data can be rebuilt as it trained on it: every file there

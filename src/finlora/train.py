@@ -48,7 +48,14 @@ from finlora.models import EMBEDDED, BaseModel, Placement, load_base_model
 from finlora.models.device import set_gradient_checkpointing
 from finlora.models.loading import sha256_file
 from finlora.plots import plot_loss_curve
-from finlora.runs import Manifest, RunDir, SplitRecord, git_commit, library_versions
+from finlora.runs import (
+    Calibration,
+    Manifest,
+    RunDir,
+    SplitRecord,
+    git_commit,
+    library_versions,
+)
 from finlora.scoring import is_prompt_learning
 from finlora.tasks import Codec, codec_for
 from finlora.tasks.classify import length_grouped_batches
@@ -277,12 +284,24 @@ def _end_epoch(
         progress.best_epoch = progress.epoch + 1
         if world.is_main:
             _save_dir(run.adapter, lambda tmp: save_adapter(model, s.cfg, tmp))
+            _save_calibration(run, metrics, progress.epoch + 1)
         row["best"] = True
     if world.is_main:
         _append_metrics(run, row)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
     log(f"epoch {row['epoch']}: {shown}{' (best so far)' if row.get('best') else ''}")
     return row
+
+
+def _save_calibration(run: RunDir, metrics: dict[str, float], epoch: int) -> None:
+    """Keep the best epoch's temperature beside its adapter (classification runs only)."""
+    if "val_temperature" not in metrics:
+        return
+    calibration = Calibration(
+        metrics["val_temperature"], epoch, metrics["val_ece"], metrics["val_ece_calibrated"]
+    )
+    with atomic.write_errors(run.calibration):
+        calibration.write(run.calibration)
 
 
 def _checkpoint(run: RunDir, model: Any, opt: Any, sched: Any, progress: Progress) -> None:

@@ -277,7 +277,9 @@ def test_reloaded_run_scores_as_in_memory_model(
 
     loaded = load_run(output)
     expected = predict_proba(model, loaded.codec, TEXTS, progress=False)
-    np.testing.assert_allclose(loaded.proba(TEXTS, progress=False), expected, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.proba(TEXTS, progress=False, calibrate=False), expected, atol=1e-6
+    )
     predictions = loaded.predict(TEXTS, progress=False)
     assert [p.label for p in predictions] == [FPB_LABELS[i] for i in expected.argmax(1)]
 
@@ -302,7 +304,9 @@ def test_zero_shot_load_is_the_base_model(
     loaded = load_run(output, zero_shot=True)
     base = load_base_model(str(tiny_causal_dir))
     expected = predict_proba(base.model, loaded.codec, TEXTS, progress=False)
-    np.testing.assert_allclose(loaded.proba(TEXTS, progress=False), expected, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.proba(TEXTS, progress=False, calibrate=False), expected, atol=1e-6
+    )
     tuned = load_run(output).proba(TEXTS, progress=False)
     assert np.abs(tuned - expected).max() > 1e-4
 

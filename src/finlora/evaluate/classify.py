@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from finlora import atomic
+from finlora.calibration import calibrated
 from finlora.config import DataConfig
 from finlora.data import Example
 from finlora.data.loaders import format_for, parse_label_map, reads_as_fpb, repair_note, run_reading
@@ -116,7 +117,8 @@ def evaluate_classify(
     data = (
         _file_rows(loaded, data_path, options) if data_path is not None else _run_test_rows(loaded)
     )
-    probs = loaded.proba([e.text for e in data.examples], progress)
+    raw = loaded.proba([e.text for e in data.examples], progress, calibrate=False)
+    probs = calibrated(raw, loaded.temperature)
     predicted = [loaded.labels[i] for i in probs.argmax(1)]
     gold = [e.label for e in data.examples]
     metrics = classification_metrics(gold, predicted, probs, loaded.labels)
@@ -126,6 +128,9 @@ def evaluate_classify(
             "data": data.description,
             "zero_shot": loaded.zero_shot,
             "synthetic": loaded.run.split.synthetic and data_path is None,
+            # The scores as the model gives them, before the run's temperature divides them.
+            "temperature": loaded.temperature,
+            "ece_uncalibrated": classification_metrics(gold, predicted, raw, loaded.labels)["ece"],
         }
     )
     if data.sources:

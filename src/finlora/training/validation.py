@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from finlora.calibration import ece_of, fit_temperature
 from finlora.config import SpeedConfig
 from finlora.distributed import World
 from finlora.models import Placement
@@ -92,10 +93,15 @@ def validate(
     gold = np.array([f.label for f in features])
     tokens = sum(len(codec.label_ids[g]) for g in gold)
     loss = float(-scored[np.arange(len(gold)), gold].sum() / tokens)
+    # The temperature that would calibrate this epoch's scores: the best epoch's is kept.
+    temperature = fit_temperature(scored, gold)
     return {
         "val_loss": loss,
         "val_perplexity": _perplexity(loss),
         "val_accuracy": float((scored.argmax(1) == gold).mean()),
+        "val_ece": ece_of(scored, gold),
+        "val_temperature": temperature,
+        "val_ece_calibrated": ece_of(scored, gold, temperature),
     }
 
 
