@@ -6,7 +6,7 @@ sentences), the others what a server in the open must refuse: 10% with a text fa
 --max-text-chars (422), 5% with more texts than --max-texts (422), 5% malformed JSON (422) and 2%
 50 MB bodies, half announced by Content-Length and half chunked (413). Prints the requests by
 status code, the latency of the good ones, and the server's RSS before the load (after a
-warm-up of 10 requests a client) and after it.
+warm-up of `--warmup` requests a client) and after it.
 
     .venv/bin/python benchmarks/bench_serve.py runs/serve-bench --load --clients 16 --requests 500
 
@@ -205,10 +205,10 @@ def run_load(args: argparse.Namespace) -> dict[str, Any]:
     proc = _start_server(args.run, port, args.server_args)
     try:
         rss_loaded = _rss_mib(proc.pid)
-        # A warm-up of the same mix, 10 requests a client: the batch shapes the load brings
-        # (and the kernels' buffers for them) are in the "before" figure, as in a server that
-        # has been up a while.
-        _clients(port, texts, args.clients, 10, seed=0)
+        # A warm-up of the same mix: the RSS of a fresh server climbs over its first few hundred
+        # requests, as the math libraries keep kernels and buffers for each new batch shape, and
+        # then stays. "before" is that level, as in a server that has been up a while.
+        _clients(port, texts, args.clients, args.warmup, seed=0)
         time.sleep(IDLE_S)
         rss_before = _rss_mib(proc.pid)
         statuses, good_latencies, seconds = _clients(
@@ -341,6 +341,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=8, help="per client")
     parser.add_argument("--rounds", type=int, default=2, help="batching only")
+    parser.add_argument("--warmup", type=int, default=50, help="load: requests per client")
     parser.add_argument("--server-args", nargs="*", default=[], help="for `finlora serve`")
     parser.add_argument("--json", action="store_true", help="print one JSON object only")
     args = parser.parse_args()

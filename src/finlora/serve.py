@@ -13,7 +13,7 @@
 One model serves one request at a time (a lock): torch's threads already use every core, so a
 second forward pass beside the first would only slow both down. /predict requests that arrive
 while the model is busy are scored together when it is free (`serve_queue.PredictQueue`): one
-batched pass instead of one each, with no waiting added to a request that finds the model idle.
+batched pass instead of one each, and a request that finds the model idle is scored at once.
 
 What a request may ask is bounded (`ServeLimits`): the body's size (413), the size of each field
 (422 naming it), and the requests in the server at once (503 with Retry-After).
