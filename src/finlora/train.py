@@ -18,10 +18,8 @@ the same adapter, byte for byte; a run killed before its first checkpoint starts
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
 import shutil
 import sys
 import time
@@ -44,15 +42,13 @@ from finlora.errors import FinloraError
 from finlora.generate import SEQ2SEQ_VIRTUAL_TOKENS
 from finlora.memory import process_peak_mib
 from finlora.methods import build_method, save_adapter, trainable_parameters
-from finlora.models import EMBEDDED, BaseModel, Placement, load_base_model
+from finlora.models import BaseModel, Placement, load_base_model
 from finlora.models.device import set_gradient_checkpointing
 from finlora.models.loading import sha256_file
 from finlora.plots import plot_loss_curve
 from finlora.runs import (
-    Calibration,
     Manifest,
     RunDir,
-    SplitRecord,
     git_commit,
     library_versions,
 )
@@ -61,6 +57,15 @@ from finlora.tasks import Codec, codec_for
 from finlora.tasks.classify import length_grouped_batches
 from finlora.training.data import encode_split, log_data
 from finlora.training.resume import check_same_split, resume_config
+from finlora.training.run_files import (
+    absolute_paths,
+    append_metrics,
+    check_resumable,
+    check_retry,
+    save_calibration,
+    save_dir,
+    write_run_header,
+)
 from finlora.training.step import accumulate_batch, optimizer_step, total_steps
 from finlora.training.validation import selection_score, validate
 
@@ -109,21 +114,6 @@ class _Setup:
         return self.placement.dtype
 
 
-def _absolute_paths(cfg: RunConfig) -> None:
-    """Record the data and a model given by a relative path as absolute paths: the run is
-    evaluated, served and exported from other working directories."""
-    if cfg.data.path:
-        cfg.data.path = os.path.abspath(os.path.expanduser(cfg.data.path))
-    for source in cfg.data.sources:
-        source.path = os.path.abspath(os.path.expanduser(source.path))
-    name = cfg.model.name
-    if name not in EMBEDDED and Path(name).expanduser().exists():
-        cfg.model.name = os.path.abspath(os.path.expanduser(name))
-    template = Path(cfg.data.template).expanduser()
-    if template.suffix == ".json" or template.is_file():  # a path, not a shipped name
-        cfg.data.template = os.path.abspath(template)
-
-
 def _setup_data(cfg: RunConfig) -> PreparedData | PreparedInstruct:
     """Read and split the data; record in `cfg` where it came from, as absolute paths."""
     if cfg.task != "instruct" and not cfg.data.sources:
@@ -132,7 +122,7 @@ def _setup_data(cfg: RunConfig) -> PreparedData | PreparedInstruct:
         cfg.data.path = cfg.data.resolved_path()
         if cfg.data.path is None:
             cfg.data.format = "synthetic"
-    _absolute_paths(cfg)  # after the fallback: $FINLORA_FPB_DIR may be relative too
+    absolute_paths(cfg)  # after the fallback: $FINLORA_FPB_DIR may be relative too
     if cfg.task == "instruct":
         return prepare_instruct(cfg.data, cfg.seed)
     return prepare_data(cfg.data, cfg.seed)
@@ -169,33 +159,6 @@ def _setup(cfg: RunConfig, log: Log, trust_remote_code: bool = False) -> _Setup:
         raise FinloraError("data: no training example fits data.max_length")
     validation = encode_split(codec, data.rows("validation"), "validation", log)
     return _Setup(cfg, data, base, model, codec, train, validation, placement, load_seconds)
-
-
-def _write_run_header(run: RunDir, s: _Setup) -> None:
-    # split.json first: it marks the directory as a finlora run (`RunDir.is_finlora_run`), so a
-    # run killed while writing the rest can be started again with --overwrite.
-    SplitRecord.of(s.cfg.task, s.cfg.seed, s.data).write(run.split)
-    atomic.write_text(run.config, s.cfg.to_yaml())
-    run.write_template(s.cfg.data.template)
-    _save_dir(run.tokenizer, s.base.tokenizer.save_pretrained)
-
-
-def _save_dir(target: Path, save: Callable[[Path], Any]) -> None:
-    with atomic.write_errors(target), atomic.atomic_dir(target) as tmp:
-        save(tmp)
-
-
-def _append_metrics(run: RunDir, row: dict[str, Any]) -> None:
-    """Append a row to metrics.jsonl. An append that fails (a full disk) is cut off again, so
-    the file holds whole rows only and the run can still be resumed."""
-    size = run.metrics.stat().st_size if run.metrics.exists() else 0
-    try:
-        with atomic.write_errors(run.metrics):
-            run.append_metrics(row)
-    except FinloraError:
-        with contextlib.suppress(OSError):
-            os.truncate(run.metrics, size)
-        raise
 
 
 @dataclass
@@ -283,25 +246,14 @@ def _end_epoch(
         progress.best_metric = score
         progress.best_epoch = progress.epoch + 1
         if world.is_main:
-            _save_dir(run.adapter, lambda tmp: save_adapter(model, s.cfg, tmp))
-            _save_calibration(run, metrics, progress.epoch + 1)
+            save_dir(run.adapter, lambda tmp: save_adapter(model, s.cfg, tmp))
+            save_calibration(run, metrics, progress.epoch + 1)
         row["best"] = True
     if world.is_main:
-        _append_metrics(run, row)
+        append_metrics(run, row)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float))
     log(f"epoch {row['epoch']}: {shown}{' (best so far)' if row.get('best') else ''}")
     return row
-
-
-def _save_calibration(run: RunDir, metrics: dict[str, float], epoch: int) -> None:
-    """Keep the best epoch's temperature beside its adapter (classification runs only)."""
-    if "val_temperature" not in metrics:
-        return
-    calibration = Calibration(
-        metrics["val_temperature"], epoch, metrics["val_ece"], metrics["val_ece_calibrated"]
-    )
-    with atomic.write_errors(run.calibration):
-        calibration.write(run.calibration)
 
 
 def _checkpoint(run: RunDir, model: Any, opt: Any, sched: Any, progress: Progress) -> None:
@@ -343,9 +295,9 @@ def train(
     log = log if world.is_main else _quiet
     run = RunDir(output)
     if resume:
-        _check_resumable(run, world)
+        check_resumable(run, world)
     elif world.is_main:
-        _check_retry(run, overwrite)
+        check_retry(run, overwrite)
         run.check_new(overwrite)
     s = _setup(cfg, log, trust_remote_code)
     if resume:
@@ -358,7 +310,7 @@ def train(
             run.create(overwrite)
         try:
             if world.is_main:
-                _write_run_header(run, s)
+                write_run_header(run, s.cfg, s.data, s.base.tokenizer)
             return _train(s, run, world, resume, progress_bar and world.is_main, log)
         except BaseException:
             # A new run that failed or was stopped (Ctrl-C; `finlora` turns SIGTERM into the
@@ -368,32 +320,6 @@ def train(
             if world.is_main and latest_checkpoint(run.checkpoints) is None:
                 shutil.rmtree(run.root, ignore_errors=True)
             raise
-
-
-def _check_resumable(run: RunDir, world: World) -> None:
-    """Before any model is loaded: tidy what writes killed mid-way left in the run, and refuse
-    a run without a whole checkpoint to resume from."""
-    if world.is_main:
-        atomic.clean_leftovers(run.root)
-        if run.checkpoints.is_dir():
-            atomic.clean_leftovers(run.checkpoints)
-    if latest_checkpoint(run.checkpoints) is None:
-        raise FinloraError(
-            f"{run.root}: no checkpoint to resume from (a run stopped before its first "
-            "checkpoint starts again with --overwrite)"
-        )
-
-
-def _check_retry(run: RunDir, overwrite: bool) -> None:
-    """A run killed before its first checkpoint (SIGKILL leaves no chance to remove it) holds
-    nothing to resume: point to --overwrite, the option that starts it again."""
-    if overwrite or run.manifest.exists() or not run.is_finlora_run():
-        return
-    if latest_checkpoint(run.checkpoints) is None:
-        raise FinloraError(
-            f"{run.root}: a run stopped before its first checkpoint, with nothing to resume "
-            "(use --overwrite to start it again)"
-        )
 
 
 def _train(
@@ -499,7 +425,7 @@ def _after_step(
     loop.bar.update(1)
     loop.bar.set_postfix(loss=f"{sum(loop.recent) / len(loop.recent):.4f}", tok_s=f"{rate:.0f}")
     if progress.step % tc.log_every == 0 and world.is_main:
-        _append_metrics(
+        append_metrics(
             run,
             {
                 "kind": "step",

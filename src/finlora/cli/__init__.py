@@ -15,9 +15,10 @@ from typing import Any
 
 import click
 
+from finlora.cli.evaluation import eval_
 from finlora.cli.generation import chat, generate
 from finlora.cli.options import echo_err
-from finlora.cli.runs import analyze, eval_, export, predict, serve
+from finlora.cli.runs import analyze, export, predict, serve
 from finlora.cli.tools import bench, data, models
 from finlora.cli.training import compare, demo, train
 from finlora.errors import STOPPED, FinloraError, leave_error, under_launcher
