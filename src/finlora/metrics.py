@@ -193,15 +193,15 @@ def format_classification_report(m: dict[str, Any], title: str | None = None) ->
         f"macro-F1 {m['macro_f1']:.4f}   weighted-F1 {m['weighted_f1']:.4f}   "
         f"ECE {m['ece']:.4f}   n {m['n']}"
     )
-    if m.get("temperature", 1.0) != 1.0:
-        lines.append(
-            f"calibrated: the scores divided by temperature {m['temperature']:.3f} (fitted on "
-            f"the validation split); ECE before {m['ece_uncalibrated']:.4f}"
-        )
     if m["n"] < SMALL_TEST:
         lines.append(
             f"(only {m['n']} rows: the accuracy is known to within the interval beside it; "
             "runs that differ by less cannot be told apart here)"
+        )
+    if m.get("temperature", 1.0) != 1.0:
+        lines.append(
+            f"calibrated: the scores divided by temperature {m['temperature']:.3f} (fitted on "
+            f"the validation split); ECE before {m['ece_uncalibrated']:.4f}"
         )
     if m.get("absent_labels"):
         lines.append(

@@ -4,6 +4,7 @@ falls back to fixed records when the run's data is gone."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -21,6 +22,7 @@ from finlora.errors import FinloraError
 from finlora.export.instruct import FIXED_RECORDS, instruct_sample, order, token_scores
 from finlora.generate import GenerationOptions
 from finlora.inference import load_run
+from finlora.runs import DataFingerprint, SplitRecord
 from finlora.train import train
 
 RECORDS = [
@@ -119,11 +121,14 @@ def test_a_failed_check_writes_nothing(run_dir: Path, tmp_path: Path) -> None:
 def test_sample_falls_back_to_fixed_records_without_the_data(run_dir: Path) -> None:
     loaded = load_run(run_dir)
     split = json.loads((run_dir / "split.json").read_text())
-    sample = instruct_sample(split, loaded.cfg, loaded.codec, None)
+    sample = instruct_sample(loaded.run, loaded.instruct_codec, None)
     assert sample.description.startswith("test split of ")
     assert len(sample.features) == len(split["test"])
-    gone = {**split, "files": {str(run_dir / "nowhere.jsonl"): "0" * 64}}
-    fixed = instruct_sample(gone, loaded.cfg, loaded.codec, 3)
+    gone = SplitRecord.read(run_dir / "split.json")
+    gone = dataclasses.replace(
+        gone, fingerprint=DataFingerprint({str(run_dir / "nowhere.jsonl"): "0" * 64})
+    )
+    fixed = instruct_sample(dataclasses.replace(loaded.run, split=gone), loaded.instruct_codec, 3)
     assert fixed.description.startswith("fixed instructions")
     assert [r.response for r in fixed.records] == [row[2] for row in FIXED_RECORDS[:3]]
 
@@ -131,9 +136,8 @@ def test_sample_falls_back_to_fixed_records_without_the_data(run_dir: Path) -> N
 def test_token_scores_are_the_answer_tokens_in_order(run_dir: Path) -> None:
     """Each answer token's log-prob, as the model gives it for that record alone."""
     loaded = load_run(run_dir)
-    split = json.loads((run_dir / "split.json").read_text())
-    sample = instruct_sample(split, loaded.cfg, loaded.codec, None)
-    scores = token_scores(loaded.model, loaded.codec, sample)
+    sample = instruct_sample(loaded.run, loaded.instruct_codec, None)
+    scores = token_scores(loaded.model, loaded.instruct_codec, sample)
     assert len(scores.predicted) == sample.tokens == scores.logp.numel()
 
     expected = []

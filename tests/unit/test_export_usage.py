@@ -115,7 +115,7 @@ def test_chatml_modelfile_keeps_the_default_system_turn(tiny_tokenizer_dir: Path
     tokenizer.chat_template = CHATML_TEMPLATE
     ctx = SimpleNamespace(
         cfg=SimpleNamespace(task="instruct"),
-        codec=SimpleNamespace(template=InstructTemplate.load("chat")),
+        instruct_codec=SimpleNamespace(template=InstructTemplate.load("chat")),
         tokenizer=tokenizer,
         run=SimpleNamespace(root=Path("runs/FPB chat")),
     )
