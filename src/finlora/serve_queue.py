@@ -37,8 +37,8 @@ class PredictQueue:
 
     A request that finds the model idle is handed to the worker too, though scoring it in its
     own thread would save two thread switches: OpenMP and MKL keep a thread team and buffers for
-    each thread that calls them, and the server's 40 request threads each kept theirs (a
-    server's RSS stayed 37% above its level after a load of 8,000 requests)."""
+    each thread that calls them, and a server that scored in its 40 request threads ended a load
+    of 8,000 requests at 1,382 MiB RSS, against 1,234 MiB scoring in this one."""
 
     # After a batch of several requests, their clients send their next ones at nearly the same
     # moment: waiting this long for them costs little next to a forward pass (~0.2 s on a
