@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import resource
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,6 @@ import finlora.train as train_module
 from finlora import atomic
 from finlora.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from finlora.cli import main
-from finlora.config import RunConfig
 from finlora.errors import FinloraError
 from finlora.runs import RunDir
 from finlora.train import resume_config, train
@@ -282,28 +282,32 @@ def test_a_full_disk_is_one_line_and_leaves_a_resumable_run(
     assert adapter_bytes(output) == reference
 
 
-@pytest.fixture
-def file_size_limit() -> Iterator[None]:
+def limit_file_size() -> None:
     """A real write error from the kernel: files past 4 KiB are refused (EFBIG), as a full disk
-    refuses them (SIGXFSZ ignored, so that the write fails rather than the process)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
+    refuses them (SIGXFSZ ignored, so that the write fails rather than the process). Set in the
+    child only: the limit applies to every file a process writes, pytest's own output included."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
 
 def test_any_write_error_is_one_finlora_error_and_leaves_no_run(
-    tiny_cfg: Callable[..., RunConfig], tmp_path: Path, request: pytest.FixtureRequest
+    tiny_overrides: list[str], tmp_path: Path
 ) -> None:
-    cfg = tiny_cfg(*RUN)
     output = tmp_path / "run"
-    request.getfixturevalue("file_size_limit")
-    with pytest.raises(FinloraError, match=r"tokenizer: cannot write \(File too large\)$"):
-        train(cfg, output, progress_bar=False, log=quiet)
+    done = subprocess.run(
+        [sys.executable, "-m", "finlora.cli", *train_args(tiny_overrides, output)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=tmp_path,
+        preexec_fn=limit_file_size,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert re.search(r"tokenizer: cannot write \(File too large\)$", last), done.stderr
+    assert "Traceback" not in done.stderr
     assert not output.exists()  # before its first checkpoint: nothing to resume, nothing kept
 
 
