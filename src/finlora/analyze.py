@@ -73,12 +73,12 @@ def analyze_reports(
     if top < 0:  # checked here, not by click.IntRange: its message calls 'x' "not a valid range"
         raise FinloraError(f"--top: must be 0 or more (got {top})")
     parts = read_reports(reports)
-    require_task(run_dir, "classify", "finlora generate, with the report's text in the prompt")
+    run = require_task(
+        run_dir, "classify", "finlora generate, with the report's text in the prompt", speed
+    )
     if out is not None:
         atomic.check_new_dir(out, overwrite)
-    loaded = load_run(
-        run_dir, zero_shot=zero_shot, trust_remote_code=trust_remote_code, speed=speed
-    )
+    loaded = load_run(run, zero_shot=zero_shot, trust_remote_code=trust_remote_code)
     analyses = [
         score_report(
             part, source, loaded.labels,

@@ -19,7 +19,7 @@ from finlora.methods import load_adapter, merged_for_inference
 from finlora.models import BaseModel, Placement, load_base_model
 from finlora.models.fast.fused_projections import fuse_projections
 from finlora.models.loading import load_tokenizer, model_kind
-from finlora.runs import Run, RunDir
+from finlora.runs import Run
 from finlora.scoring import predict_proba
 from finlora.tasks import Codec, codec_for
 from finlora.tasks.classify import LabelCodec
@@ -46,6 +46,9 @@ class LoadedRun:
     device: torch.device
     dtype: torch.dtype | None
     zero_shot: bool
+    # What the label scores are divided by before their softmax: the run's calibration, read
+    # once here (1.0 for the base model, or a run without one).
+    temperature: float = 1.0
 
     @property
     def cfg(self) -> RunConfig:
@@ -75,13 +78,6 @@ class LoadedRun:
 
     def require_task(self, task: str, instead: str) -> None:
         _check_task(self.run.root, self.task, task, instead)
-
-    @property
-    def temperature(self) -> float:
-        """What the tuned run's label scores are divided by before their softmax (its
-        calibration; 1.0 for the base model, or a run without one)."""
-        calibration = None if self.zero_shot else self.run.calibration()
-        return calibration.temperature if calibration is not None else 1.0
 
     def proba(
         self, texts: Sequence[str], progress: bool = True, calibrate: bool = True
@@ -125,11 +121,12 @@ def _check_task(root: Path, actual: str, wanted: str, instead: str) -> None:
         raise FinloraError(f"{root}: this run's task is {actual}, not {wanted} (use {instead})")
 
 
-def require_task(run_dir: Path, task: str, instead: str) -> None:
-    """Refuse a run of another task from its config alone, before any model is loaded."""
-    run = RunDir(Path(run_dir))
-    run.require_trained()
-    _check_task(run.root, run.read_config().task, task, instead)
+def require_task(run_dir: Path, task: str, instead: str, speed: Sequence[str] = ()) -> Run:
+    """Open a finished run (with `--set speed.x=...` items) and refuse one of another task,
+    before any model is loaded; `load_run` takes the run it returns."""
+    run = open_run(run_dir, speed)
+    _check_task(run.root, run.task, task, instead)
+    return run
 
 
 def open_run(run_dir: Path, speed: Sequence[str] = ()) -> Run:
@@ -170,7 +167,9 @@ def load_run(
     model = placement.place(model).eval()
     if cfg.speed.fuse_projections:
         fuse_projections(model)
-    return LoadedRun(run, model, codec, placement.device, placement.dtype, zero_shot)
+    calibration = None if zero_shot else run.calibration()
+    temperature = calibration.temperature if calibration is not None else 1.0
+    return LoadedRun(run, model, codec, placement.device, placement.dtype, zero_shot, temperature)
 
 
 def load_base_of(
@@ -182,7 +181,11 @@ def load_base_of(
     cfg = run.config
     tokenizer = load_tokenizer(run.dir.tokenizer, trust_remote_code)
     base = load_base_model(
-        cfg.model.name, trust_remote_code, attention, kind=cfg.model.kind, labels=run.labels
+        cfg.model.name,
+        trust_remote_code,
+        attention,
+        kind=cfg.model.kind,
+        labels=run.labels,
+        tokenizer=tokenizer,
     )
-    base = dataclasses.replace(base, tokenizer=tokenizer)
     return base, codec_for(cfg.task, tokenizer, cfg.data, run.labels, base.kind)

@@ -166,19 +166,16 @@ def label_texts(
     checked before the model loads.
     """
     from finlora.data.textfile import has_bom
-    from finlora.runs import RunDir
 
     if out is not None:
         atomic.check_output_file(out, (".csv", ".jsonl"))
-    require_task(run_dir, "classify", "finlora generate or finlora chat")
-    rows = read_inputs(texts, file, options, RunDir(run_dir).read_config().data)
+    run = require_task(run_dir, "classify", "finlora generate or finlora chat", speed)
+    rows = read_inputs(texts, file, options, run.config.data)
     if not rows.texts:
         raise FinloraError("no input text")
     for note in rows.notes():
         log(f"note: {note}")
-    loaded = load_run(
-        run_dir, zero_shot=zero_shot, trust_remote_code=trust_remote_code, speed=speed
-    )
+    loaded = load_run(run, zero_shot=zero_shot, trust_remote_code=trust_remote_code)
     predictions = loaded.predict(rows.texts, progress=len(rows.texts) > 50)
     note_overflow(loaded.codec, len(rows.texts), "text(s)", log)
     if out is not None:

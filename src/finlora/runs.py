@@ -24,6 +24,7 @@ the `Run` it opened. Runs written before the template copy or the typed records 
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import platform
@@ -226,28 +227,19 @@ class Run:
     def calibration(self) -> Calibration | None:
         return Calibration.read(self.dir.calibration)
 
-    def check_data_unchanged(self, data: Prepared | None = None) -> None:
-        """Raise unless the run's data can be rebuilt as it trained on it: every file there
-        with the same content and, given the data as prepared now, the same records."""
+    def check_data_unchanged(self) -> None:
+        """Raise unless every data file of the run is there with the content it trained on."""
         problem = self.split.fingerprint.problem()
-        if problem is None and data is not None and not self._same_data(data):
-            problem = f"{data.description}: changed since training (another finlora version?)"
         if problem is not None:
-            raise FinloraError(
-                f"{problem}; cannot rebuild the run's test split (pass --data to evaluate on "
-                "a file)"
-            )
-
-    def _same_data(self, data: Prepared) -> bool:
-        return self.split.fingerprint.matches(data) and self.split.same_sources(data)
-
-    def data_available(self) -> bool:
-        """Whether the run's data files are here unchanged (the synthetic and packaged sets
-        always are)."""
-        return self.split.fingerprint.problem() is None
+            raise _cannot_rebuild(problem)
 
     def prepared(self) -> Prepared:
-        """The run's data, prepared as training prepared it, after checking it is unchanged."""
+        """The run's data, prepared as training prepared it, after checking it is unchanged.
+        Prepared once per opened run: eval, a suite's sets and few-shot examples all read it."""
+        return self._prepared
+
+    @functools.cached_property
+    def _prepared(self) -> Prepared:
         from finlora.data.prepare import prepare_data, prepare_instruct
 
         self.check_data_unchanged()
@@ -257,7 +249,11 @@ class Run:
             if self.task == "instruct"
             else prepare_data(cfg.data, cfg.seed)
         )
-        self.check_data_unchanged(data)
+        same = self.split.fingerprint.read_again(data) and self.split.same_sources(data)
+        if not same:
+            raise _cannot_rebuild(
+                f"{data.description}: changed since training (another finlora version?)"
+            )
         if any(i >= len(data.examples) for i in self.split.test):
             raise FinloraError(
                 f"{self.dir.split}: test rows past the data's {len(data.examples)} examples"
@@ -269,6 +265,12 @@ class Run:
         data = self.prepared()
         rows = [data.examples[i] for i in self.split.test]
         return f"test split of {data.description}", rows
+
+
+def _cannot_rebuild(problem: str) -> FinloraError:
+    return FinloraError(
+        f"{problem}; cannot rebuild the run's test split (pass --data to evaluate on a file)"
+    )
 
 
 def library_versions() -> dict[str, str | None]:

@@ -111,9 +111,12 @@ def test_test_rows_refuse_changed_data(
     description, rows = run.test_rows()
     assert description.startswith("test split of") and len(rows) == len(run.split.test)
     data.write_bytes(data.read_bytes() + b"One more line .@neutral\n")
+    # An opened run prepares its data once; opened again, it finds the file changed.
+    run = Run.open(tmp_path / "run")
     with pytest.raises(FinloraError, match="changed since training"):
         run.test_rows()
-    assert not run.data_available()
+    with pytest.raises(FinloraError, match="changed since training"):
+        run.check_data_unchanged()
 
 
 # ---- trust_remote_code: only from the command line ---------------------------------------------

@@ -75,8 +75,8 @@ def _generation_options(fn: Any) -> Any:
 def _load_instruct_run(run_dir: Path, zero_shot: bool, trust: bool, speed: Sequence[str]) -> Any:
     from finlora.inference import load_run, require_task
 
-    require_task(run_dir, "instruct", "finlora predict")
-    return load_run(run_dir, zero_shot=zero_shot, trust_remote_code=trust, speed=speed)
+    run = require_task(run_dir, "instruct", "finlora predict", speed)
+    return load_run(run, zero_shot=zero_shot, trust_remote_code=trust)
 
 
 def _note_no_system(loaded: Any, system: str | None) -> None:

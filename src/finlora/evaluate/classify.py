@@ -19,7 +19,11 @@ from finlora.data.prepare import load_labelled
 from finlora.errors import FinloraError
 from finlora.evaluate.common import data_report_stem, report_title
 from finlora.inference import LoadedRun
-from finlora.metrics import classification_metrics, format_classification_report
+from finlora.metrics import (
+    classification_metrics,
+    expected_calibration_error,
+    format_classification_report,
+)
 from finlora.plots import plot_confusion_matrix, plot_reliability_diagram
 
 
@@ -130,12 +134,14 @@ def evaluate_classify(
             "synthetic": loaded.run.split.synthetic and data_path is None,
             # The scores as the model gives them, before the run's temperature divides them.
             "temperature": loaded.temperature,
-            "ece_uncalibrated": classification_metrics(gold, predicted, raw, loaded.labels)["ece"],
+            "ece_uncalibrated": expected_calibration_error(
+                raw.max(1), np.array(predicted) == np.array(gold)
+            ),
         }
     )
     if data.sources:
         metrics["sources"] = _per_source(loaded, stem, data.sources, probs, gold)
-    metrics["report_files"] = _write_reports(loaded, stem, metrics, probs, gold)
+    metrics["report_files"] = write_reports(loaded, stem, metrics, probs, gold)
     return metrics
 
 
@@ -157,7 +163,7 @@ def _per_source(
         metrics = classification_metrics(own_gold, predicted, own_probs, loaded.labels)
         metrics["data"] = f"test split of {name} ({paths.get(name, '')})"
         metrics["zero_shot"] = loaded.zero_shot
-        files = _write_reports(loaded, f"{stem}-{name}", metrics, own_probs, own_gold)
+        files = write_reports(loaded, f"{stem}-{name}", metrics, own_probs, own_gold)
         summary[name] = {
             **{k: metrics[k] for k in SOURCE_SUMMARY},
             "report_files": files,
@@ -165,11 +171,18 @@ def _per_source(
     return summary
 
 
-def _write_reports(
-    loaded: LoadedRun, stem: str, metrics: dict[str, Any], probs: np.ndarray, gold: list[str]
+def write_reports(
+    loaded: LoadedRun,
+    stem: str,
+    metrics: dict[str, Any],
+    probs: np.ndarray,
+    gold: list[str],
+    title: str | None = None,
 ) -> dict[str, str]:
+    """A classification report under RUN/eval: STEM.json, STEM.txt, its confusion matrix and
+    reliability diagram; `title` defaults to the run (or zero-shot base model) and STEM."""
     out = loaded.run.dir.eval_dir
-    title = report_title(loaded, stem)
+    title = title or report_title(loaded, stem)
     files = {
         "json": out / f"{stem}.json",
         "text": out / f"{stem}.txt",

@@ -13,14 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from finlora import atomic
 from finlora.data import Example
 from finlora.data.prepare import PreparedData
 from finlora.errors import FinloraError
+from finlora.evaluate.classify import write_reports
 from finlora.inference import LoadedRun, load_run
-from finlora.metrics import classification_metrics, format_classification_report
+from finlora.metrics import classification_metrics
 from finlora.models.loading import model_kind
-from finlora.plots import plot_confusion_matrix
 from finlora.prompts import PromptTemplate
 from finlora.runs import Run
 from finlora.scoring import unwrap
@@ -157,7 +156,7 @@ def evaluate_few_shot(
     run: Run, k: int, progress: bool = True, *, trust_remote_code: bool = False
 ) -> dict[str, Any]:
     """The few-shot baseline on the run's own test split; reports under RUN/eval as
-    few-shot-K-test.{json,txt} and its confusion matrix.
+    few-shot-K-test.{json,txt}, its confusion matrix and reliability diagram.
 
     Returns the metrics dict with `data`, `few_shot` (K, the seed and the examples' sources)
     and `report_files` added."""
@@ -165,7 +164,8 @@ def evaluate_few_shot(
     description, rows = run.test_rows()
     probs = loaded.proba([e.text for e in rows], progress)
     predicted = [loaded.labels[i] for i in probs.argmax(1)]
-    metrics = classification_metrics([e.label for e in rows], predicted, probs, loaded.labels)
+    gold = [e.label for e in rows]
+    metrics = classification_metrics(gold, predicted, probs, loaded.labels)
     metrics.update(
         {
             "data": description,
@@ -174,29 +174,12 @@ def evaluate_few_shot(
             "synthetic": run.split.synthetic,
         }
     )
-    metrics["report_files"] = _write_reports(loaded, f"few-shot-{k}-test", metrics)
+    stem = f"few-shot-{k}-test"
+    title = f"{k}-shot base model: {stem}"
+    metrics["report_files"] = write_reports(loaded, stem, metrics, probs, gold, title)
     return metrics
 
 
 def few_shot_record(run: Run, examples: Sequence[Example]) -> dict[str, Any]:
     """What a report says of its few-shot examples: how many, the seed, and where each is from."""
     return {"k": len(examples), "seed": run.config.seed, "examples": [e.source for e in examples]}
-
-
-def _write_reports(loaded: LoadedRun, stem: str, metrics: dict[str, Any]) -> dict[str, str]:
-    out = loaded.run.dir.eval_dir
-    title = f"{metrics['few_shot']['k']}-shot base model: {stem}"
-    files = {
-        "json": out / f"{stem}.json",
-        "text": out / f"{stem}.txt",
-        "confusion_matrix": out / f"{stem}_confusion.png",
-    }
-    atomic.write_json(files["json"], metrics)
-    atomic.write_text(files["text"], format_classification_report(metrics, title) + "\n")
-    plot_confusion_matrix(
-        metrics["confusion_matrix"],
-        loaded.labels,
-        files["confusion_matrix"],
-        title=f"Confusion matrix - {title}",
-    )
-    return {name: str(path) for name, path in files.items()}

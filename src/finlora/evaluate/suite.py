@@ -208,9 +208,10 @@ def read_set(spec: SuiteSet, run: Run, trained_on: set[str] | None = None) -> Se
 def trained_texts(run: Run) -> set[str] | None:
     """The sentences of the run's training and validation rows; None when its data is not
     here unchanged (the suite is then scored without the check)."""
-    if not run.data_available():
+    try:
+        data = run.prepared()
+    except FinloraError:
         return None
-    data = run.prepared()
     if not isinstance(data, PreparedData):
         return None
     return {data.examples[i].text for i in (*run.split.train, *run.split.validation)}

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from finlora.errors import FinloraError
 from finlora.export import llama_cpp as llama_cpp_check
 from finlora.runs import Run
 from finlora.scoring import label_logits, sequence_logprob
@@ -49,13 +50,14 @@ class LabelScores:
 
 def label_sample(run: Run, codec: LabelCodec, n: int | None) -> LabelSample:
     """The run's test sentences (the first `n`, or all), else a few fixed financial sentences."""
-    if run.data_available():
+    try:
         description, rows = run.test_rows()
-        rows = rows[:n]
-        gold = [codec.labels.index(e.label) for e in rows]
-        return LabelSample([e.text for e in rows], gold, description)
-    texts = FIXED_SENTENCES[:n]
-    return LabelSample(texts, None, "fixed sentences (the run's data is not on this machine)")
+    except FinloraError:  # the data is not here, or not as the run saw it
+        texts = FIXED_SENTENCES[:n]
+        return LabelSample(texts, None, "fixed sentences (the run's data is not on this machine)")
+    rows = rows[:n]
+    gold = [codec.labels.index(e.label) for e in rows]
+    return LabelSample([e.text for e in rows], gold, description)
 
 
 @torch.no_grad()

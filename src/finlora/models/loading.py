@@ -311,8 +311,11 @@ def load_base_model(
     *,
     kind: str = "auto",
     labels: Sequence[str] | None = None,
+    tokenizer: Any | None = None,
 ) -> BaseModel:
     """Load base model and tokenizer, fp32, on the CPU. Raises FinloraError for a non-model.
+
+    `tokenizer`: one already loaded (a trained run's own), used instead of the model's.
 
     `attention` picks the attention kernel ("eager", "sdpa"); None keeps the model's default.
     `kind` ("auto" reads the model's config) picks causal, seq2seq or encoder; an encoder gets
@@ -338,5 +341,6 @@ def load_base_model(
         # transformers says "Unrecognized configuration class ..." for a kind the model lacks.
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FinloraError(f"{directory}: cannot load as a {kind} model ({reason})") from None
-    tokenizer = load_tokenizer(directory, trust_remote_code)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(directory, trust_remote_code)
     return BaseModel(model, tokenizer, kind, name, directory, shas)
