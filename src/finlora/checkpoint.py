@@ -8,6 +8,7 @@ the previous checkpoint as it was: `latest_checkpoint` only ever sees whole ones
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from finlora import atomic
 from finlora.errors import FinloraError
 
 FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
+# A method's own state beside those (AdaLoRA's importance scores), where it has any.
+METHOD_STATE = "method_state.safetensors"
 
 
 @dataclass
@@ -54,8 +57,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     progress: Progress,
+    method_state: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a checkpoint directory atomically (temp dir, then rename).
+    """Write a checkpoint directory atomically (temp dir, then rename); `method_state`, the
+    tuning method's own tensors, with it.
 
     Raises FinloraError naming `directory` when the write fails (a full disk); then nothing
     at `directory` changes.
@@ -66,6 +71,8 @@ def save_checkpoint(
         tensors, groups = _optimizer_tensors(optimizer)
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, str(tmp / "optimizer.safetensors"))
+        if method_state:
+            save_file(dict(method_state), str(tmp / METHOD_STATE))
         meta = {
             "progress": asdict(progress),
             "param_groups": groups,
@@ -114,3 +121,14 @@ def load_checkpoint(
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     return Progress(**meta["progress"])
+
+
+def load_method_state(directory: Path) -> dict[str, torch.Tensor]:
+    """The tuning method's own tensors saved with the checkpoint in `directory` (none: {})."""
+    path = directory / METHOD_STATE
+    if not path.is_file():
+        return {}
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise FinloraError(f"{directory}: unreadable checkpoint ({exc})") from None

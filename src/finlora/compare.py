@@ -1,7 +1,10 @@
 """The comparison recipe: one config, several tuning methods, side by side.
 
 Every method gets the same data, split, seed and step budget (`--set train.max_steps=...`
-applies to all); only `method.name` changes, with that method's own section of options. Each
+applies to all); only `method.name` changes, with that method's own section of options. A
+method named with options of its section, `lora[use_dora=true]`, is a row of its own; a row is
+labelled by those options and by any variant switch its section sets (`LoraSection.VARIANTS`),
+so `--set lora.use_dora=true` makes the lora row `lora[use_dora=true]`. Each
 run is trained and then evaluated from disk, as `finlora eval` would, so the figures are those
 of the saved adapter. The recipe writes `compare.md`, `compare.json` and `compare.png` beside
 one run directory per method (and seed). A classification recipe is ranked by accuracy and
@@ -10,6 +13,8 @@ macro-F1, an instruct recipe by perplexity, BLEU and ROUGE on its held-out recor
 
 from __future__ import annotations
 
+import copy
+import re
 import shutil
 import statistics
 import sys
@@ -64,6 +69,7 @@ class RunResult:
     """One method trained and evaluated on one seed."""
 
     method: str
+    label: str  # the row: the method and the options that make it a variant
     seed: int
     run_dir: str
     scores: dict[str, float]  # SCORES[task] keys
@@ -77,53 +83,130 @@ class RunResult:
     steps: int
 
 
+_SPEC = re.compile(r"\s*([^\[\],\s]+)\s*(?:\[([^\[\]]*)\])?\s*")
+
+
+def _split_methods(text: str) -> list[str]:
+    """Split at the commas outside brackets: `lora,lora[r=8,use_dora=true]` is two items."""
+    items, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [item.strip() for item in [*items, text[start:]] if item.strip()]
+
+
+def method_spec(item: str) -> tuple[str, list[str]]:
+    """`lora[r=8,use_dora=true]` -> ("lora", ["r=8", "use_dora=true"]); FinloraError for an
+    unknown method or an option that is not key=value."""
+    match = _SPEC.fullmatch(item)
+    if match is None:
+        raise FinloraError(f"--methods: cannot read {item!r} (e.g. lora or lora[use_dora=true])")
+    name, inside = match.group(1), match.group(2)
+    if name not in METHODS:
+        raise FinloraError(f"--methods: unknown method {name!r} (known: {', '.join(METHODS)})")
+    options = [o.strip() for o in (inside or "").split(",") if o.strip()]
+    for option in options:
+        if "=" not in option:
+            raise FinloraError(f"--methods: {item}: expected key=value, not {option!r}")
+    return name, options
+
+
 def parse_methods(text: str) -> list[str]:
-    """`lora,prefix` -> ["lora", "prefix"]; raises FinloraError for unknown or repeated names."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    if not names:
+    """`lora,lora[use_dora=true],prefix` -> one item each; raises FinloraError for unknown
+    methods, unreadable options, or an item named twice."""
+    items = _split_methods(text)
+    if not items:
         raise FinloraError("--methods: name at least one method")
-    for name in names:
-        if name not in METHODS:
-            raise FinloraError(f"--methods: unknown method {name!r} (known: {', '.join(METHODS)})")
-    if len(set(names)) != len(names):
+    for item in items:
+        method_spec(item)
+    if len(set(items)) != len(items):
         raise FinloraError(f"--methods: a method is named twice ({text})")
-    return names
+    return items
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
+
+
+def row_label(cfg: RunConfig, options: Sequence[str] = ()) -> str:
+    """The method, with the options given to it in --methods and any variant switch its
+    section sets away from the default: `lora`, `lora[use_dora=true]`."""
+    section = cfg.method_options
+    keys = [o.split("=", 1)[0].strip() for o in options]
+    defaults = type(section)()
+    keys += [
+        key
+        for key in getattr(section, "VARIANTS", ())
+        if key not in keys and getattr(section, key) != getattr(defaults, key)
+    ]
+    if not keys:
+        return cfg.method.name
+    shown = ",".join(f"{key}={_value_text(getattr(section, key))}" for key in keys)
+    return f"{cfg.method.name}[{shown}]"
+
+
+@dataclass
+class PlannedRun:
+    """One run of the comparison: its config and the row it belongs to."""
+
+    cfg: RunConfig
+    label: str
+
+
+def _variant_config(data: dict[str, Any], item: str) -> tuple[RunConfig, str]:
+    method, options = method_spec(item)
+    cfg = config_from_dict(
+        apply_overrides(select_method(data, method), [f"{method}.{o}" for o in options])
+    )
+    return cfg, row_label(cfg, options)
 
 
 def plan(
     config: Path | None, overrides: Sequence[str], methods: Sequence[str], seeds: int
-) -> list[RunConfig]:
-    """The config of every run, seed by seed, methods in the order given; all validated first.
-
-    The recipe's own method section (often `lora`) applies to that method only.
-    """
+) -> list[PlannedRun]:
+    """Every run, seed by seed, methods (`lora` or `lora[use_dora=true]`) in the order given;
+    all validated first. The recipe's own method section (often `lora`) applies to that method
+    only."""
     if seeds < 1:
         raise FinloraError(f"--seeds must be at least 1 (got {seeds})")
+    names = [method_spec(item)[0] for item in methods]
     for item in overrides:
         section = item.split("=", 1)[0].split(".", 1)[0].strip()
         # A recipe's lora section is fine for a comparison without lora, but an option set on
         # the command line for a method that is not run is a mistake worth a line.
-        if section in METHOD_SECTIONS and section not in methods:
+        if section in METHOD_SECTIONS and section not in names:
             raise FinloraError(
                 f"--set {item}: method {section} is not among --methods ({','.join(methods)})"
             )
     data = apply_overrides(read_yaml(config) if config else {}, list(overrides))
     where = f"{config}: " if config else ""
-    configs = []
+    rows = []
+    for item in methods:
+        try:
+            rows.append(_variant_config(data, item))
+        except FinloraError as exc:
+            raise FinloraError(f"{where}{exc}") from None
+    labels = [label for _, label in rows]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise FinloraError(f"--methods: two of them are the same run, {label}")
+    runs = []
     for offset in range(seeds):
-        for method in methods:
-            try:
-                cfg = config_from_dict(select_method(data, method))
-            except FinloraError as exc:
-                raise FinloraError(f"{where}{exc}") from None
-            cfg.seed += offset
-            configs.append(cfg)
-    return configs
+        for cfg, label in rows:
+            seeded = copy.deepcopy(cfg)
+            seeded.seed += offset
+            runs.append(PlannedRun(seeded, label))
+    return runs
 
 
-def _run_dir(output: Path, cfg: RunConfig, seeds: int) -> Path:
-    name = cfg.method.name if seeds == 1 else f"{cfg.method.name}-seed{cfg.seed}"
-    return output / name
+def _run_dir(output: Path, run: PlannedRun, seeds: int) -> Path:
+    # `lora[use_dora=true]` -> `lora-use_dora=true`: no brackets or commas in a directory name.
+    name = re.sub(r"[\[\],\s/]+", "-", run.label).strip("-")
+    return output / (name if seeds == 1 else f"{name}-seed{run.cfg.seed}")
 
 
 def _dir_bytes(path: Path) -> int:
@@ -131,9 +214,10 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _train_and_evaluate(
-    cfg: RunConfig, run_dir: Path, progress_bar: bool, trust_remote_code: bool, log: Log
+    planned: PlannedRun, run_dir: Path, progress_bar: bool, trust_remote_code: bool, log: Log
 ) -> RunResult:
     """Train one run, evaluate it from disk on its test split, and note what it cost."""
+    cfg = planned.cfg
     gpu = torch.cuda.is_available()
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -148,6 +232,7 @@ def _train_and_evaluate(
     shutil.rmtree(run.checkpoints, ignore_errors=True)
     return RunResult(
         method=cfg.method.name,
+        label=planned.label,
         seed=cfg.seed,
         run_dir=str(run_dir),
         scores={key: float(metrics[key]) for key, _ in SCORES[cfg.task]},
@@ -168,11 +253,11 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
 
 
 def summarize(results: Sequence[RunResult]) -> list[dict[str, Any]]:
-    """One row per method, in the order run: each score's mean over seeds (and its std, where
-    there are several)."""
+    """One row per method or variant (`label`), in the order run: each score's mean over seeds
+    (and its std, where there are several)."""
     rows = []
-    for method in dict.fromkeys(r.method for r in results):
-        runs = [r for r in results if r.method == method]
+    for label in dict.fromkeys(r.label for r in results):
+        runs = [r for r in results if r.label == label]
         first = runs[0]
         scores: dict[str, float | None] = {}
         for key in first.scores:
@@ -180,7 +265,8 @@ def summarize(results: Sequence[RunResult]) -> list[dict[str, Any]]:
         gpu = [r.peak_gpu_mib for r in runs if r.peak_gpu_mib is not None]
         rows.append(
             {
-                "method": method,
+                "method": first.method,
+                "label": label,
                 **scores,
                 "trainable_params": first.trainable_params,
                 "total_params": first.total_params,
@@ -237,7 +323,8 @@ def markdown_table(table: dict[str, Any]) -> str:
     for r in table["methods"]:
         peak = r["peak_gpu_mib"] if r["peak_gpu_mib"] else r["peak_rss_mib"]
         lines.append(
-            f"| {r['method']} | {' | '.join(_score(r[k], r[f'{k}_std']) for k, _ in scores)} "
+            f"| {r.get('label', r['method'])} "
+            f"| {' | '.join(_score(r[k], r[f'{k}_std']) for k, _ in scores)} "
             f"| {_count(r['trainable_params'])} "
             f"| {100 * r['trainable_share']:.3f}% | {_size(r['adapter_bytes'])} "
             f"| {_seconds(r['train_s'])} | {peak:.0f} MiB | {r['learning_rate']:g} |"
@@ -247,14 +334,14 @@ def markdown_table(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _check_methods(configs: Sequence[RunConfig], methods: Sequence[str], trust: bool) -> None:
+def _check_methods(configs: Sequence[RunConfig], trust: bool) -> None:
     """Every method against the model's kind, before anything trains: a method that cannot tune
     it would otherwise stop the comparison midway, its first runs written and no table. So are
     its virtual tokens and text against the model's positions."""
     model = configs[0].model
     config, where = model_config(model.name, trust)
     kind = model.kind if model.kind != "auto" else config_kind(config, where)
-    for name in methods:
+    for name in dict.fromkeys(cfg.method.name for cfg in configs):
         check_method(name, kind)
     for cfg in configs:
         check_positions(config, cfg)
@@ -303,8 +390,9 @@ def _write_table(table: dict[str, Any], output: Path) -> None:
     table["files"] = {k: str(v) for k, v in files.items()}
     atomic.write_json(files["json"], table)
     atomic.write_text(files["markdown"], markdown_table(table))
+    bars = [{**row, "method": row["label"]} for row in table["methods"]]  # a bar per row
     plot_method_comparison(
-        table["methods"], files["chart"], CHART_SCORES[table["task"]], title=f"{table['model']}"
+        bars, files["chart"], CHART_SCORES[table["task"]], title=f"{table['model']}"
     )
 
 
@@ -328,14 +416,15 @@ def compare(
     (never read from the config). Raises FinloraError before anything is written for a bad
     config, an unknown method or an existing non-empty `output`.
     """
-    configs = plan(config, overrides, methods, seeds)
-    _check_methods(configs, methods, trust_remote_code)
+    runs = plan(config, overrides, methods, seeds)
+    configs = [run.cfg for run in runs]
+    _check_methods(configs, trust_remote_code)
     _new_output(output, overwrite)
     results = []
-    for i, cfg in enumerate(configs, 1):
-        run_dir = _run_dir(output, cfg, seeds)
-        log(f"compare: [{i}/{len(configs)}] {cfg.method.name}, seed {cfg.seed} -> {run_dir}")
-        results.append(_train_and_evaluate(cfg, run_dir, progress_bar, trust_remote_code, log))
+    for i, run in enumerate(runs, 1):
+        run_dir = _run_dir(output, run, seeds)
+        log(f"compare: [{i}/{len(runs)}] {run.label}, seed {run.cfg.seed} -> {run_dir}")
+        results.append(_train_and_evaluate(run, run_dir, progress_bar, trust_remote_code, log))
     table = _table(configs, results, command)
     _write_table(table, output)
     return table

@@ -19,6 +19,7 @@ the same adapter, byte for byte; a run killed before its first checkpoint starts
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import shutil
 import sys
@@ -34,14 +35,21 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from finlora import atomic
-from finlora.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from finlora.checkpoint import (
+    Progress,
+    latest_checkpoint,
+    load_checkpoint,
+    load_method_state,
+    save_checkpoint,
+)
 from finlora.config import RunConfig
 from finlora.data.prepare import PreparedData, PreparedInstruct, prepare_data, prepare_instruct
 from finlora.distributed import World
 from finlora.errors import FinloraError
 from finlora.generate import SEQ2SEQ_VIRTUAL_TOKENS
 from finlora.memory import process_peak_mib
-from finlora.methods import build_method, save_adapter, trainable_parameters
+from finlora.methods import build_method, save_adapter, trainable_parameters, training_hooks
+from finlora.methods.hooks import DEFAULT_HOOKS, TrainingHooks
 from finlora.models import BaseModel, Placement, load_base_model
 from finlora.models.device import set_gradient_checkpointing
 from finlora.models.loading import sha256_file
@@ -157,6 +165,7 @@ def _setup(cfg: RunConfig, log: Log, trust_remote_code: bool = False) -> _Setup:
     train = encode_split(codec, data.rows("train"), "train", log)
     if not train:
         raise FinloraError("data: no training example fits data.max_length")
+    training_hooks(cfg).prepare(model, cfg, total_steps(len(train), cfg.train))
     validation = encode_split(codec, data.rows("validation"), "validation", log)
     return _Setup(cfg, data, base, model, codec, train, validation, placement, load_seconds)
 
@@ -171,6 +180,7 @@ class _Loop:
     scheduler: Any
     total_steps: int
     lengths: list[int]  # each training feature's width, for batches of like lengths
+    hooks: TrainingHooks = DEFAULT_HOOKS  # the method's parts of the loop
     progress: Progress = field(default_factory=lambda: Progress(step=0, epoch=0, batch_in_epoch=0))
     bar: Any = None
     start: float = 0.0
@@ -199,13 +209,16 @@ def _place_model(s: _Setup, world: World, log: Log) -> tuple[Any, tuple[int, int
 
 
 def _setup_optimizer(s: _Setup, model: Any) -> _Loop:
-    """AdamW over the trainable weights, with linear warmup and decay over the run's steps."""
+    """The method's optimizer (AdamW over the trainable weights, LoRA+ where asked), with
+    linear warmup and decay over the run's steps."""
     tc = s.cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=s.cfg.learning_rate, weight_decay=tc.weight_decay)
+    hooks = training_hooks(s.cfg)
+    optimizer = hooks.optimizer(model, s.cfg)
     steps = total_steps(len(s.train), tc)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * steps), steps)
-    return _Loop(model, params, optimizer, scheduler, steps, [s.codec.width(f) for f in s.train])
+    widths = [s.codec.width(f) for f in s.train]
+    return _Loop(model, params, optimizer, scheduler, steps, widths, hooks)
 
 
 def _resume(run: RunDir, loop: _Loop, world: World, log: Log) -> None:
@@ -214,6 +227,7 @@ def _resume(run: RunDir, loop: _Loop, world: World, log: Log) -> None:
     if found is None:
         raise FinloraError(f"{run.root}: no checkpoint to resume from")
     loop.progress = progress = load_checkpoint(found, loop.model, loop.optimizer, loop.scheduler)
+    loop.hooks.load_state(loop.model, load_method_state(found))
     if world.is_main:
         run.truncate_metrics(progress.step)
     log(f"resuming from {found.name} (epoch {progress.epoch + 1}, step {progress.step})")
@@ -256,9 +270,10 @@ def _end_epoch(
     return row
 
 
-def _checkpoint(run: RunDir, model: Any, opt: Any, sched: Any, progress: Progress) -> None:
-    target = run.checkpoints / f"step-{progress.step:07d}"
-    save_checkpoint(target, model, opt, sched, progress)
+def _checkpoint(run: RunDir, loop: _Loop) -> None:
+    target = run.checkpoints / f"step-{loop.progress.step:07d}"
+    state = loop.hooks.state(loop.model)
+    save_checkpoint(target, loop.model, loop.optimizer, loop.scheduler, loop.progress, state)
     atomic.kill_point("prune")
     # Only once the new checkpoint is whole and in place: a stop before here keeps the old.
     for old in run.checkpoints.glob("step-*"):
@@ -268,7 +283,7 @@ def _checkpoint(run: RunDir, model: Any, opt: Any, sched: Any, progress: Progres
 
 def _save_checkpoint(run: RunDir, loop: _Loop, world: World) -> None:
     if world.is_main:
-        _checkpoint(run, loop.model, loop.optimizer, loop.scheduler, loop.progress)
+        _checkpoint(run, loop)
 
 
 def _quiet(message: str) -> None:
@@ -373,9 +388,11 @@ def _epoch(s: _Setup, run: RunDir, world: World, loop: _Loop, log: Log) -> None:
         loss = _accumulate(s, world, loop, batches[bi])
         if (bi + 1) % tc.grad_accum and bi + 1 < len(batches):
             continue
+        after_update = functools.partial(loop.hooks.after_update, loop.model, progress.step + 1)
         optimizer_step(
-            loop.model, loop.params, loop.optimizer, loop.scheduler, tc.max_grad_norm, world
-        )
+            loop.model, loop.params, loop.optimizer, loop.scheduler, tc.max_grad_norm, world,
+            after_update,
+        )  # fmt: skip
         progress.step += 1
         progress.batch_in_epoch = bi + 1
         last = bi + 1 == len(batches) or progress.step >= loop.total_steps

@@ -44,6 +44,8 @@ SMALL = {
     "ia3": [],
     "freeze": ["freeze.layers=1"],
     "full": [],
+    "adalora": ["adalora.init_r=4", "adalora.target_r=2"],
+    "adapter": ["adapter.learning_rate=0.01"],
 }
 
 
@@ -143,7 +145,7 @@ def test_method_trains_saves_and_reloads_exactly(
     _assert_round_trip(cfg, tmp_path / "run", capture_saved)
 
 
-@pytest.mark.parametrize("method", ["lora", "full", "ia3", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "full", "ia3", "prompt", "adalora", "adapter"])
 def test_encoder_classifier_trains_saves_and_reloads_exactly(
     method: str,
     method_cfg: Callable[..., RunConfig],
@@ -262,7 +264,7 @@ def test_method_that_cannot_serve_the_model_is_refused(
         _train(method_cfg("prefix", "encoder"), output)
     assert str(err.value) == (
         "method prefix cannot tune an encoder model (it serves causal, seq2seq); "
-        "for encoder models use lora, prompt, ptuning, ia3, freeze, full"
+        "for encoder models use lora, prompt, ptuning, ia3, freeze, full, adalora, adapter"
     )
     assert not output.exists()  # refused before the run directory was made
     with pytest.raises(FinloraError, match="freeze.layers=5 but the model has 2 blocks"):

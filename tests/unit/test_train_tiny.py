@@ -126,9 +126,9 @@ def test_resume_after_a_stop_is_exact(
     # A stop (kill, Ctrl-C) right after the step-3 checkpoint, mid-epoch (5 batches an epoch).
     original = train_module._checkpoint
 
-    def checkpoint_then_stop(run_dir: RunDir, model: Any, opt: Any, sched: Any, progress: Any):
-        original(run_dir, model, opt, sched, progress)
-        if progress.step == 3:
+    def checkpoint_then_stop(run_dir: RunDir, loop: Any) -> None:
+        original(run_dir, loop)
+        if loop.progress.step == 3:
             raise Stop
 
     monkeypatch.setattr(train_module, "_checkpoint", checkpoint_then_stop)

@@ -1,9 +1,9 @@
 """Typed run configuration: YAML recipes, dotted `--set key=value` overrides, validation.
 
 One dataclass per concern (model, data, method, train, speed, and one section of options per
-tuning method: lora, prefix, prompt, ptuning, ia3, freeze, full), each field with its help text.
-Each validates itself where it is built, and every error names the dotted key and what was
-allowed, e.g. `config: lora.r must be a positive integer (got 0)`.
+tuning method: lora, prefix, prompt, ptuning, ia3, freeze, full, adalora, adapter), each field
+with its help text. Each validates itself where it is built, and every error names the dotted
+key and what was allowed, e.g. `config: lora.r must be a positive integer (got 0)`.
 
 sections.py and methods.py hold the sections; build.py turns YAML and `--set` items into them.
 """
@@ -19,11 +19,16 @@ from finlora.config.build import (
     with_speed_overrides,
 )
 from finlora.config.methods import (
+    ADAPTER_NON_LINEARITIES,
+    ADAPTER_PLACEMENTS,
     LORA_BIASES,
+    LORA_INITS,
     METHOD_SECTIONS,
     PROMPT_INIT_TEXTS,
     PROMPT_INITS,
     PTUNING_ENCODERS,
+    AdaLoraSection,
+    AdapterSection,
     FreezeSection,
     FullSection,
     IA3Section,
@@ -51,6 +56,8 @@ from finlora.config.sections import (
 )
 
 __all__ = [
+    "ADAPTER_NON_LINEARITIES",
+    "ADAPTER_PLACEMENTS",
     "ATTENTIONS",
     "DATA_FORMATS",
     "DEVICES",
@@ -59,6 +66,7 @@ __all__ = [
     "INFERENCE_KEYS",
     "INSTRUCT_TEMPLATE",
     "LORA_BIASES",
+    "LORA_INITS",
     "METHOD_SECTIONS",
     "MODEL_KINDS",
     "PRECISIONS",
@@ -67,6 +75,8 @@ __all__ = [
     "PTUNING_ENCODERS",
     "SPEED_KEYS",
     "TASKS",
+    "AdaLoraSection",
+    "AdapterSection",
     "DataConfig",
     "FreezeSection",
     "FullSection",

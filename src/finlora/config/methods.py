@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from finlora.config.fields import check_choice, check_learning_rate, check_positive, fail, opt
+from finlora.config.fields import (
+    check_choice,
+    check_fraction,
+    check_learning_rate,
+    check_positive,
+    fail,
+    opt,
+)
 
 # Every method section has `learning_rate`: null means train.learning_rate. The methods differ
 # by orders of magnitude in the rate they train well at (a handful of prompt vectors against
@@ -18,6 +25,7 @@ def _rate(default: float | None) -> Any:
 
 
 LORA_BIASES = ("none", "all", "lora_only")
+LORA_INITS = ("gaussian", "pissa", "olora")
 
 
 @dataclass
@@ -35,7 +43,31 @@ class LoraSection:
         "all-linear", "Module names to adapt, or all-linear: every linear layer but the head."
     )
     bias: str = opt("none", "Biases that train: none, all, or lora_only (the adapted layers').")
+    use_dora: bool = opt(
+        False,
+        "DoRA (Liu et al., 2024): the adapted weight split into a trained magnitude per output "
+        "and a direction that LoRA updates. Takes PEFT's own layers, not the fused ones.",
+    )
+    use_rslora: bool = opt(
+        False, "rsLoRA (Kalajdzievski, 2023): scale the update by lora_alpha / sqrt(r), not / r."
+    )
+    init: str = opt(
+        "gaussian",
+        "How A and B start. gaussian: A random, B zero (the base model exactly); pissa (Meng et "
+        "al., 2024): the top r singular directions of each weight; olora (Büyükakyüz, 2024): its "
+        "QR factors. pissa and olora move that part of the base weight into A and B; the saved "
+        "adapter is turned back into a plain LoRA of rank 2r on the untouched base weights.",
+    )
+    loraplus_lr_ratio: float | None = opt(
+        None,
+        "LoRA+ (Hayou et al., 2024): lora_B (and 1-d weights) train at this many times the "
+        "learning rate of lora_A, through PEFT's LoRA+ optimizer; e.g. 16. null: one rate.",
+    )
     learning_rate: float | None = _rate(None)
+
+    # Options that make another method of the same family: `finlora compare` names its rows
+    # by them (lora[use_dora=true]) when they differ from these defaults.
+    VARIANTS: ClassVar[tuple[str, ...]] = ("use_dora", "use_rslora", "init", "loraplus_lr_ratio")
 
     def validate(self, prefix: str) -> None:
         check_positive(f"{prefix}.r", self.r)
@@ -46,6 +78,12 @@ class LoraSection:
         check_choice(f"{prefix}.bias", self.bias, LORA_BIASES)
         if isinstance(self.target_modules, list) and not self.target_modules:
             fail(f"{prefix}.target_modules", "must name at least one module or be 'all-linear'")
+        check_choice(f"{prefix}.init", self.init, LORA_INITS)
+        if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio < 1:
+            fail(
+                f"{prefix}.loraplus_lr_ratio",
+                f"must be at least 1 or null (got {self.loraplus_lr_ratio})",
+            )
         check_learning_rate(f"{prefix}.learning_rate", self.learning_rate)
 
 
@@ -174,6 +212,92 @@ class FullSection:
         check_learning_rate(f"{prefix}.learning_rate", self.learning_rate)
 
 
+@dataclass
+class AdaLoraSection:
+    """AdaLoRA (Zhang et al., 2023): LoRA in SVD form, P·Λ·Q, whose rank budget moves during
+    training to the weights that matter most."""
+
+    init_r: int = opt(12, "Rank each adapted weight starts with.")
+    target_r: int = opt(8, "Average rank left per adapted weight once the budget has fallen.")
+    lora_alpha: int = opt(32, "The update is scaled by lora_alpha / the rank.")
+    lora_dropout: float = opt(0.0, "Dropout on the adapted layers' input (0 <= x < 1).")
+    target_modules: list[str] | str = opt(
+        "all-linear", "Module names to adapt, or all-linear: every linear layer but the head."
+    )
+    tinit: float = opt(
+        0.1,
+        "Share of the run's steps trained at init_r before the budget starts to fall (the "
+        "paper's t_i, as a share: the step count comes from the data).",
+    )
+    tfinal: float = opt(
+        0.2, "Share of the run's steps trained at the final ranks (the paper's t_f, as a share)."
+    )
+    deltaT: int = opt(1, "Steps between two reallocations of the budget.")
+    beta1: float = opt(0.85, "Smoothing of the importance scores (EMA, 0 < x < 1).")
+    beta2: float = opt(0.85, "Smoothing of their uncertainty (EMA, 0 < x < 1).")
+    orth_reg_weight: float = opt(
+        0.5, "Weight of the penalty that keeps P and Q orthogonal, added to the training loss."
+    )
+    learning_rate: float | None = _rate(None)
+
+    def validate(self, prefix: str) -> None:
+        check_positive(f"{prefix}.init_r", self.init_r)
+        check_positive(f"{prefix}.target_r", self.target_r)
+        if self.target_r >= self.init_r:
+            # Equal ranks leave no budget to reallocate (and PEFT's allocator cannot rank 0 items).
+            fail(
+                f"{prefix}.target_r",
+                f"must be below adalora.init_r={self.init_r} (got {self.target_r})",
+            )
+        if self.lora_alpha <= 0:
+            fail(f"{prefix}.lora_alpha", f"must be positive (got {self.lora_alpha})")
+        if not 0 <= self.lora_dropout < 1:
+            fail(f"{prefix}.lora_dropout", f"must be in [0, 1) (got {self.lora_dropout})")
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            fail(f"{prefix}.target_modules", "must name at least one module or be 'all-linear'")
+        for key in ("tinit", "tfinal"):
+            check_fraction(f"{prefix}.{key}", getattr(self, key), allow_zero=True)
+        if self.tinit + self.tfinal >= 1:
+            fail(
+                f"{prefix}.tinit",
+                f"+ tfinal must be below 1, to leave steps for the budget to fall (got "
+                f"{self.tinit} + {self.tfinal})",
+            )
+        check_positive(f"{prefix}.deltaT", self.deltaT)
+        for key in ("beta1", "beta2"):
+            check_fraction(f"{prefix}.{key}", getattr(self, key), allow_zero=False)
+        if self.orth_reg_weight < 0:
+            fail(f"{prefix}.orth_reg_weight", f"must be >= 0 (got {self.orth_reg_weight})")
+        check_learning_rate(f"{prefix}.learning_rate", self.learning_rate)
+
+
+ADAPTER_PLACEMENTS = ("houlsby", "pfeiffer")
+ADAPTER_NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
+
+
+@dataclass
+class AdapterSection:
+    """Bottleneck adapters (Houlsby et al., 2019): h + up(f(down(h))) after a layer's
+    sublayers, up starting at zero."""
+
+    placement: str = opt(
+        "houlsby",
+        "houlsby: an adapter after each layer's attention and one after its feed-forward part; "
+        "pfeiffer (Pfeiffer et al., 2021): after the feed-forward part only.",
+    )
+    reduction_factor: int = opt(
+        16, "Hidden size / bottleneck size (at least 1 unit wide whatever the model)."
+    )
+    non_linearity: str = opt("relu", "f between down and up: relu, gelu, silu or tanh.")
+    learning_rate: float | None = _rate(1e-4)
+
+    def validate(self, prefix: str) -> None:
+        check_choice(f"{prefix}.placement", self.placement, ADAPTER_PLACEMENTS)
+        check_positive(f"{prefix}.reduction_factor", self.reduction_factor)
+        check_choice(f"{prefix}.non_linearity", self.non_linearity, ADAPTER_NON_LINEARITIES)
+        check_learning_rate(f"{prefix}.learning_rate", self.learning_rate)
+
+
 # Method name -> its section of options; the section has the method's name in the config.
 METHOD_SECTIONS: dict[str, type] = {
     "lora": LoraSection,
@@ -183,6 +307,8 @@ METHOD_SECTIONS: dict[str, type] = {
     "ia3": IA3Section,
     "freeze": FreezeSection,
     "full": FullSection,
+    "adalora": AdaLoraSection,
+    "adapter": AdapterSection,
 }
 
 
@@ -190,7 +316,7 @@ METHOD_SECTIONS: dict[str, type] = {
 class MethodConfig:
     """The tuning method; its options are in the section of the same name."""
 
-    name: str = opt("lora", "lora, prefix, prompt, ptuning, ia3, freeze or full.")
+    name: str = opt("lora", "lora, prefix, prompt, ptuning, ia3, freeze, full, adalora or adapter.")
 
     def validate(self, prefix: str) -> None:
         check_choice(f"{prefix}.name", self.name, tuple(METHOD_SECTIONS))

@@ -21,6 +21,8 @@ from finlora.config.fields import (
 )
 from finlora.config.methods import (
     METHOD_SECTIONS,
+    AdaLoraSection,
+    AdapterSection,
     FreezeSection,
     FullSection,
     IA3Section,
@@ -449,6 +451,8 @@ class RunConfig:
     ia3: IA3Section = opt_factory(IA3Section, "Options of method ia3.")
     freeze: FreezeSection = opt_factory(FreezeSection, "Options of method freeze.")
     full: FullSection = opt_factory(FullSection, "Options of method full.")
+    adalora: AdaLoraSection = opt_factory(AdaLoraSection, "Options of method adalora.")
+    adapter: AdapterSection = opt_factory(AdapterSection, "Options of method adapter.")
     train: TrainConfig = opt_factory(TrainConfig, "The optimisation and the device.")
     speed: SpeedConfig = opt_factory(SpeedConfig, "Speed and memory switches.")
 

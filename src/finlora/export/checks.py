@@ -23,10 +23,20 @@ UNMERGEABLE = {
 }
 
 
+# Methods outside PEFT whose update is no change of weights.
+NONLINEAR = {"adapter": "bottleneck adapters"}
+
+
 def _peft_type(run: RunDir) -> str:
     path = run.adapter / "adapter_config.json"
     if not path.is_file():
         method = run.read_json(run.adapter / "finlora_method.json").get("method", "?")
+        if method in NONLINEAR:
+            raise FinloraError(
+                f"{run.root}: {NONLINEAR[method]} cannot be merged into the model's weights "
+                "(each adds a non-linear layer, up(f(down(h))), to the blocks); the run stays "
+                "usable with `finlora predict` and `finlora eval`"
+            )
         if method not in WEIGHT_METHODS:
             raise FinloraError(f"{run.root}: method {method!r} has no adapter finlora can export")
         return WEIGHT_METHODS[method]

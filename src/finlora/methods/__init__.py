@@ -15,10 +15,23 @@ from safetensors import SafetensorError
 
 from finlora.config import RunConfig
 from finlora.errors import FinloraError
-from finlora.methods import freeze, full, ia3, lora, prefix, prompt, ptuning, storage
+from finlora.methods import (
+    adalora,
+    adapter,
+    freeze,
+    full,
+    ia3,
+    lora,
+    prefix,
+    prompt,
+    ptuning,
+    storage,
+)
+from finlora.methods.hooks import DEFAULT_HOOKS, TrainingHooks
 from finlora.scoring import is_prompt_learning
 
 Builder = Callable[[Any, RunConfig, str], Any]
+Saver = Callable[[Any, Path], None]
 
 
 @dataclass(frozen=True)
@@ -26,19 +39,23 @@ class Method:
     build: Builder  # (model, cfg, kind) -> the model to train, its trainable weights marked
     kinds: tuple[str, ...]  # model kinds it can serve
     storage: str  # "peft" (PEFT's adapter files) or "tensors" (the trained tensors)
+    training: TrainingHooks = DEFAULT_HOOKS  # its parts of the training loop
+    save: Saver | None = None  # (model, directory) in place of the storage's own save
 
 
 METHODS: dict[str, Method] = {
-    "lora": Method(lora.build, lora.KINDS, "peft"),
+    "lora": Method(lora.build, lora.KINDS, "peft", lora.HOOKS, lora.save),
     "prefix": Method(prefix.build, prefix.KINDS, "peft"),
     "prompt": Method(prompt.build, prompt.KINDS, "peft"),
     "ptuning": Method(ptuning.build, ptuning.KINDS, "peft"),
     "ia3": Method(ia3.build, ia3.KINDS, "peft"),
     "freeze": Method(freeze.build, freeze.KINDS, "tensors"),
     "full": Method(full.build, full.KINDS, "tensors"),
+    "adalora": Method(adalora.build, adalora.KINDS, "peft", adalora.HOOKS, adalora.save),
+    "adapter": Method(adapter.build, adapter.KINDS, "tensors"),
 }
 
-_SAVE = {"peft": storage.save_peft, "tensors": storage.save_tensors}
+_SAVE: dict[str, Saver] = {"peft": storage.save_peft, "tensors": storage.save_tensors}
 _LOAD = {"peft": storage.load_peft, "tensors": storage.load_tensors}
 
 
@@ -98,10 +115,15 @@ def build_method(model: Any, cfg: RunConfig, kind: str) -> Any:
         raise FinloraError(f"method {cfg.method.name}: {reason}") from None
 
 
+def training_hooks(cfg: RunConfig) -> TrainingHooks:
+    """The configured method's parts of the training loop (optimizer, per-step work)."""
+    return METHODS[cfg.method.name].training
+
+
 def save_adapter(model: Any, cfg: RunConfig, directory: Path) -> None:
     """Write what the method trained into `directory` (safetensors and JSON only)."""
     method = METHODS[cfg.method.name]
-    _SAVE[method.storage](model, directory)
+    (method.save or _SAVE[method.storage])(model, directory)
     storage.write_method_file(directory, cfg.method.name, method.storage)
 
 
@@ -131,11 +153,13 @@ def trainable_parameters(model: Any) -> tuple[int, int]:
 
 
 def merged_for_inference(model: Any) -> Any:
-    """The model with a LoRA or IA3 adapter folded into its weights (PEFT merge_and_unload).
+    """The model with a LoRA (any variant), AdaLoRA or IA3 adapter folded into its weights
+    (PEFT merge_and_unload).
 
     For prediction only: the merged layers compute W0·x + B·A·x in one matmul instead of three,
     which on a CPU saves the small per-layer operations that dominate after batching. Methods
-    with nothing to fold (prefix, prompt, P-tuning, freeze, full) come back unchanged.
+    with nothing to fold (prefix, prompt, P-tuning, freeze, full) and bottleneck adapters,
+    which are not linear, come back unchanged.
     """
     if is_prompt_learning(model) or not hasattr(model, "merge_and_unload"):
         return model

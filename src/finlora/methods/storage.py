@@ -64,6 +64,9 @@ def load_peft(model: Any, cfg: RunConfig, kind: str, directory: Path, build: Bui
     with warnings.catch_warnings():
         # PEFT only warns when tensors are missing; _check_landed refuses the adapter instead.
         warnings.filterwarnings("ignore", message="Found missing adapter keys")
+        # AdaLoRA's saved rank pattern is read as LoRA's per-module ranks too, and named
+        # unmatched there; AdaLoRA's own loader applies it.
+        warnings.filterwarnings("ignore", message="The following rank_pattern keys did not")
         loaded = PeftModel.from_pretrained(model, str(directory), is_trainable=False)
     _check_landed(loaded, directory / "adapter_model.safetensors")
     return loaded

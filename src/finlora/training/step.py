@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ import torch
 from finlora import atomic
 from finlora.config import RunConfig, TrainConfig
 from finlora.distributed import World
+from finlora.methods import training_hooks
 from finlora.models import Placement
 from finlora.scoring import autocast, loss_fn
 from finlora.tasks import Codec
@@ -58,7 +59,10 @@ def accumulate_batch(
         share = sum(label_tokens[i] for i in chunk) / total_targets
         with autocast(placement.device, placement.dtype):
             loss = loss_fn(model, batch, codec.kind, cfg.speed.label_logits_only) * share
-        (loss / cfg.train.grad_accum).backward()
+        # A method's penalty (AdaLoRA's) trains with the loss but is not reported in it.
+        penalty = training_hooks(cfg).penalty(model)
+        objective = loss if penalty is None else loss + penalty * share
+        (objective / cfg.train.grad_accum).backward()
         loss_sum += loss.item()
         real += batch.real_tokens
     loss_sum, whole = world.sum([loss_sum, real], placement.device)
@@ -72,12 +76,17 @@ def optimizer_step(
     scheduler: Any,
     max_grad_norm: float,
     world: World,
+    after_update: Callable[[], None] | None = None,
 ) -> None:
     """Sum the accumulated gradients of `params` over the processes, clip the model's to
-    `max_grad_norm`, step the optimizer and the learning-rate schedule, clear the gradients."""
+    `max_grad_norm`, step the optimizer and the learning-rate schedule, clear the gradients.
+    `after_update` runs once the weights moved, while the gradients are still there (a
+    method's own step: AdaLoRA's rank allocation)."""
     world.sum_gradients(params)
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     optimizer.step()
+    if after_update is not None:
+        after_update()
     atomic.kill_point("step")  # the weights moved, the schedule not yet: the crash test's mid-step
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

@@ -408,6 +408,8 @@ def _fits(layer: torch.nn.Module) -> bool:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None or not is_silu_gated_mlp(mlp):
         return False
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (attn, mlp)):
+        return False  # this path calls neither: a hook on them (a bottleneck adapter) would not run
     parts = [None if p is None else _lora_parts(p) for p in _projections(layer)]
     if any(part is None for part in parts):
         return False
