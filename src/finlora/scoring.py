@@ -52,12 +52,21 @@ def _gather_positions(tensor: torch.Tensor, positions: torch.Tensor) -> torch.Te
     return tensor.gather(1, index)
 
 
+def _attention(batch: Batch) -> dict[str, Any]:
+    """A causal model's attention arguments: the padding mask; for packed rows no mask but
+    position ids restarting at each record, from which transformers builds a causal mask that
+    keeps the records apart. It does so only without a key/value cache: no cache is built."""
+    if batch.position_ids is None:
+        return {"attention_mask": batch.attention_mask}
+    return {"attention_mask": None, "position_ids": batch.position_ids, "use_cache": False}
+
+
 def _causal_fast(model: Any, batch: Batch, vocab: torch.Tensor | None = None) -> torch.Tensor:
     """Logits at the label positions; with `vocab`, only those token ids' logits (B, L, len)."""
     base = unwrap(model)
     # No key/value cache: nothing continues from this pass (the model's default would build one).
     hidden = base.get_decoder()(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        input_ids=batch.input_ids, **{"use_cache": False, **_attention(batch)}
     ).last_hidden_state  # (B, T, H)
     picked = _gather_positions(hidden, batch.positions)
     head = base.get_output_embeddings()
@@ -68,7 +77,7 @@ def _causal_fast(model: Any, batch: Batch, vocab: torch.Tensor | None = None) ->
 
 
 def _causal_plain(model: Any, batch: Batch) -> torch.Tensor:
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logits = model(input_ids=batch.input_ids, **_attention(batch)).logits
     # Prompt and p-tuning prepend their virtual tokens to the sequence, so the logits have that
     # many extra leading positions; prefix tuning passes them as past key values and adds none.
     offset = logits.size(1) - batch.input_ids.size(1)

@@ -63,7 +63,8 @@ from finlora.runs import (
 from finlora.scoring import is_prompt_learning
 from finlora.tasks import Codec, codec_for
 from finlora.tasks.classify import length_grouped_batches
-from finlora.training.data import encode_split, log_data
+from finlora.training.data import encode_split, log_data, training_features
+from finlora.training.neftune import noisy_embeddings
 from finlora.training.resume import check_same_split, resume_config
 from finlora.training.run_files import (
     absolute_paths,
@@ -162,7 +163,7 @@ def _setup(cfg: RunConfig, log: Log, trust_remote_code: bool = False) -> _Setup:
     base, model, load_seconds = _setup_model(cfg, data.labels, placement, trust_remote_code)
     codec = codec_for(cfg.task, base.tokenizer, cfg.data, data.labels, base.kind)
     log_data(data, log)
-    train = encode_split(codec, data.rows("train"), "train", log)
+    train = training_features(codec, data.rows("train"), cfg, log)
     if not train:
         raise FinloraError("data: no training example fits data.max_length")
     training_hooks(cfg).prepare(model, cfg, total_steps(len(train), cfg.train))
@@ -355,8 +356,9 @@ def _train(
         dynamic_ncols=True,
     )
     loop.start = time.perf_counter()
-    while loop.progress.step < loop.total_steps and loop.progress.epoch < s.cfg.train.epochs:
-        _epoch(s, run, world, loop, log)
+    with noisy_embeddings(model, s.cfg.train.neftune_alpha):
+        while loop.progress.step < loop.total_steps and loop.progress.epoch < s.cfg.train.epochs:
+            _epoch(s, run, world, loop, log)
     loop.bar.close()
     seconds = time.perf_counter() - loop.start
     peak_mib = process_peak_mib()

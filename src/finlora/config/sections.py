@@ -290,6 +290,16 @@ class TrainConfig:
         200, "Optimizer steps between checkpoints (the latest is kept, to resume from)."
     )
     log_every: int = opt(10, "Optimizer steps between rows of training loss in metrics.jsonl.")
+    packing: bool = opt(
+        False,
+        "Task instruct: several records per training sequence of up to data.max_length tokens, "
+        "each attending only to itself; batch_size counts sequences. Validation is not packed.",
+    )
+    neftune_alpha: float | None = opt(
+        None,
+        "NEFTune: noise in ±alpha/sqrt(L·d) on the input embeddings, in training only (L, d: "
+        "the row's padded or packed width, the embedding width; the paper uses 5). null: off.",
+    )
 
     def validate(self, prefix: str) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "checkpoint_every", "log_every"):
@@ -307,6 +317,8 @@ class TrainConfig:
         check_fraction(f"{prefix}.warmup_ratio", self.warmup_ratio, allow_zero=True)
         check_choice(f"{prefix}.device", self.device, DEVICES)
         check_choice(f"{prefix}.precision", self.precision, PRECISIONS)
+        if self.neftune_alpha is not None and not self.neftune_alpha > 0:
+            fail(f"{prefix}.neftune_alpha", f"must be positive or null (got {self.neftune_alpha})")
 
 
 @dataclass

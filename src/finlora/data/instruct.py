@@ -1,18 +1,23 @@
-"""Instruction data: Alpaca records and chat `messages` records, read from JSON or JSON Lines.
+"""Instruction data: Alpaca, OpenAI `messages` and ShareGPT `conversations` records, read from
+JSON or JSON Lines.
 
-Two record shapes, per record (a file may mix them):
-  Alpaca: {"instruction": str, "input": str (optional), "output": str}
-  chat:   {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-Either may carry "label": the answer's label (e.g. a sentiment), which lets `finlora eval` check
+Three record shapes, told apart per record by their keys (a file may mix them):
+  Alpaca:   {"instruction": str, "input": str (optional), "output": str}
+  OpenAI:   {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  ShareGPT: {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
+The two chat shapes become the same conversation (human is the user, gpt the assistant).
+Any may carry "label": the answer's label (e.g. a sentiment), which lets `finlora eval` check
 that a generated answer names exactly one valid label; "labels" may list the valid ones.
 
-Every problem is one `FinloraError` naming the file and line of the record, and it is raised
-while loading, so training never starts on a malformed file.
+Every problem is one `FinloraError` naming the file and line of the record (and its number in
+a JSON list, where records share a line), and it is raised while loading, so training never
+starts on a malformed file.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,41 +104,69 @@ def _label_fields(where: str, record: dict[str, Any]) -> tuple[str | None, tuple
     return label, tuple(labels)
 
 
-def _chat(where: str, record: dict[str, Any]) -> InstructRecord:
-    raw = record["messages"]
+@dataclass(frozen=True)
+class ChatShape:
+    """How one chat format writes a conversation: its list, and each turn's speaker and text."""
+
+    key: str  # the record's list of turns
+    speaker: str  # a turn's key naming who speaks
+    text: str  # a turn's key holding what is said
+    roles: dict[str, str]  # the format's speaker names -> system, user, assistant
+
+    def name(self, role: str) -> str:
+        """The format's own name for `role`, for messages a user can act on."""
+        return next(k for k, v in self.roles.items() if v == role)
+
+
+OPENAI = ChatShape("messages", "role", "content", {r: r for r in ROLES})
+SHAREGPT = ChatShape(
+    "conversations", "from", "value", {"system": "system", "human": "user", "gpt": "assistant"}
+)
+CHAT_SHAPES = (OPENAI, SHAREGPT)
+
+
+def _turn(at: str, shape: ChatShape, raw: Any, first: bool) -> Message:
+    if not isinstance(raw, dict):
+        raise FinloraError(f"{at} must be an object with '{shape.speaker}' and '{shape.text}'")
+    speaker = raw.get(shape.speaker)
+    if speaker not in shape.roles:
+        allowed = ", ".join(shape.roles)
+        raise FinloraError(f"{at}: {shape.speaker} must be one of {allowed} (got {speaker!r})")
+    role = shape.roles[speaker]
+    if role == "system" and not first:
+        raise FinloraError(f"{at}: a {speaker} message may only come first")
+    return Message(role, _text(at, raw, shape.text, required=True))
+
+
+def _chat(where: str, record: dict[str, Any], shape: ChatShape) -> InstructRecord:
+    raw = record[shape.key]
     if not isinstance(raw, list) or not raw:
-        raise FinloraError(f"{where}: 'messages' must be a non-empty list")
-    messages = []
-    for i, m in enumerate(raw):
-        at = f"{where}: messages[{i}]"
-        if not isinstance(m, dict):
-            raise FinloraError(f"{at} must be an object with 'role' and 'content'")
-        role = m.get("role")
-        if role not in ROLES:
-            raise FinloraError(f"{at}: role must be one of {', '.join(ROLES)} (got {role!r})")
-        content = _text(at, m, "content", required=True)
-        if role == "system" and i != 0:
-            raise FinloraError(f"{at}: a system message may only come first")
-        messages.append(Message(role, content))
+        raise FinloraError(f"{where}: '{shape.key}' must be a non-empty list")
+    messages = [_turn(f"{where}: {shape.key}[{i}]", shape, m, i == 0) for i, m in enumerate(raw)]
+    user, assistant = shape.name("user"), shape.name("assistant")
     turns = [m.role for m in messages if m.role != "system"]
     if not turns or turns[-1] != "assistant":
-        raise FinloraError(f"{where}: the last message must be the assistant's answer")
+        raise FinloraError(f"{where}: the last message must be the {assistant}'s answer")
     if turns[0] != "user" or any(a == b for a, b in zip(turns, turns[1:], strict=False)):
-        raise FinloraError(f"{where}: turns must alternate user, assistant, starting with user")
+        raise FinloraError(
+            f"{where}: turns must alternate {user}, {assistant}, starting with {user}"
+        )
     label, labels = _label_fields(where, record)
     return InstructRecord(tuple(messages), where, label=label, labels=labels)
 
 
 def parse_record(where: str, record: Any) -> InstructRecord:
-    """Validate one decoded record (Alpaca or chat); raises FinloraError naming `where`."""
+    """Validate one decoded record (Alpaca, OpenAI or ShareGPT); raises FinloraError naming
+    `where`."""
     if not isinstance(record, dict):
         raise FinloraError(f"{where}: expected an object, got {type(record).__name__}")
-    if "messages" in record:
-        return _chat(where, record)
+    for shape in CHAT_SHAPES:
+        if shape.key in record:
+            return _chat(where, record, shape)
     if "instruction" not in record and "output" not in record:
         raise FinloraError(
             f"{where}: neither an Alpaca record (instruction, input, output) "
-            "nor a chat record (messages)"
+            "nor a chat record (messages, or ShareGPT's conversations)"
         )
     instruction = _text(where, record, "instruction", required=True)
     output = _text(where, record, "output", required=True)
@@ -143,21 +176,28 @@ def parse_record(where: str, record: Any) -> InstructRecord:
 
 
 def load_instruct(path: Path) -> list[InstructRecord]:
-    """Records from a .json list or a .jsonl file; raises FinloraError on the first bad one."""
+    """Records from a .json list or a .jsonl file, each of any of the three shapes; raises
+    FinloraError on the first bad one."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise FinloraError(f"{path}: is a directory; give an instruction .json or .jsonl file")
     text = read_text(path)
     stripped = text.lstrip()
-    rows = json_array(path, text) if stripped.startswith("[") else json_lines(path, text)
-    records = [parse_record(f"{path}:{line}", record) for line, record in rows]
+    rows = list(json_array(path, text) if stripped.startswith("[") else json_lines(path, text))
+    # A JSON list written on one line puts every record on line 1: its number tells them apart.
+    shared = Counter(line for line, _ in rows)
+    records = [
+        parse_record(f"{path}:{line}" + (f" (record {n})" if shared[line] > 1 else ""), record)
+        for n, (line, record) in enumerate(rows, start=1)
+    ]
     if not records:
         raise FinloraError(f"{path}: no instruction records")
     return records
 
 
 def write_jsonl(records: list[InstructRecord], path: Path) -> None:
-    """Write records back as JSON Lines, Alpaca where they came from Alpaca, else chat."""
+    """Write records back as JSON Lines, Alpaca where they came from Alpaca, else chat
+    (`messages`, whichever chat shape they were read from)."""
     lines = []
     for r in records:
         row: dict[str, Any]

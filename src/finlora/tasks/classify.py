@@ -44,6 +44,9 @@ class Batch:
     positions: torch.Tensor
     targets: torch.Tensor  # (B, L) label token ids, IGNORE for padding
     real_tokens: int  # non-pad tokens in the batch, for throughput figures
+    # Packed rows (several records each): positions that restart at every record, from which
+    # the model builds a causal mask that keeps records apart; None: one record a row. (B, T)
+    position_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
@@ -52,6 +55,7 @@ class Batch:
             self.positions.to(device),
             self.targets.to(device),
             self.real_tokens,
+            None if self.position_ids is None else self.position_ids.to(device),
         )
 
 

@@ -34,6 +34,15 @@ class InstructFeature:
     # Causal: one sequence. Seq2seq: the encoder's prompt, then the decoder's response.
     ids: list[int]
     targets: tuple[int, ...]  # indices into `ids` of the response tokens (the trained ones)
+    # Where each record starts in `ids`: several in a packed sequence (train.packing), whose
+    # records each attend only to themselves.
+    starts: tuple[int, ...] = (0,)
+
+    @property
+    def position_ids(self) -> list[int]:
+        """Each token's position within its own record."""
+        ends = (*self.starts[1:], len(self.ids))
+        return [p for start, end in zip(self.starts, ends, strict=True) for p in range(end - start)]
 
 
 class InstructCodec:
@@ -254,4 +263,14 @@ class InstructCodec:
             pad_rows([[t - 1 for t in f.targets] for f in features], -1),
             pad_rows([[f.ids[t] for t in f.targets] for f in features], IGNORE),
             sum(len(r) for r in rows),
+            _packed_positions(features),
         )
+
+
+def _packed_positions(features: Sequence[InstructFeature]) -> torch.Tensor | None:
+    """Position ids of right-padded rows when any row is packed, else None (B, T). A row's
+    padding restarts at 0 too: a run of its own, which no record attends to."""
+    if all(len(f.starts) == 1 for f in features):
+        return None
+    width = max(len(f.ids) for f in features)
+    return torch.tensor([f.position_ids + list(range(width - len(f.ids))) for f in features])

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from finlora.config import RunConfig
 from finlora.data.loaders import repair_note
 from finlora.data.prepare import PreparedData, PreparedInstruct
 from finlora.data.split import conflicting_labels
 from finlora.tasks import Codec
+from finlora.training.packing import check_packing, pack
 
 Log = Callable[[str], None]
 
@@ -76,3 +78,20 @@ def encode_split(codec: Codec, rows: list[Any], split: str, log: Log) -> list[An
             "data.max_length and leaves no answer token to train on"
         )
     return kept
+
+
+def training_features(codec: Codec, rows: list[Any], cfg: RunConfig, log: Log) -> list[Any]:
+    """The training split as the codec's features (`encode_split`), packed several to a
+    sequence under train.packing; raises FinloraError where packing cannot apply."""
+    if cfg.train.packing:
+        check_packing(cfg, codec)
+    features = encode_split(codec, rows, "train", log)
+    if not cfg.train.packing or not features:
+        return features
+    packed = pack(features, codec.max_length)
+    tokens = sum(codec.width(f) for f in features)
+    log(
+        f"data: {len(features)} train record(s) packed into {len(packed)} sequence(s) of at "
+        f"most {codec.max_length} tokens ({tokens / (len(packed) * codec.max_length):.0%} full)"
+    )
+    return packed
