@@ -1,9 +1,11 @@
 """Speed benchmarks: finlora's path against the classic PEFT recipe, in one process.
 
-Classic training: every sequence padded to 128 tokens, fp32, full-vocabulary logits at every
-position, batch 8. Classic prediction: one greedy `generate` call per sentence, the answer
-parsed for a label. Both paths run on the same model and sentences, alternating rounds so that
-machine noise hits both alike; throughput counts real (non-pad) tokens only.
+Classic training: every sequence padded to 128 tokens (an instruct config's records: to
+data.max_length), fp32, full-vocabulary logits at every position, batch 8; finlora's path
+trains as a run does (packed sequences under train.packing). Classic prediction: one greedy
+`generate` call per sentence, the answer parsed for a label. Both paths run on the same model
+and sentences, alternating rounds so that machine noise hits both alike; throughput counts real
+(non-pad) tokens only.
 """
 
 from __future__ import annotations
@@ -14,22 +16,25 @@ import functools
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from finlora.config import RunConfig, load_config
-from finlora.data.prepare import prepare_data
+from finlora.data.prepare import prepare_data, prepare_instruct
 from finlora.errors import FinloraError
 from finlora.memory import PeakMemory
 from finlora.methods import build_method, merged_for_inference
 from finlora.models import Placement, load_base_model
 from finlora.models.fast.fused_projections import fuse_projections
 from finlora.scoring import predict_proba
-from finlora.tasks.classify import IGNORE, LabelCodec, length_grouped_batches
+from finlora.tasks import codec_for
+from finlora.tasks.classify import IGNORE, length_grouped_batches
+from finlora.tasks.instruct import InstructCodec
 from finlora.train import accumulate_batch
+from finlora.training.data import training_features
 
 CLASSIC_LENGTH = 128
 CLASSIC_BATCH = 8
@@ -85,12 +90,14 @@ class Round:
 
 @dataclass
 class FinloraPath:
-    """finlora's own path as one config sets it up: model, codec and placement."""
+    """finlora's own path as one config sets it up: model, codec, placement and the features it
+    trains on (packed under train.packing, as a run packs them)."""
 
     cfg: RunConfig
     model: Any
-    codec: LabelCodec
+    codec: Any  # the task's codec
     placement: Placement
+    features: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -99,11 +106,14 @@ class BenchSetup:
     classic: Any  # the classic recipe's model: fp32 weights, SDPA attention, LoRA dropout 0.05
     paths: dict[str, FinloraPath]  # "finlora", then one per variant ("speed.fused_lora=false")
     tokenizer: Any
-    codec: LabelCodec  # the base config's, for the classic path's prompts
-    texts: list[str]
+    codec: Any  # the base config's, for the classic path's prompts
+    texts: list[str]  # classify: the sentences and their labels; instruct: none
     labels: list[int]
     device: torch.device
     n_params: int
+    # The classic path's rows: every token, and the positions of the target tokens.
+    classic_rows: list[tuple[list[int], list[int]]] = field(default_factory=list)
+    classic_width: int = CLASSIC_LENGTH  # what it pads every row to
 
 
 CLASSIC_LORA_DROPOUT = 0.05
@@ -116,12 +126,26 @@ def _model(cfg: RunConfig, attention: str | None, trust_remote_code: bool) -> tu
 
 
 def _finlora_path(
-    cfg: RunConfig, labels: list[str], trust_remote_code: bool
+    cfg: RunConfig, labels: list[str], rows: list[Any], trust_remote_code: bool
 ) -> tuple[FinloraPath, Any]:
     placement = Placement.from_config(cfg.train, cfg.speed)
     base, model = _model(cfg, placement.attention, trust_remote_code)
-    codec = LabelCodec.for_data(base.tokenizer, cfg.data, labels, base.kind)
-    return FinloraPath(cfg, placement.place(model), codec, placement), base
+    codec = codec_for(cfg.task, base.tokenizer, cfg.data, labels, base.kind)
+    features = training_features(codec, rows, cfg, lambda _: None)
+    return FinloraPath(cfg, placement.place(model), codec, placement, features), base
+
+
+def _classic_rows(codec: Any, rows: list[Any], cfg: RunConfig) -> tuple[list[Any], int]:
+    """Each row's tokens and its target positions, and the width the classic recipe pads
+    every row to: 128 for a sentence and its label, data.max_length for an instruction."""
+    if isinstance(codec, InstructCodec):
+        features = [f for f in (codec.encode(r) for r in rows) if f is not None]
+        return [(f.ids, list(f.targets)) for f in features], cfg.data.max_length
+    out = []
+    for e in rows:
+        prompt, label = codec.encode_text(e.text), codec.label_ids[codec.labels.index(e.label)]
+        out.append((prompt + label, list(range(len(prompt), len(prompt) + len(label)))))
+    return out, CLASSIC_LENGTH
 
 
 # What every path shares: the sentences, their labels and the model they are timed on.
@@ -157,16 +181,17 @@ def setup(
     for variant in variants or []:
         _check_variant(variant)
     cfg = load_config(config, overrides)
-    data = prepare_data(cfg.data, cfg.seed)
-    rows = data.rows("train")[:n]
-    main, base = _finlora_path(cfg, data.labels, trust_remote_code)
+    instruct = cfg.task == "instruct"
+    data = prepare_instruct(cfg.data, cfg.seed) if instruct else prepare_data(cfg.data, cfg.seed)
+    rows: list[Any] = data.rows("train")[:n]
+    main, base = _finlora_path(cfg, data.labels, rows, trust_remote_code)
     paths = {"finlora": main}
     for variant in variants or []:
         try:
             variant_cfg = load_config(config, [*overrides, variant])
         except FinloraError as exc:
             raise FinloraError(f"--variant {variant!r}: {exc}") from None
-        paths[variant] = _finlora_path(variant_cfg, data.labels, trust_remote_code)[0]
+        paths[variant] = _finlora_path(variant_cfg, data.labels, rows, trust_remote_code)[0]
     classic_cfg = copy.deepcopy(cfg)
     classic_cfg.lora.lora_dropout = CLASSIC_LORA_DROPOUT
     _, classic = _model(classic_cfg, "sdpa", trust_remote_code)
@@ -176,10 +201,11 @@ def setup(
         paths,
         base.tokenizer,
         main.codec,
-        [e.text for e in rows],
-        [data.labels.index(e.label) for e in rows],
+        [] if instruct else [e.text for e in rows],
+        [] if instruct else [data.labels.index(e.label) for e in rows],
         main.placement.device,
         matmul_params(base.model),
+        *_classic_rows(main.codec, rows, cfg),
     )
 
 
@@ -187,28 +213,23 @@ def setup(
 
 
 def _classic_train_round(s: BenchSetup, optimizer: torch.optim.Optimizer) -> Round:
-    tok = s.tokenizer
     r = Round()
-    for i in range(0, len(s.texts), CLASSIC_BATCH):
-        rows = []
-        for text, label in zip(
-            s.texts[i : i + CLASSIC_BATCH], s.labels[i : i + CLASSIC_BATCH], strict=True
-        ):
-            prompt = s.codec.encode_text(text)
-            rows.append((prompt, s.codec.label_ids[label]))
-        width = CLASSIC_LENGTH
-        ids = torch.full((len(rows), width), tok.pad_token_id)
+    width = s.classic_width
+    for i in range(0, len(s.classic_rows), CLASSIC_BATCH):
+        rows = s.classic_rows[i : i + CLASSIC_BATCH]
+        ids = torch.full((len(rows), width), s.tokenizer.pad_token_id)
         mask = torch.zeros_like(ids)
         labels = torch.full_like(ids, IGNORE)
-        for j, (prompt, target) in enumerate(rows):
-            seq = (prompt + target)[:width]
+        for j, (tokens, targets) in enumerate(rows):
+            seq = tokens[:width]
             ids[j, : len(seq)] = torch.tensor(seq)
             mask[j, : len(seq)] = 1
-            labels[j, len(prompt) : len(seq)] = torch.tensor(seq[len(prompt) :])
+            kept = [t for t in targets if t < width]
+            labels[j, kept] = torch.tensor([seq[t] for t in kept])
         start = time.perf_counter()
         out = s.classic(
             input_ids=ids.to(s.device), attention_mask=mask.to(s.device), labels=labels.to(s.device)
-        )  # full (B, 128, V) logits
+        )  # full (B, width, V) logits
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -221,29 +242,19 @@ def _finlora_train_round(
     s: BenchSetup, p: FinloraPath, optimizer: torch.optim.Optimizer, seed: int
 ) -> Round:
     tc, speed = p.cfg.train, p.cfg.speed
-    features = [
-        p.codec.encode(_example(t, p.codec.labels[y]))
-        for t, y in zip(s.texts, s.labels, strict=True)
-    ]
     r = Round()
     for idx in length_grouped_batches(
-        [len(f.prompt_ids) for f in features], tc.batch_size, seed, speed.group_by_length
+        [p.codec.width(f) for f in p.features], tc.batch_size, seed, speed.group_by_length
     ):
         start = time.perf_counter()
         _, real_tokens = accumulate_batch(
-            p.model, p.codec, [features[i] for i in idx], p.cfg, p.placement
+            p.model, p.codec, [p.features[i] for i in idx], p.cfg, p.placement
         )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         r.seconds += time.perf_counter() - start
         r.units += real_tokens
     return r
-
-
-def _example(text: str, label: str) -> Any:
-    from finlora.data import Example
-
-    return Example(text, label, "bench")
 
 
 def _alternate(paths: dict[str, Callable[[int], Round]], rounds: int) -> dict[str, dict[str, Any]]:
@@ -282,7 +293,8 @@ def bench_train(
     variants: list[str] | None = None,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    """Train-step throughput of the classic recipe and finlora's path on the same sentences."""
+    """Train-step throughput of the classic recipe and finlora's path on the same sentences
+    (or, for an instruct config, instruction records)."""
     s = setup(config, overrides or [], n, variants, trust_remote_code)
     s.classic.train()
 
@@ -302,7 +314,7 @@ def bench_train(
     rates = {dt: matmul_rate(dt) for dt in set(dtypes.values())}
     main_dtype = dtypes["finlora"]
     out: dict[str, Any] = {
-        "n_sentences": len(s.texts),
+        "n_sentences": len(s.classic_rows),
         "rounds": rounds,
         "matmul_flops_per_s": rates[main_dtype],
         "matmul_dtype": str(main_dtype or torch.float32),
@@ -384,6 +396,8 @@ def bench_infer(
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Sentences/s of one `generate` call per sentence against finlora's batched label scoring."""
+    if load_config(config, overrides or []).task != "classify":
+        raise FinloraError("bench infer times label scoring: it needs a task classify config")
     s = setup(config, overrides or [], n, variants, trust_remote_code)
     s.classic.eval()
     runs: dict[str, Callable[[int], Round]] = {"classic": lambda i: _classic_infer_round(s)}

@@ -333,3 +333,25 @@ def test_a_chat_record_packs_with_its_assistant_turns_as_targets(
         + tok.decode([two.ids[t] for t in two.targets])
     )
     assert "Operating profit." in answers and "EBIT plus depreciation." in answers
+
+
+def test_bench_train_times_packing_beside_the_unpacked_path(
+    tiny_overrides: list[str], template: Path, tmp_path: Path
+) -> None:
+    from finlora.bench import bench_train, setup
+
+    overrides = [
+        *tiny_overrides,
+        "task=instruct",
+        f"data.path={_instruct_file(tmp_path)}",
+        f"data.template={template}",
+        "data.max_length=96",
+    ]
+    result = bench_train(None, overrides, n=6, rounds=1, variants=["train.packing=true"])
+    packed = result["variants"]["train.packing=true"]
+    # The same records, so the same real tokens: packed, unpacked and padded to max_length.
+    assert packed["real_tokens"] == result["finlora"]["real_tokens"]
+    assert result["classic"]["real_tokens"] == result["finlora"]["real_tokens"] > 0
+    assert result["n_sentences"] == 6
+    paths = setup(None, overrides, 6, ["train.packing=true"]).paths
+    assert len(paths["finlora"].features) == 6 > len(paths["train.packing=true"].features)
