@@ -37,6 +37,11 @@ def _quiet_libraries() -> None:
     # then counts itself (virtual tokens included): nothing for the user to act on.
     warnings.filterwarnings("ignore", message="Position ids are not supported")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    # bitsandbytes (the `quant` extra), which PEFT imports, asks the Hub for a faster CPU 4-bit
+    # kernel at import; offline that fails, with two warnings at every start, and its own
+    # kernels serve instead.
+    for chatty in ("bitsandbytes", "kernels"):
+        logging.getLogger(chatty).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 
