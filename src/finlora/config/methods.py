@@ -214,8 +214,7 @@ class FullSection:
 
 @dataclass
 class AdaLoraSection:
-    """AdaLoRA (Zhang et al., 2023): LoRA in SVD form, P·Λ·Q, whose rank budget moves during
-    training to the weights that matter most."""
+    """AdaLoRA (Zhang et al., 2023): LoRA in SVD form whose rank budget moves to where it counts."""
 
     init_r: int = opt(12, "Rank each adapted weight starts with.")
     target_r: int = opt(8, "Average rank left per adapted weight once the budget has fallen.")
@@ -277,8 +276,7 @@ ADAPTER_NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
 
 @dataclass
 class AdapterSection:
-    """Bottleneck adapters (Houlsby et al., 2019): h + up(f(down(h))) after a layer's
-    sublayers, up starting at zero."""
+    """Bottleneck adapters (Houlsby et al., 2019): h + up(f(down(h))) on a block's sublayers."""
 
     placement: str = opt(
         "houlsby",
