@@ -8,7 +8,7 @@ the previous checkpoint as it was: `latest_checkpoint` only ever sees whole ones
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -97,9 +97,14 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
 
 
 def load_checkpoint(
-    directory: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any
+    directory: Path,
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    load_method_state: Callable[[Any, dict[str, torch.Tensor]], None] | None = None,
 ) -> Progress:
-    """Restore model, optimizer, scheduler and RNG state; returns where training stopped."""
+    """Restore model, optimizer, scheduler and RNG state, and with `load_method_state(model,
+    tensors)` the tuning method's own; returns where training stopped."""
     try:
         meta = json.loads((directory / "state.json").read_text(encoding="utf-8"))
         weights = load_file(str(directory / "trainable.safetensors"))
@@ -120,10 +125,12 @@ def load_checkpoint(
         state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
+    if load_method_state is not None:
+        load_method_state(model, _method_state(directory))
     return Progress(**meta["progress"])
 
 
-def load_method_state(directory: Path) -> dict[str, torch.Tensor]:
+def _method_state(directory: Path) -> dict[str, torch.Tensor]:
     """The tuning method's own tensors saved with the checkpoint in `directory` (none: {})."""
     path = directory / METHOD_STATE
     if not path.is_file():

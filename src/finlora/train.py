@@ -35,13 +35,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from finlora import atomic
-from finlora.checkpoint import (
-    Progress,
-    latest_checkpoint,
-    load_checkpoint,
-    load_method_state,
-    save_checkpoint,
-)
+from finlora.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from finlora.config import RunConfig
 from finlora.data.prepare import PreparedData, PreparedInstruct, prepare_data, prepare_instruct
 from finlora.distributed import World
@@ -210,8 +204,7 @@ def _place_model(s: _Setup, world: World, log: Log) -> tuple[Any, tuple[int, int
 
 
 def _setup_optimizer(s: _Setup, model: Any) -> _Loop:
-    """The method's optimizer (AdamW over the trainable weights, LoRA+ where asked), with
-    linear warmup and decay over the run's steps."""
+    """The method's optimizer (AdamW; LoRA+ where asked), linear warmup and decay over the run."""
     tc = s.cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     hooks = training_hooks(s.cfg)
@@ -227,8 +220,9 @@ def _resume(run: RunDir, loop: _Loop, world: World, log: Log) -> None:
     found = latest_checkpoint(run.checkpoints)
     if found is None:
         raise FinloraError(f"{run.root}: no checkpoint to resume from")
-    loop.progress = progress = load_checkpoint(found, loop.model, loop.optimizer, loop.scheduler)
-    loop.hooks.load_state(loop.model, load_method_state(found))
+    loop.progress = progress = load_checkpoint(
+        found, loop.model, loop.optimizer, loop.scheduler, loop.hooks.load_state
+    )
     if world.is_main:
         run.truncate_metrics(progress.step)
     log(f"resuming from {found.name} (epoch {progress.epoch + 1}, step {progress.step})")
