@@ -131,7 +131,8 @@ DEFAULT_METHODS = "lora,prefix,prompt,ptuning,ia3,freeze,full"
     default=DEFAULT_METHODS,
     show_default=True,
     help="Comma-separated tuning methods to compare; a method with options of its own section "
-    "in brackets is a row of its own, e.g. lora,lora[use_dora=true],lora[init=pissa].",
+    "in brackets is a row of its own, e.g. 'lora,lora[use_dora=true],lora[init=pissa]' (quoted: "
+    "the shell reads brackets).",
 )
 @click.option("--seeds", default=1, show_default=True, help="Seeds per method (seed, seed+1, ...).")
 @click.option(
