@@ -52,8 +52,11 @@ SCORES = {
     "classify": (("accuracy", "accuracy"), ("macro_f1", "macro-F1")),
     "instruct": (("perplexity", "perplexity"), ("bleu", "BLEU"), ("rouge1", "ROUGE-1"),
                  ("rougeL", "ROUGE-L")),
+    "preference": (("reward_accuracy", "reward accuracy"), ("logp_accuracy", "log-prob accuracy"),
+                   ("chosen_perplexity", "chosen perplexity")),
 }  # fmt: skip
-CHART_SCORES = {"classify": SCORES["classify"], "instruct": SCORES["instruct"][2:]}
+CHART_SCORES = {"classify": SCORES["classify"], "instruct": SCORES["instruct"][2:],
+                "preference": SCORES["preference"][:2]}  # fmt: skip
 
 TABLE_MD = "compare.md"
 TABLE_JSON = "compare.json"

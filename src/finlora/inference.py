@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from finlora.calibration import calibrated
-from finlora.config import RunConfig, with_speed_overrides
+from finlora.config import SERVES_AS, RunConfig, with_speed_overrides
 from finlora.errors import FinloraError
 from finlora.methods import load_adapter, merged_for_inference
 from finlora.models import BaseModel, Placement, load_base_model
@@ -60,7 +60,8 @@ class LoadedRun:
 
     @property
     def task(self) -> str:
-        return self.run.task
+        """The task the run answers as (`SERVES_AS`): a preference run answers as instruct."""
+        return SERVES_AS[self.run.task]
 
     @property
     def label_codec(self) -> LabelCodec:
@@ -117,7 +118,7 @@ class LoadedRun:
 
 
 def _check_task(root: Path, actual: str, wanted: str, instead: str) -> None:
-    if actual != wanted:
+    if SERVES_AS.get(actual, actual) != wanted:
         raise FinloraError(f"{root}: this run's task is {actual}, not {wanted} (use {instead})")
 
 
@@ -188,4 +189,5 @@ def load_base_of(
         labels=run.labels,
         tokenizer=tokenizer,
     )
-    return base, codec_for(cfg.task, tokenizer, cfg.data, run.labels, base.kind)
+    task = SERVES_AS[cfg.task]  # a preference run's prompts are an instruct run's
+    return base, codec_for(task, tokenizer, cfg.data, run.labels, base.kind)

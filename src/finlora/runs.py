@@ -68,7 +68,16 @@ __all__ = [
     "read_json",
 ]
 
-VERSIONED = ("finlora", "torch", "transformers", "peft", "accelerate", "safetensors", "numpy")
+VERSIONED = (
+    "finlora",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "accelerate",
+    "safetensors",
+    "numpy",
+)
 
 
 @dataclass(frozen=True)
@@ -240,15 +249,13 @@ class Run:
 
     @functools.cached_property
     def _prepared(self) -> Prepared:
+        from finlora.data.preference_prepare import prepare_preference
         from finlora.data.prepare import prepare_data, prepare_instruct
 
         self.check_data_unchanged()
         cfg = self.config
-        data = (
-            prepare_instruct(cfg.data, cfg.seed)
-            if self.task == "instruct"
-            else prepare_data(cfg.data, cfg.seed)
-        )
+        prepare = {"instruct": prepare_instruct, "preference": prepare_preference}
+        data = prepare.get(self.task, prepare_data)(cfg.data, cfg.seed)
         same = self.split.fingerprint.read_again(data) and self.split.same_sources(data)
         if not same:
             raise _cannot_rebuild(

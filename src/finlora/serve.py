@@ -132,7 +132,7 @@ class _Server:
         else:
             # The Alpaca template has no place for a system prompt: one sent is not used.
             info["system_prompt"] = bool(self.loaded.instruct_codec.template.is_chat)
-        info["endpoints"] = list(ROUTES[cfg.task])
+        info["endpoints"] = list(ROUTES[self.loaded.task])  # a preference run's: instruct's
         info["limits"] = self.limits.to_dict()
         return info
 

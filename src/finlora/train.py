@@ -37,6 +37,7 @@ from transformers import get_linear_schedule_with_warmup
 from finlora import atomic
 from finlora.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from finlora.config import RunConfig
+from finlora.data.preference_prepare import prepare_preference
 from finlora.data.prepare import PreparedData, PreparedInstruct, prepare_data, prepare_instruct
 from finlora.distributed import World
 from finlora.errors import FinloraError
@@ -59,6 +60,7 @@ from finlora.tasks import Codec, codec_for
 from finlora.tasks.classify import length_grouped_batches
 from finlora.training.data import encode_split, log_data, training_features
 from finlora.training.neftune import noisy_embeddings
+from finlora.training.objective import Objective, objective_for
 from finlora.training.resume import check_same_split, resume_config
 from finlora.training.run_files import (
     absolute_paths,
@@ -69,8 +71,9 @@ from finlora.training.run_files import (
     save_dir,
     write_run_header,
 )
+from finlora.training.start import keep_start, load_start, start_dir
 from finlora.training.step import accumulate_batch, optimizer_step, total_steps
-from finlora.training.validation import selection_score, validate
+from finlora.training.validation import selection_score
 
 __all__ = ["TrainResult", "accumulate_batch", "resume_config", "train"]
 
@@ -107,6 +110,8 @@ class _Setup:
     validation: list[Any]
     placement: Placement
     load_seconds: float
+    objective: Objective  # the loss, validation and first measurements the task trains by
+    start: Path | None = None  # the adapter the run starts from (`--from`)
 
     @property
     def device(self) -> torch.device:
@@ -119,42 +124,47 @@ class _Setup:
 
 def _setup_data(cfg: RunConfig) -> PreparedData | PreparedInstruct:
     """Read and split the data; record in `cfg` where it came from, as absolute paths."""
-    if cfg.task != "instruct" and not cfg.data.sources:
+    if cfg.task == "classify" and not cfg.data.sources:
         # Instruction data is never Financial PhraseBank: no $FINLORA_FPB_DIR fallback. Record
         # where the data came from ($FINLORA_FPB_DIR may differ when the run is evaluated).
         cfg.data.path = cfg.data.resolved_path()
         if cfg.data.path is None:
             cfg.data.format = "synthetic"
     absolute_paths(cfg)  # after the fallback: $FINLORA_FPB_DIR may be relative too
-    if cfg.task == "instruct":
-        return prepare_instruct(cfg.data, cfg.seed)
-    return prepare_data(cfg.data, cfg.seed)
+    prepare = {"instruct": prepare_instruct, "preference": prepare_preference}
+    return prepare.get(cfg.task, prepare_data)(cfg.data, cfg.seed)
 
 
 def _setup_model(
-    cfg: RunConfig, labels: list[str], placement: Placement, trust_remote_code: bool
+    cfg: RunConfig, labels: list[str], placement: Placement, trust: bool, adapter: Path | None
 ) -> tuple[BaseModel, Any, float]:
-    """The base model with the tuning method applied (not yet placed), and its load time."""
+    """The base model with the tuning method applied (not yet placed; `adapter`, the one the
+    run starts from, loaded into it), and its load time."""
     start = time.perf_counter()
     # Seeded before loading: an encoder classifier's new head is drawn while it loads.
     torch.manual_seed(cfg.seed)
     base = load_base_model(
-        cfg.model.name, trust_remote_code, placement.attention, kind=cfg.model.kind, labels=labels
+        cfg.model.name, trust, placement.attention, kind=cfg.model.kind, labels=labels
     )
     load_seconds = time.perf_counter() - start
     torch.manual_seed(cfg.seed)
     # Built here, before the run directory exists: a method that cannot serve this kind of
     # model is a user mistake like any other.
     model = build_method(base.model, cfg, base.kind)
+    if adapter is not None:
+        load_start(model, cfg, adapter)
     if cfg.task == "instruct" and base.kind == "seq2seq" and is_prompt_learning(model):
         raise FinloraError(SEQ2SEQ_VIRTUAL_TOKENS)
     return base, model, load_seconds
 
 
-def _setup(cfg: RunConfig, log: Log, trust_remote_code: bool = False) -> _Setup:
+def _setup(
+    cfg: RunConfig, log: Log, trust_remote_code: bool = False, run: RunDir | None = None
+) -> _Setup:
     data = _setup_data(cfg)
     placement = Placement.from_config(cfg.train, cfg.speed)
-    base, model, load_seconds = _setup_model(cfg, data.labels, placement, trust_remote_code)
+    start = start_dir(cfg, run, resume=run is not None)
+    base, model, load_seconds = _setup_model(cfg, data.labels, placement, trust_remote_code, start)
     codec = codec_for(cfg.task, base.tokenizer, cfg.data, data.labels, base.kind)
     log_data(data, log)
     train = training_features(codec, data.rows("train"), cfg, log)
@@ -162,7 +172,11 @@ def _setup(cfg: RunConfig, log: Log, trust_remote_code: bool = False) -> _Setup:
         raise FinloraError("data: no training example fits data.max_length")
     training_hooks(cfg).prepare(model, cfg, total_steps(len(train), cfg.train))
     validation = encode_split(codec, data.rows("validation"), "validation", log)
-    return _Setup(cfg, data, base, model, codec, train, validation, placement, load_seconds)
+    objective = objective_for(cfg, codec, data)
+    return _Setup(
+        cfg, data, base, model, codec, train, validation, placement, load_seconds, objective,
+        start,
+    )  # fmt: skip
 
 
 @dataclass
@@ -239,14 +253,13 @@ def _end_epoch(
 ) -> dict[str, Any]:
     """Validate, keep the adapter if it is the best so far, and log the epoch's row."""
     atomic.kill_point("validation")
-    metrics = validate(model, s.codec, s.validation, s.cfg.speed, s.placement, world)
+    metrics = s.objective.validate(model, s.codec, s.validation, s.cfg.speed, s.placement, world)
     train_loss = progress.epoch_loss_sum / max(progress.epoch_loss_count, 1)
     row: dict[str, Any] = {
         "kind": "epoch",
         "epoch": progress.epoch + 1,
         "step": progress.step,
-        "train_loss": train_loss,
-        "train_perplexity": math.exp(min(train_loss, 700.0)),
+        **s.objective.epoch_metrics(train_loss),
         **metrics,
     }
     score = selection_score(metrics)
@@ -309,7 +322,7 @@ def train(
     elif world.is_main:
         check_retry(run, overwrite)
         run.check_new(overwrite)
-    s = _setup(cfg, log, trust_remote_code)
+    s = _setup(cfg, log, trust_remote_code, run if resume else None)
     if resume:
         check_same_split(run, s.data)
     s.placement = dataclasses.replace(s.placement, device=world.device(s.placement.device))
@@ -321,6 +334,8 @@ def train(
         try:
             if world.is_main:
                 write_run_header(run, s.cfg, s.data, s.base.tokenizer)
+                if s.start is not None:
+                    keep_start(run, s.start)
             return _train(s, run, world, resume, progress_bar and world.is_main, log)
         except BaseException:
             # A new run that failed or was stopped (Ctrl-C; `finlora` turns SIGTERM into the
@@ -336,6 +351,8 @@ def _train(
     s: _Setup, run: RunDir, world: World, resume: bool, progress_bar: bool, log: Log
 ) -> TrainResult:
     model, params = _place_model(s, world, log)
+    # Before a checkpoint is loaded: what the task measures of the starting model.
+    s.train, s.validation = s.objective.prepare(model, s.train, s.validation, s.placement, log)
     loop = _setup_optimizer(s, model)
     if resume:
         _resume(run, loop, world, log)
@@ -407,7 +424,9 @@ def _epoch(s: _Setup, run: RunDir, world: World, loop: _Loop, log: Log) -> None:
 def _accumulate(s: _Setup, world: World, loop: _Loop, rows: list[int]) -> float:
     """One batch's gradients (`accumulate_batch`), counted into the epoch's loss; returns it."""
     features = [s.train[i] for i in rows]
-    loss, real_tokens = accumulate_batch(loop.model, s.codec, features, s.cfg, s.placement, world)
+    loss, real_tokens = s.objective.accumulate(
+        loop.model, s.codec, features, s.cfg, s.placement, world
+    )
     if not math.isfinite(loss):
         raise FinloraError(
             f"training diverged: the loss is {loss} at step {loop.progress.step + 1} "

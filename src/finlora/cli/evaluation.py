@@ -26,15 +26,18 @@ if TYPE_CHECKING:
 
 
 def _check_eval(run: Run, zero_shot: bool, classification_options: dict[str, bool]) -> None:
-    """Refuse an option that only a classification file reads when `run` is an instruct run
-    (it would be silently ignored), and note a run whose training did not finish."""
-    if run.task == "instruct":
-        for option, was_given in classification_options.items():
-            if was_given:
-                raise FinloraError(
-                    f"{option}: reads a classification file; {run.root} is an instruct run "
-                    "(its --data is a JSONL of instruction records)"
-                )
+    """Refuse an option that only a classification file reads when `run` is an instruct or a
+    preference run (it would be silently ignored), and note a run whose training did not
+    finish."""
+    records = {
+        "instruct": "an instruct run (its --data is a JSONL of instruction records)",
+        "preference": "a preference run (its --data is a JSONL of preference records)",
+    }
+    for option, was_given in classification_options.items():
+        if was_given and run.task in records:
+            raise FinloraError(
+                f"{option}: reads a classification file; {run.root} is {records[run.task]}"
+            )
     if not zero_shot:
         note_unfinished(run.dir, "scores")
 
@@ -150,7 +153,9 @@ def eval_(
     trust_remote_code: bool,
 ) -> None:
     """Measure a run: accuracy (with its 95 % interval), macro/weighted F1, per-class scores,
-    confusion matrix, ECE; for an instruct run, perplexity, BLEU, ROUGE-1/2/L and label answers.
+    confusion matrix, ECE; for an instruct run, perplexity, BLEU, ROUGE-1/2/L and label answers;
+    for a preference run, reward and log-prob accuracy, reward margin and the chosen answers'
+    perplexity, beside the run's starting model, and a few sample answers.
 
     A --data file is read as the run read its own data (format, columns, label map), unless
     the options below say otherwise; with no label map anywhere, the file's labels are the
@@ -163,6 +168,7 @@ def eval_(
       finlora eval runs/fpb --data news.csv --text-column headline --label-column y \\
           --label-map "0=negative,1=neutral,2=positive"
       finlora eval runs/fin-instruct --json       # perplexity, bleu, rouge1/2/L, n
+      finlora eval runs/fin-dpo                   # reward accuracy against its starting model
       finlora eval runs/fpb --few-shot 5          # the base model reading 5 examples
       finlora eval runs/fpb --suite configs/suites/fin-sentiment.yaml --zero-shot --few-shot 5
     """
@@ -192,7 +198,7 @@ def eval_(
 
 
 def _print_metrics(metrics: dict[str, Any], run_dir: Path, zero_shot: bool, as_json: bool) -> None:
-    from finlora.evaluate import format_instruct_report
+    from finlora.evaluate import format_instruct_report, format_preference_report
     from finlora.metrics import format_classification_report
 
     if metrics.get("prompts_cut"):
@@ -206,7 +212,9 @@ def _print_metrics(metrics: dict[str, Any], run_dir: Path, zero_shot: bool, as_j
     title = f"{'zero-shot base model' if zero_shot else run_dir.name} on {metrics['data']}"
     if metrics.get("synthetic"):
         title += " (SYNTHETIC data)"
-    if metrics.get("task") == "instruct":
+    if metrics.get("task") == "preference":
+        click.echo(format_preference_report(metrics, title))
+    elif metrics.get("task") == "instruct":
         click.echo(format_instruct_report(metrics, title))
     else:
         click.echo(format_classification_report(metrics, title))

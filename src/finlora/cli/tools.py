@@ -71,6 +71,42 @@ def data_fin_instruct(out: Path, overwrite: bool) -> None:
     echo_err(f"wrote {len(records)} records to {out}: {FIN_INSTRUCT_NOTE}")
 
 
+@data.command("fin-preference")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--kto",
+    is_flag=True,
+    help="The KTO form: each pair as two records (prompt, completion, label true / false).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing file.")
+def data_fin_preference(out: Path, kto: bool, overwrite: bool) -> None:
+    """Write the packaged financial preference set (JSON Lines) to OUT.
+
+    SYNTHETIC pairs from templates, not real data: hedged vs overconfident investment
+    answers, worked vs wrong ratio calculations, grounded vs invented figures. A preference
+    recipe with an empty data.path uses this set.
+
+    \b
+    Example:
+      finlora data fin-preference prefs.jsonl
+      finlora data fin-preference prefs-kto.jsonl --kto
+    """
+    from finlora import atomic
+    from finlora.data.fin_preference import (
+        FIN_PREFERENCE_NOTE,
+        fin_preference_kto,
+        fin_preference_set,
+    )
+    from finlora.data.preference import write_preference
+
+    atomic.check_output_file(out, (".jsonl",))
+    if out.exists() and not overwrite:
+        raise FinloraError(f"{out}: exists (use --overwrite to replace it)")
+    records = fin_preference_kto() if kto else fin_preference_set()
+    write_preference(records, out)
+    echo_err(f"wrote {len(records)} records to {out}: {FIN_PREFERENCE_NOTE}")
+
+
 @click.group()
 def bench() -> None:
     """Speed benchmarks: finlora's path against the classic PEFT recipe, in one process."""

@@ -41,6 +41,17 @@ def _trained_line(result: Any) -> str:
     )
 
 
+def _with_start(
+    overrides: tuple[str, ...], start_from: Path | None, resume: bool
+) -> tuple[str, ...]:
+    """`--from RUN` as the setting it stands for, method.start_from (an absolute path)."""
+    if start_from is None:
+        return overrides
+    if resume:
+        raise FinloraError("--from starts a new run; --resume continues one (give one)")
+    return (*overrides, f"method.start_from={start_from.expanduser().resolve()}")
+
+
 @click.command()
 @click.argument("config", required=False, type=click.Path(path_type=Path))
 @click.option(
@@ -53,6 +64,13 @@ def _trained_line(result: Any) -> str:
 @output_option("Run directory to create.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty run directory.")
 @click.option("--resume", is_flag=True, help="Continue the stopped run in --output.")
+@click.option(
+    "--from",
+    "start_from",
+    type=click.Path(path_type=Path),
+    help="Start from this finished run's trained adapter and train it further (the same base "
+    "model, method and method options); e.g. preference tuning after instruction tuning.",
+)
 @no_progress_option("No progress bar (logs only).")
 @click.option(
     "--nproc",
@@ -69,6 +87,7 @@ def train(
     output: Path | None,
     overwrite: bool,
     resume: bool,
+    start_from: Path | None,
     no_progress: bool,
     nproc: int,
     trust_remote_code: bool,
@@ -83,6 +102,8 @@ def train(
       finlora train --output runs/fpb                 # the default recipe
       finlora train configs/fpb-smollm2-lora.yaml --set train.epochs=1 --output runs/fpb
       finlora train --resume --output runs/fpb        # continue after a stop
+      finlora train configs/fin-preference-smollm2-dpo.yaml --from runs/fin-instruct \\
+          --output runs/fin-dpo                       # DPO on an instruct run's adapter
       finlora train configs/fpb-smollm2-lora.yaml --nproc 4 --output runs/fpb4  # 4 GPUs
     """
     from finlora.config import load_config
@@ -90,6 +111,7 @@ def train(
     from finlora.train import resume_config
     from finlora.train import train as run_training
 
+    overrides = _with_start(overrides, start_from, resume)
     if resume:
         if output is None:
             raise FinloraError("--resume needs --output RUN_DIR (the run to continue)")

@@ -38,22 +38,22 @@ from finlora.config.methods import (
     PromptSection,
     PTuningSection,
 )
+from finlora.config.preference import OBJECTIVES, PreferenceSection
 from finlora.config.sections import (
     ATTENTIONS,
     DATA_FORMATS,
     DEVICES,
     FPB_AGREEMENTS,
     FPB_ENV,
-    INSTRUCT_TEMPLATE,
     MODEL_KINDS,
     PRECISIONS,
-    TASKS,
     DataConfig,
     ModelConfig,
     RunConfig,
     SpeedConfig,
     TrainConfig,
 )
+from finlora.config.tasks import GENERATIVE_TASKS, INSTRUCT_TEMPLATE, SERVES_AS, TASKS
 
 __all__ = [
     "ADAPTER_NON_LINEARITIES",
@@ -64,7 +64,9 @@ __all__ = [
     "FPB_AGREEMENTS",
     "FPB_ENV",
     "INFERENCE_KEYS",
+    "GENERATIVE_TASKS",
     "INSTRUCT_TEMPLATE",
+    "OBJECTIVES",
     "LORA_BIASES",
     "LORA_INITS",
     "METHOD_SECTIONS",
@@ -73,6 +75,7 @@ __all__ = [
     "PROMPT_INITS",
     "PROMPT_INIT_TEXTS",
     "PTUNING_ENCODERS",
+    "SERVES_AS",
     "SPEED_KEYS",
     "TASKS",
     "AdaLoraSection",
@@ -85,6 +88,7 @@ __all__ = [
     "MethodConfig",
     "ModelConfig",
     "PTuningSection",
+    "PreferenceSection",
     "PrefixSection",
     "PromptSection",
     "RunConfig",

@@ -17,7 +17,8 @@ import yaml
 
 from finlora.config.fields import fail
 from finlora.config.methods import METHOD_SECTIONS
-from finlora.config.sections import INSTRUCT_TEMPLATE, RunConfig, SpeedConfig
+from finlora.config.sections import RunConfig, SpeedConfig
+from finlora.config.tasks import GENERATIVE_TASKS, INSTRUCT_TEMPLATE
 from finlora.errors import FinloraError
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -207,11 +208,11 @@ def _without_remote_code(data: dict[str, Any]) -> dict[str, Any]:
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Build and validate a RunConfig; raises FinloraError naming the offending key."""
     data_section = data.get("data")
-    if data.get("task") == "instruct" and "template" not in (
+    if data.get("task") in GENERATIVE_TASKS and "template" not in (
         data_section if isinstance(data_section, dict) else {}
     ):
-        # The data section's default template is the classifier's; an instruct recipe that
-        # names none means the model's own chat template.
+        # The data section's default template is the classifier's; an instruct (or
+        # preference) recipe that names none means the model's own chat template.
         data = {**data, "data": {**(data_section or {}), "template": INSTRUCT_TEMPLATE}}
     data = {**data, "data": _plain_data_options(data.get("data"))}
     data, moved = _moved_speed_keys(data)

@@ -108,6 +108,7 @@ PROMPT_INITS = ("text", "random")
 PROMPT_INIT_TEXTS = {
     "classify": "Classify the sentiment of this financial news as negative, neutral or positive:",
     "instruct": "Answer the following financial question or task accurately and concisely:",
+    "preference": "Answer the following financial question or task accurately and concisely:",
 }
 
 
@@ -316,5 +317,15 @@ class MethodConfig:
 
     name: str = opt("lora", "lora, prefix, prompt, ptuning, ia3, freeze, full, adalora or adapter.")
 
+    start_from: str | None = opt(
+        None,
+        "A finished run whose trained adapter this run starts from and trains further "
+        "(`finlora train --from RUN`): the same base model, method and method options. A "
+        "preference run's reference model is then that adapter as trained. null: a new "
+        "adapter.",
+    )
+
     def validate(self, prefix: str) -> None:
         check_choice(f"{prefix}.name", self.name, tuple(METHOD_SECTIONS))
+        if self.start_from is not None and not self.start_from.strip():
+            fail(f"{prefix}.start_from", "must name a run directory or be null")

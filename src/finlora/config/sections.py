@@ -32,6 +32,8 @@ from finlora.config.methods import (
     PromptSection,
     PTuningSection,
 )
+from finlora.config.preference import PreferenceSection
+from finlora.config.tasks import check_task
 
 FPB_ENV = "FINLORA_FPB_DIR"
 
@@ -437,12 +439,6 @@ class SpeedConfig:
         check_choice(f"{prefix}.attention", self.attention, ATTENTIONS)
 
 
-# classify: a label per text (scored label tokens or a head); instruct: instruction -> answer
-# (Alpaca or chat records, loss on the answer tokens, generation metrics).
-TASKS = ("classify", "instruct")
-INSTRUCT_TEMPLATE = "chat"  # the instruct task's default: the model's own chat template
-
-
 @dataclass
 class RunConfig:
     """A whole run: the seed and task, and one section per concern."""
@@ -451,7 +447,9 @@ class RunConfig:
     task: str = opt(
         "classify",
         "classify: a label per text (scored label tokens, or an encoder's head); instruct: "
-        "instruction -> answer (Alpaca or chat records, loss on the answer tokens).",
+        "instruction -> answer (Alpaca or chat records, loss on the answer tokens); "
+        "preference: a prompt with a better and a worse answer (DPO, ORPO, KTO; the "
+        "preference section), the run then answering as an instruct run.",
     )
     model: ModelConfig = opt_factory(ModelConfig, "The base model.")
     data: DataConfig = opt_factory(DataConfig, "The data, its split and the prompt template.")
@@ -467,19 +465,12 @@ class RunConfig:
     adapter: AdapterSection = opt_factory(AdapterSection, "Options of method adapter.")
     train: TrainConfig = opt_factory(TrainConfig, "The optimisation and the device.")
     speed: SpeedConfig = opt_factory(SpeedConfig, "Speed and memory switches.")
+    preference: PreferenceSection = opt_factory(PreferenceSection, "Options of task preference.")
 
     def validate(self, prefix: str) -> None:
-        check_choice("task", self.task, TASKS)
+        check_task(self)
         if not 0 <= self.seed < 2**32:  # what numpy and scikit-learn take
             fail("seed", f"must be between 0 and 2**32 - 1 (got {self.seed})")
-        if self.task == "instruct" and self.data.sources:
-            fail("data.sources", "is for task classify (an instruct run reads data.path)")
-        if self.task == "instruct" and self.data.format not in ("auto", "jsonl"):
-            fail(
-                "data.format",
-                f"must be auto or jsonl for task instruct (got {self.data.format!r}); "
-                "instruction files are Alpaca or chat records in .json or .jsonl",
-            )
 
     @property
     def method_options(self) -> Any:
@@ -493,11 +484,14 @@ class RunConfig:
         return float(own) if own is not None else self.train.learning_rate
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data; only the chosen method's section, so the result loads back as is."""
+        """Plain data; only the chosen method's section (and the preference section only for
+        task preference), so the result loads back as is."""
         data = dataclasses.asdict(self)
         for name in METHOD_SECTIONS:
             if name != self.method.name:
                 del data[name]
+        if self.task != "preference":
+            del data["preference"]
         return data
 
     def to_yaml(self) -> str:

@@ -1,6 +1,7 @@
 """Evaluation: a run on its own held-out test rows, or on any labelled file; one evaluator per
-task (classify: accuracy, F1, calibration; instruct: perplexity, BLEU, ROUGE); suites of
-labelled sets with the zero-shot and few-shot baselines beside the run."""
+task (classify: accuracy, F1, calibration; instruct: perplexity, BLEU, ROUGE; preference: reward
+and log-prob accuracy beside the starting model); suites of labelled sets with the zero-shot and
+few-shot baselines beside the run."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from typing import Any
 from finlora.evaluate.classify import LoaderOptions, evaluate_classify
 from finlora.evaluate.fewshot import evaluate_few_shot
 from finlora.evaluate.instruct import evaluate_instruct, format_instruct_report
+from finlora.evaluate.preference import evaluate_preference
+from finlora.evaluate.preference_report import format_preference_report
 from finlora.evaluate.suite import evaluate_suite, format_suite, load_suite
-from finlora.inference import load_run
+from finlora.inference import load_run, open_run
 from finlora.runs import Run
 
 __all__ = [
@@ -21,6 +24,7 @@ __all__ = [
     "evaluate_run",
     "evaluate_suite",
     "format_instruct_report",
+    "format_preference_report",
     "format_suite",
     "load_suite",
 ]
@@ -43,9 +47,13 @@ def evaluate_run(
 
     Returns the metrics dict with `data`, `zero_shot` and `report_files` added.
     """
-    loaded = load_run(
-        run_dir, zero_shot=zero_shot, trust_remote_code=trust_remote_code, speed=speed
-    )
+    run = run_dir if isinstance(run_dir, Run) else open_run(run_dir, speed)
+    if run.task == "preference":  # the run and its starting model, on held-out answers
+        return evaluate_preference(
+            run, data_path, max_new_tokens, progress, zero_shot=zero_shot,
+            trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+    loaded = load_run(run, zero_shot=zero_shot, trust_remote_code=trust_remote_code)
     if loaded.task == "instruct":
         return evaluate_instruct(loaded, data_path, max_new_tokens, progress)
     return evaluate_classify(loaded, data_path, options or LoaderOptions(), progress)

@@ -95,6 +95,13 @@ def _card_metrics(ctx: ExportContext) -> str:
     metrics = test_metrics(ctx)
     if not metrics:
         return f"not measured yet (`finlora eval {ctx.run.root}`)"
+    if metrics.get("task") == "preference":
+        return (
+            f"reward accuracy {metrics['reward_accuracy']:.4f}, log-prob accuracy "
+            f"{metrics['logp_accuracy']:.4f} (starting model "
+            f"{metrics['start_logp_accuracy']:.4f}), chosen-answer perplexity "
+            f"{metrics['chosen_perplexity']:.3f}, n {metrics['n']} ({metrics.get('data', '')})"
+        )
     if metrics.get("task") == "instruct":
         return (
             f"perplexity {metrics['perplexity']:.3f}, BLEU {metrics['bleu']:.2f}, "

@@ -118,7 +118,7 @@ class ExportResult:
         lines = [f"wrote {self.format} ({self.dtype}) to {self.out}: {', '.join(self.files)}"]
         if not self.verified:
             return [*lines, "not verified (--no-verify)"]
-        if self.task == "instruct":
+        if self.task != "classify":  # instruct, preference: answer tokens
             unit, agreeing, agree = "records", "next tokens", v.token_agreement
             checked, scored = f"{v.n} records ({v.answer_tokens} answer tokens)", "answer-token"
         else:

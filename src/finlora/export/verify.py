@@ -108,6 +108,7 @@ class Check(Protocol):
 CHECKS: dict[str, Callable[[ExportContext, int | None], Check]] = {
     "classify": LabelCheck,
     "instruct": AnswerCheck,
+    "preference": AnswerCheck,  # the prompts and chosen answers of its test records
 }
 
 

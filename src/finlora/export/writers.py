@@ -55,8 +55,9 @@ def _write_gguf(ctx: ExportContext, merged: Any, tmp: Path, options: ExportOptio
 
 
 def _what_it_does(ctx: ExportContext) -> str:
-    if ctx.cfg.task == "instruct":
-        return f"instruction-tuned, {ctx.instruct_codec.template.name} template"
+    if ctx.cfg.task != "classify":
+        tuned = "preference-tuned" if ctx.cfg.task == "preference" else "instruction-tuned"
+        return f"{tuned}, {ctx.instruct_codec.template.name} template"
     return f"labels {', '.join(ctx.label_codec.labels)}"
 
 

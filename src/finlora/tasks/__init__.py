@@ -13,6 +13,7 @@ from finlora.config import DataConfig
 from finlora.errors import FinloraError
 from finlora.tasks.classify import Batch, LabelCodec, Overflow
 from finlora.tasks.instruct import InstructCodec
+from finlora.tasks.preference import PreferenceCodec
 
 
 class Codec(Protocol):
@@ -42,7 +43,15 @@ def _instruct(tokenizer: Any, data: DataConfig, _labels: Sequence[str], kind: st
     return InstructCodec.for_data(tokenizer, data, kind)  # its labels come from its records
 
 
-CODECS: dict[str, _Factory] = {"classify": LabelCodec.for_data, "instruct": _instruct}
+def _preference(tokenizer: Any, data: DataConfig, _labels: Sequence[str], kind: str) -> Codec:
+    return PreferenceCodec.for_data(tokenizer, data, kind)
+
+
+CODECS: dict[str, _Factory] = {
+    "classify": LabelCodec.for_data,
+    "instruct": _instruct,
+    "preference": _preference,
+}
 
 
 def codec_for(
