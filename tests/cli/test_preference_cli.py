@@ -98,7 +98,7 @@ def test_train_from_an_instruct_run(
 
 
 def test_eval_reports_the_run_beside_its_starting_model(
-    cli: Callable[..., Result], dpo_run: Path
+    cli: Callable[..., Result], dpo_run: Path, pref_file: Path
 ) -> None:
     result = cli("eval", dpo_run, "--no-progress", "--max-new-tokens", "4")
     assert result.code == 0, result.err
@@ -114,6 +114,13 @@ def test_eval_reports_the_run_beside_its_starting_model(
     assert metrics["task"] == "preference" and metrics["n"] == 8
     for name in ("test.json", "test.txt", "test_records.jsonl", "test_samples.jsonl"):
         assert (dpo_run / "eval" / name).is_file(), name
+    # Any preference file: every record of it, reported under its own name.
+    on_file = cli("eval", dpo_run, "--data", pref_file, "--json", "--no-progress",
+                  "--max-new-tokens", "2")  # fmt: skip
+    assert on_file.code == 0, on_file.err
+    metrics = json.loads(on_file.out)
+    assert metrics["n"] == metrics["pairs"] == PAIRS and metrics["data"] == str(pref_file)
+    assert Path(metrics["report_files"]["json"]).name.startswith("data-prefs-")
 
 
 def test_eval_refusals(cli: Callable[..., Result], dpo_run: Path, tmp_path: Path) -> None:

@@ -140,11 +140,13 @@ class PreferenceObjective:
         the validation's implicit rewards."""
         if self.kto:
             train, validation = self._mismatch(train), self._mismatch(validation)
-        measured = train if self.section.objective in REFERENCE_OBJECTIVES else []
-        both = self._measure(model, [*measured, *validation], placement)
+        needed = self.section.objective in REFERENCE_OBJECTIVES
+        measured = self._measure(model, [*(train if needed else []), *validation], placement)
         where = "the base model" if self.fresh else "the adapter the run starts from"
-        log(f"preference: reference log-probabilities of {len(both)} record(s), from {where}")
-        return both[: len(measured)] or train, both[len(measured) :]
+        log(f"preference: reference log-probabilities of {len(measured)} record(s), from {where}")
+        if needed:
+            train = measured[: len(train)]
+        return train, measured[len(measured) - len(validation) :]
 
     def _mismatch(self, features: list[PreferenceFeature]) -> list[PreferenceFeature]:
         return [
