@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 $(VENV)/.installed-dev: $(VENV)/.installed
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(PIP) install --no-cache-dir -e ".[dev,llama]"
+		$(PIP) install --no-cache-dir -e ".[dev,llama,quant]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -188,6 +188,7 @@ def load_base_of(
         kind=cfg.model.kind,
         labels=run.labels,
         tokenizer=tokenizer,
+        quantize=cfg.model.quantize,
     )
     task = SERVES_AS[cfg.task]  # a preference run's prompts are an instruct run's
     return base, codec_for(task, tokenizer, cfg.data, run.labels, base.kind)

@@ -48,6 +48,7 @@ from finlora.methods.hooks import DEFAULT_HOOKS, TrainingHooks
 from finlora.models import BaseModel, Placement, load_base_model
 from finlora.models.device import set_gradient_checkpointing
 from finlora.models.loading import sha256_file
+from finlora.models.quantize import check_quantize, prepare_for_training
 from finlora.plots import plot_loss_curve
 from finlora.runs import (
     Manifest,
@@ -144,13 +145,14 @@ def _setup_model(
     # Seeded before loading: an encoder classifier's new head is drawn while it loads.
     torch.manual_seed(cfg.seed)
     base = load_base_model(
-        cfg.model.name, trust, placement.attention, kind=cfg.model.kind, labels=labels
-    )
+        cfg.model.name, trust, placement.attention, kind=cfg.model.kind, labels=labels,
+        quantize=cfg.model.quantize,
+    )  # fmt: skip
     load_seconds = time.perf_counter() - start
     torch.manual_seed(cfg.seed)
     # Built here, before the run directory exists: a method that cannot serve this kind of
     # model is a user mistake like any other.
-    model = build_method(base.model, cfg, base.kind)
+    model = build_method(prepare_for_training(base.model, cfg.model.quantize), cfg, base.kind)
     if adapter is not None:
         load_start(model, cfg, adapter)
     if cfg.task == "instruct" and base.kind == "seq2seq" and is_prompt_learning(model):
@@ -161,8 +163,9 @@ def _setup_model(
 def _setup(
     cfg: RunConfig, log: Log, trust_remote_code: bool = False, run: RunDir | None = None
 ) -> _Setup:
-    data = _setup_data(cfg)
     placement = Placement.from_config(cfg.train, cfg.speed)
+    check_quantize(cfg.model.quantize, cfg.method.name, placement.device.type, cfg.lora.init)
+    data = _setup_data(cfg)
     start = start_dir(cfg, run, resume=run is not None)
     base, model, load_seconds = _setup_model(cfg, data.labels, placement, trust_remote_code, start)
     codec = codec_for(cfg.task, base.tokenizer, cfg.data, data.labels, base.kind)

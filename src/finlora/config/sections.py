@@ -38,6 +38,7 @@ from finlora.config.tasks import check_task
 FPB_ENV = "FINLORA_FPB_DIR"
 
 MODEL_KINDS = ("auto", "causal", "seq2seq", "encoder")
+QUANTIZE_MODES = ("4bit", "8bit")
 
 
 @dataclass
@@ -57,11 +58,20 @@ class ModelConfig:
         "registry); set it where that guesses wrong, e.g. a bare encoder checkpoint whose "
         "architectures name no head.",
     )
+    quantize: str | None = opt(
+        None,
+        "Train over a quantized base (QLoRA, through bitsandbytes: pip install "
+        "'finlora[quant]'): 4bit (NF4, double quantization; cpu or cuda) or 8bit (LLM.int8; "
+        "cuda) linear weights, for method lora or adalora on causal models. Prediction and "
+        "export that merge the adapter dequantize the base to fp32 first. null: fp32 weights.",
+    )
 
     def validate(self, prefix: str) -> None:
         if not self.name.strip():
             fail(f"{prefix}.name", "must not be empty")
         check_choice(f"{prefix}.kind", self.kind, MODEL_KINDS)
+        if self.quantize is not None:
+            check_choice(f"{prefix}.quantize", self.quantize, QUANTIZE_MODES)
 
 
 DATA_FORMATS = ("auto", "fpb", "csv", "tsv", "jsonl", "parquet", "xlsx", "hf", "synthetic")

@@ -9,6 +9,7 @@ import torch
 from finlora.errors import FinloraError
 from finlora.export.load import ExportContext
 from finlora.export.options import DTYPES
+from finlora.models.quantize import dequantized_adapter, is_quantized
 
 
 def merge(ctx: ExportContext, dtype: str) -> tuple[Any, int, int]:
@@ -18,6 +19,9 @@ def merge(ctx: ExportContext, dtype: str) -> tuple[Any, int, int]:
         base_state = {k: v.to(target) for k, v in ctx.base_state.items()}
         merged = ctx.model
     else:
+        if is_quantized(ctx.model):
+            # Merged into 4-bit weights the update would be rounded to 4 bits: fp32 first.
+            ctx.model = dequantized_adapter(ctx.model)
         base_state = {
             k: v.detach().to(target, copy=True) for k, v in _base_state(ctx.model).items()
         }

@@ -28,6 +28,7 @@ from finlora.methods import (
     storage,
 )
 from finlora.methods.hooks import DEFAULT_HOOKS, TrainingHooks
+from finlora.models.quantize import dequantized_adapter, is_quantized
 from finlora.scoring import is_prompt_learning
 
 Builder = Callable[[Any, RunConfig, str], Any]
@@ -159,8 +160,12 @@ def merged_for_inference(model: Any) -> Any:
     For prediction only: the merged layers compute W0·x + B·A·x in one matmul instead of three,
     which on a CPU saves the small per-layer operations that dominate after batching. Methods
     with nothing to fold (prefix, prompt, P-tuning, freeze, full) and bottleneck adapters,
-    which are not linear, come back unchanged.
+    which are not linear, come back unchanged. A quantized base (`model.quantize`) is
+    dequantized to fp32 first, and the adapter merged into that.
     """
     if is_prompt_learning(model) or not hasattr(model, "merge_and_unload"):
         return model
+    if is_quantized(model):
+        # PEFT would merge into the 4-bit weights, rounding the update to 4 bits: fp32 first.
+        model = dequantized_adapter(model)
     return model.merge_and_unload()

@@ -126,7 +126,8 @@ def freeze_to_dtype(model: torch.nn.Module, dtype: torch.dtype) -> int:
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module is not head:
             weight = module.weight
-            if not weight.requires_grad and weight.dtype != dtype:
+            # A quantized layer's weight (bitsandbytes) is integer codes: left as it is.
+            if not weight.requires_grad and weight.is_floating_point() and weight.dtype != dtype:
                 weight.data = weight.data.to(dtype)
                 count += 1
     return count

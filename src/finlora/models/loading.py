@@ -31,6 +31,8 @@ from transformers import (
 
 from finlora.atomic import atomic_dir, clean_leftovers, write_errors
 from finlora.errors import FinloraError
+from finlora.models import quantize as quant
+from finlora.models.device import release_checkpoint_pages
 from finlora.models.registry import EMBEDDED
 
 log = logging.getLogger(__name__)
@@ -312,6 +314,7 @@ def load_base_model(
     kind: str = "auto",
     labels: Sequence[str] | None = None,
     tokenizer: Any | None = None,
+    quantize: str | None = None,
 ) -> BaseModel:
     """Load base model and tokenizer, fp32, on the CPU. Raises FinloraError for a non-model.
 
@@ -321,6 +324,8 @@ def load_base_model(
     `kind` ("auto" reads the model's config) picks causal, seq2seq or encoder; an encoder gets
     a new classification head with one output per entry of `labels`, initialised from torch's
     current random state (seed it first for a reproducible head).
+    `quantize` ("4bit", "8bit") loads the linear layers quantized (models/quantize.py), from
+    the Hugging Face directory (a GGUF's cached conversion too).
     """
     directory, shas = resolve(name)
     config = _read_config(directory, trust_remote_code)
@@ -336,11 +341,17 @@ def load_base_model(
             trust_remote_code=trust_remote_code,
             **({"attn_implementation": attention} if attention else {}),
             **_head_options(kind, labels, name),
+            **quant.load_options(quantize, kind),
         )
     except ValueError as exc:
         # transformers says "Unrecognized configuration class ..." for a kind the model lacks.
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FinloraError(f"{directory}: cannot load as a {kind} model ({reason})") from None
+    if quantize is not None:
+        quant.keep_canonical_layout(model)
+        # Quantizing read every page of the fp32 file, which stays resident while the fp32
+        # tensors left (embeddings, norms) are views into its memory map.
+        release_checkpoint_pages(model)
     if tokenizer is None:
         tokenizer = load_tokenizer(directory, trust_remote_code)
     return BaseModel(model, tokenizer, kind, name, directory, shas)
