@@ -74,9 +74,7 @@ def main() -> None:
     for epoch in range(2):
         lengths = [len(f.prompt_ids) for f in features]
         for idx in length_grouped_batches(lengths, cfg.train.batch_size, epoch):
-            _, real = accumulate_batch(
-                model, codec, [features[i] for i in idx], cfg, placement
-            )
+            _, real = accumulate_batch(model, codec, [features[i] for i in idx], cfg, placement)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             tokens += real

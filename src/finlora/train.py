@@ -6,7 +6,7 @@ weights train and how the adapter is saved; the loop is the same for all of them
 Read top to bottom, this is the story of a run: `_setup` (`_setup_data`, `_setup_model`, the
 codec's features), then `_train`: `_place_model`, `_setup_optimizer`, `_resume` where asked, one
 `_epoch` after another (`_accumulate`, `optimizer_step`, `_after_step`; `_end_epoch` validates and
-keeps the best adapter) and `_finish`. The parts live in `finlora.training`. Everything that can
+keeps the best adapter) and `finish_run`. The parts live in `finlora.training`. Everything that can
 fail on user input (config, data, split, model path, output directory) is checked before the run
 directory is created, so a bad input never leaves a half-written run behind.
 
@@ -47,21 +47,17 @@ from finlora.methods import build_method, save_adapter, trainable_parameters, tr
 from finlora.methods.hooks import DEFAULT_HOOKS, TrainingHooks
 from finlora.models import BaseModel, Placement, load_base_model
 from finlora.models.device import set_gradient_checkpointing
-from finlora.models.loading import sha256_file
 from finlora.models.quantize import check_quantize, prepare_for_training
-from finlora.plots import plot_loss_curve
 from finlora.runs import (
-    Manifest,
     RunDir,
-    git_commit,
-    library_versions,
 )
 from finlora.scoring import is_prompt_learning
-from finlora.tasks import Codec, codec_for
+from finlora.tasks import codec_for
 from finlora.tasks.classify import length_grouped_batches
 from finlora.training.data import encode_split, log_data, training_features
+from finlora.training.manifest import finish_run
 from finlora.training.neftune import noisy_embeddings
-from finlora.training.objective import Objective, objective_for
+from finlora.training.objective import objective_for
 from finlora.training.resume import check_same_split, resume_config
 from finlora.training.run_files import (
     absolute_paths,
@@ -72,6 +68,7 @@ from finlora.training.run_files import (
     save_dir,
     write_run_header,
 )
+from finlora.training.setup import Setup
 from finlora.training.start import keep_start, load_start, start_dir
 from finlora.training.step import accumulate_batch, optimizer_step, total_steps
 from finlora.training.validation import selection_score
@@ -96,31 +93,6 @@ class TrainResult:
     train_seconds: float
     real_tokens_per_s: float
     peak_rss_mib: float  # the whole process's, model loading included
-
-
-@dataclass
-class _Setup:
-    """Everything a run needs, built and checked before the first byte is written."""
-
-    cfg: RunConfig
-    data: PreparedData | PreparedInstruct
-    base: BaseModel
-    model: Any  # the base model with the tuning method applied, not yet placed
-    codec: Codec
-    train: list[Any]  # the codec's features
-    validation: list[Any]
-    placement: Placement
-    load_seconds: float
-    objective: Objective  # the loss, validation and first measurements the task trains by
-    start: Path | None = None  # the adapter the run starts from (`--from`)
-
-    @property
-    def device(self) -> torch.device:
-        return self.placement.device
-
-    @property
-    def dtype(self) -> torch.dtype | None:
-        return self.placement.dtype
 
 
 def _setup_data(cfg: RunConfig) -> PreparedData | PreparedInstruct:
@@ -162,7 +134,7 @@ def _setup_model(
 
 def _setup(
     cfg: RunConfig, log: Log, trust_remote_code: bool = False, run: RunDir | None = None
-) -> _Setup:
+) -> Setup:
     placement = Placement.from_config(cfg.train, cfg.speed)
     check_quantize(cfg.model.quantize, cfg.method.name, placement.device.type, cfg.lora.init)
     data = _setup_data(cfg)
@@ -176,7 +148,7 @@ def _setup(
     training_hooks(cfg).prepare(model, cfg, total_steps(len(train), cfg.train))
     validation = encode_split(codec, data.rows("validation"), "validation", log)
     objective = objective_for(cfg, codec, data)
-    return _Setup(
+    return Setup(
         cfg, data, base, model, codec, train, validation, placement, load_seconds, objective,
         start,
     )  # fmt: skip
@@ -200,7 +172,7 @@ class _Loop:
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=10))
 
 
-def _place_model(s: _Setup, world: World, log: Log) -> tuple[Any, tuple[int, int]]:
+def _place_model(s: Setup, world: World, log: Log) -> tuple[Any, tuple[int, int]]:
     """The model on its device, every process with rank 0's trainable weights; returns it with
     its (trainable, total) parameter counts."""
     speed = s.cfg.speed
@@ -220,7 +192,7 @@ def _place_model(s: _Setup, world: World, log: Log) -> tuple[Any, tuple[int, int
     return model, (trainable, total)
 
 
-def _setup_optimizer(s: _Setup, model: Any) -> _Loop:
+def _setup_optimizer(s: Setup, model: Any) -> _Loop:
     """The method's optimizer (AdamW; LoRA+ where asked), linear warmup and decay over the run."""
     tc = s.cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
@@ -252,7 +224,7 @@ def _resume(run: RunDir, loop: _Loop, world: World, log: Log) -> None:
 
 
 def _end_epoch(
-    model: Any, s: _Setup, run: RunDir, progress: Progress, log: Log, world: World
+    model: Any, s: Setup, run: RunDir, progress: Progress, log: Log, world: World
 ) -> dict[str, Any]:
     """Validate, keep the adapter if it is the best so far, and log the epoch's row."""
     atomic.kill_point("validation")
@@ -351,7 +323,7 @@ def train(
 
 
 def _train(
-    s: _Setup, run: RunDir, world: World, resume: bool, progress_bar: bool, log: Log
+    s: Setup, run: RunDir, world: World, resume: bool, progress_bar: bool, log: Log
 ) -> TrainResult:
     model, params = _place_model(s, world, log)
     # Before a checkpoint is loaded: what the task measures of the starting model.
@@ -377,7 +349,7 @@ def _train(
     seconds = time.perf_counter() - loop.start
     peak_mib = process_peak_mib()
     if world.is_main:
-        _finish(run, s, loop.progress, seconds, loop.tokens_seen, params, world.size)
+        finish_run(run, s, loop.progress, seconds, loop.tokens_seen, params, world.size)
     world.barrier()  # the others read the metrics rank 0 has just finished writing
     rows = [r for r in run.read_metrics() if r.get("best")]
     return TrainResult(
@@ -393,7 +365,7 @@ def _train(
     )
 
 
-def _epoch(s: _Setup, run: RunDir, world: World, loop: _Loop, log: Log) -> None:
+def _epoch(s: Setup, run: RunDir, world: World, loop: _Loop, log: Log) -> None:
     """The rest of the current epoch: its batches (a step every grad_accum of them, and at its
     end), then the validation and a checkpoint. Stops early at the run's last step."""
     cfg, tc, progress = s.cfg, s.cfg.train, loop.progress
@@ -424,7 +396,7 @@ def _epoch(s: _Setup, run: RunDir, world: World, loop: _Loop, log: Log) -> None:
     _save_checkpoint(run, loop, world)
 
 
-def _accumulate(s: _Setup, world: World, loop: _Loop, rows: list[int]) -> float:
+def _accumulate(s: Setup, world: World, loop: _Loop, rows: list[int]) -> float:
     """One batch's gradients (`accumulate_batch`), counted into the epoch's loss; returns it."""
     features = [s.train[i] for i in rows]
     loss, real_tokens = s.objective.accumulate(
@@ -443,7 +415,7 @@ def _accumulate(s: _Setup, world: World, loop: _Loop, rows: list[int]) -> float:
 
 
 def _after_step(
-    s: _Setup,
+    s: Setup,
     run: RunDir,
     world: World,
     loop: _Loop,
@@ -473,61 +445,3 @@ def _after_step(
         )
     if progress.step % tc.checkpoint_every == 0 and not last:
         _save_checkpoint(run, loop, world)
-
-
-def _finish(
-    run: RunDir,
-    s: _Setup,
-    progress: Progress,
-    seconds: float,
-    tokens: int,
-    params: tuple[int, int],
-    processes: int,
-) -> None:
-    """Write the loss curve and the manifest."""
-    trainable, total = params
-    peak_mib = process_peak_mib()
-    rows = run.read_metrics()
-    if rows:
-        plot_loss_curve(rows, run.loss_curve)
-    previous = Manifest.read(run.manifest)
-    timings = previous.timings if previous is not None else {}
-    Manifest(
-        task=s.cfg.task,
-        base_model={
-            "name": s.cfg.model.name,
-            "kind": s.base.kind,
-            "checkpoint_dir": str(s.base.checkpoint_dir),
-            "sha256": s.base.weights_sha256,
-        },
-        data={
-            "description": s.data.description,
-            "synthetic": s.data.synthetic,
-            "files": {str(f): sha256_file(f) for f in s.data.files},
-            "labels": s.data.labels,
-        },
-        method=s.cfg.method.name,
-        method_options=dataclasses.asdict(s.cfg.method_options),
-        learning_rate=s.cfg.learning_rate,
-        trainable_params=trainable,
-        total_params=total,
-        seed=s.cfg.seed,
-        steps=progress.step,
-        best_epoch=progress.best_epoch,
-        device=str(s.device),
-        processes=processes,
-        precision="bf16-autocast" if s.dtype else "fp32",
-        attention=s.placement.attention,
-        versions=library_versions(),
-        git_commit=git_commit(),
-        timings={
-            "model_load_s": round(s.load_seconds, 2),
-            # A resumed run adds its own training time to what came before.
-            "train_s": round(timings.get("train_s", 0.0) + seconds, 2),
-            "real_tokens": timings.get("real_tokens", 0) + tokens,
-            # This process's peak (a resumed run's: since it resumed), loading included;
-            # under several processes, rank 0's.
-            "peak_rss_mib": round(peak_mib, 1),
-        },
-        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    ).write(run.manifest)

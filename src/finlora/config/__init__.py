@@ -40,7 +40,6 @@ from finlora.config.methods import (
 )
 from finlora.config.preference import OBJECTIVES, PreferenceSection
 from finlora.config.sections import (
-    ATTENTIONS,
     DATA_FORMATS,
     DEVICES,
     FPB_AGREEMENTS,
@@ -50,9 +49,9 @@ from finlora.config.sections import (
     DataConfig,
     ModelConfig,
     RunConfig,
-    SpeedConfig,
     TrainConfig,
 )
+from finlora.config.speed import ATTENTIONS, SpeedConfig
 from finlora.config.tasks import GENERATIVE_TASKS, INSTRUCT_TEMPLATE, SERVES_AS, TASKS
 
 __all__ = [

@@ -17,7 +17,8 @@ import yaml
 
 from finlora.config.fields import fail
 from finlora.config.methods import METHOD_SECTIONS
-from finlora.config.sections import RunConfig, SpeedConfig
+from finlora.config.sections import RunConfig
+from finlora.config.speed import SpeedConfig
 from finlora.config.tasks import GENERATIVE_TASKS, INSTRUCT_TEMPLATE
 from finlora.errors import FinloraError
 
