@@ -23,10 +23,14 @@ from finlora.metrics import classification_metrics, wilson_interval
 from finlora.runs import Run
 
 
-def _held_out(split_of: Run) -> tuple[list[Any], list[str]]:
-    """The test rows of `split_of`, and each row's source."""
-    _, rows = split_of.test_rows()
-    sources = split_of.split.source_names(split_of.split.test) or [""] * len(rows)
+def _held_out(split_of: Run, part: str) -> tuple[list[Any], list[str]]:
+    """The rows of `split_of`'s `part` (test or validation), and each row's source."""
+    indices = split_of.split.test if part == "test" else split_of.split.validation
+    if part == "test":
+        _, rows = split_of.test_rows()
+    else:
+        rows = [split_of.prepared().examples[i] for i in indices]
+    sources = split_of.split.source_names(indices) or [""] * len(rows)
     return rows, [s or "all" for s in sources]
 
 
@@ -81,9 +85,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="classification runs to score")
     parser.add_argument("--split-of", type=Path, required=True, help="whose test rows")
+    parser.add_argument(
+        "--part",
+        choices=("test", "validation"),
+        default="test",
+        help="which held-out rows: validation is where settings are chosen",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    rows, sources = _held_out(Run.open(args.split_of))
+    rows, sources = _held_out(Run.open(args.split_of), args.part)
     results = {str(run): score(run, rows, sources) for run in args.runs}
     print(table(results))
     if args.json:
