@@ -32,7 +32,13 @@ from finlora.runs import RunDir
 from finlora.scoring import predict_proba
 
 TEXTS = [e.text for e in synthetic_sentiment(6, seed=5)]
-ADALORA = ["method.name=adalora", "adalora.init_r=4", "adalora.target_r=2"]
+# The tiny runs train at train.learning_rate, as they did before AdaLoRA had a rate of its own.
+ADALORA = [
+    "method.name=adalora",
+    "adalora.init_r=4",
+    "adalora.target_r=2",
+    "adalora.learning_rate=null",
+]
 VARIANTS = {
     "dora": ["lora.use_dora=true"],
     "rslora": ["lora.use_rslora=true"],

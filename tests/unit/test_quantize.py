@@ -59,7 +59,12 @@ def _losses(output: Path) -> list[float]:
 
 METHOD_OPTIONS = {
     "lora": [],
-    "adalora": ["method.name=adalora", "adalora.init_r=4", "adalora.target_r=2"],
+    "adalora": [
+        "method.name=adalora",
+        "adalora.init_r=4",
+        "adalora.target_r=2",
+        "adalora.learning_rate=null",
+    ],
 }
 
 

@@ -238,7 +238,10 @@ class AdaLoraSection:
     orth_reg_weight: float = opt(
         0.5, "Weight of the penalty that keeps P and Q orthogonal, added to the training loss."
     )
-    learning_rate: float | None = _rate(None)
+    # Its SVD form starts E at zero between small P and Q, so its updates start far smaller
+    # than LoRA's: at LoRA's 3e-4, 40 FPB steps left validation accuracy at the base model's
+    # 0.14; at 2e-3 it reached 0.84 (LoRA: 0.88).
+    learning_rate: float | None = _rate(2e-3)
 
     def validate(self, prefix: str) -> None:
         check_positive(f"{prefix}.init_r", self.init_r)
