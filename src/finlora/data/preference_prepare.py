@@ -9,9 +9,8 @@ from finlora.config import DataConfig
 from finlora.data.examples import Example
 from finlora.data.fin_preference import FIN_PREFERENCE_NOTE, fin_preference_set
 from finlora.data.preference import PreferenceRecord, load_preference, preference_sha256
-from finlora.data.prepare import PreparedInstruct
-from finlora.data.split import cross_split_duplicates, stratified_split
-from finlora.errors import FinloraError
+from finlora.data.prepare import PreparedInstruct, prompt_texts, split_records
+from finlora.data.split import cross_split_duplicates
 
 
 def _kind(record: PreferenceRecord) -> str:
@@ -31,24 +30,13 @@ def prepare_preference(cfg: DataConfig, seed: int) -> PreparedInstruct:
         records = fin_preference_set()
         files, description = [], FIN_PREFERENCE_NOTE
     strata = [Example(r.response, _kind(r)) for r in records]
-    try:
-        split = stratified_split(strata, cfg.test_fraction, cfg.val_fraction, seed)
-    except FinloraError:
-        flat = [Example(e.text, "all") for e in strata]
-        try:
-            split = stratified_split(flat, cfg.test_fraction, cfg.val_fraction, seed)
-        except FinloraError:
-            raise FinloraError(
-                f"{description}: {len(records)} record(s) are too few to hold some out for "
-                "validation and test (data.test_fraction, data.val_fraction)"
-            ) from None
-    prompts = [Example(str([(m.role, m.content) for m in r.prompt_messages]), "") for r in records]
+    split = split_records(strata, cfg, seed, description)
     return PreparedInstruct(
         list(records),
         split,
         files,
         description,
         [],
-        cross_split_duplicates(prompts, split),
+        cross_split_duplicates(prompt_texts(records), split),
         None if files else preference_sha256(records),
     )

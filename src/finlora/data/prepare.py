@@ -3,6 +3,7 @@ trains and tests on."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,28 @@ class PreparedInstruct:
         return [self.examples[i] for i in getattr(self.split, name)]
 
 
+def split_records(strata: list[Example], cfg: DataConfig, seed: int, description: str) -> Split:
+    """Records split by the kind each `strata` example names, kept in proportion; with too few
+    of one kind to place some in every split, as one group. Raises FinloraError when even one
+    group is too small to hold some out."""
+    try:
+        return stratified_split(strata, cfg.test_fraction, cfg.val_fraction, seed)
+    except FinloraError:
+        flat = [Example(e.text, "all") for e in strata]
+        try:
+            return stratified_split(flat, cfg.test_fraction, cfg.val_fraction, seed)
+        except FinloraError:
+            raise FinloraError(
+                f"{description}: {len(strata)} record(s) are too few to hold some out for "
+                "validation and test (data.test_fraction, data.val_fraction)"
+            ) from None
+
+
+def prompt_texts(records: Sequence[Any]) -> list[Example]:
+    """Each record's prompt as one text, to find prompts repeated across splits."""
+    return [Example(str([(m.role, m.content) for m in r.prompt_messages]), "") for r in records]
+
+
 def prepare_instruct(cfg: DataConfig, seed: int) -> PreparedInstruct:
     """Load instruction records (data.path, or the packaged set when empty) and split them.
 
@@ -220,26 +243,14 @@ def prepare_instruct(cfg: DataConfig, seed: int) -> PreparedInstruct:
         records = fin_instruct_set()
         files, description = [], FIN_INSTRUCT_NOTE
     strata = [Example(r.response, "label" if r.label else "free") for r in records]
-    try:
-        split = stratified_split(strata, cfg.test_fraction, cfg.val_fraction, seed)
-    except FinloraError:
-        # Too few of one kind to place some in every split: split them as one group.
-        flat = [Example(e.text, "all") for e in strata]
-        try:
-            split = stratified_split(flat, cfg.test_fraction, cfg.val_fraction, seed)
-        except FinloraError:
-            raise FinloraError(
-                f"{description}: {len(records)} record(s) are too few to hold some out for "
-                "validation and test (data.test_fraction, data.val_fraction)"
-            ) from None
+    split = split_records(strata, cfg, seed, description)
     labels = sorted({x for r in records for x in (r.labels or ((r.label,) if r.label else ()))})
-    texts = [Example(str([(m.role, m.content) for m in r.prompt_messages]), "") for r in records]
     return PreparedInstruct(
         records,
         split,
         files,
         description,
         labels,
-        cross_split_duplicates(texts, split),
+        cross_split_duplicates(prompt_texts(records), split),
         None if files else records_sha256(records),
     )

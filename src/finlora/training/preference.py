@@ -31,7 +31,6 @@ from finlora.config import RunConfig, SpeedConfig
 from finlora.config.preference import REFERENCE_OBJECTIVES
 from finlora.data.preference import check_objective
 from finlora.distributed import World
-from finlora.methods import training_hooks
 from finlora.models import Placement
 from finlora.scoring import autocast, is_prompt_learning, label_logits
 from finlora.tasks.classify import IGNORE, Batch, sorted_batches, token_budget_chunks
@@ -44,6 +43,7 @@ from finlora.training.preference_loss import (
     pair_metrics,
     unpaired_metrics,
 )
+from finlora.training.step import backward
 
 Log = Callable[[str], None]
 Row = tuple[Sequence[int], Sequence[int]]
@@ -196,11 +196,7 @@ class PreferenceObjective:
             with autocast(placement.device, placement.dtype):
                 logp, tokens = answer_logps(model, batch, cfg.speed.label_logits_only)
             loss = self._loss(part, logp, tokens, totals, kl)
-            # A method's penalty (AdaLoRA's) trains with the loss but is not reported in it.
-            penalty = training_hooks(cfg).penalty(model)
-            share = len(part) / len(features)
-            objective = loss if penalty is None else loss + penalty * share
-            (objective / cfg.train.grad_accum).backward()
+            backward(model, cfg, loss, len(part) / len(features))
             loss_sum += loss.item()
             real += batch.real_tokens
         loss_sum, whole = world.sum([loss_sum, real], placement.device)

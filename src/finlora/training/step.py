@@ -59,14 +59,19 @@ def accumulate_batch(
         share = sum(label_tokens[i] for i in chunk) / total_targets
         with autocast(placement.device, placement.dtype):
             loss = loss_fn(model, batch, codec.kind, cfg.speed.label_logits_only) * share
-        # A method's penalty (AdaLoRA's) trains with the loss but is not reported in it.
-        penalty = training_hooks(cfg).penalty(model)
-        objective = loss if penalty is None else loss + penalty * share
-        (objective / cfg.train.grad_accum).backward()
+        backward(model, cfg, loss, share)
         loss_sum += loss.item()
         real += batch.real_tokens
     loss_sum, whole = world.sum([loss_sum, real], placement.device)
     return loss_sum, int(whole)
+
+
+def backward(model: Any, cfg: RunConfig, loss: torch.Tensor, share: float) -> None:
+    """Backward of a micro-batch's `loss` (its `share` of the batch already in it), with the
+    method's penalty (AdaLoRA's) at the same share: trained with, but not reported in, the loss."""
+    penalty = training_hooks(cfg).penalty(model)
+    objective = loss if penalty is None else loss + penalty * share
+    (objective / cfg.train.grad_accum).backward()
 
 
 def optimizer_step(
