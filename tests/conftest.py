@@ -227,3 +227,27 @@ def tiny_cfg(tiny_overrides: list[str]) -> Callable[..., RunConfig]:
         return load_config(None, [*tiny_overrides, *chosen, *overrides])
 
     return build
+
+
+class _StopAfterCheckpoint(Exception):
+    """Where a kill (or Ctrl-C) stops a run, in `stop_after_checkpoint`."""
+
+
+@pytest.fixture
+def stop_after_checkpoint(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], type[Exception]]:
+    """`stop_after_checkpoint(step)`: the next training run stops right after writing its
+    checkpoint of `step`, raising the exception returned; `monkeypatch.undo()` ends it."""
+    import finlora.train as train_module
+
+    def arm(step: int) -> type[Exception]:
+        original = train_module._checkpoint
+
+        def checkpoint_then_stop(run_dir: Any, loop: Any) -> None:
+            original(run_dir, loop)
+            if loop.progress.step == step:
+                raise _StopAfterCheckpoint
+
+        monkeypatch.setattr(train_module, "_checkpoint", checkpoint_then_stop)
+        return _StopAfterCheckpoint
+
+    return arm

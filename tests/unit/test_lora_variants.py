@@ -260,12 +260,11 @@ def test_adalora_penalty_is_peft_orthogonal_regularisation(
     assert _orthogonal_penalty(model) is None
 
 
-class Stop(Exception):
-    pass
-
-
 def test_adalora_resumes_to_the_same_run(
-    variant_cfg: Callable[..., RunConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    variant_cfg: Callable[..., RunConfig],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stop_after_checkpoint: Callable[[int], type[Exception]],
 ) -> None:
     """The allocator's scores and the rank pattern are checkpointed with the weights: a run
     stopped after its step-3 checkpoint and resumed ends as the uninterrupted one."""
@@ -273,16 +272,9 @@ def test_adalora_resumes_to_the_same_run(
     train_module.train(
         variant_cfg("adalora", *overrides), tmp_path / "whole", progress_bar=False, log=quiet
     )
-    original = train_module._checkpoint
-
-    def checkpoint_then_stop(run_dir: RunDir, loop: Any) -> None:
-        original(run_dir, loop)
-        if loop.progress.step == 3:
-            raise Stop
-
-    monkeypatch.setattr(train_module, "_checkpoint", checkpoint_then_stop)
+    stop = stop_after_checkpoint(3)
     stopped = tmp_path / "stopped"
-    with pytest.raises(Stop):
+    with pytest.raises(stop):
         train_module.train(
             variant_cfg("adalora", *overrides), stopped, progress_bar=False, log=quiet
         )

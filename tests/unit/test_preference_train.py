@@ -16,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import finlora.train as train_module
 from finlora.config import RunConfig, load_config
 from finlora.errors import FinloraError
 from finlora.evaluate import evaluate_run
@@ -160,15 +159,12 @@ def instruct_run(tiny_cfg: Callable[..., RunConfig], instruct_file: Path, tmp_pa
     return out
 
 
-class Stop(Exception):
-    pass
-
-
 def test_from_an_instruct_run_its_adapter_is_the_reference_and_resume_is_exact(
     pref_cfg: Callable[..., RunConfig],
     instruct_run: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    stop_after_checkpoint: Callable[[int], type[Exception]],
 ) -> None:
     settings = (
         f"method.start_from={instruct_run}",
@@ -184,16 +180,9 @@ def test_from_an_instruct_run_its_adapter_is_the_reference_and_resume_is_exact(
     kept = load_file(str(whole / "start_adapter" / "adapter_model.safetensors"))
     assert saved.keys() == kept.keys() and all(torch.equal(saved[k], kept[k]) for k in saved)
     # Stopped after its step-2 checkpoint, and resumed once the instruct run is gone.
-    original = train_module._checkpoint
-
-    def checkpoint_then_stop(run_dir: RunDir, loop: Any) -> None:
-        original(run_dir, loop)
-        if loop.progress.step == 2:
-            raise Stop
-
-    monkeypatch.setattr(train_module, "_checkpoint", checkpoint_then_stop)
+    stop = stop_after_checkpoint(2)
     stopped = tmp_path / "stopped"
-    with pytest.raises(Stop):
+    with pytest.raises(stop):
         train(pref_cfg(*settings), stopped, progress_bar=False, log=quiet)
     monkeypatch.undo()
     shutil.rmtree(instruct_run)

@@ -113,27 +113,19 @@ def test_same_seed_same_run(tiny_cfg: Callable[..., RunConfig], tmp_path: Path) 
     assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
 
 
-class Stop(Exception):
-    pass
-
-
 def test_resume_after_a_stop_is_exact(
-    tiny_cfg: Callable[..., RunConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_cfg: Callable[..., RunConfig],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stop_after_checkpoint: Callable[[int], type[Exception]],
 ) -> None:
     overrides = ("train.max_steps=6", "train.checkpoint_every=3", "train.learning_rate=0.01")
     run(tiny_cfg(*overrides), tmp_path / "whole")
 
     # A stop (kill, Ctrl-C) right after the step-3 checkpoint, mid-epoch (5 batches an epoch).
-    original = train_module._checkpoint
-
-    def checkpoint_then_stop(run_dir: RunDir, loop: Any) -> None:
-        original(run_dir, loop)
-        if loop.progress.step == 3:
-            raise Stop
-
-    monkeypatch.setattr(train_module, "_checkpoint", checkpoint_then_stop)
+    stop = stop_after_checkpoint(3)
     stopped = tmp_path / "stopped"
-    with pytest.raises(Stop):
+    with pytest.raises(stop):
         run(tiny_cfg(*overrides), stopped)
     monkeypatch.undo()
     assert not (stopped / "adapter").exists()
