@@ -45,7 +45,7 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
 def sources_run(
     tmp_path_factory: pytest.TempPathFactory, tiny_overrides: list[str], fpb_file: Path
 ) -> Path:
-    """Three sources (tweets: a stratified 45 of 60 rows, drawn twice, 6 of them near copies of
+    """Three sources (tweets: 24 of its 38 training rows, drawn twice, 6 of them near copies of
     FPB sentences), data.dedup on, trained for 4 steps."""
     folder = tmp_path_factory.mktemp("sources-run")
     tones = {"negative": "bear", "positive": "bull", "neutral": "flat"}
@@ -65,7 +65,7 @@ def sources_run(
         f"data.sources=[{{path: {fpb_file}, name: fpb}}, "
         f"{{path: {folder / 'news.csv'}, name: news, text_column: headline, label_column: tone, "
         "label_map: {bear: negative, bull: positive, flat: neutral}}, "
-        f"{{path: {folder / 'tweets.csv'}, name: tweets, max_rows: 45, weight: 2, "
+        f"{{path: {folder / 'tweets.csv'}, name: tweets, max_rows: 24, weight: 2, "
         "label_map: '0=negative,1=positive,2=neutral'}]"
     )
     without_path = [o for o in tiny_overrides if not o.startswith("data.path=")]
@@ -84,11 +84,11 @@ def test_split_json_records_every_source(sources_run: Path) -> None:
     assert split["labels"] == ["negative", "neutral", "positive"]
     records = split["sources"]
     assert [s["name"] for s in records] == list(SOURCES)
-    assert [s["rows"] for s in records] == [[0, 60], [60, 90], [90, 135]]
+    assert [s["rows"] for s in records] == [[0, 60], [60, 90], [90, 136]]
     assert [(s["loaded"], s["max_rows"], s["weight"]) for s in records] == [
         (60, None, 1.0),
         (30, None, 1.0),
-        (60, 45, 2.0),
+        (60, 24, 2.0),
     ]
     for s in records:
         assert Path(s["path"]).is_absolute() and s["sha256"] == sha256_file(Path(s["path"]))

@@ -222,14 +222,34 @@ def test_data_labels_give_the_order(files: dict[str, Path]) -> None:
         prepare_data(data_config(files, "data.labels=[positive, negative]"), 0)
 
 
-def test_max_rows_is_a_stratified_sample_fixed_by_seed(files: dict[str, Path]) -> None:
+def source_parts(data: PreparedData, index: int) -> dict[str, list[Example]]:
+    """Source `index`'s examples in each split."""
+    rows = data.sources[index].rows
+    return {
+        name: [data.examples[i] for i in getattr(data.split, name) if i in rows]
+        for name in ("train", "validation", "test")
+    }
+
+
+def test_max_rows_samples_the_training_split_by_seed(files: dict[str, Path]) -> None:
+    whole = source_parts(prepare_data(data_config(files), seed=42), 2)
     data = prepare_data(data_config(files, tweets="max_rows: 30"), seed=42)
     tweets = data.sources[2]
-    assert (len(tweets.rows), tweets.loaded, tweets.max_rows) == (30, 60, 30)
-    assert Counter(e.label for e in data.examples[tweets.start :]) == dict.fromkeys(data.labels, 10)
+    parts = source_parts(data, 2)
+    # 60 rows: 12 test, 10 validation, 38 training of which 30 are kept, 10 of each label.
+    assert [len(whole[name]) for name in ("train", "validation", "test")] == [38, 10, 12]
+    assert (len(tweets.rows), tweets.loaded, tweets.max_rows) == (52, 60, 30)
+    assert Counter(e.label for e in parts["train"]) == dict.fromkeys(data.labels, 10)
+    assert set(parts["train"]) < set(whole["train"])
+    # Validation and test are the rows the whole file gives them: settings compare on them.
+    assert (parts["validation"], parts["test"]) == (whole["validation"], whole["test"])
     again = prepare_data(data_config(files, tweets="max_rows: 30"), seed=42)
     other = prepare_data(data_config(files, tweets="max_rows: 30"), seed=43)
     assert again.examples == data.examples and other.examples[90:] != data.examples[90:]
+    # More rows than the training split has: every row.
+    assert prepare_data(data_config(files, tweets="max_rows: 38"), 42).examples == (
+        prepare_data(data_config(files), 42).examples
+    )
     rows = per_label(4, 3)
     assert sample_rows(rows, 99, 0) == list(range(12))
     with pytest.raises(FinloraError, match="cannot sample 2 rows stratified by label"):
@@ -394,7 +414,7 @@ def test_a_one_file_record_keeps_its_layout(fpb_file: Path) -> None:
 
 
 def test_split_json_of_sources_round_trips(files: dict[str, Path], tmp_path: Path) -> None:
-    data = prepare_data(data_config(files, tweets="max_rows: 45, weight: 2"), seed=42)
+    data = prepare_data(data_config(files, tweets="max_rows: 24, weight: 2"), seed=42)
     record = SplitRecord.of("classify", 42, data)
     path = tmp_path / "split.json"
     record.write(path)
@@ -405,16 +425,16 @@ def test_split_json_of_sources_round_trips(files: dict[str, Path], tmp_path: Pat
         "name": "tweets",
         "path": str(files["tweets"]),
         "sha256": sha256_file(files["tweets"]),
-        "rows": [90, 135],
+        "rows": [90, 136],
         "loaded": 60,
-        "max_rows": 45,
+        "max_rows": 24,
         "weight": 2.0,
         "split": {
-            name: sum(1 for i in raw[name] if 90 <= i < 135)
+            name: sum(1 for i in raw[name] if 90 <= i < 136)
             for name in ("train", "validation", "test")
         },
-        "train_draws": 2 * sum(1 for i in raw["train"] if 90 <= i < 135),
-        "leakage": data.leakage.counts(range(90, 135)) if data.leakage else {},
+        "train_draws": 2 * sum(1 for i in raw["train"] if 90 <= i < 136),
+        "leakage": data.leakage.counts(range(90, 136)) if data.leakage else {},
     }
     assert sum(s["rows"][1] - s["rows"][0] for s in raw["sources"]) == len(data.examples)
     back = SplitRecord.read(path)

@@ -106,8 +106,9 @@ class DataSource:
     )
     max_rows: int | None = opt(
         None,
-        "Rows of the file used at most: a sample stratified by label and fixed by the run's "
-        "seed, taken before the split. null: every row.",
+        "Training rows of the file used at most: a sample of its training split, stratified "
+        "by label and fixed by the run's seed. Validation and test stay the file's own "
+        "fractions, the same rows whatever max_rows is. null: every row.",
     )
     weight: float = opt(
         1.0,

@@ -1,6 +1,7 @@
 """Several labelled files in one run (data.sources): each read with its own columns and label
-map, sampled to max_rows and split by the run's seed, then pooled into one example list in
-which each source holds a range of rows; its training rows are drawn `weight` times."""
+map, split by the run's seed, its training part sampled to max_rows, then pooled into one
+example list in which each source holds a range of rows; its training rows are drawn `weight`
+times."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ class SourceSlice:
     files: list[Path]  # the files read (a Financial PhraseBank directory: its agreement file)
     start: int
     stop: int
-    loaded: int  # rows in the file, before max_rows
+    loaded: int  # rows in the file, before max_rows sampled its training part
     max_rows: int | None
     weight: float
 
@@ -90,11 +91,8 @@ def _source_path(source: DataSource, where: str) -> Path:
     return path
 
 
-def _read_source(
-    source: DataSource, path: Path, where: str, seed: int, labels: list[str], load: Loader
-) -> tuple[list[Example], int]:
-    """A source's examples (after max_rows) and the rows its file holds."""
-    examples = load(
+def _read_source(source: DataSource, path: Path, labels: list[str], load: Loader) -> list[Example]:
+    return load(
         path,
         source.format,
         agreement=source.agreement,
@@ -103,19 +101,40 @@ def _read_source(
         label_map=source.label_map,
         labels=labels,
     )
-    loaded = len(examples)
-    if source.max_rows is not None:
-        try:
-            examples = [examples[i] for i in sample_rows(examples, source.max_rows, seed)]
-        except FinloraError as exc:
-            raise FinloraError(f"config: {where}.max_rows: {exc}") from None
-    return examples, loaded
+
+
+def _split_source(
+    source: DataSource, rows: list[Example], cfg: DataConfig, seed: int, where: str
+) -> tuple[list[Example], Split]:
+    """A source's split, its training part sampled to max_rows, and the examples it keeps.
+
+    The split comes first so that validation and test are the same rows whatever max_rows is:
+    settings compared on them are compared on the same sentences.
+    """
+    try:
+        split = stratified_split(rows, cfg.test_fraction, cfg.val_fraction, seed)
+    except FinloraError as exc:
+        raise FinloraError(f"{where} ({source.resolved_name}): {exc}") from None
+    if source.max_rows is None or source.max_rows >= len(split.train):
+        return rows, split
+    train = [rows[i] for i in split.train]
+    try:
+        kept_train = {split.train[k] for k in sample_rows(train, source.max_rows, seed)}
+    except FinloraError as exc:
+        raise FinloraError(f"config: {where}.max_rows: {exc}") from None
+    kept = sorted(kept_train.union(split.validation, split.test))
+    new_index = {old: new for new, old in enumerate(kept)}
+    parts = {
+        name: tuple(new_index[i] for i in getattr(split, name) if i in new_index)
+        for name in SPLIT_NAMES
+    }
+    return [rows[i] for i in kept], Split(**parts)
 
 
 def pool_sources(
     cfg: DataConfig, seed: int, load: Loader, files: Callable[[Path, DataSource], list[Path]]
 ) -> Pooled:
-    """Read, sample and split every source of `cfg.sources`, and pool them.
+    """Read, split and sample every source of `cfg.sources`, and pool them.
 
     `load` reads one file with a source's options, `files` names the files a source's path
     reads. Errors name the source's key, e.g. `data.sources[2]`.
@@ -126,11 +145,8 @@ def pool_sources(
     for index, source in enumerate(cfg.sources):
         where = f"data.sources[{index}]"
         path = _source_path(source, where)
-        rows, loaded = _read_source(source, path, where, seed, list(cfg.labels), load)
-        try:
-            split = stratified_split(rows, cfg.test_fraction, cfg.val_fraction, seed)
-        except FinloraError as exc:
-            raise FinloraError(f"{where} ({source.resolved_name}): {exc}") from None
+        loaded = _read_source(source, path, list(cfg.labels), load)
+        rows, split = _split_source(source, loaded, cfg, seed, where)
         start = len(examples)
         for name in SPLIT_NAMES:
             parts[name] += [start + i for i in getattr(split, name)]
@@ -142,7 +158,7 @@ def pool_sources(
                 files(path, source),
                 start,
                 len(examples),
-                loaded,
+                len(loaded),
                 source.max_rows,
                 source.weight,
             )
