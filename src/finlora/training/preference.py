@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from trl.trainer.utils import selective_log_softmax
 
 from finlora.config import RunConfig, SpeedConfig
 from finlora.config.preference import REFERENCE_OBJECTIVES
@@ -52,6 +51,9 @@ Row = tuple[Sequence[int], Sequence[int]]
 def answer_logps(model: Any, batch: Batch, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's answer log-probability summed over its answer tokens (R,), in fp32, and how
     many answer tokens it has (R,)."""
+    # Imported here: trl costs every run's start about 0.1 s, and only preference runs need it.
+    from trl.trainer.utils import selective_log_softmax
+
     logits = label_logits(model, batch, "causal", fast)  # (R, L, V)
     real = batch.targets != IGNORE  # (R, L)
     # TRL's gather of log-softmax values, a row at a time: no second (R, L, V) tensor. In fp32,
