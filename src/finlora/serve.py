@@ -111,8 +111,9 @@ class _Server:
 
     def require(self, task: str, instead: str) -> None:
         if self.loaded.task != task:
+            # The run's own task: a preference run is served as instruct, but is not called so.
             raise HTTPException(
-                400, f"this run's task is {self.loaded.task}, not {task} (use {instead})"
+                400, f"this run's task is {self.loaded.cfg.task}, not {task} (use {instead})"
             )
 
     def info(self) -> dict[str, Any]:

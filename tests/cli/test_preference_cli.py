@@ -151,6 +151,11 @@ def test_the_run_answers_as_an_instruct_run(
     assert client.get("/info").json()["endpoints"] == ["/generate", "/v1/chat/completions"]
     chat = {"messages": [{"role": "user", "content": "Is gold safe?"}], "max_tokens": 4}
     assert client.post("/v1/chat/completions", json=chat).status_code == 200
+    refused = client.post("/predict", json={"texts": ["Profit rose."]})
+    assert refused.status_code == 400
+    assert refused.json()["detail"] == (
+        "this run's task is preference, not classify (use /generate or /v1/chat/completions)"
+    )
     out = tmp_path / "gguf"
     result = cli("export", dpo_run, "--format", "gguf", "--out", out, "--json")
     assert result.code == 0, result.err
