@@ -4,7 +4,9 @@ Every method gets the same data, split, seed and step budget (`--set train.max_s
 applies to all); only `method.name` changes, with that method's own section of options. A
 method named with options of its section, `lora[use_dora=true]`, is a row of its own; a row is
 labelled by those options and by any variant switch its section sets (`LoraSection.VARIANTS`),
-so `--set lora.use_dora=true` makes the lora row `lora[use_dora=true]`. Each
+so `--set lora.use_dora=true` makes the lora row `lora[use_dora=true]`. A dotted key in the
+brackets sets that key of the whole config for the row, so preference objectives rank side by
+side: `lora[preference.objective=orpo,train.learning_rate=1e-4]`. Each
 run is trained and then evaluated from disk, as `finlora eval` would, so the figures are those
 of the saved adapter. The recipe writes `compare.md`, `compare.json` and `compare.png` beside
 one run directory per method (and seed). A classification recipe is ranked by accuracy and
@@ -21,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +138,16 @@ def _value_text(value: Any) -> str:
     return str(value)
 
 
+def _option_key(option: str, method: str) -> str:
+    """The config key a bracketed option sets: `r=8` -> `lora.r`, `train.epochs=2` as is."""
+    key = option.split("=", 1)[0].strip()
+    return key if "." in key else f"{method}.{key}"
+
+
 def row_label(cfg: RunConfig, options: Sequence[str] = ()) -> str:
     """The method, with the options given to it in --methods and any variant switch its
-    section sets away from the default: `lora`, `lora[use_dora=true]`."""
+    section sets away from the default: `lora`, `lora[use_dora=true]`,
+    `lora[preference.objective=orpo]`. The values shown are the config's, as validated."""
     section = cfg.method_options
     keys = [o.split("=", 1)[0].strip() for o in options]
     defaults = type(section)()
@@ -148,7 +158,11 @@ def row_label(cfg: RunConfig, options: Sequence[str] = ()) -> str:
     ]
     if not keys:
         return cfg.method.name
-    shown = ",".join(f"{key}={_value_text(getattr(section, key))}" for key in keys)
+    values = [
+        reduce(getattr, key.split("."), cfg) if "." in key else getattr(section, key)
+        for key in keys
+    ]
+    shown = ",".join(f"{key}={_value_text(value)}" for key, value in zip(keys, values, strict=True))
     return f"{cfg.method.name}[{shown}]"
 
 
@@ -163,7 +177,10 @@ class PlannedRun:
 def _variant_config(data: dict[str, Any], item: str) -> tuple[RunConfig, str]:
     method, options = method_spec(item)
     cfg = config_from_dict(
-        apply_overrides(select_method(data, method), [f"{method}.{o}" for o in options])
+        apply_overrides(
+            select_method(data, method),
+            [f"{_option_key(o, method)}={o.split('=', 1)[1]}" for o in options],
+        )
     )
     return cfg, row_label(cfg, options)
 

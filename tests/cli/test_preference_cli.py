@@ -97,6 +97,28 @@ def test_train_from_an_instruct_run(
     assert (dpo_run / "start_adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_compare_ranks_objectives_from_an_instruct_run(
+    cli: Callable[..., Result], recipe: Path, instruct_run: Path, overrides: list[str],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    output = tmp_path / "cmp"
+    methods = "lora,lora[preference.objective=orpo,train.learning_rate=0.02]"
+    args = set_args([*overrides, "train.max_steps=1"])
+    result = cli("compare", recipe, "--from", instruct_run, "--methods", methods,
+                 "--output", output, "--no-progress", "--json", *args)  # fmt: skip
+    assert result.code == 0, result.err
+    rows = json.loads(result.out.splitlines()[-1])["methods"]
+    assert [r["label"] for r in rows] == [
+        "lora", "lora[preference.objective=orpo,train.learning_rate=0.02]"
+    ]  # fmt: skip
+    assert [r["learning_rate"] for r in rows] == [0.01, 0.02]
+    assert all(0 <= r["reward_accuracy"] <= 1 for r in rows)
+    for name, objective in (("lora", "dpo"), (rows[1]["label"], "orpo")):
+        run = Path(rows[[r["label"] for r in rows].index(name)]["run_dir"])
+        config = (run / "config.yaml").read_text()
+        assert f"objective: {objective}" in config and f"start_from: {instruct_run}" in config
+
+
 def test_eval_reports_the_run_beside_its_starting_model(
     cli: Callable[..., Result], dpo_run: Path, pref_file: Path
 ) -> None:

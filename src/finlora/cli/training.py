@@ -154,7 +154,8 @@ DEFAULT_METHODS = "lora,prefix,prompt,ptuning,ia3,freeze,full"
     show_default=True,
     help="Comma-separated tuning methods to compare; a method with options of its own section "
     "in brackets is a row of its own, e.g. 'lora,lora[use_dora=true],lora[init=pissa]' (quoted: "
-    "the shell reads brackets).",
+    "the shell reads brackets). A dotted key sets any config value for that row, e.g. "
+    "'lora,lora[preference.objective=orpo]'.",
 )
 @click.option("--seeds", default=1, show_default=True, help="Seeds per method (seed, seed+1, ...).")
 @click.option(
@@ -166,6 +167,12 @@ DEFAULT_METHODS = "lora,prefix,prompt,ptuning,ia3,freeze,full"
 )
 @output_option("Directory to create.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --output.")
+@click.option(
+    "--from",
+    "start_from",
+    type=click.Path(path_type=Path),
+    help="Start every row from this finished run's trained adapter, as train --from does.",
+)
 @as_json_option("Print the table as one JSON object.")
 @no_progress_option("No progress bars (logs only).")
 @trust_remote_code_option
@@ -176,6 +183,7 @@ def compare(
     overrides: tuple[str, ...],
     output: Path | None,
     overwrite: bool,
+    start_from: Path | None,
     as_json: bool,
     no_progress: bool,
     trust_remote_code: bool,
@@ -192,6 +200,8 @@ def compare(
           --set train.max_steps=200 --output runs/compare
       finlora compare configs/fin-instruct-smollm2-lora.yaml --methods lora,ia3 \\
           --set train.max_steps=60 --output runs/compare-instruct
+      finlora compare configs/fin-preference-smollm2-dpo.yaml --from runs/fin-instruct \\
+          --methods 'lora,lora[preference.objective=orpo]' --output runs/compare-objectives
     """
     import json
     import shlex
@@ -200,6 +210,7 @@ def compare(
     from finlora.compare import markdown_table, parse_methods
 
     output = output or _stamped("compare")
+    overrides = _with_start(overrides, start_from, resume=False)
     table = run_compare(
         config, list(overrides), parse_methods(methods), output,
         seeds=seeds, overwrite=overwrite, command=shlex.join(["finlora", *sys.argv[1:]]),
