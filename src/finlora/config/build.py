@@ -209,8 +209,11 @@ def _without_remote_code(data: dict[str, Any]) -> dict[str, Any]:
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """Build and validate a RunConfig; raises FinloraError naming the offending key."""
     data_section = data.get("data")
-    if data.get("task") in GENERATIVE_TASKS and "template" not in (
-        data_section if isinstance(data_section, dict) else {}
+    # A data section that is not a mapping is left for the build below to refuse in one line.
+    if (
+        data.get("task") in GENERATIVE_TASKS
+        and isinstance(data_section, dict | None)
+        and ("template" not in (data_section or {}))
     ):
         # The data section's default template is the classifier's; an instruct (or
         # preference) recipe that names none means the model's own chat template.
