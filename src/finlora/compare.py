@@ -138,9 +138,9 @@ def _value_text(value: Any) -> str:
     return str(value)
 
 
-def _option_key(option: str, method: str) -> str:
-    """The config key a bracketed option sets: `r=8` -> `lora.r`, `train.epochs=2` as is."""
-    key = option.split("=", 1)[0].strip()
+def _config_key(key: str, method: str) -> str:
+    """The config key a bracketed option's key names: `r` -> `lora.r`, `train.epochs` as is."""
+    key = key.strip()
     return key if "." in key else f"{method}.{key}"
 
 
@@ -158,11 +158,10 @@ def row_label(cfg: RunConfig, options: Sequence[str] = ()) -> str:
     ]
     if not keys:
         return cfg.method.name
-    values = [
-        reduce(getattr, key.split("."), cfg) if "." in key else getattr(section, key)
+    shown = ",".join(
+        f"{key}={_value_text(reduce(getattr, _config_key(key, cfg.method.name).split('.'), cfg))}"
         for key in keys
-    ]
-    shown = ",".join(f"{key}={_value_text(value)}" for key, value in zip(keys, values, strict=True))
+    )
     return f"{cfg.method.name}[{shown}]"
 
 
@@ -179,7 +178,10 @@ def _variant_config(data: dict[str, Any], item: str) -> tuple[RunConfig, str]:
     cfg = config_from_dict(
         apply_overrides(
             select_method(data, method),
-            [f"{_option_key(o, method)}={o.split('=', 1)[1]}" for o in options],
+            [
+                f"{_config_key(key, method)}={value}"
+                for key, value in (o.split("=", 1) for o in options)
+            ],
         )
     )
     return cfg, row_label(cfg, options)
