@@ -54,8 +54,9 @@ from finlora.config import load_config
 from finlora.errors import FinloraError
 from finlora.methods import build_method
 from finlora.models import Placement
-from finlora.models.fast.fused_decoder import _norm_forward, _scaling
+from finlora.models.fast.fused_decoder import _norm_forward
 from finlora.models.fast.lean_attention import mask_in, sign_folded
+from finlora.models.fast.stacked import scaling_of
 from finlora.models.loading import model_config
 from finlora.scoring import autocast
 
@@ -100,7 +101,7 @@ class LayerWeights:
             layer.post_attention_layernorm.weight.detach().float(),
         ]
         self.lora = [p for s in state.stacks for p in s.params()]
-        self.scalings = tuple(_scaling(lora) for s in state.stacks for _, _, lora in s.members)
+        self.scalings = tuple(scaling_of(lora) for s in state.stacks for _, _, lora in s.members)
 
 
 def _stacked(

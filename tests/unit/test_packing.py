@@ -22,6 +22,7 @@ from finlora.data.instruct import InstructRecord, Message, alpaca_record
 from finlora.errors import FinloraError
 from finlora.methods import build_method
 from finlora.models import Placement, load_base_model
+from finlora.models.fast.segments import Segments
 from finlora.prompts import InstructTemplate
 from finlora.runs import RunDir
 from finlora.scoring import loss_fn
@@ -197,26 +198,41 @@ def test_each_packed_record_has_its_unpacked_logits(
     assert not torch.allclose(mixed[0, a:b], logits[0, a:b], atol=1e-3)
 
 
-@pytest.mark.parametrize("budget", ["null", "128"])
+@pytest.mark.parametrize(
+    ("budget", "laid_out"), [("null", True), ("128", True), ("null", False), ("128", False)]
+)
 def test_packed_gradients_are_the_unpacked_ones_through_the_fused_layers(
     tiny_cfg: Callable[..., RunConfig],
     tiny_causal_dir: Path,
     tokenizer: Any,
     template: Path,
+    monkeypatch: pytest.MonkeyPatch,
     budget: str,
+    laid_out: bool,
 ) -> None:
     """Training mode with gradients: the fused decoder layers (eager attention) and, with a
-    token budget, several micro-batches."""
+    token budget, several micro-batches; their attention one record per row (`Segments`), or
+    over the packed rows under the block-diagonal mask where that layout would cost more."""
     cfg = tiny_cfg("task=instruct", f"speed.max_batch_tokens={budget}")
     placement = Placement(CPU, None, "eager")
     codec = _codec(tokenizer, template)
     features, packed = _packed(codec)
+    layouts: list[Segments | None] = []
+    worth_it = Segments.worth_it
+
+    def spied(position_ids: torch.Tensor | None) -> Segments | None:
+        layouts.append(worth_it(position_ids) if laid_out else None)
+        return layouts[-1]
+
+    monkeypatch.setattr(Segments, "worth_it", staticmethod(spied))
     results = []
     for rows in (features, packed):
         model = placement.place(_lora_model(cfg, tiny_causal_dir)).train()
         loss, real = accumulate_batch(model, codec, rows, cfg, placement)
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         results.append((loss, real, grads))
+    # The packed micro-batches took the records' layout (or, told not to, the mask).
+    assert any(layouts) == laid_out
     (loss, real, grads), (packed_loss, packed_real, packed_grads) = results
     assert packed_real == real == sum(len(f.ids) for f in features)
     assert packed_loss == pytest.approx(loss, abs=1e-5)

@@ -10,12 +10,13 @@ norm(x)) is one `torch.autograd.Function` with its backward written out:
 - projections that read one input run as one matmul (q, k, v; gate, up), and so do their LoRA
   A matrices: the A rows sit under the frozen weights in one stacked matrix, so x·A comes out
   of the base matmul, and in the backward pass the input's gradient through W and through A is
-  again one matmul (`_Stack`); every LoRA update of a stack, s·(x·Aᵀ)·Bᵀ, is one product with
-  a block-diagonal matrix of the scaled Bᵀs;
+  again one matmul, and every LoRA update of a stack is one product (`stacked.Stack`);
 - every tensor is cast once, to the compute dtype, where it is made; the attention scaling
   rides on the queries' rotary embedding instead of a pass over the (T x T) scores;
 - the norms, the rotary embedding and the softmax keep transformers' precision (fp32 norms and
-  rotary products, the softmax computed in fp32 and rounded once, as `lean_attention` does).
+  rotary products, the softmax computed in fp32 and rounded once, as `lean_attention` does);
+- packed rows (`train.packing`) take attention one record per row (`segments.Segments`), where
+  that computes fewer scores than the packed rows under their block-diagonal mask.
 
 The frozen weights become row slices of the stacked matrices (like `fuse_projections`), so no
 memory is added, and the LoRA parameters, their gradients and the saved adapter are PEFT's. A
@@ -33,9 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.lora.layer import Linear as LoraLinear
 
-from finlora.models.fast.fused_lora import plain_linear
 from finlora.models.fast.lean_attention import (
     PerPass,
     compute_dtype,
@@ -45,23 +44,12 @@ from finlora.models.fast.lean_attention import (
     sign_folded,
 )
 from finlora.models.fast.lean_mlp import is_silu_gated_mlp
+from finlora.models.fast.segments import Segments
+from finlora.models.fast.stacked import Stack, lora_parts, rank_of
 
 DECODER_LAYERS = ("LlamaDecoderLayer",)
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj")
-
-
-def _lora_parts(module: torch.nn.Module) -> tuple[torch.nn.Linear, Any] | None:
-    """(base linear, LoRA layer or None) for a projection this path can run, else None."""
-    if plain_linear(module):
-        linear: Any = module
-        return (linear, None) if linear.bias is None else None
-    lora: Any = module
-    if not (isinstance(lora, LoraLinear) and plain_linear(lora.base_layer)):
-        return None
-    if lora.fan_in_fan_out or lora.base_layer.bias is not None:
-        return None
-    return lora.base_layer, lora
 
 
 def _active_adapter(lora: Any) -> str | None:
@@ -77,109 +65,6 @@ def _active_adapter(lora: Any) -> str | None:
     if lora.lora_B[name].bias is not None or lora.lora_A[name].bias is not None:
         return None
     return name
-
-
-class _Stack:
-    """Projections that read one input, as one stacked weight: the frozen weights' rows, then
-    one slot of r rows for each LoRA A matrix, refreshed from the fp32 parameter at every
-    forward pass. Each base layer's weight is a view of its rows."""
-
-    def __init__(self, modules: list[torch.nn.Module]) -> None:
-        parts = [_lora_parts(m) for m in modules]
-        assert all(p is not None for p in parts)
-        self.bases = [p[0] for p in parts if p is not None]
-        self.loras = [p[1] for p in parts if p is not None]
-        self.sizes = [b.out_features for b in self.bases]
-        self.out_total = sum(self.sizes)
-        self.ranks = [0 if lora is None else _rank(lora) for lora in self.loras]
-        first = self.bases[0].weight
-        rows = self.out_total + sum(self.ranks)
-        with torch.no_grad():
-            self.weight = torch.zeros(rows, first.size(1), dtype=first.dtype, device=first.device)
-            start = 0
-            for base, size in zip(self.bases, self.sizes, strict=True):
-                self.weight[start : start + size] = base.weight
-                view = self.weight[start : start + size]
-                base.weight = torch.nn.Parameter(view, requires_grad=False)
-                start += size
-        self.members = self._members()
-
-    def intact(self) -> bool:
-        """Every base weight still a view of the stacked matrix (a `.to()` or merge breaks it)."""
-        stacked = self.weight.untyped_storage().data_ptr()
-        return all(b.weight.untyped_storage().data_ptr() == stacked for b in self.bases)
-
-    def _members(self) -> list[tuple[slice, slice, Any]]:
-        """(output columns, rank columns, LoRA layer) of each member with LoRA."""
-        out, rank, found = 0, 0, []
-        for size, r, lora in zip(self.sizes, self.ranks, self.loras, strict=True):
-            if lora is not None:
-                found.append((slice(out, out + size), slice(rank, rank + r), lora))
-            out, rank = out + size, rank + r
-        return found
-
-    def params(self) -> list[torch.Tensor]:
-        """The LoRA A and B weights, in `members` order: what the autograd op differentiates."""
-        found = []
-        for _, _, lora in self.members:
-            name = lora.active_adapters[0]
-            found += [lora.lora_A[name].weight, lora.lora_B[name].weight]
-        return found
-
-    def forward(
-        self, x: torch.Tensor, params: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (N, d_in) in the weight's dtype -> (outputs (N, out_total), x·Aᵀ (N, Σr), the
-        members' scaled Bᵀ as one block-diagonal (Σr, out_total) matrix in that dtype)."""
-        members = self.members
-        with torch.no_grad():
-            for (_, ranks, _), a in zip(members, params[0::2], strict=True):
-                self.weight[self.out_total + ranks.start : self.out_total + ranks.stop] = a
-        y = x @ self.weight.t()  # (N, out_total + Σr): base outputs and x·Aᵀ in one GEMM
-        out, xa = y[:, : self.out_total], y[:, self.out_total :]
-        # One product adds every member's update: s·(x·Aᵀ)·Bᵀ, block by block.
-        lift = self.weight.new_zeros(self.weight.size(0) - self.out_total, self.out_total)
-        for (cols, ranks, lora), b in zip(members, params[1::2], strict=True):
-            torch.mul(b.t(), _scaling(lora), out=lift[ranks, cols])
-        out.addmm_(xa, lift)
-        return out, xa.clone(), lift
-
-    def grad_buffer(self, rows: int) -> torch.Tensor:
-        """Where the caller writes the outputs' gradient (first out_total columns); the rank
-        columns take the gradient of x·Aᵀ."""
-        return self.weight.new_empty(rows, self.weight.size(0))
-
-    def backward(
-        self,
-        grads: torch.Tensor,
-        x: torch.Tensor,
-        xa: torch.Tensor,
-        lift: torch.Tensor,
-        params: list[torch.Tensor],
-    ) -> list[torch.Tensor]:
-        """grads: `grad_buffer` with the outputs' gradient written -> the gradients of
-        `params`; the rank columns of `grads` are filled in for `input_grad`."""
-        g_out, g_xa = grads[:, : self.out_total], grads[:, self.out_total :]
-        g_xa.addmm_(g_out, lift.t(), beta=0)  # beta=0: ignores what the buffer held
-        g_lift = xa.t() @ g_out  # (Σr, out_total): the off-diagonal blocks are unused
-        grad_a = g_xa.t() @ x  # (Σr, d_in): every A's gradient in one GEMM
-        out = []
-        for (cols, ranks, lora), a, b in zip(self.members, params[0::2], params[1::2], strict=True):
-            grad_b = g_lift[ranks, cols].t() * _scaling(lora)
-            out += [grad_a[ranks].to(a.dtype), grad_b.to(b.dtype)]
-        return out
-
-    def input_grad(self, grads: torch.Tensor) -> torch.Tensor:
-        """x's gradient, through W and A at once, from the buffer `backward` completed."""
-        return grads @ self.weight
-
-
-def _rank(lora: Any) -> int:
-    return int(lora.lora_A[lora.active_adapters[0]].weight.size(0))
-
-
-def _scaling(lora: Any) -> float:
-    return float(lora.scaling[lora.active_adapters[0]])
 
 
 def _norm_forward(
@@ -204,10 +89,11 @@ def _norm_backward(
 
 
 class _Geometry:
-    """Batch, length and head sizes of one attention call."""
+    """Batch, length and head sizes of one attention call: (b, t) the packed rows' (B, T), or
+    the records' layout (S, L)."""
 
-    def __init__(self, x: torch.Tensor, attn: Any) -> None:
-        self.b, self.t, _ = x.shape
+    def __init__(self, b: int, t: int, attn: Any) -> None:
+        self.b, self.t = b, t
         self.d = attn.head_dim
         self.g = attn.num_key_value_groups
         self.hkv = attn.config.num_key_value_heads
@@ -228,6 +114,7 @@ class _AttentionHalf(torch.autograd.Function):
         ctx: Any,
         x: torch.Tensor,
         layer: Any,
+        segments: Segments | None,
         mask: torch.Tensor,
         cos: torch.Tensor,
         sin_folded: torch.Tensor,
@@ -236,10 +123,13 @@ class _AttentionHalf(torch.autograd.Function):
         *params: torch.Tensor,
     ) -> torch.Tensor:
         """cos_q, sin_q: cos and sin_folded times the attention's scaling, which the queries
-        take in their rotary embedding instead of the (T x T) scores taking it."""
+        take in their rotary embedding instead of the (T x T) scores taking it. With
+        `segments`, the mask and the rotary tensors are in the records' layout."""
         state: _LayerState = layer._finlora_fused
         attn = layer.self_attn
-        geo = _Geometry(x, attn)
+        seg: Segments | None = segments
+        b, t = (seg.rows, seg.length) if seg else (x.size(0), x.size(1))
+        geo = _Geometry(b, t, attn)
         dtype = state.qkv.weight.dtype
         n_qkv = 2 * len(state.qkv.members)  # an A and a B each
         p_qkv, p_o = list(params[:n_qkv]), list(params[n_qkv:])
@@ -248,6 +138,8 @@ class _AttentionHalf(torch.autograd.Function):
             rows, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon, dtype
         )
         qkv, xa_qkv, lift_qkv = state.qkv.forward(normed, p_qkv)
+        if seg is not None:
+            qkv = seg.laid_out(qkv)
         cos5, sin5 = cos[:, None, None], sin_folded[:, None, None]
         cos5_q, sin5_q = cos_q[:, None, None], sin_q[:, None, None]
         b, t, d, g, hkv = geo.b, geo.t, geo.d, geo.g, geo.hkv
@@ -261,8 +153,10 @@ class _AttentionHalf(torch.autograd.Function):
         probs = torch.softmax(scores, dim=-1)
         heads_out = torch.matmul(probs, v)  # (B, Hkv, G·T, D)
         merged = heads_out.view(b, hkv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b * t, -1)
+        if seg is not None:
+            merged = seg.packed(merged)
         out, xa_o, lift_o = state.o.forward(merged, p_o)
-        ctx.layer, ctx.geo = layer, geo
+        ctx.layer, ctx.geo, ctx.segments = layer, geo, seg
         ctx.lifts = (lift_qkv, lift_o)
         rope = (cos, sin_folded, cos_q, sin_q)
         ctx.save_for_backward(rows, rstd, normed, xa_qkv, q, k, v, probs, merged, xa_o, *rope)
@@ -272,29 +166,35 @@ class _AttentionHalf(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         rows, rstd, normed, xa_qkv, q, k, v, probs, merged, xa_o, *rope = ctx.saved_tensors
         cos, sin, cos_q, sin_q = (r[:, None, None] for r in rope)
-        layer, geo = ctx.layer, ctx.geo
+        layer, geo, seg = ctx.layer, ctx.geo, ctx.segments
         state: _LayerState = layer._finlora_fused
         b, t, d, g, hkv = geo.b, geo.t, geo.d, geo.g, geo.hkv
         p_qkv, p_o = state.qkv.params(), state.o.params()
         lift_qkv, lift_o = ctx.lifts
         g_rows = grad.reshape(-1, grad.size(-1))
-        g_o = state.o.grad_buffer(b * t)
+        g_o = state.o.grad_buffer(g_rows.size(0))
         g_o[:, : state.o.out_total] = g_rows
         grads_o = state.o.backward(g_o, merged, xa_o, lift_o, p_o)
         g_merged = state.o.input_grad(g_o)
+        if seg is not None:
+            g_merged = seg.laid_out_grad(g_merged)
         g_heads = geo.heads(g_merged, g).reshape(b, hkv, g * t, d)
         g_probs = torch.matmul(g_heads, v.transpose(-1, -2))
         g_v = torch.matmul(probs.transpose(-1, -2), g_heads)  # sums over the group's queries
         g_scores = torch._softmax_backward_data(g_probs, probs, -1, probs.dtype)
         g_q = torch.matmul(g_scores, k)
         g_k = torch.matmul(g_scores.transpose(-1, -2), q)
-        g_qkv = state.qkv.grad_buffer(b * t)
-        _unrotate(g_q.view(b, hkv, g, t, d), cos_q, sin_q, geo.heads(g_qkv[:, : geo.q_cols], g))
-        k_cols = g_qkv[:, geo.q_cols : geo.q_cols + geo.kv_cols]
+        g_qkv = state.qkv.grad_buffer(g_rows.size(0))
+        # Written in place where the layout is the packed rows', else laid out and moved back.
+        g_att = g_qkv if seg is None else g_qkv.new_empty(b * t, state.qkv.out_total)
+        _unrotate(g_q.view(b, hkv, g, t, d), cos_q, sin_q, geo.heads(g_att[:, : geo.q_cols], g))
+        k_cols = g_att[:, geo.q_cols : geo.q_cols + geo.kv_cols]
         _unrotate(g_k.view(b, hkv, 1, t, d), cos, sin, geo.heads(k_cols, 1))
-        geo.heads(g_qkv[:, geo.q_cols + geo.kv_cols : state.qkv.out_total], 1).copy_(
+        geo.heads(g_att[:, geo.q_cols + geo.kv_cols : state.qkv.out_total], 1).copy_(
             g_v.view(b, hkv, 1, t, d)
         )
+        if seg is not None:
+            g_qkv[:, : state.qkv.out_total] = seg.packed(g_att)
         grads_qkv = state.qkv.backward(g_qkv, normed, xa_qkv, lift_qkv, p_qkv)
         # The first layer's input (the frozen embeddings' output) needs no gradient: that
         # skips the stack's largest backward matmul and the norm's backward.
@@ -303,7 +203,7 @@ class _AttentionHalf(torch.autograd.Function):
             g_normed = state.qkv.input_grad(g_qkv)
             norm = layer.input_layernorm
             g_x = _norm_backward(g_normed, rows, rstd, norm.weight, g_rows).view(grad.shape)
-        return (g_x, None, None, None, None, None, None, *grads_qkv, *grads_o)
+        return (g_x, None, None, None, None, None, None, None, *grads_qkv, *grads_o)
 
 
 def _unrotate(
@@ -371,10 +271,10 @@ class _LayerState:
 
     def __init__(self, layer: Any) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        self.qkv = _Stack([getattr(attn, n) for n in ATTENTION_PROJECTIONS])
-        self.o = _Stack([attn.o_proj])
-        self.gate_up = _Stack([getattr(mlp, n) for n in MLP_PROJECTIONS])
-        self.down = _Stack([mlp.down_proj])
+        self.qkv = Stack([getattr(attn, n) for n in ATTENTION_PROJECTIONS])
+        self.o = Stack([attn.o_proj])
+        self.gate_up = Stack([getattr(mlp, n) for n in MLP_PROJECTIONS])
+        self.down = Stack([mlp.down_proj])
         self.stacks = (self.qkv, self.o, self.gate_up, self.down)
         self.modules = _projections(layer)
 
@@ -388,7 +288,7 @@ class _LayerState:
         """Every LoRA layer applies one adapter this path computes, of the rank it was built
         for."""
         return all(
-            _active_adapter(lora) is not None and _rank(lora) == rank
+            _active_adapter(lora) is not None and rank_of(lora) == rank
             for s in self.stacks
             for lora, rank in zip(s.loras, s.ranks, strict=True)
             if lora is not None
@@ -410,7 +310,7 @@ def _fits(layer: torch.nn.Module) -> bool:
         return False
     if any(m._forward_hooks or m._forward_pre_hooks for m in (attn, mlp)):
         return False  # this path calls neither: a hook on them (a bottleneck adapter) would not run
-    parts = [None if p is None else _lora_parts(p) for p in _projections(layer)]
+    parts = [None if p is None else lora_parts(p) for p in _projections(layer)]
     if any(part is None for part in parts):
         return False
     bases = [part[0] for part in parts if part is not None]
@@ -456,11 +356,18 @@ def _fused_forward(
     cos_q = per_pass.derive(f"cos*{scaling}", cos, lambda c: c * scaling)
     sin_q = per_pass.derive(f"sin*{scaling}", sin, lambda s: sign_folded(s) * scaling)
     mask = per_pass.derive(f"mask-{dtype}", attention_mask, mask_in(dtype))
+    rope = [cos, sin_folded, cos_q, sin_q]
+    position_ids = kwargs.get("position_ids")
+    segments = None
+    if position_ids is not None:
+        segments = per_pass.derive("segments", position_ids, Segments.worth_it)
+    if segments is not None:  # packed rows: attention one record per row
+        laid_out = segments  # bound for the lambdas below
+        mask = per_pass.derive(f"causal-{dtype}", laid_out.index, lambda _: laid_out.causal(dtype))
+        rope = [per_pass.derive(f"rope{i}", r, laid_out.per_token) for i, r in enumerate(rope)]
     params = (*state.qkv.params(), *state.o.params())
     with torch.autocast(hidden_states.device.type, enabled=False):
-        hidden = _AttentionHalf.apply(
-            hidden_states, self, mask, cos, sin_folded, cos_q, sin_q, *params
-        )
+        hidden = _AttentionHalf.apply(hidden_states, self, segments, mask, *rope, *params)
         return _MlpHalf.apply(hidden, self, *state.gate_up.params(), *state.down.params())
 
 

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 # Attention modules whose forward is exactly: q, k, v projections, rotary embedding from
 # `position_embeddings`, eager attention with an additive mask, o projection.
 LEAN_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
+
+T = TypeVar("T")
 
 
 class PerPass:
@@ -38,11 +40,9 @@ class PerPass:
     rest while the same tensor comes back."""
 
     def __init__(self) -> None:
-        self._held: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._held: dict[str, tuple[torch.Tensor, Any]] = {}
 
-    def derive(
-        self, name: str, source: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
-    ) -> torch.Tensor:
+    def derive(self, name: str, source: torch.Tensor, fn: Callable[[torch.Tensor], T]) -> T:
         held = self._held.get(name)
         if held is None or held[0] is not source:
             held = (source, fn(source))
