@@ -103,7 +103,9 @@ class FinloraPath:
 @dataclass
 class BenchSetup:
     cfg: RunConfig
-    classic: Any  # the classic recipe's model: fp32 weights, SDPA attention, LoRA dropout 0.05
+    # The classic recipe's model: fp32 weights, SDPA attention, LoRA dropout 0.05; None when
+    # only finlora's paths are timed (`classic=False`).
+    classic: Any
     paths: dict[str, FinloraPath]  # "finlora", then one per variant ("speed.fused_lora=false")
     tokenizer: Any
     codec: Any  # the base config's, for the classic path's prompts
@@ -172,6 +174,7 @@ def setup(
     n: int,
     variants: list[str] | None = None,
     trust_remote_code: bool = False,
+    classic: bool = True,
 ) -> BenchSetup:
     """The same sentences and LoRA settings for every path, each path with its own model.
 
@@ -192,12 +195,15 @@ def setup(
         except FinloraError as exc:
             raise FinloraError(f"--variant {variant!r}: {exc}") from None
         paths[variant] = _finlora_path(variant_cfg, data.labels, rows, trust_remote_code)[0]
-    classic_cfg = copy.deepcopy(cfg)
-    classic_cfg.lora.lora_dropout = CLASSIC_LORA_DROPOUT
-    _, classic = _model(classic_cfg, "sdpa", trust_remote_code)
+    classic_model = None
+    if classic:
+        classic_cfg = copy.deepcopy(cfg)
+        classic_cfg.lora.lora_dropout = CLASSIC_LORA_DROPOUT
+        classic_model = _model(classic_cfg, "sdpa", trust_remote_code)[1]
+        classic_model.to(main.placement.device)
     return BenchSetup(
         cfg,
-        classic.to(main.placement.device),
+        classic_model,
         paths,
         base.tokenizer,
         main.codec,
@@ -292,19 +298,20 @@ def bench_train(
     rounds: int = 2,
     variants: list[str] | None = None,
     trust_remote_code: bool = False,
+    classic: bool = True,
 ) -> dict[str, Any]:
     """Train-step throughput of the classic recipe and finlora's path on the same sentences
-    (or, for an instruct config, instruction records)."""
-    s = setup(config, overrides or [], n, variants, trust_remote_code)
-    s.classic.train()
+    (or, for an instruct config, instruction records); without `classic`, finlora's paths only."""
+    s = setup(config, overrides or [], n, variants, trust_remote_code, classic)
 
     def adamw(model: Any) -> torch.optim.Optimizer:
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
-    classic_opt = adamw(s.classic)
-    runs: dict[str, Callable[[int], Round]] = {
-        "classic": lambda i: _classic_train_round(s, classic_opt)
-    }
+    runs: dict[str, Callable[[int], Round]] = {}
+    if s.classic is not None:
+        s.classic.train()
+        classic_opt = adamw(s.classic)
+        runs["classic"] = lambda i: _classic_train_round(s, classic_opt)
     for name, p in s.paths.items():
         p.model.train()
         opt = adamw(p.model)
@@ -314,7 +321,7 @@ def bench_train(
     rates = {dt: matmul_rate(dt) for dt in set(dtypes.values())}
     main_dtype = dtypes["finlora"]
     out: dict[str, Any] = {
-        "n_sentences": len(s.classic_rows),
+        "n_sentences": len(s.classic_rows),  # the rows every path trains on
         "rounds": rounds,
         "matmul_flops_per_s": rates[main_dtype],
         "matmul_dtype": str(main_dtype or torch.float32),
@@ -335,13 +342,19 @@ def bench_train(
 
 
 def _with_ratios(out: dict[str, Any], variants: list[str], unit: str) -> dict[str, Any]:
-    """finlora's ratio to classic at the top level; variants (each with its ratio) apart."""
-    out["ratio"] = out["finlora"][unit] / out["classic"][unit]
+    """finlora's ratio to classic at the top level (when classic ran); variants apart, each
+    with its ratio to classic and to finlora's path."""
+    classic = out.get("classic")
+    if classic is not None:
+        out["ratio"] = out["finlora"][unit] / classic[unit]
     if variants:
         out["variants"] = {}
         for v in variants:
             entry = out.pop(v)
-            out["variants"][v] = {**entry, "ratio": entry[unit] / out["classic"][unit]}
+            entry["ratio_to_finlora"] = entry[unit] / out["finlora"][unit]
+            if classic is not None:
+                entry["ratio"] = entry[unit] / classic[unit]
+            out["variants"][v] = entry
     return out
 
 
@@ -394,13 +407,17 @@ def bench_infer(
     rounds: int = 2,
     variants: list[str] | None = None,
     trust_remote_code: bool = False,
+    classic: bool = True,
 ) -> dict[str, Any]:
-    """Sentences/s of one `generate` call per sentence against finlora's batched label scoring."""
+    """Sentences/s of one `generate` call per sentence against finlora's batched label scoring;
+    without `classic`, finlora's paths only."""
     if load_config(config, overrides or []).task != "classify":
         raise FinloraError("bench infer times label scoring: it needs a task classify config")
-    s = setup(config, overrides or [], n, variants, trust_remote_code)
-    s.classic.eval()
-    runs: dict[str, Callable[[int], Round]] = {"classic": lambda i: _classic_infer_round(s)}
+    s = setup(config, overrides or [], n, variants, trust_remote_code, classic)
+    runs: dict[str, Callable[[int], Round]] = {}
+    if s.classic is not None:
+        s.classic.eval()
+        runs["classic"] = lambda i: _classic_infer_round(s)
     for name, p in s.paths.items():
         if p.cfg.speed.merge_for_inference:
             p.model = merged_for_inference(p.model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -731,6 +732,18 @@ def test_bench_train_prints_json_on_the_last_line(
     assert {"classic", "finlora", "ratio"} <= set(last)
     assert last["finlora"]["real_tokens_per_s"] > 0
     assert "ratio" in result.out.splitlines()[-3] or "ratio" in result.out
+
+
+def test_bench_train_without_classic_prints_the_variants_against_finlora(
+    cli: Callable[..., Result], tiny_overrides: list[str]
+) -> None:
+    sets = [item for o in tiny_overrides for item in ("--set", o)]
+    variant = ["--variant", "speed.fused_lora=false"]
+    result = cli("bench", "train", *sets, *variant, "-n", "8", "--rounds", "1", "--no-classic")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert not any(line.startswith(("classic", "ratio")) for line in lines)
+    assert re.search(r"^speed.fused_lora=false .*x finlora$", result.out, re.M), result.out
 
 
 def test_bench_infer_prints_json_on_the_last_line(

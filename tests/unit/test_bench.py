@@ -46,6 +46,21 @@ def test_bench_times_variants_beside_both_paths(tiny_overrides: list[str]) -> No
     assert infer["variants"][variant]["sentences_per_s"] > 0
 
 
+def test_bench_without_classic_times_finlora_paths_against_each_other(
+    tiny_overrides: list[str],
+) -> None:
+    variant = "speed.fused_lora=false"
+    result = bench_train(None, tiny_overrides, n=8, rounds=1, variants=[variant], classic=False)
+    assert "classic" not in result and "ratio" not in result
+    entry = result["variants"][variant]
+    assert "ratio" not in entry  # no classic path to compare with
+    assert entry["ratio_to_finlora"] == pytest.approx(
+        entry["real_tokens_per_s"] / result["finlora"]["real_tokens_per_s"]
+    )
+    infer = bench_infer(None, tiny_overrides, n=4, rounds=1, classic=False)
+    assert set(infer) >= {"finlora"} and "classic" not in infer
+
+
 @pytest.mark.parametrize(
     ("variant", "message"),
     [

@@ -130,6 +130,10 @@ def _bench_options(fn: Any) -> Any:
         metavar="KEY=VALUE",
         help="Also time finlora's path with this one setting changed (repeatable).",
     )(fn)
+    fn = click.option(
+        "--classic/--no-classic", default=True, show_default=True,
+        help="Time the classic PEFT recipe too (--no-classic: finlora's paths only, faster).",
+    )(fn)  # fmt: skip
     fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")(fn)
     return click.argument("config", required=False, type=click.Path(path_type=Path))(fn)
 
@@ -139,18 +143,21 @@ def _print_bench(result: dict[str, Any], unit: str, as_json: bool) -> None:
 
     click.echo(f"machine: {machine()}, {result['threads']} threads")
     variants = result.get("variants", {})
-    entries = {"classic": result["classic"], "finlora": result["finlora"], **variants}
+    classic = {"classic": result["classic"]} if "classic" in result else {}
+    entries = {**classic, "finlora": result["finlora"], **variants}
     width = max(len(name) for name in entries)
     for name, r in entries.items():
         mfu = f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else ""
-        ratio = f", {r['ratio']:.2f}x classic" if name in variants else ""
+        ratio = f", {r['ratio_to_finlora']:.2f}x finlora" if name in variants else ""
+        ratio += f", {r['ratio']:.2f}x classic" if "ratio" in r and name in variants else ""
         rounds = r.get("by_round", [])
         spread = f" (rounds {' '.join(f'{x:.1f}' for x in rounds)})" if len(rounds) > 1 else ""
         click.echo(
             f"{name:<{width}} {r[unit]:10.1f} {unit.replace('_per_s', '/s').replace('_', ' ')}"
             f"{spread}, peak RSS {r['peak_rss_mib']:.0f} MiB{mfu}{ratio}"
         )
-    click.echo(f"{'ratio':<{width}} {result['ratio']:.2f}x")
+    if "ratio" in result:
+        click.echo(f"{'ratio':<{width}} {result['ratio']:.2f}x")
     if "matmul_flops_per_s" in result:
         click.echo(
             f"matmul rate ({result['matmul_dtype']}): "
@@ -170,6 +177,7 @@ def bench_train(
     rounds: int,
     as_json: bool,
     trust_remote_code: bool,
+    classic: bool,
 ) -> None:
     """Training throughput (real tokens/s), peak memory and model-FLOPs utilisation.
 
@@ -182,7 +190,7 @@ def bench_train(
 
     result = run(
         config, list(overrides), sentences, rounds, list(variants),
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, classic=classic,
     )  # fmt: skip
     _print_bench(result, "real_tokens_per_s", as_json)
 
@@ -197,6 +205,7 @@ def bench_infer(
     rounds: int,
     as_json: bool,
     trust_remote_code: bool,
+    classic: bool,
 ) -> None:
     """Prediction throughput (sentences/s): per-sentence generate against label scoring.
 
@@ -208,6 +217,6 @@ def bench_infer(
 
     result = run(
         config, list(overrides), sentences, rounds, list(variants),
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, classic=classic,
     )  # fmt: skip
     _print_bench(result, "sentences_per_s", as_json)
