@@ -6,7 +6,9 @@ tokens fill fewer, fuller rows. Records are packed whole, best fit longest first
 the codec already cut to data.max_length fills a sequence alone, as it would unpacked. Each
 packed record keeps its own positions (0, 1, ... restarting at each record), and transformers
 builds from them a causal mask that lets no record attend to another, so a packed record's
-logits and loss are its unpacked ones. The loss stays on the answer tokens only.
+logits and loss are its unpacked ones. The loss stays on the answer tokens only. On the fused
+decoder path (LoRA on a CPU) attention runs one record per row instead, where that computes
+fewer scores than the mask would (`models/fast/segments.py`).
 
 TRL is not a dependency, and its packer works on `datasets` tables; the packing itself is the
 few lines below.
