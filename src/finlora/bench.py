@@ -317,7 +317,9 @@ def bench_train(
         opt = adamw(p.model)
         runs[name] = functools.partial(_finlora_train_round, s, p, opt)
     result = _alternate(runs, rounds)
-    dtypes = {"classic": None, **{name: p.placement.dtype for name, p in s.paths.items()}}
+    dtypes = {name: p.placement.dtype for name, p in s.paths.items()}
+    if s.classic is not None:
+        dtypes["classic"] = None  # fp32
     rates = {dt: matmul_rate(dt) for dt in set(dtypes.values())}
     main_dtype = dtypes["finlora"]
     out: dict[str, Any] = {

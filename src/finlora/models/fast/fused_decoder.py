@@ -355,13 +355,14 @@ def _fused_forward(
     scaling = self.self_attn.scaling
     cos_q = per_pass.derive(f"cos*{scaling}", cos, lambda c: c * scaling)
     sin_q = per_pass.derive(f"sin*{scaling}", sin, lambda s: sign_folded(s) * scaling)
-    mask = per_pass.derive(f"mask-{dtype}", attention_mask, mask_in(dtype))
     rope = [cos, sin_folded, cos_q, sin_q]
     position_ids = kwargs.get("position_ids")
     segments = None
     if position_ids is not None:
         segments = per_pass.derive("segments", position_ids, Segments.worth_it)
-    if segments is not None:  # packed rows: attention one record per row
+    if segments is None:
+        mask = per_pass.derive(f"mask-{dtype}", attention_mask, mask_in(dtype))
+    else:  # packed rows: attention one record per row, transformers' (B, 1, T, T) mask unused
         laid_out = segments  # bound for the lambdas below
         mask = per_pass.derive(f"causal-{dtype}", laid_out.index, lambda _: laid_out.causal(dtype))
         rope = [per_pass.derive(f"rope{i}", r, laid_out.per_token) for i, r in enumerate(rope)]
