@@ -287,6 +287,7 @@ def test_a_run_trains_on_packed_sequences(
     ("overrides", "message"),
     [
         ((), "train.packing is for task instruct (this run is task classify)"),
+        (("task=preference",), "train.packing is for task instruct (this run is task preference)"),
         (
             ("task=instruct", "method.name=prompt"),
             "train.packing does not work with method prompt: its virtual tokens",
@@ -303,10 +304,9 @@ def test_packing_is_refused_where_it_cannot_apply(
     data = [f"data.path={_instruct_file(tmp_path)}", f"data.template={template}"]
     extra = data if "task=instruct" in overrides else []
     shared = [o for o in tiny_overrides if not o.startswith("lora.")]
-    cfg = load_config(None, [*shared, *overrides, *extra, "train.packing=true"])
-    with pytest.raises(FinloraError, match=re.escape(message)):
-        train(cfg, tmp_path / "run", progress_bar=False, log=lambda _: None)
-    assert not (tmp_path / "run").exists()
+    # Refused with the config, before any data or model is loaded.
+    with pytest.raises(FinloraError, match=re.escape(f"config: {message}")):
+        load_config(None, [*shared, *overrides, *extra, "train.packing=true"])
 
 
 def test_packing_is_refused_for_a_seq2seq_model(

@@ -32,7 +32,22 @@ def check_task(cfg: Any) -> None:
             f"must be auto or jsonl for task {cfg.task} (got {cfg.data.format!r}); "
             f"{records} files are records in .json or .jsonl",
         )
+    if cfg.train.packing:
+        _check_packing(cfg)
     default = PreferenceSection()
     if cfg.task != "preference" and cfg.preference != default:
         key = next(k for k, v in vars(cfg.preference).items() if getattr(default, k) != v)
         fail(f"preference.{key}", f"is an option of task preference (task is {cfg.task})")
+
+
+def _check_packing(cfg: Any) -> None:
+    """Refuse train.packing where no packed sequence could be trained on. Whether the model is
+    causal (a seq2seq encoder reads each prompt alone) is known only once it is loaded."""
+    if cfg.task != "instruct":
+        fail("train.packing", f"is for task instruct (this run is task {cfg.task})")
+    if hasattr(cfg.method_options, "num_virtual_tokens"):
+        fail(
+            "train.packing",
+            f"does not work with method {cfg.method.name}: its virtual tokens sit before the "
+            "whole sequence, where only the first record would read them",
+        )

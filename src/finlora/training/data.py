@@ -84,7 +84,7 @@ def training_features(codec: Codec, rows: list[Any], cfg: RunConfig, log: Log) -
     """The training split as the codec's features (`encode_split`), packed several to a
     sequence under train.packing; raises FinloraError where packing cannot apply."""
     if cfg.train.packing:
-        check_packing(cfg, codec)
+        check_packing(codec)
     features = encode_split(codec, rows, "train", log)
     if not cfg.train.packing or not features:
         return features

@@ -20,25 +20,17 @@ import bisect
 from collections.abc import Sequence
 from typing import Any
 
-from finlora.config import RunConfig
 from finlora.errors import FinloraError
 from finlora.tasks.instruct import InstructCodec, InstructFeature
 
 
-def check_packing(cfg: RunConfig, codec: Any) -> None:
-    """Raise FinloraError where train.packing cannot apply: not an instruct run, a seq2seq
-    model, or a method whose virtual tokens every record would have to see."""
-    if not isinstance(codec, InstructCodec):
-        raise FinloraError(f"train.packing is for task instruct (this run is task {cfg.task})")
-    if codec.kind != "causal":
+def check_packing(codec: Any) -> None:
+    """Raise FinloraError where train.packing cannot apply to the loaded model: a seq2seq
+    model. The task and the method are checked with the config (`config.tasks`)."""
+    if not (isinstance(codec, InstructCodec) and codec.kind == "causal"):
         raise FinloraError(
             "train.packing needs a causal language model (a seq2seq model reads each prompt "
             "alone with its encoder)"
-        )
-    if hasattr(cfg.method_options, "num_virtual_tokens"):
-        raise FinloraError(
-            f"train.packing does not work with method {cfg.method.name}: its virtual tokens sit "
-            "before the whole sequence, where only the first record would read them"
         )
 
 
