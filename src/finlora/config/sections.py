@@ -306,7 +306,8 @@ class TrainConfig:
     packing: bool = opt(
         False,
         "Task instruct: several records per training sequence of up to data.max_length tokens, "
-        "each attending only to itself; batch_size counts sequences. Validation is not packed.",
+        "each attending only to itself; batch_size counts sequences. Validation is not packed. "
+        "Causal models only; not with methods prefix, prompt or ptuning.",
     )
     neftune_alpha: float | None = opt(
         None,
