@@ -152,6 +152,9 @@ def test_override_into_a_value_is_not_a_section(tmp_path: Path) -> None:
         ("speed.group_by_length=1", "config: speed.group_by_length must be true or false (got 1)"),
         ("model.name=3", "config: model.name must be a string (got 3)"),
         ("lora.target_modules=[q_proj, 3]", "config: lora.target_modules must be "),
+        # A string is a regular expression to PEFT: one that does not compile is refused here.
+        ("lora.target_modules=[", "config: lora.target_modules is not a valid regular expression"),
+        ("adalora.target_modules=(q", "config: adalora.target_modules is not a valid regular"),
         ("train.max_steps=x", "config: train.max_steps must be an integer (got 'x')"),
         ("train=3", "config: train must be a mapping (got 3)"),
         ("train.learning_rate=.inf", "config: train.learning_rate must be a finite number"),

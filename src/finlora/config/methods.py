@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -76,8 +77,7 @@ class LoraSection:
         if not 0 <= self.lora_dropout < 1:
             fail(f"{prefix}.lora_dropout", f"must be in [0, 1) (got {self.lora_dropout})")
         check_choice(f"{prefix}.bias", self.bias, LORA_BIASES)
-        if isinstance(self.target_modules, list) and not self.target_modules:
-            fail(f"{prefix}.target_modules", "must name at least one module or be 'all-linear'")
+        check_target_modules(f"{prefix}.target_modules", self.target_modules)
         check_choice(f"{prefix}.init", self.init, LORA_INITS)
         if self.loraplus_lr_ratio is not None and self.loraplus_lr_ratio < 1:
             fail(
@@ -256,8 +256,7 @@ class AdaLoraSection:
             fail(f"{prefix}.lora_alpha", f"must be positive (got {self.lora_alpha})")
         if not 0 <= self.lora_dropout < 1:
             fail(f"{prefix}.lora_dropout", f"must be in [0, 1) (got {self.lora_dropout})")
-        if isinstance(self.target_modules, list) and not self.target_modules:
-            fail(f"{prefix}.target_modules", "must name at least one module or be 'all-linear'")
+        check_target_modules(f"{prefix}.target_modules", self.target_modules)
         for key in ("tinit", "tfinal"):
             check_fraction(f"{prefix}.{key}", getattr(self, key), allow_zero=True)
         if self.tinit + self.tfinal >= 1:
@@ -332,3 +331,15 @@ class MethodConfig:
         check_choice(f"{prefix}.name", self.name, tuple(METHOD_SECTIONS))
         if self.start_from is not None and not self.start_from.strip():
             fail(f"{prefix}.start_from", "must name a run directory or be null")
+
+
+def check_target_modules(key: str, value: list[str] | str) -> None:
+    """A list of module names, or one string that PEFT matches against every module's full
+    name as a regular expression ("all-linear" aside): it must compile."""
+    if isinstance(value, list) and not value:
+        fail(key, "must name at least one module or be 'all-linear'")
+    if isinstance(value, str) and value != "all-linear":
+        try:
+            re.compile(value)
+        except re.error as exc:
+            fail(key, f"is not a valid regular expression, which PEFT reads a string as ({exc})")
