@@ -299,6 +299,10 @@ class AdapterSection:
         check_learning_rate(f"{prefix}.learning_rate", self.learning_rate)
 
 
+# Methods that put trained virtual tokens before the text: they take positions of the model's
+# own, and every record of a sequence would have to read them.
+VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning")
+
 # Method name -> its section of options; the section has the method's name in the config.
 METHOD_SECTIONS: dict[str, type] = {
     "lora": LoraSection,

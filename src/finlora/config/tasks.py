@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from finlora.config.fields import check_choice, fail
+from finlora.config.methods import VIRTUAL_TOKEN_METHODS
 from finlora.config.preference import PreferenceSection
 
 # classify: a label per text (scored label tokens or a head); instruct: instruction -> answer
@@ -45,7 +46,7 @@ def _check_packing(cfg: Any) -> None:
     causal (a seq2seq encoder reads each prompt alone) is known only once it is loaded."""
     if cfg.task != "instruct":
         fail("train.packing", f"is for task instruct (this run is task {cfg.task})")
-    if hasattr(cfg.method_options, "num_virtual_tokens"):
+    if cfg.method.name in VIRTUAL_TOKEN_METHODS:
         fail(
             "train.packing",
             f"does not work with method {cfg.method.name}: its virtual tokens sit before the "

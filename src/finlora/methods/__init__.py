@@ -13,7 +13,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from finlora.config import RunConfig
+from finlora.config import VIRTUAL_TOKEN_METHODS, RunConfig
 from finlora.errors import FinloraError
 from finlora.methods import (
     adalora,
@@ -76,9 +76,6 @@ def _method(name: str, kind: str) -> Method:
 def check_method(name: str, kind: str) -> None:
     """Raise FinloraError unless method `name` can tune a model of `kind`."""
     _method(name, kind)
-
-
-VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning")
 
 
 def check_positions(config: Any, cfg: RunConfig) -> None:
